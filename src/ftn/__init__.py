@@ -1,0 +1,37 @@
+"""ftn: Factorized Tensor Networks for parameter-efficient multi-task and multi-domain learning.
+
+One frozen backbone is shared by every task; each task adds low-rank CP factors of ΔW on every
+adapted Conv/Linear layer, its own normalisation layers and its own head.
+"""
+
+from .cp import cp_num_params, cp_to_tensor, max_efficient_rank
+from .errors import AdapterFileError, ConfigError, DataError, FTNError, ShapeError, TaskError
+from .layers import CPFactors, FactorInit, FTNConv, FTNLayer, FTNLinear, TaskContext
+from .model import FTNConfig, FTNModel
+from .norms import TaskNorm
+from .report import ParameterReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FTNModel",
+    "FTNConfig",
+    "FTNLayer",
+    "FTNConv",
+    "FTNLinear",
+    "CPFactors",
+    "FactorInit",
+    "TaskContext",
+    "TaskNorm",
+    "ParameterReport",
+    "cp_to_tensor",
+    "cp_num_params",
+    "max_efficient_rank",
+    "FTNError",
+    "TaskError",
+    "ShapeError",
+    "AdapterFileError",
+    "ConfigError",
+    "DataError",
+    "__version__",
+]

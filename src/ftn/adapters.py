@@ -1,0 +1,292 @@
+"""Adapter files: one task's factors, norms and head in one safetensors file.
+
+Layout (format version 1). Tensor keys:
+
+- ``delta.<layer>.<k>``: factor k of ΔW at ``<layer>`` (k = 0 is the output mode),
+- ``norm.<layer>.<key>``: the task's norm state (affine and, for BatchNorm, running statistics),
+- ``head.<key>``: the head's state dict.
+
+String metadata (safetensors ``__metadata__``): ``format`` = ``ftn-adapter``, ``format_version``,
+``ftn_version``, ``task``, ``config`` (factor init etc., JSON), ``layers`` (every adapted layer
+of the model with its weight shape, CP modes and this task's rank; 0 where the task skips it),
+``norms`` (norm layer names and types), ``head`` (a spec to rebuild simple heads),
+``backbone_fingerprint`` (SHA-256 of the frozen backbone) and ``content_sha256`` (of the tensor
+bytes, so a flipped bit is caught, not just a truncation).
+
+No pickle is involved anywhere. Files are written to a temporary file in the same folder,
+flushed, fsync'ed and renamed over the target, so a crash never leaves a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+
+from .errors import AdapterFileError, TaskError
+from .model import _validate_task_name
+
+if TYPE_CHECKING:
+    from .model import FTNModel
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_task", "load_task", "read_adapter", "atomic_write_bytes"]
+
+FORMAT = "ftn-adapter"
+FORMAT_VERSION = 1
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def _content_hash(tensors: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key]
+        digest.update(f"{key}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _head_spec(head: nn.Module) -> dict[str, Any]:
+    """How to rebuild the head on load without pickling code: plain Identity/Linear heads are
+    described; anything else must be passed to ``load_task(head=...)``."""
+    if type(head) is nn.Identity:
+        return {"type": "Identity"}
+    if type(head) is nn.Linear:
+        return {"type": "Linear", "in_features": head.in_features, "out_features": head.out_features,
+                "bias": head.bias is not None}
+    return {"type": "custom", "class": f"{type(head).__module__}.{type(head).__qualname__}"}
+
+
+def _build_head(spec: dict[str, Any]) -> nn.Module | None:
+    if spec.get("type") == "Identity":
+        return nn.Identity()
+    if spec.get("type") == "Linear":
+        return nn.Linear(int(spec["in_features"]), int(spec["out_features"]), bias=bool(spec["bias"]))
+    return None
+
+
+def save_task(model: FTNModel, name: str, path: str | Path) -> Path:
+    """Save task ``name`` of ``model`` to ``path`` (safetensors, atomic)."""
+    model._check_task(name)
+    tensors: dict[str, Tensor] = {}
+    layers: dict[str, Any] = {}
+    for layer_name, layer in model.adapted_layers().items():
+        rank = layer.rank(name)
+        layers[layer_name] = {"shape": list(layer.base.weight.shape), "modes": list(layer.modes),
+                              "rank": rank, "requested_rank": layer.requested_ranks.get(name, 0)}
+        if rank:
+            for k, factor in enumerate(layer.tasks[name].factors):
+                tensors[f"delta.{layer_name}.{k}"] = factor.detach()
+    norms: dict[str, Any] = {}
+    for layer_name, norm in model.task_norm_layers().items():
+        norms[layer_name] = {"type": type(norm.base).__name__}
+        for key, t in norm.tasks[name].state_dict().items():
+            tensors[f"norm.{layer_name}.{key}"] = t.detach()
+    head = model.heads[name]
+    for key, t in head.state_dict().items():
+        tensors[f"head.{key}"] = t.detach()
+    # safetensors refuses tensors that share memory; adapters are small, so copies are cheap.
+    tensors = {k: v.cpu().contiguous().clone() for k, v in tensors.items()}
+    from . import __version__
+
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "ftn_version": __version__,
+        "task": name,
+        "config": json.dumps({k: v for k, v in model.config_dict().items()
+                              if k in ("init", "init_scale", "zero_mode", "rank_cap", "task_norms")}),
+        "task_spec": json.dumps(model._task_specs.get(name, {})),
+        "layers": json.dumps(layers),
+        "norms": json.dumps(norms),
+        "head": json.dumps(_head_spec(head)),
+        "backbone_fingerprint": model.backbone_fingerprint(),
+        "content_sha256": _content_hash(tensors),
+    }
+    return atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read and verify an adapter file: tensors and decoded metadata, or AdapterFileError."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AdapterFileError(f"adapter file not found: {path}") from None
+    except OSError as exc:
+        raise AdapterFileError(f"cannot read adapter file {path}: {exc}") from None
+    if len(data) < 8:
+        raise AdapterFileError(f"{path} is not an adapter file: only {len(data)} bytes (truncated or empty)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > min(len(data) - 8, _MAX_HEADER):
+        raise AdapterFileError(f"{path} is truncated or not a safetensors file: header claims "
+                               f"{header_len} bytes, file has {len(data) - 8} after the length field")
+    try:
+        header = json.loads(data[8:8 + header_len].decode("utf-8"))
+        raw_meta = header.get("__metadata__") or {}
+        if not isinstance(raw_meta, dict):
+            raise ValueError("metadata is not a mapping")
+    except (UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise AdapterFileError(f"{path} has a corrupt safetensors header: {exc}") from None
+    if raw_meta.get("format") != FORMAT:
+        raise AdapterFileError(f"{path} is a safetensors file but not an ftn adapter "
+                               f"(format {raw_meta.get('format')!r})")
+    try:
+        version = int(raw_meta.get("format_version", ""))
+    except ValueError:
+        raise AdapterFileError(f"{path} has an invalid format_version {raw_meta.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise AdapterFileError(f"{path} uses adapter format v{version}, written by ftn "
+                               f"{raw_meta.get('ftn_version', '?')}; this ftn reads up to v{FORMAT_VERSION}: upgrade ftn")
+    try:
+        tensors = st_load(data)
+    except Exception as exc:  # safetensors raises its own error types on malformed data
+        raise AdapterFileError(f"{path} is truncated or corrupt: {exc}") from None
+    try:
+        meta = {key: json.loads(raw_meta[key]) for key in ("config", "layers", "norms", "head", "task_spec")}
+        meta.update({key: str(raw_meta[key]) for key in ("task", "backbone_fingerprint", "content_sha256")})
+        for key in ("config", "layers", "norms", "head", "task_spec"):
+            if not isinstance(meta[key], dict):
+                raise ValueError(f"{key} is not a mapping")
+    except (KeyError, ValueError, TypeError) as exc:
+        raise AdapterFileError(f"{path} has incomplete or corrupt metadata: {exc}") from None
+    if _content_hash(tensors) != meta["content_sha256"]:
+        raise AdapterFileError(f"{path} is corrupt: its tensors do not match the checksum stored in it")
+    return tensors, meta
+
+
+def _summarise(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_task(model: FTNModel, path: str | Path, name: str | None = None, head: nn.Module | None = None,
+              check_fingerprint: bool = True) -> str:
+    """Add the task stored at ``path`` to ``model`` under ``name`` (default: the stored name).
+
+    Everything is checked before the model is touched: layers, shapes, ranks, norms, head and the
+    backbone fingerprint. On any mismatch the model is left as it was and AdapterFileError says
+    what differs. Returns the task name.
+    """
+    tensors, meta = read_adapter(path)
+    name = _validate_task_name(name if name is not None else meta["task"])
+    if name in model.heads:
+        raise TaskError(f"task {name!r} already exists; pass name=... or remove_task({name!r}) first")
+
+    layers = model.adapted_layers()
+    file_layers: dict[str, Any] = meta["layers"]
+    missing = sorted(set(layers) - set(file_layers))
+    extra = sorted(set(file_layers) - set(layers))
+    if missing or extra:
+        parts = []
+        if extra:
+            parts.append(f"{len(extra)} layer(s) in the file are not adapted in this model ({_summarise(extra)})")
+        if missing:
+            parts.append(f"{len(missing)} adapted layer(s) of this model are not in the file ({_summarise(missing)})")
+        raise AdapterFileError(f"{path} was made for another backbone or other include/exclude patterns: "
+                               + "; ".join(parts))
+    shape_diff = [f"{ln}: file {tuple(file_layers[ln]['shape'])} vs model {tuple(layer.base.weight.shape)}"
+                  for ln, layer in layers.items() if tuple(file_layers[ln]["shape"]) != tuple(layer.base.weight.shape)]
+    if shape_diff:
+        raise AdapterFileError(f"{path} was made for a backbone with other layer shapes: {_summarise(shape_diff)}")
+
+    norms = model.task_norm_layers()
+    file_norms: dict[str, Any] = meta["norms"]
+    if set(norms) != set(file_norms):
+        diff = sorted(set(norms) ^ set(file_norms))
+        raise AdapterFileError(f"{path} has other task-specific norm layers than this model: {_summarise(diff)}")
+
+    expected_keys: set[str] = set()
+    ranks: dict[str, tuple[int, int]] = {}
+    for ln, layer in layers.items():
+        rank = int(file_layers[ln]["rank"])
+        ranks[ln] = (int(file_layers[ln].get("requested_rank", rank)), rank)
+        for k, d in enumerate(layer.modes if rank else ()):
+            key = f"delta.{ln}.{k}"
+            expected_keys.add(key)
+            if key not in tensors or tuple(tensors[key].shape) != (d, rank):
+                got = tuple(tensors[key].shape) if key in tensors else "missing"
+                raise AdapterFileError(f"{path}: factor {key} should have shape {(d, rank)}, got {got}")
+    norm_states: dict[str, dict[str, Tensor]] = {}
+    for ln, norm in norms.items():
+        reference = norm.base.state_dict()
+        state = {key: tensors.get(f"norm.{ln}.{key}") for key in reference}
+        bad = [key for key, t in state.items() if t is None or t.shape != reference[key].shape]
+        if bad:
+            raise AdapterFileError(f"{path}: norm layer {ln} has missing or mis-shaped entries {bad}")
+        expected_keys.update(f"norm.{ln}.{key}" for key in reference)
+        norm_states[ln] = state
+
+    if head is None:
+        head = _build_head(meta["head"])
+        if head is None:
+            raise AdapterFileError(f"{path} has a custom head ({meta['head'].get('class')}); "
+                                   f"pass a module of that structure as load_task(..., head=...)")
+    head_state = {k[len("head."):]: t for k, t in tensors.items() if k.startswith("head.")}
+    expected_keys.update(f"head.{k}" for k in head_state)
+    head_reference = head.state_dict()
+    if set(head_state) != set(head_reference) or any(
+            head_state[k].shape != head_reference[k].shape for k in head_reference):
+        raise AdapterFileError(f"{path}: the head in the file does not fit the given head "
+                               f"(file keys/shapes {[(k, tuple(v.shape)) for k, v in head_state.items()]})")
+    unexpected = sorted(set(tensors) - expected_keys)
+    if unexpected:
+        raise AdapterFileError(f"{path} holds unexpected tensors: {_summarise(unexpected)}")
+
+    if check_fingerprint:
+        fingerprint = model.backbone_fingerprint()
+        if fingerprint != meta["backbone_fingerprint"]:
+            raise AdapterFileError(
+                f"{path} was trained on a backbone with other weights (fingerprint "
+                f"{meta['backbone_fingerprint'][:12]}…, this backbone {fingerprint[:12]}…); "
+                f"pass check_fingerprint=False only if you know the difference is harmless")
+
+    # All checks passed: now change the model, and undo everything if anything still fails.
+    model._add_task_with_ranks(name, ranks, head)
+    try:
+        with torch.no_grad():
+            for ln, layer in layers.items():
+                if name in layer.tasks:
+                    for k, factor in enumerate(layer.tasks[name].factors):
+                        factor.copy_(tensors[f"delta.{ln}.{k}"])
+            for ln, norm in norms.items():
+                norm.tasks[name].load_state_dict(norm_states[ln])
+            model.heads[name].load_state_dict(head_state)
+        model._task_specs[name] = meta["task_spec"]
+    except Exception:
+        model._remove_task_parts(name)
+        raise
+    return name

@@ -1,0 +1,260 @@
+"""FTN layers: a frozen Conv/Linear layer plus per-task CP factors of ΔW.
+
+A wrapper keeps the original module untouched as ``.base`` and, for each task, a small set of
+factors. With task ``t`` active the layer computes ``base`` with weight ``W + ΔW_t``; with no task
+active (or a task that does not adapt this layer) it *is* the original layer.
+
+The weight is swapped rather than re-implemented: plain ``nn.Conv{1,2,3}d`` / ``nn.Linear`` go
+through their own ``_conv_forward`` / ``F.linear``, and any subclass that overrides ``forward``
+(e.g. a conv that pads "same" itself, as EfficientNet ports do) is run through
+``torch.func.functional_call`` with only ``weight`` replaced, so it behaves exactly as before.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .cp import cp_num_params, cp_to_tensor, weight_modes
+from .errors import ShapeError, TaskError
+
+__all__ = [
+    "TaskContext",
+    "FactorInit",
+    "CPFactors",
+    "FTNLayer",
+    "FTNConv",
+    "FTNLinear",
+    "wrap_layer",
+    "is_adaptable",
+]
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class TaskContext:
+    """Which task is active. One instance is shared by every wrapper of a model, so switching
+    task is a single assignment rather than a walk over all layers."""
+
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active: str | None = None
+
+
+@dataclass(frozen=True)
+class FactorInit:
+    """How new factors start.
+
+    ``zero_mode`` selects the factor set to exactly zero (default 0: the output mode A), which
+    makes ΔW = 0 at initialisation, so a new task starts as the pretrained model. The other
+    factors are drawn with ``method``:
+
+    - ``"orthogonal"`` (default, as in the authors' earlier rank-update work): orthonormal columns
+      (or rows when d < R), times ``scale``. Each rank-1 term then has unit norm, so the zero
+      factor receives well-scaled gradients from the first step.
+    - ``"normal"``: N(0, scale² / d_k).
+    - ``"uniform"``: U(-scale·√(3/d_k), +scale·√(3/d_k)), the same variance as ``"normal"``.
+    """
+
+    method: str = "orthogonal"
+    scale: float = 1.0
+    zero_mode: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("orthogonal", "normal", "uniform"):
+            raise ValueError(f"unknown factor init {self.method!r}; use orthogonal, normal or uniform")
+
+
+class CPFactors(nn.Module):
+    """Rank-R CP factors for one task at one layer: ``factors[k]`` has shape (d_k, R)."""
+
+    def __init__(self, modes: tuple[int, ...], rank: int, init: FactorInit = FactorInit(),
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if not 0 <= init.zero_mode < len(modes):
+            raise ValueError(f"zero_mode {init.zero_mode} out of range for {len(modes)} modes")
+        self.modes = tuple(modes)
+        self.rank = int(rank)
+        self.factors = nn.ParameterList(
+            nn.Parameter(torch.empty(d, rank, device=device, dtype=dtype)) for d in self.modes
+        )
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: FactorInit = FactorInit()) -> None:
+        for k, factor in enumerate(self.factors):
+            if k == init.zero_mode:
+                factor.zero_()
+            elif init.method == "orthogonal":
+                # Drawn in float32 on CPU: orthogonal_ needs a QR that not every dtype/device has.
+                q = torch.empty(factor.shape, dtype=torch.float32)
+                nn.init.orthogonal_(q)
+                factor.copy_(q.mul_(init.scale))
+            elif init.method == "normal":
+                factor.normal_(0.0, init.scale / math.sqrt(factor.shape[0]))
+            else:
+                bound = init.scale * math.sqrt(3.0 / factor.shape[0])
+                factor.uniform_(-bound, bound)
+
+    def delta(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """Dense ΔW in the layer's weight shape."""
+        return cp_to_tensor(list(self.factors), shape)
+
+    def num_params(self) -> int:
+        return cp_num_params(self.modes, self.rank)
+
+    def extra_repr(self) -> str:
+        return f"modes={self.modes}, rank={self.rank}"
+
+
+class FTNLayer(nn.Module):
+    """Common machinery of the Conv and Linear wrappers; see the module docstring."""
+
+    def __init__(self, base: nn.Module, context: TaskContext | None = None, name: str = "") -> None:
+        super().__init__()
+        if not isinstance(getattr(base, "weight", None), Tensor):
+            raise TypeError(f"{type(base).__name__} has no weight tensor to adapt")
+        self.base = base
+        base.requires_grad_(False)
+        self.tasks = nn.ModuleDict()
+        self.context = context if context is not None else TaskContext()
+        self.layer_name = name or type(base).__name__
+        self.modes = weight_modes(base.weight.shape)
+        self.requested_ranks: dict[str, int] = {}  # what was asked, before any cap
+        # The original forward is only bypassed for the exact built-in classes; subclasses keep
+        # their own forward and get the new weight via functional_call.
+        self._plain = type(base) in (*_CONV_TYPES, nn.Linear)
+        self._eval_cache: dict[str, tuple[tuple, Tensor]] = {}
+
+    # ---------------------------------------------------------------- tasks
+    def add_task(self, task: str, rank: int, init: FactorInit = FactorInit(),
+                 requested_rank: int | None = None) -> None:
+        if task in self.tasks:
+            raise TaskError(f"layer {self.layer_name!r} already has task {task!r}")
+        weight = self.base.weight
+        self.tasks[task] = CPFactors(self.modes, rank, init, device=weight.device, dtype=weight.dtype)
+        self.requested_ranks[task] = requested_rank if requested_rank is not None else rank
+
+    def remove_task(self, task: str) -> None:
+        if task in self.tasks:
+            del self.tasks[task]
+        self.requested_ranks.pop(task, None)
+        self._eval_cache.pop(task, None)
+
+    def rank(self, task: str) -> int:
+        return self.tasks[task].rank if task in self.tasks else 0
+
+    # ---------------------------------------------------------------- weights
+    def delta_weight(self, task: str) -> Tensor:
+        """ΔW for ``task`` in the base weight's shape (zeros if the task does not adapt this layer)."""
+        if task not in self.tasks:
+            return torch.zeros_like(self.base.weight)
+        return self.tasks[task].delta(self.base.weight.shape)
+
+    def task_weight(self, task: str) -> Tensor:
+        """W + ΔW for ``task``. In eval mode without autograd it is built once and reused until a
+        factor or the base weight changes (tracked through tensor version counters)."""
+        factors = self.tasks[task]
+        weight = self.base.weight
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return weight + factors.delta(weight.shape)
+        key = (weight._version, weight.data_ptr(),
+               *((p._version, p.data_ptr()) for p in factors.factors))
+        cached = self._eval_cache.get(task)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        merged = weight + factors.delta(weight.shape)
+        self._eval_cache[task] = (key, merged)
+        return merged
+
+    def clear_cache(self) -> None:
+        self._eval_cache.clear()
+
+    def _apply(self, fn, recurse=True):  # .to()/.half() move tensors: cached weights are stale
+        self._eval_cache.clear()
+        return super()._apply(fn, recurse)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        task = self.context.active
+        if task is None or task not in self.tasks:
+            return self.base(x)
+        self._check_input(x)
+        return self._forward_with_weight(x, self.task_weight(task))
+
+    def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        return functional_call(self.base, {"weight": weight}, (x,))
+
+    def _check_input(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    def merged_module(self, task: str | None) -> nn.Module:
+        """A copy of the base module with W + ΔW folded in: plain PyTorch, no ftn code."""
+        merged = copy.deepcopy(self.base)
+        if task is not None and task in self.tasks:
+            with torch.no_grad():
+                merged.weight = nn.Parameter(self.base.weight + self.delta_weight(task))
+        merged.requires_grad_(True)
+        return merged
+
+    def extra_repr(self) -> str:
+        ranks = {t: f.rank for t, f in self.tasks.items()}
+        return f"name={self.layer_name!r}, modes={self.modes}, ranks={ranks}"
+
+
+class FTNConv(FTNLayer):
+    """FTN wrapper of ``nn.Conv1d/2d/3d`` (and subclasses): 3-way CP over
+    (C_out, C_in/groups, prod(kernel)); any stride, dilation, padding, padding_mode and groups."""
+
+    def _check_input(self, x: Tensor) -> None:
+        nd = len(self.base.kernel_size)
+        if x.dim() not in (nd + 1, nd + 2) or x.shape[-(nd + 1)] != self.base.in_channels:
+            spatial = ", ".join("HWD"[i] for i in range(nd)) if nd > 1 else "L"
+            raise ShapeError(
+                f"layer {self.layer_name!r} ({type(self.base).__name__}) expects input of shape "
+                f"(N, {self.base.in_channels}, {spatial}), got {tuple(x.shape)}"
+            )
+
+    def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        if self._plain:
+            return self.base._conv_forward(x, weight, self.base.bias)
+        return super()._forward_with_weight(x, weight)
+
+
+class FTNLinear(FTNLayer):
+    """FTN wrapper of ``nn.Linear`` (and subclasses): ΔW = A·Bᵀ."""
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() < 1 or x.shape[-1] != self.base.in_features:
+            raise ShapeError(
+                f"layer {self.layer_name!r} (Linear) expects input with last dimension "
+                f"{self.base.in_features}, got shape {tuple(x.shape)}"
+            )
+
+    def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        if self._plain:
+            return F.linear(x, weight, self.base.bias)
+        return super()._forward_with_weight(x, weight)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Conv1d/2d/3d and Linear, subclasses included (transposed convs are not)."""
+    return isinstance(module, (*_CONV_TYPES, nn.Linear))
+
+
+def wrap_layer(module: nn.Module, context: TaskContext | None = None, name: str = "") -> FTNLayer:
+    """The FTN wrapper for ``module``."""
+    if isinstance(module, _CONV_TYPES):
+        return FTNConv(module, context, name)
+    if isinstance(module, nn.Linear):
+        return FTNLinear(module, context, name)
+    raise TypeError(f"cannot adapt {type(module).__name__}: only Conv1d/2d/3d and Linear layers")

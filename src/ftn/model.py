@@ -1,0 +1,394 @@
+"""`FTNModel`: one frozen backbone, many tasks, each with its own ΔW factors, norms and head.
+
+Model surgery happens once, in ``__init__``: every Conv/Linear layer selected by the include and
+exclude patterns is replaced in place by an FTN wrapper (see :mod:`ftn.layers`) and every
+normalisation layer by a :class:`~ftn.norms.TaskNorm`. All wrappers share one
+:class:`~ftn.layers.TaskContext`, so selecting a task is a single assignment. Tasks are then added,
+trained, saved, loaded, merged and removed without touching the frozen weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .cp import max_efficient_rank
+from .errors import ConfigError, TaskError
+from .layers import FactorInit, FTNLayer, TaskContext, is_adaptable, wrap_layer
+from .norms import TaskNorm, is_norm, recalibrate_batchnorm
+from .report import LayerCap, ParameterReport, TaskParameters
+
+__all__ = ["FTNConfig", "FTNModel"]
+
+
+@dataclass
+class FTNConfig:
+    """Model-wide settings. Patterns are shell-style globs (``fnmatch``) over module names as
+    ``backbone.named_modules()`` prints them, e.g. ``"layer4.*"`` or ``"*.downsample.0"``."""
+
+    rank: int = 8
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # first matching glob wins; 0 = skip
+    include: list[str] | None = None  # None: every Conv/Linear
+    exclude: list[str] = field(default_factory=list)
+    task_norms: bool = True
+    init: str = "orthogonal"
+    init_scale: float = 1.0
+    zero_mode: int = 0  # which factor starts at zero (0 = output mode A)
+    rank_cap: bool = True  # cap a layer's rank where the factors would outgrow a dense ΔW
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
+        for pattern, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"rank_pattern[{pattern!r}] must be an integer >= 0, got {value!r}")
+        self.factor_init  # validates init / zero_mode
+
+    @property
+    def factor_init(self) -> FactorInit:
+        try:
+            return FactorInit(self.init, self.init_scale, self.zero_mode)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _validate_task_name(name: Any) -> str:
+    if not isinstance(name, str) or not name or "." in name or not name.isprintable():
+        raise TaskError(f"task names must be non-empty printable strings without '.', got {name!r}")
+    return name
+
+
+def _is_inside_multihead_attention(name: str, modules: Mapping[str, nn.Module]) -> bool:
+    # nn.MultiheadAttention reads out_proj.weight directly instead of calling out_proj, so a
+    # wrapper there would be bypassed (and break attribute access); such layers are left alone.
+    parent = name.rsplit(".", 1)[0] if "." in name else ""
+    return isinstance(modules.get(parent), nn.MultiheadAttention)
+
+
+class FTNModel(nn.Module):
+    """Wrap ``backbone`` (any module mapping inputs to features) for multi-task learning.
+
+    The backbone is modified in place and frozen. Example::
+
+        model = FTNModel(torchvision.models.resnet18(), rank=8)
+        model.backbone.fc = nn.Identity()  # or strip the classifier before wrapping
+        model.add_task("sketch", head=nn.Linear(512, 345))
+        logits = model(images, task="sketch")
+    """
+
+    def __init__(self, backbone: nn.Module, rank: int = 8, *, config: FTNConfig | None = None,
+                 **options: Any) -> None:
+        super().__init__()
+        if config is None:
+            unknown = set(options) - set(FTNConfig.__dataclass_fields__)
+            if unknown:
+                raise ConfigError(f"unknown FTNModel option(s): {sorted(unknown)}; "
+                                  f"valid: {sorted(FTNConfig.__dataclass_fields__)}")
+            config = FTNConfig(rank=rank, **options)
+        elif options:
+            raise ConfigError("pass either config= or keyword options, not both")
+        self.config = config
+        self.context = TaskContext()
+        backbone.requires_grad_(False)
+        self.backbone = self._inject(backbone)
+        self.heads = nn.ModuleDict()
+        self._task_specs: dict[str, dict[str, Any]] = {}
+        if not self.adapted_layers():
+            raise ConfigError("no Conv/Linear layer matched the include/exclude patterns: nothing to adapt")
+
+    # ------------------------------------------------------------------ surgery
+    def _inject(self, backbone: nn.Module) -> nn.Module:
+        modules = dict(backbone.named_modules(remove_duplicate=False))
+        cfg = self.config
+        wrappers: dict[int, nn.Module] = {}
+        for name, module in modules.items():
+            if id(module) in wrappers:
+                continue
+            if is_adaptable(module) and name:
+                if cfg.include is not None and not _matches(name, cfg.include):
+                    continue
+                if _matches(name, cfg.exclude) or _is_inside_multihead_attention(name, modules):
+                    continue
+                wrappers[id(module)] = wrap_layer(module, self.context, name)
+            elif is_adaptable(module) and not name and (cfg.include is None or _matches("", cfg.include)):
+                wrappers[id(module)] = wrap_layer(module, self.context, "<root>")
+            elif cfg.task_norms and is_norm(module):
+                wrappers[id(module)] = TaskNorm(module, self.context, name or "<root>")
+        # Replace every reference, so a module used at two places gets one shared wrapper.
+        for name, module in modules.items():
+            if not name:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name]
+            child_module = parent._modules.get(child)
+            if child_module is not None and id(child_module) in wrappers:
+                parent._modules[child] = wrappers[id(child_module)]
+        return wrappers.get(id(backbone), backbone)
+
+    # ------------------------------------------------------------------ introspection
+    def adapted_layers(self) -> dict[str, FTNLayer]:
+        """Adapted Conv/Linear layers by name (names as in the original backbone)."""
+        return {m.layer_name: m for m in self._unique_modules() if isinstance(m, FTNLayer)}
+
+    def task_norm_layers(self) -> dict[str, TaskNorm]:
+        return {m.layer_name: m for m in self._unique_modules() if isinstance(m, TaskNorm)}
+
+    def _unique_modules(self) -> Iterator[nn.Module]:
+        return self.backbone.modules()
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names in the order they were added."""
+        return list(self.heads.keys())
+
+    def _check_task(self, name: str) -> str:
+        if name not in self.heads:
+            known = ", ".join(map(repr, self.tasks)) or "none yet"
+            raise TaskError(f"unknown task {name!r}; known tasks: {known}")
+        return name
+
+    def layer_rank(self, layer_name: str, task_rank: int,
+                   rank_pattern: Mapping[str, int] | None = None) -> int:
+        """Rank requested for a layer: the first matching pattern, else the task's rank."""
+        for pattern, value in (rank_pattern if rank_pattern is not None else self.config.rank_pattern).items():
+            if fnmatch.fnmatchcase(layer_name, pattern):
+                return value
+        return task_rank
+
+    # ------------------------------------------------------------------ tasks
+    def add_task(self, name: str, head: nn.Module | None = None, rank: int | None = None,
+                 rank_pattern: Mapping[str, int] | None = None) -> None:
+        """Add a task: ΔW factors on every adapted layer (ΔW = 0 at start), its own copy of every
+        norm, and ``head`` (default ``nn.Identity``) applied to the backbone's output.
+
+        ``rank`` defaults to the model's; ``rank_pattern`` (glob → rank) overrides it per layer
+        for this task, replacing the model-wide pattern.
+        """
+        _validate_task_name(name)
+        if name in self.heads:
+            raise TaskError(f"task {name!r} already exists; remove_task({name!r}) first to replace it")
+        rank = self.config.rank if rank is None else rank
+        if not isinstance(rank, int) or rank < 0:
+            raise ConfigError(f"rank must be an integer >= 0, got {rank!r}")
+        ranks = {}
+        for layer_name, layer in self.adapted_layers().items():
+            requested = self.layer_rank(layer_name, rank, rank_pattern)
+            ranks[layer_name] = (requested, self._capped(layer, requested))
+        self._add_task_with_ranks(name, ranks, head)
+        self._task_specs[name] = {"rank": rank,
+                                  "rank_pattern": dict(rank_pattern) if rank_pattern is not None else None}
+
+    def _capped(self, layer: FTNLayer, requested: int) -> int:
+        if self.config.rank_cap:
+            return min(requested, max_efficient_rank(layer.modes))
+        return requested
+
+    def _add_task_with_ranks(self, name: str, ranks: Mapping[str, tuple[int, int]],
+                             head: nn.Module | None) -> None:
+        init = self.config.factor_init
+        try:
+            for layer_name, layer in self.adapted_layers().items():
+                requested, applied = ranks.get(layer_name, (0, 0))
+                if applied > 0:
+                    layer.add_task(name, applied, init, requested_rank=requested)
+                elif requested > 0:
+                    layer.requested_ranks[name] = requested  # capped to zero: report it
+            for norm in self.task_norm_layers().values():
+                norm.add_task(name)
+            head = head if head is not None else nn.Identity()
+            ref = next(iter(self.backbone.parameters()), None)
+            if ref is not None:
+                head = head.to(device=ref.device)
+            head.requires_grad_(True)
+            self.heads[name] = head
+        except Exception:
+            self._remove_task_parts(name)
+            raise
+
+    def remove_task(self, name: str) -> None:
+        self._check_task(name)
+        self._remove_task_parts(name)
+
+    def _remove_task_parts(self, name: str) -> None:
+        for layer in self.adapted_layers().values():
+            layer.remove_task(name)
+        for norm in self.task_norm_layers().values():
+            norm.remove_task(name)
+        if name in self.heads:
+            del self.heads[name]
+        self._task_specs.pop(name, None)
+        if self.context.active == name:
+            self.context.active = None
+
+    def set_task(self, name: str | None) -> None:
+        """Select the task used by ``forward`` when no ``task=`` is given (None: the frozen backbone)."""
+        self.context.active = None if name is None else self._check_task(name)
+
+    @property
+    def active_task(self) -> str | None:
+        return self.context.active
+
+    @contextmanager
+    def using_task(self, name: str | None) -> Iterator[FTNModel]:
+        """``with model.using_task("a"): ...`` runs under task ``a`` and restores the previous one."""
+        previous = self.context.active
+        self.set_task(name)
+        try:
+            yield self
+        finally:
+            self.context.active = previous
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *inputs: Any, task: str | None = None, **kwargs: Any) -> Any:
+        """Backbone then head, under ``task`` (or the task chosen with ``set_task``).
+
+        With no task at all the frozen, pretrained backbone runs; that is only allowed when no
+        task has a head of its own (otherwise which head to apply would be a guess).
+        """
+        name = task if task is not None else self.context.active
+        if name is None:
+            custom = [t for t, h in self.heads.items() if not isinstance(h, nn.Identity)]
+            if custom:
+                raise TaskError(f"no task selected and tasks {custom} have their own heads: "
+                                f"pass task=... or call set_task(...)")
+            return self.backbone(*inputs, **kwargs)
+        self._check_task(name)
+        previous = self.context.active
+        self.context.active = name
+        try:
+            return self.heads[name](self.backbone(*inputs, **kwargs))
+        finally:
+            self.context.active = previous
+
+    def forward_tasks(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Run several tasks in one call: ``{task: x}`` → ``{task: y}``, each with its own ΔW,
+        norms and head."""
+        for name in inputs:
+            self._check_task(name)
+        return {name: self(x, task=name) for name, x in inputs.items()}
+
+    # ------------------------------------------------------------------ parameters
+    def task_parameters(self, name: str) -> list[nn.Parameter]:
+        """Exactly the parameters an optimizer should see for ``name``: its factors, its norm
+        copies and its head."""
+        self._check_task(name)
+        return [p for _, p in self.named_task_parameters(name)]
+
+    def named_task_parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
+        self._check_task(name)
+        params: list[tuple[str, nn.Parameter]] = []
+        for layer_name, layer in self.adapted_layers().items():
+            if name in layer.tasks:
+                params += [(f"delta.{layer_name}.{k}", p) for k, p in enumerate(layer.tasks[name].factors)]
+        for layer_name, norm in self.task_norm_layers().items():
+            params += [(f"norm.{layer_name}.{k}", p) for k, p in norm.tasks[name].named_parameters()]
+        params += [(f"head.{k}", p) for k, p in self.heads[name].named_parameters()]
+        return params
+
+    def frozen_tensors(self) -> dict[str, Tensor]:
+        """The shared backbone's parameters and buffers (everything that is not per task)."""
+        per_task = {id(t) for m in self._unique_modules() if isinstance(m, (FTNLayer, TaskNorm))
+                    for t in (*m.tasks.parameters(), *m.tasks.buffers())}
+        tensors = {}
+        for name, t in (*self.backbone.named_parameters(), *self.backbone.named_buffers()):
+            if id(t) not in per_task:
+                tensors[name] = t
+        return tensors
+
+    def backbone_fingerprint(self) -> str:
+        """SHA-256 over the names, shapes, dtypes and values of the frozen backbone tensors."""
+        digest = hashlib.sha256()
+        for name, t in sorted(self.frozen_tensors().items()):
+            digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
+            digest.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def parameter_report(self) -> ParameterReport:
+        """Parameter accounting: shared backbone, per-task ΔW / norms / head, and the paper's total."""
+        backbone = sum(t.numel() for t in self.frozen_tensors().values() if isinstance(t, nn.Parameter))
+        layers = self.adapted_layers()
+        norms = self.task_norm_layers()
+        per_task = {}
+        for name in self.tasks:
+            caps = [LayerCap(ln, layer.requested_ranks[name], layer.rank(name), max_efficient_rank(layer.modes))
+                    for ln, layer in layers.items()
+                    if name in layer.requested_ranks and layer.requested_ranks[name] != layer.rank(name)]
+            per_task[name] = TaskParameters(
+                delta=sum(layer.tasks[name].num_params() for layer in layers.values() if name in layer.tasks),
+                norms=sum(p.numel() for n in norms.values() for p in n.tasks[name].parameters()),
+                norm_buffers=sum(b.numel() for n in norms.values() for b in n.tasks[name].buffers()),
+                head=sum(p.numel() for p in self.heads[name].parameters()),
+                rank=self._task_specs.get(name, {}).get("rank"),
+                caps=caps,
+            )
+        return ParameterReport(backbone=backbone, adapted_layers=len(layers), norm_layers=len(norms),
+                               tasks=per_task)
+
+    # ------------------------------------------------------------------ merge, norms, files
+    def merge(self, name: str) -> nn.Module:
+        """A standalone plain-PyTorch model for ``name``: ``nn.Sequential(backbone, head)`` with
+        W + ΔW folded into every adapted layer and the task's own norms; no ftn code needed."""
+        self._check_task(name)
+        memo: dict[int, Any] = {}
+        for module in self._unique_modules():
+            if isinstance(module, FTNLayer):
+                memo[id(module)] = module.merged_module(name)
+            elif isinstance(module, TaskNorm):
+                memo[id(module)] = copy.deepcopy(module.task_module(name))
+        backbone = copy.deepcopy(self.backbone, memo)
+        merged = nn.Sequential(OrderedDict(backbone=backbone, head=copy.deepcopy(self.heads[name])))
+        merged.requires_grad_(True)
+        return merged.train(self.training)
+
+    def task_batchnorms(self, name: str) -> list[_BatchNorm]:
+        self._check_task(name)
+        return [n.tasks[name] for n in self.task_norm_layers().values() if isinstance(n.tasks[name], _BatchNorm)]
+
+    def recalibrate_norms(self, name: str, loader: Any, max_batches: int | None = None,
+                          input_fn: Any = None) -> int:
+        """Recompute the task's BatchNorm running statistics over ``loader`` with the current
+        weights (a cumulative average, not a momentum one). Other modules stay in eval mode.
+        Returns the number of batches used."""
+        was_training = self.training
+        self.eval()
+        try:
+            return recalibrate_batchnorm(lambda x: self.backbone_features(x, task=name),
+                                         self.task_batchnorms(name), loader, max_batches, input_fn)
+        finally:
+            self.train(was_training)
+
+    def backbone_features(self, *inputs: Any, task: str | None = None, **kwargs: Any) -> Any:
+        """The backbone's output under ``task`` (no head)."""
+        with self.using_task(task if task is not None else self.context.active):
+            return self.backbone(*inputs, **kwargs)
+
+    def save_task(self, name: str, path: str | Path) -> Path:
+        """Write the task's adapter (factors, norms, head, metadata) to one safetensors file."""
+        from .adapters import save_task
+
+        return save_task(self, name, path)
+
+    def load_task(self, path: str | Path, name: str | None = None, head: nn.Module | None = None,
+                  check_fingerprint: bool = True) -> str:
+        """Add a task from an adapter file, after checking it against this backbone."""
+        from .adapters import load_task
+
+        return load_task(self, path, name=name, head=head, check_fingerprint=check_fingerprint)
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.config)

@@ -1,0 +1,101 @@
+"""Parameter accounting, in our convention and in the paper's.
+
+- ``backbone``: every parameter of the shared, frozen backbone (stored once).
+- per task: ``delta`` (ΔW factors), ``norms`` (its norm copies' affine parameters), ``head``;
+  ``norm_buffers`` (BatchNorm running statistics) are stored in adapter files but are not
+  parameters, so they are reported apart and not added to totals.
+- ``paper_total`` = backbone + Σ_t delta_t: the paper's convention (shared convs + norms counted
+  once plus each task's ΔW; per-task norms and heads are reported on top of that).
+- ``total_stored`` = backbone + Σ_t (delta_t + norms_t + head_t): what all tasks really store.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["LayerCap", "TaskParameters", "ParameterReport"]
+
+
+@dataclass(frozen=True)
+class LayerCap:
+    """A layer where the requested rank was lowered because the factors would otherwise hold at
+    least as many numbers as a dense ΔW (R·Σd ≥ Πd)."""
+
+    layer: str
+    requested: int
+    applied: int
+    max_efficient: int
+
+
+@dataclass
+class TaskParameters:
+    delta: int
+    norms: int
+    head: int
+    norm_buffers: int = 0
+    rank: int | None = None
+    caps: list[LayerCap] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.delta + self.norms + self.head
+
+
+@dataclass
+class ParameterReport:
+    backbone: int
+    adapted_layers: int
+    norm_layers: int
+    tasks: dict[str, TaskParameters]
+
+    @property
+    def paper_total(self) -> int:
+        return self.backbone + sum(t.delta for t in self.tasks.values())
+
+    @property
+    def total_stored(self) -> int:
+        return self.backbone + sum(t.total for t in self.tasks.values())
+
+    @property
+    def per_task_delta(self) -> int | dict[str, int]:
+        """ΔW per task: one number when every task has the same, else a dict."""
+        deltas = {name: t.delta for name, t in self.tasks.items()}
+        values = set(deltas.values())
+        return values.pop() if len(values) == 1 else deltas
+
+    def to_dict(self) -> dict:
+        return {
+            "backbone": self.backbone,
+            "adapted_layers": self.adapted_layers,
+            "norm_layers": self.norm_layers,
+            "per_task_delta": self.per_task_delta,
+            "paper_total": self.paper_total,
+            "total_stored": self.total_stored,
+            "tasks": {name: {**asdict(t), "total": t.total} for name, t in self.tasks.items()},
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        lines = [
+            f"shared backbone (frozen, stored once): {self.backbone:>14,}",
+            f"adapted Conv/Linear layers: {self.adapted_layers}, task-specific norm layers: {self.norm_layers}",
+            "",
+            f"{'task':<16}{'rank':>6}{'ΔW':>12}{'norms':>10}{'head':>10}{'total':>12}{'norm stats':>12}",
+        ]
+        for name, t in self.tasks.items():
+            rank = "-" if t.rank is None else str(t.rank)
+            lines.append(f"{name:<16}{rank:>6}{t.delta:>12,}{t.norms:>10,}{t.head:>10,}{t.total:>12,}"
+                         f"{t.norm_buffers:>12,}")
+        lines += [
+            "",
+            f"paper convention (backbone + Σ ΔW): {self.paper_total:>14,}",
+            f"total stored (backbone + Σ task totals): {self.total_stored:>9,}",
+        ]
+        for name, t in self.tasks.items():
+            for cap in t.caps:
+                lines.append(f"rank cap [{name}] {cap.layer}: requested {cap.requested}, applied {cap.applied} "
+                             f"(dense ΔW is smaller above rank {cap.max_efficient})")
+        return "\n".join(lines)

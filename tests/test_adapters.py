@@ -1,0 +1,184 @@
+"""Adapter files: exact round trips, every mismatch refused with a message, atomic saves."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+from ftn import AdapterFileError, FTNModel, TaskError
+from ftn.adapters import FORMAT_VERSION, atomic_write_bytes, read_adapter
+
+from conftest import SmallCNN, randomize_norms
+from test_model import train_steps
+
+
+def fresh_model(seed=0, **options):
+    torch.manual_seed(seed)
+    return FTNModel(randomize_norms(SmallCNN()).eval(), rank=3, **options).eval()
+
+
+@pytest.fixture
+def trained(images, tmp_path):
+    model = fresh_model()
+    model.add_task("a", head=nn.Linear(16, 4))
+    train_steps(model, "a", images)
+    path = model.save_task("a", tmp_path / "a.safetensors")
+    return model, path
+
+
+def rewrite(path, mutate_meta=None, mutate_tensors=None):
+    """Re-save an adapter with edited metadata/tensors (checksum kept consistent unless asked)."""
+    from ftn.adapters import _content_hash
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    meta = json.loads(raw[8:8 + n])["__metadata__"]
+    tensors, _ = read_adapter(path)
+    if mutate_tensors:
+        mutate_tensors(tensors)
+    meta["content_sha256"] = _content_hash(tensors)
+    if mutate_meta:
+        mutate_meta(meta)
+    path.write_bytes(st_save(tensors, metadata=meta))
+
+
+def test_round_trip_is_exact_in_a_new_model(trained, images):
+    model, path = trained
+    with torch.no_grad():
+        expected = model(images, task="a")
+    other = fresh_model()
+    assert other.load_task(path) == "a"
+    with torch.no_grad():
+        assert torch.equal(other(images, task="a"), expected)
+    for (n1, p1), (n2, p2) in zip(model.named_task_parameters("a"), other.named_task_parameters("a")):
+        assert n1 == n2 and torch.equal(p1, p2)
+    for n1, n2 in zip(model.task_norm_layers().values(), other.task_norm_layers().values()):
+        for b1, b2 in zip(n1.tasks["a"].buffers(), n2.tasks["a"].buffers()):
+            assert torch.equal(b1, b2)  # BatchNorm running statistics survive the trip
+    other.load_task(path, name="again")
+    assert other.tasks == ["a", "again"]
+
+
+def test_file_holds_no_pickle_and_expected_metadata(trained):
+    _, path = trained
+    raw = path.read_bytes()
+    assert b"\x80\x04" not in raw[:16]  # not a pickle/zip checkpoint
+    _, meta = read_adapter(path)
+    assert meta["task"] == "a" and meta["head"]["type"] == "Linear"
+    assert meta["layers"]["stem"]["rank"] == 3 and meta["layers"]["stem"]["shape"] == [8, 3, 3, 3]
+    assert len(meta["backbone_fingerprint"]) == 64
+
+
+def test_duplicate_name_refused(trained):
+    model, path = trained
+    with pytest.raises(TaskError, match="already exists"):
+        model.load_task(path)
+
+
+def test_other_backbone_weights_refused(trained):
+    _, path = trained
+    other = fresh_model(seed=1)
+    with pytest.raises(AdapterFileError, match="other weights"):
+        other.load_task(path)
+    assert other.tasks == []
+    other.load_task(path, check_fingerprint=False)  # explicit override
+    assert other.tasks == ["a"]
+
+
+def test_other_shapes_refused(trained):
+    _, path = trained
+    torch.manual_seed(0)
+    wider = FTNModel(SmallCNN(width=16), rank=3)
+    with pytest.raises(AdapterFileError, match="other layer shapes.*stem"):
+        wider.load_task(path)
+    assert wider.tasks == [] and all(not layer.tasks for layer in wider.adapted_layers().values())
+
+
+def test_missing_and_extra_layers_refused(trained):
+    _, path = trained
+    fewer = fresh_model(exclude=["fc"])
+    with pytest.raises(AdapterFileError, match=r"not adapted in this model \(fc\)"):
+        fewer.load_task(path)
+    more_model = fresh_model()
+    more_model.add_task("b")
+    path_b = more_model.save_task("b", path.with_name("b.safetensors"))
+    fewer_file = fresh_model(exclude=["fc"])
+    fewer_file.add_task("c")
+    path_c = fewer_file.save_task("c", path.with_name("c.safetensors"))
+    with pytest.raises(AdapterFileError, match=r"not in the file \(fc\)"):
+        fresh_model().load_task(path_c)
+    fresh_model().load_task(path_b)
+
+
+def test_truncated_corrupt_and_foreign_files_refused(trained, tmp_path):
+    _, path = trained
+    raw = path.read_bytes()
+    cases = {
+        "empty": b"",
+        "short": raw[:5],
+        "truncated_header": raw[:40],
+        "truncated_data": raw[:-10],
+        "garbage": b"\xff" * 200,
+    }
+    for label, data in cases.items():
+        p = tmp_path / f"{label}.safetensors"
+        p.write_bytes(data)
+        with pytest.raises(AdapterFileError, match="truncated|corrupt|not an adapter"):
+            fresh_model().load_task(p)
+    flipped = bytearray(raw)
+    flipped[-3] ^= 0xFF
+    p = tmp_path / "flipped.safetensors"
+    p.write_bytes(bytes(flipped))
+    with pytest.raises(AdapterFileError, match="checksum"):
+        fresh_model().load_task(p)
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_bytes(st_save({"w": torch.zeros(2)}))
+    with pytest.raises(AdapterFileError, match="not an ftn adapter"):
+        fresh_model().load_task(foreign)
+    with pytest.raises(AdapterFileError, match="not found"):
+        fresh_model().load_task(tmp_path / "missing.safetensors")
+
+
+def test_newer_format_refused(trained):
+    _, path = trained
+    rewrite(path, mutate_meta=lambda m: m.update(format_version=str(FORMAT_VERSION + 1)))
+    with pytest.raises(AdapterFileError, match="format v2.*upgrade"):
+        fresh_model().load_task(path)
+
+
+def test_misshaped_factor_and_custom_head(trained, tmp_path):
+    model, path = trained
+
+    def bad_factor(t):
+        t["delta.stem.0"] = torch.zeros(8, 2)
+
+    rewrite(path, mutate_tensors=bad_factor)
+    with pytest.raises(AdapterFileError, match=r"delta.stem.0 should have shape \(8, 3\)"):
+        fresh_model().load_task(path)
+
+    model.add_task("mlp", head=nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2)))
+    p = model.save_task("mlp", tmp_path / "mlp.safetensors")
+    other = fresh_model()
+    with pytest.raises(AdapterFileError, match="custom head"):
+        other.load_task(p, check_fingerprint=False)
+    with pytest.raises(AdapterFileError, match="does not fit"):
+        other.load_task(p, head=nn.Linear(16, 2), check_fingerprint=False)
+    other.load_task(p, head=nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2)), check_fingerprint=False)
+    assert "mlp" in other.tasks
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "x.bin"
+    atomic_write_bytes(target, b"old")
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]  # no temporary file left behind

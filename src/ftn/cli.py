@@ -34,6 +34,75 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_logging(output_dir: str | None = None) -> None:
+    import logging
+
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if output_dir:
+        from pathlib import Path
+
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(output_dir) / "train.log"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers,
+                        force=True)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training.config import load_config
+    from .training.runner import run_experiment
+
+    cfg = load_config(args.config, args.overrides)
+    _setup_logging(cfg.output_dir)
+    summary = run_experiment(cfg, progress=not args.no_progress)
+    print(f"\n{summary['method']} on {summary['backbone']}: mean test top-1 {summary['mean_test_acc']:.2f}%")
+    for domain, r in summary["domains"].items():
+        print(f"  {domain:<16} test {r['test_acc']:.2f}%  val {r['val_acc']:.2f}%  trainable {r['trainable_params']:,}")
+    print(f"  stored parameters (all domains): {summary['stored_parameters']:,}; results in {cfg.output_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .training.config import load_config
+    from .training.engine import evaluate, resolve_device
+    from .training.methods import FTNMethod
+    from .training.runner import build_domain_data, build_method
+
+    cfg = load_config(args.config, [*args.overrides, "method.load_adapters=[]"])
+    if cfg.method.name not in ("ftn", "bn_head"):
+        from .errors import ConfigError
+
+        raise ConfigError("ftn eval reads FTN adapter files: use a config with method.name=ftn")
+    device = resolve_device(cfg.train.device)
+    method = build_method(cfg, device)
+    assert isinstance(method, FTNMethod)
+    paths = [Path(p) for p in args.adapters]
+    files = [f for p in paths for f in (sorted(p.glob("*.safetensors")) if p.is_dir() else [p])]
+    if not files:
+        from .errors import ConfigError
+
+        raise ConfigError(f"no adapter files found in {', '.join(map(str, paths))}")
+    for f in files:
+        name = method.load_domain(f)
+        data = build_domain_data(cfg.data, name, seed=cfg.seed)
+        acc = evaluate(method.domains[name], getattr(data, args.split), cfg.data.eval_batch_size, device)
+        print(f"{name:<16} {args.split} top-1 {acc:.2f}%  ({f})")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DEMO_METHODS, format_table, run_demo
+
+    _setup_logging()
+    methods = tuple(args.methods) if args.methods else DEMO_METHODS
+    results = run_demo(args.output, quick=args.quick, methods=methods, progress=not args.no_progress,
+                       extra=args.overrides)
+    print("\n" + format_table(results))
+    print(f"\nwall time {results['wall_seconds']:.0f} s; results, table and plot in {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -50,6 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rank-cap", action="store_true", help="do not cap ranks at the dense size")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_params)
+
+    p = sub.add_parser("train", help="train the domains of a config, one after another")
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3 method.rank=16")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate FTN adapter files on their domains")
+    p.add_argument("--config", help="the YAML config they were trained with")
+    p.add_argument("--adapters", nargs="+", required=True, help="adapter files or folders of them")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="FTN and every baseline on the embedded benchmark")
+    p.add_argument("--quick", action="store_true", help="a small slice in under 3 minutes (CI)")
+    p.add_argument("--output", default="outputs/demo", help="folder for results.json, table.md and the plot")
+    p.add_argument("--methods", nargs="*", choices=["ftn", "full", "linear", "bn_head", "lora"])
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Datasets: the embedded multi-domain benchmark and real-world folder layouts."""

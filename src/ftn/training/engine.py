@@ -1,0 +1,332 @@
+"""The training engine: trains one domain of any method, from top to bottom in one function.
+
+``train_domain`` runs: seeded, resumable data order → AdamW/SGD with linear warm-up and cosine
+decay → optional mixed precision and gradient clipping → evaluation every epoch with the best
+state on the validation split kept → BatchNorm statistics recalibrated with the final weights →
+test accuracy. Checkpoints (every N steps and at each epoch end) hold everything a resumed run
+needs to end bit-identical to an uninterrupted one on CPU: the domain's state, the optimizer,
+scheduler and scaler, every RNG, the step within the epoch and the best-so-far snapshot.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sized
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from ..adapters import atomic_write_bytes
+from ..errors import FTNError
+from .config import DataConfig, TrainConfig
+from .methods import DomainModel
+
+__all__ = ["DomainData", "DomainResult", "train_domain", "evaluate", "resolve_device", "seed_everything",
+           "NonFiniteLossError", "EpochSampler"]
+
+log = logging.getLogger("ftn.train")
+
+
+class NonFiniteLossError(FTNError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class DomainData:
+    name: str
+    train: Dataset
+    val: Dataset | None
+    test: Dataset | None
+    num_classes: int
+    augment: Callable[[Tensor], Tensor] | None = None  # batch-level, uses the global torch RNG
+
+
+@dataclass
+class DomainResult:
+    domain: str
+    val_acc: float | None
+    test_acc: float | None
+    best_epoch: int
+    steps: int
+    train_seconds: float
+    trainable_params: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    skipped_batches: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation that depends only on (seed, epoch), started ``skip`` samples in, so a
+    resumed run sees exactly the remaining batches of the interrupted epoch."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch, self.skip = size, seed, 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=g)[self.skip:].tolist())
+
+    def __len__(self) -> int:
+        return self.size - self.skip
+
+
+def _autocast(amp: str, device: torch.device):
+    """(context, GradScaler or None) for the configured mixed precision."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return nullcontext(), None
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "off":
+        return nullcontext(), None
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and device.type == "cuda" else None
+    return torch.autocast(device.type, dtype=dtype), scaler
+
+
+def _lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: DomainModel, dataset: Dataset | None, batch_size: int, device: torch.device,
+             amp: str = "off", num_workers: int = 0) -> float | None:
+    """Top-1 accuracy (%) on ``dataset``."""
+    if dataset is None or len(dataset) == 0:  # type: ignore[arg-type]
+        return None
+    model.eval()
+    correct = total = 0
+    ctx, _ = _autocast(amp, device)
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+        x, y = x.to(device), y.to(device)
+        with ctx:
+            logits = model(x)
+        correct += (logits.argmax(1) == y).sum().item()
+        total += y.numel()
+    return 100.0 * correct / total
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": repr(random.getstate()),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import ast
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(ast.literal_eval(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Atomically write ``payload``; the previous checkpoint is kept as ``<name>.prev``."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    if path.exists():
+        path.replace(path.with_name(path.name + ".prev"))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The newest readable checkpoint at ``path`` (or its ``.prev``), loaded without pickle code
+    (``weights_only=True``); a damaged file is reported and skipped."""
+    for candidate in (path, path.with_name(path.name + ".prev")):
+        if not candidate.exists():
+            continue
+        try:
+            return torch.load(candidate, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated, corrupt, or carrying code
+            log.warning("checkpoint %s is unreadable (%s); trying the previous one", candidate,
+                        str(exc).splitlines()[0][:200])
+    return None
+
+
+# ----------------------------------------------------------------------------- training
+def train_domain(model: DomainModel, data: DomainData, train_cfg: TrainConfig, data_cfg: DataConfig,
+                 out_dir: Path, seed: int = 0, device: torch.device | None = None,
+                 progress: bool = True, stop_after_steps: int | None = None) -> DomainResult:
+    """Train one domain; see the module docstring. ``stop_after_steps`` aborts (as a crash
+    would) after that many steps, for tests of resuming."""
+    device = device or resolve_device(train_cfg.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "checkpoint.pt"
+    seed_everything(seed)
+
+    n_train = len(data.train)  # type: ignore[arg-type]
+    if n_train == 0:
+        raise FTNError(f"domain {data.name!r} has no training samples")
+    sampler = EpochSampler(n_train, seed)
+    steps_per_epoch = math.ceil(n_train / data_cfg.batch_size)
+    total_steps = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+
+    groups = []
+    if model.body_params:
+        groups.append({"params": model.body_params, "lr": train_cfg.lr})
+    if model.head_params:
+        groups.append({"params": model.head_params, "lr": train_cfg.head_lr or train_cfg.lr})
+    if train_cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum,
+                                    weight_decay=train_cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total_steps, train_cfg.warmup_steps, train_cfg.min_lr_ratio))
+    autocast, scaler = _autocast(train_cfg.amp, device)
+
+    step, epoch, skip, skipped = 0, 0, 0, 0
+    best = {"acc": -1.0, "epoch": -1, "state": None}
+    history: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    if train_cfg.resume and (ckpt := load_checkpoint(ckpt_path)) is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step, epoch, skip = ckpt["step"], ckpt["epoch"], ckpt["skip"]
+        best, history, skipped = ckpt["best"], ckpt["history"], ckpt.get("skipped", 0)
+        train_seconds = ckpt.get("train_seconds", 0.0)
+        _set_rng_state(ckpt["rng"])
+        log.info("resumed %s at step %d (epoch %d)", data.name, step, epoch)
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "step": step, "epoch": epoch, "skip": skip, "best": best, "history": history,
+            "skipped": skipped, "train_seconds": train_seconds, "rng": _rng_state()})
+
+    log_file = (out_dir / "log.csv").open("a", newline="")
+    writer = csv.writer(log_file)
+    if log_file.tell() == 0:
+        writer.writerow(["step", "epoch", "loss", "lr", "seconds"])
+    bar = tqdm(total=total_steps, initial=step, desc=data.name, disable=not progress, leave=False,
+               dynamic_ncols=True)
+    try:
+        while step < total_steps:
+            sampler.set_epoch(epoch, skip)
+            loader = DataLoader(data.train, batch_size=data_cfg.batch_size, sampler=sampler,
+                                num_workers=data_cfg.num_workers)
+            model.train()
+            started = time.perf_counter()
+            for x, y in loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if data.augment is not None:
+                    x = data.augment(x)
+                with autocast:
+                    loss = F.cross_entropy(model(x).float(), y)
+                if not torch.isfinite(loss):
+                    if train_cfg.on_nonfinite == "stop":
+                        raise NonFiniteLossError(
+                            f"domain {data.name!r}: loss is {loss.item()} at step {step + 1}; training stopped, "
+                            f"the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'} "
+                            f"(set train.on_nonfinite=skip to skip such batches, or lower train.lr)")
+                    skipped += 1
+                    log.warning("domain %s: non-finite loss at step %d, batch skipped (%d so far)",
+                                data.name, step + 1, skipped)
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(optimizer)
+                    else:
+                        loss.backward()
+                    if train_cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters, train_cfg.grad_clip)
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                scheduler.step()
+                step += 1
+                skip += x.shape[0]
+                bar.update(1)
+                if step % train_cfg.log_every == 0 or step == total_steps:
+                    writer.writerow([step, epoch, f"{loss.item():.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
+                                     f"{train_seconds + time.perf_counter() - started:.2f}"])
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < total_steps:
+                    train_seconds += time.perf_counter() - started
+                    started = time.perf_counter()
+                    checkpoint()
+                if stop_after_steps is not None and step >= stop_after_steps:
+                    raise KeyboardInterrupt(f"stopped after {step} steps (as requested)")
+                if step >= total_steps:
+                    break
+            train_seconds += time.perf_counter() - started
+            val_acc = evaluate(model, data.val, data_cfg.eval_batch_size, device, train_cfg.amp)
+            history.append({"epoch": epoch, "step": step, "val_acc": val_acc, "train_seconds": round(train_seconds, 3)})
+            score = val_acc if val_acc is not None else float(epoch)
+            if score > best["acc"]:
+                best = {"acc": score, "epoch": epoch, "state": model.state_dict()}
+            epoch, skip = epoch + 1, 0
+            checkpoint()
+    finally:
+        bar.close()
+        log_file.close()
+
+    model.load_state_dict(best["state"])
+    if train_cfg.recalibrate_bn and model.batchnorms():
+        from ..norms import recalibrate_batchnorm
+
+        model.eval()
+        recal_loader = DataLoader(data.train, batch_size=data_cfg.batch_size, shuffle=False,
+                                  num_workers=data_cfg.num_workers)
+        recalibrate_batchnorm(lambda x: model(x.to(device)), model.batchnorms(), recal_loader,
+                              max_batches=train_cfg.recalibrate_batches)
+    val_acc = evaluate(model, data.val, data_cfg.eval_batch_size, device, train_cfg.amp)
+    test_acc = evaluate(model, data.test, data_cfg.eval_batch_size, device, train_cfg.amp)
+    result = DomainResult(domain=data.name, val_acc=val_acc, test_acc=test_acc, best_epoch=best["epoch"],
+                          steps=step, train_seconds=round(train_seconds, 3), trainable_params=model.num_trainable(),
+                          history=history, skipped_batches=skipped)
+    atomic_write_bytes(out_dir / "result.json", json.dumps(result.__dict__, indent=2).encode())
+    return result
+
+
+def dataset_size(dataset: Dataset) -> int:
+    return len(dataset) if isinstance(dataset, Sized) else 0

@@ -1,0 +1,137 @@
+"""Run one experiment: build the data and the method, train the domains one after another,
+save each domain's adapter (or state) and a results file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+from torchvision.transforms import v2
+
+from ..adapters import atomic_write_bytes
+from ..backbones import build_backbone
+from ..errors import ConfigError
+from .config import DataConfig, ExperimentConfig, config_to_dict
+from .engine import DomainData, DomainResult, resolve_device, seed_everything, train_domain
+from .methods import FTNMethod, Method, make_method
+
+__all__ = ["build_domain_data", "run_experiment", "IMAGENET_NORMALIZE"]
+
+log = logging.getLogger("ftn.train")
+IMAGENET_NORMALIZE = v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _limit(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    """A fixed random subset of ``limit`` samples (the same for every method and run)."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if limit is None or limit >= n:
+        return dataset
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randperm(n, generator=g)[:limit].sort().values.tolist()
+    if isinstance(dataset, TensorDataset):
+        return TensorDataset(*(t[index] for t in dataset.tensors))
+    return Subset(dataset, index)
+
+
+def _image_transforms(size: int, augment: bool) -> dict[str, v2.Compose]:
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), IMAGENET_NORMALIZE]
+    evaluation = v2.Compose([v2.Resize(int(size * 1.14)), v2.CenterCrop(size), *to_tensor])
+    training = v2.Compose([v2.RandomResizedCrop(size, scale=(0.35, 1.0)), v2.RandomHorizontalFlip(), *to_tensor]) \
+        if augment else evaluation
+    return {"train": training, "val": evaluation, "test": evaluation}
+
+
+def build_domain_data(cfg: DataConfig, domain: str, seed: int = 0) -> DomainData:
+    """The train/val/test datasets of one domain as configured."""
+    if cfg.kind == "embedded":
+        from ..data.multidomain import DOMAINS, MultiDomainDataset, random_affine_batch
+
+        if domain not in DOMAINS:
+            raise ConfigError(f"unknown embedded domain {domain!r}; choose from {list(DOMAINS)}")
+        splits = {}
+        for split in ("train", "val", "test"):
+            ds = MultiDomainDataset(domain, split, image_size=cfg.image_size)
+            splits[split] = TensorDataset(*ds.as_tensors())
+            num_classes = ds.num_classes
+        augment = (lambda x: random_affine_batch(x)) if cfg.augment else None
+    elif cfg.kind == "domainnet":
+        from ..data.folders import DomainNetDataset
+
+        tf = _image_transforms(cfg.image_size, cfg.augment)
+        train_full = DomainNetDataset(cfg.root, domain, "train", transform=tf["train"], skip_corrupt=cfg.skip_corrupt)
+        train_eval = DomainNetDataset(cfg.root, domain, "train", transform=tf["val"], skip_corrupt=cfg.skip_corrupt)
+        test = DomainNetDataset(cfg.root, domain, "test", transform=tf["test"], skip_corrupt=cfg.skip_corrupt)
+        # DomainNet has no validation list: hold out a fixed fraction of train for model selection.
+        n = len(train_full)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        n_val = int(round(n * cfg.val_fraction)) if n > 1 else 0
+        splits = {"train": Subset(train_full, sorted(perm[n_val:])), "val": Subset(train_eval, sorted(perm[:n_val])),
+                  "test": test}
+        num_classes = train_full.num_classes
+        augment = None
+    else:
+        from ..data.folders import ImageFolderDomains
+
+        tf = _image_transforms(cfg.image_size, cfg.augment)
+        folders = ImageFolderDomains(cfg.root, [domain], transform=tf, skip_corrupt=cfg.skip_corrupt)
+        splits = dict(folders[domain])
+        num_classes = folders.num_classes(domain)
+        augment = None
+    limits = {"train": cfg.train_limit, "val": cfg.val_limit, "test": cfg.test_limit}
+    splits = {k: _limit(v, limits[k], seed) for k, v in splits.items()}
+    return DomainData(domain, splits["train"], splits.get("val"), splits.get("test"), num_classes, augment)
+
+
+def build_method(cfg: ExperimentConfig, device: torch.device) -> Method:
+    backbone, dim = build_backbone(cfg.model.backbone, pretrained=cfg.model.pretrained,
+                                   weights_path=cfg.model.weights_path)
+    return make_method(cfg.method, backbone.to(device), dim, device)
+
+
+def run_experiment(cfg: ExperimentConfig, progress: bool = True, method: Method | None = None,
+                   stop_after_steps: int | None = None) -> dict[str, Any]:
+    """Train every configured domain in turn; write ``results.json`` and per-domain files under
+    ``output_dir`` (``<domain>/log.csv``, ``<domain>/result.json``, ``adapters/<domain>.safetensors``)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "config.json", json.dumps(config_to_dict(cfg), indent=2).encode())
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.seed)
+    method = method or build_method(cfg, device)
+    loaded = []
+    if cfg.method.load_adapters:
+        if not isinstance(method, FTNMethod):
+            raise ConfigError("method.load_adapters needs method.name=ftn (or bn_head)")
+        loaded = [method.load_domain(p) for p in cfg.method.load_adapters]
+    results: dict[str, DomainResult] = {}
+    started = time.perf_counter()
+    for i, domain in enumerate(cfg.data.domains):
+        if domain in method.domains:
+            raise ConfigError(f"domain {domain!r} is already in the model (loaded from an adapter)")
+        data = build_domain_data(cfg.data, domain, seed=cfg.seed)
+        seed_everything(cfg.seed + i)
+        domain_model = method.add_domain(domain, data.num_classes)
+        results[domain] = train_domain(domain_model, data, cfg.train, cfg.data, out / domain, seed=cfg.seed + i,
+                                       device=device, progress=progress, stop_after_steps=stop_after_steps)
+        method.save_domain(domain, out / "adapters")
+        log.info("%s/%s: test top-1 %.2f%%", method.name, domain, results[domain].test_acc or float("nan"))
+    tests = [r.test_acc for r in results.values() if r.test_acc is not None]
+    summary = {
+        "method": method.name,
+        "backbone": cfg.model.backbone,
+        "domains": {d: asdict(r) for d, r in results.items()},
+        "loaded_domains": loaded,
+        "mean_test_acc": sum(tests) / len(tests) if tests else None,
+        "trainable_per_domain": {d: r.trainable_params for d, r in results.items()},
+        "stored_parameters": method.stored_parameters(),
+        "train_seconds": round(sum(r.train_seconds for r in results.values()), 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+    atomic_write_bytes(out / "results.json", json.dumps(summary, indent=2).encode())
+    return summary

@@ -289,6 +289,7 @@ def train_domain(model: DomainModel, data: DomainData, train_cfg: TrainConfig, d
                 if step % train_cfg.log_every == 0 or step == total_steps:
                     writer.writerow([step, epoch, f"{loss.item():.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
                                      f"{train_seconds + time.perf_counter() - started:.2f}"])
+                    log_file.flush()  # a crash must not lose the log
                     bar.set_postfix(loss=f"{loss.item():.3f}")
                 if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < total_steps:
                     train_seconds += time.perf_counter() - started

@@ -26,8 +26,23 @@ __all__ = ["build_backbone", "strip_classifier", "offline_mobilenet_v2_weights",
 _MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
 
 
+def tiny_convnet(width: int = 16) -> tuple[nn.Module, int]:
+    """A small GroupNorm convnet (no pretrained weights) for smoke tests and distributed checks:
+    GroupNorm's statistics do not depend on the batch, so a run split over ranks computes exactly
+    what one process computes."""
+    def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.GroupNorm(4, c_out), nn.ReLU(inplace=True)]
+
+    layers = [*block(3, width, 2), *block(width, 2 * width, 2), *block(2 * width, 4 * width, 2),
+              nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), 4 * width
+
+
+_LOCAL_BACKBONES = {"tiny_convnet": tiny_convnet}
+
+
 def available_backbones() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    return sorted([*_LOCAL_BACKBONES, *torchvision.models.list_models(module=torchvision.models)])
 
 
 def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
@@ -89,6 +104,13 @@ def build_backbone(name: str, pretrained: bool = False, weights_path: str | Path
     if name not in available_backbones():
         raise ConfigError(f"unknown backbone {name!r}; torchvision offers e.g. "
                           f"resnet18, resnet34, resnet50, mobilenet_v2, efficientnet_b0")
+    if name in _LOCAL_BACKBONES:
+        if pretrained and weights_path is None:
+            raise ConfigError(f"{name!r} has no pretrained weights; use model.pretrained=false")
+        model, dim = _LOCAL_BACKBONES[name](**kwargs)
+        if weights_path is not None:
+            model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        return model, dim
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     if weights_path is not None:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)

@@ -54,6 +54,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     _setup_logging(cfg.output_dir)
     summary = run_experiment(cfg, progress=not args.no_progress)
+    from .training import distributed
+
+    if not distributed.current().is_main:
+        return 0
     print(f"\n{summary['method']} on {summary['backbone']}: mean test top-1 {summary['mean_test_acc']:.2f}%")
     for domain, r in summary["domains"].items():
         print(f"  {domain:<16} test {r['test_acc']:.2f}%  val {r['val_acc']:.2f}%  trainable {r['trainable_params']:,}")

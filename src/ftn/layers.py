@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from .cp import cp_num_params, cp_to_tensor, weight_modes
 from .errors import ShapeError, TaskError
+from .functional import cp_conv, cp_linear, fast_backward_pays_off
 
 __all__ = [
     "TaskContext",
@@ -117,7 +118,20 @@ class CPFactors(nn.Module):
 
 
 class FTNLayer(nn.Module):
-    """Common machinery of the Conv and Linear wrappers; see the module docstring."""
+    """Common machinery of the Conv and Linear wrappers; see the module docstring.
+
+    ``fast_backward`` picks how a training step back-propagates into the factors (plain
+    ``nn.Conv*d`` / ``nn.Linear`` bases only; see :mod:`ftn.functional`):
+
+    - ``None`` (default): per layer, the custom thin-contraction backward where its estimated
+      cost is well below the dense weight gradient (:func:`~ftn.functional.fast_backward_pays_off`),
+      else plain autograd through W + ΔW (e.g. depthwise convs);
+    - ``True``: always the custom backward; ``False``: always autograd (the "materialized" baseline).
+
+    Set it on the class to change every layer, or on one instance.
+    """
+
+    fast_backward: bool | None = None
 
     def __init__(self, base: nn.Module, context: TaskContext | None = None, name: str = "") -> None:
         super().__init__()
@@ -189,7 +203,27 @@ class FTNLayer(nn.Module):
         if task is None or task not in self.tasks:
             return self.base(x)
         self._check_input(x)
+        factors = self.tasks[task]
+        if self._use_fast_backward(factors):
+            return self._fast_forward(x, list(factors.factors))
         return self._forward_with_weight(x, self.task_weight(task))
+
+    def _use_fast_backward(self, factors: CPFactors) -> bool:
+        # Only where a backward will reach the factors (no point otherwise: eval then uses the
+        # cached W + ΔW) and the base is frozen (the custom backward gives W no gradient).
+        if not self._plain or self.fast_backward is False or not torch.is_grad_enabled():
+            return False
+        if self.base.weight.requires_grad or not any(f.requires_grad for f in factors.factors):
+            return False
+        if self.fast_backward is None:
+            return fast_backward_pays_off(self.base.weight.shape, factors.rank, self._groups())
+        return True
+
+    def _groups(self) -> int:
+        return 1
+
+    def _fast_forward(self, x: Tensor, factors: list[Tensor]) -> Tensor:
+        raise NotImplementedError
 
     def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         return functional_call(self.base, {"weight": weight}, (x,))
@@ -229,6 +263,28 @@ class FTNConv(FTNLayer):
             return self.base._conv_forward(x, weight, self.base.bias)
         return super()._forward_with_weight(x, weight)
 
+    def _groups(self) -> int:
+        return self.base.groups
+
+    def _fast_forward(self, x: Tensor, factors: list[Tensor]) -> Tensor:
+        base = self.base
+        nd = len(base.kernel_size)
+        padding = base.padding
+        if base.padding_mode != "zeros" or isinstance(padding, str):
+            # (left, right) pairs, last dim first, as nn.Conv*d computed them for F.pad.
+            pads = base._reversed_padding_repeated_twice
+            if base.padding_mode == "zeros" and all(pads[i] == pads[i + 1] for i in range(0, len(pads), 2)):
+                padding = tuple(reversed(pads[::2]))  # symmetric "same": keep it inside the conv
+            else:
+                mode = "constant" if base.padding_mode == "zeros" else base.padding_mode
+                x = F.pad(x, pads, mode=mode)
+                padding = (0,) * nd
+        unbatched = x.dim() == nd + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        y = cp_conv(x, base.weight, base.bias, factors, base.stride, padding, base.dilation, base.groups)
+        return y.squeeze(0) if unbatched else y
+
 
 class FTNLinear(FTNLayer):
     """FTN wrapper of ``nn.Linear`` (and subclasses): ΔW = A·Bᵀ."""
@@ -244,6 +300,9 @@ class FTNLinear(FTNLayer):
         if self._plain:
             return F.linear(x, weight, self.base.bias)
         return super()._forward_with_weight(x, weight)
+
+    def _fast_forward(self, x: Tensor, factors: list[Tensor]) -> Tensor:
+        return cp_linear(x, self.base.weight, self.base.bias, factors)
 
 
 def is_adaptable(module: nn.Module) -> bool:

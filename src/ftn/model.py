@@ -75,7 +75,8 @@ def _validate_task_name(name: Any) -> str:
 
 def _is_inside_multihead_attention(name: str, modules: Mapping[str, nn.Module]) -> bool:
     # nn.MultiheadAttention reads out_proj.weight directly instead of calling out_proj, so a
-    # wrapper there would be bypassed (and break attribute access); such layers are left alone.
+    # wrapper there would be bypassed (and break attribute access). Its projections are adapted
+    # by FTNMultiheadAttention (ftn.attention) around the whole MHA instead, never one by one.
     parent = name.rsplit(".", 1)[0] if "." in name else ""
     return isinstance(modules.get(parent), nn.MultiheadAttention)
 
@@ -113,20 +114,49 @@ class FTNModel(nn.Module):
 
     # ------------------------------------------------------------------ surgery
     def _inject(self, backbone: nn.Module) -> nn.Module:
+        from .attention import FTNFusedLinear, FTNMultiheadAttention, attention_options, wrap_linear
+
         modules = dict(backbone.named_modules(remove_duplicate=False))
         cfg = self.config
+        options = attention_options(cfg)  # fused_qkv / qkv_patterns / train_bias, defaults if absent
+
+        def selected(layer_name: str) -> bool:
+            return ((cfg.include is None or _matches(layer_name, cfg.include))
+                    and not _matches(layer_name, cfg.exclude))
+
+        def wrap(module: nn.Module, layer_name: str, chosen: bool) -> nn.Module | None:
+            if isinstance(module, nn.Linear) and options.per_projection and _matches(layer_name, options.qkv_patterns):
+                # q/k/v blocks are named <layer>.q/.k/.v; selecting the fused layer selects all
+                # three, unless a block is excluded by name.
+                fused = FTNFusedLinear(module, self.context, layer_name,
+                                       lambda n: selected(n) or (chosen and not _matches(n, cfg.exclude)),
+                                       train_bias=options.train_bias)
+                return fused if fused.parts else None
+            if not chosen:
+                return None
+            if isinstance(module, nn.Linear):
+                return wrap_linear(module, self.context, layer_name, options.train_bias)
+            return wrap_layer(module, self.context, layer_name)
+
         wrappers: dict[int, nn.Module] = {}
         for name, module in modules.items():
             if id(module) in wrappers:
                 continue
-            if is_adaptable(module) and name:
-                if cfg.include is not None and not _matches(name, cfg.include):
+            if isinstance(module, nn.MultiheadAttention):
+                # Its projections are named <name>.in_proj (or .q_proj/.k_proj/.v_proj) and
+                # <name>.out_proj; the patterns select them one by one.
+                mha = FTNMultiheadAttention(module, self.context, name or "<root>", selected,
+                                            per_projection=options.per_projection,
+                                            train_bias=options.train_bias)
+                if mha.parts:
+                    wrappers[id(module)] = mha
+            elif is_adaptable(module):
+                if name and _is_inside_multihead_attention(name, modules):
                     continue
-                if _matches(name, cfg.exclude) or _is_inside_multihead_attention(name, modules):
-                    continue
-                wrappers[id(module)] = wrap_layer(module, self.context, name)
-            elif is_adaptable(module) and not name and (cfg.include is None or _matches("", cfg.include)):
-                wrappers[id(module)] = wrap_layer(module, self.context, "<root>")
+                wrapper = (wrap(module, name, selected(name)) if name else
+                           wrap(module, "<root>", cfg.include is None or _matches("", cfg.include)))
+                if wrapper is not None:
+                    wrappers[id(module)] = wrapper
             elif cfg.task_norms and is_norm(module):
                 wrappers[id(module)] = TaskNorm(module, self.context, name or "<root>")
         # Replace every reference, so a module used at two places gets one shared wrapper.

@@ -80,6 +80,7 @@ class TrainConfig:
     recalibrate_bn: bool = True
     recalibrate_batches: int = 50
     on_nonfinite: str = "stop"  # stop | skip
+    distributed: str = "data"  # under torchrun: data (split each batch) | domains (one rank per domain)
     log_every: int = 10
 
 
@@ -107,6 +108,8 @@ class ExperimentConfig:
             raise ConfigError(f"train.amp must be auto, off, bf16 or fp16, got {self.train.amp!r}")
         if self.train.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.on_nonfinite must be stop or skip, got {self.train.on_nonfinite!r}")
+        if self.train.distributed not in ("data", "domains"):
+            raise ConfigError(f"train.distributed must be data or domains, got {self.train.distributed!r}")
         if self.method.rank < 1:
             raise ConfigError(f"method.rank must be >= 1, got {self.method.rank}")
         if not self.data.domains:

@@ -27,16 +27,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from ..adapters import atomic_write_bytes
-from ..errors import FTNError
+from ..errors import DataError, FTNError
+from . import distributed as dist
 from .config import DataConfig, TrainConfig
 from .methods import DomainModel
 
 __all__ = ["DomainData", "DomainResult", "train_domain", "evaluate", "resolve_device", "seed_everything",
-           "NonFiniteLossError", "EpochSampler"]
+           "NonFiniteLossError", "EpochBatchSampler"]
 
 log = logging.getLogger("ftn.train")
 
@@ -80,22 +81,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class EpochSampler(Sampler[int]):
-    """A permutation that depends only on (seed, epoch), started ``skip`` samples in, so a
-    resumed run sees exactly the remaining batches of the interrupted epoch."""
+class EpochBatchSampler(Sampler[list[int]]):
+    """Global batches of a permutation that depends only on (seed, epoch), started ``skip``
+    samples in, so a resumed run sees exactly the remaining batches of the interrupted epoch.
+    Under torchrun each rank gets its contiguous share of every global batch, so the global
+    batch and sample order equal a single-process run (a last global batch smaller than the
+    number of ranks is dropped there)."""
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch, self.skip = size, seed, 0, 0
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=g)[self.skip:].tolist())
+        order = torch.randperm(self.size, generator=g)[self.skip:]
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            if self.world_size > 1:
+                if len(batch) < self.world_size:
+                    return
+                batch = torch.tensor_split(batch, self.world_size)[self.rank]
+            yield batch.tolist()
 
     def __len__(self) -> int:
-        return self.size - self.skip
+        return math.ceil((self.size - self.skip) / self.batch_size)
 
 
 def _autocast(amp: str, device: torch.device):
@@ -121,20 +134,35 @@ def _lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int
 
 
 @torch.no_grad()
+def _check_labels(y: Tensor, num_classes: int, name: str, split: str) -> None:
+    """Cross-entropy would fail deep inside (or, on GPU, assert) on a bad label: say which."""
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        bad = y[(y < 0) | (y >= num_classes)].unique().tolist()[:5]
+        raise DataError(f"domain {name!r} ({split} data): labels {bad} are outside the class range "
+                        f"0..{num_classes - 1}")
+
+
 def evaluate(model: DomainModel, dataset: Dataset | None, batch_size: int, device: torch.device,
-             amp: str = "off", num_workers: int = 0) -> float | None:
+             amp: str = "off", num_workers: int = 0, num_classes: int | None = None,
+             name: str = "") -> float | None:
     """Top-1 accuracy (%) on ``dataset``."""
     if dataset is None or len(dataset) == 0:  # type: ignore[arg-type]
         return None
     model.eval()
-    correct = total = 0
+    info = dist.current()
+    if info.enabled:  # each rank scores its share; counts are summed below
+        dataset = Subset(dataset, range(info.rank, len(dataset), info.world_size))  # type: ignore[arg-type]
+    counts = torch.zeros(2, dtype=torch.float64)
     ctx, _ = _autocast(amp, device)
     for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+        if num_classes is not None:
+            _check_labels(y, num_classes, name, "evaluation")
         x, y = x.to(device), y.to(device)
         with ctx:
             logits = model(x)
-        correct += (logits.argmax(1) == y).sum().item()
-        total += y.numel()
+        counts[0] += (logits.argmax(1) == y).sum().item()
+        counts[1] += y.numel()
+    correct, total = dist.all_reduce_sum(counts.to(device)).tolist()
     return 100.0 * correct / total
 
 
@@ -170,23 +198,35 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The newest readable checkpoint at ``path`` (or its ``.prev``), loaded without pickle code
-    (``weights_only=True``); a damaged file is reported and skipped."""
-    for candidate in (path, path.with_name(path.name + ".prev")):
-        if not candidate.exists():
-            continue
+    """The newest readable checkpoint at ``path`` (or its ``.prev``), loaded without running
+    pickled code (``weights_only=True``). A damaged file is reported and the previous one used;
+    if checkpoints exist but none is readable, training refuses to start over them."""
+    candidates = [c for c in (path, path.with_name(path.name + ".prev")) if c.exists()]
+    problems = []
+    for candidate in candidates:
         try:
-            return torch.load(candidate, map_location="cpu", weights_only=True)
+            state = torch.load(candidate, map_location="cpu", weights_only=True)
         except Exception as exc:  # truncated, corrupt, or carrying code
-            log.warning("checkpoint %s is unreadable (%s); trying the previous one", candidate,
-                        str(exc).splitlines()[0][:200])
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            problems.append(f"{candidate}: {reason}")
+            log.warning("checkpoint %s is unreadable (%s); trying the previous one", candidate, reason)
+            continue
+        if not isinstance(state, dict) or "model" not in state or "step" not in state:
+            problems.append(f"{candidate}: not an ftn training checkpoint")
+            continue
+        if candidate != path:
+            log.warning("resuming from the previous checkpoint %s", candidate)
+        return state
+    if problems:
+        raise FTNError("no usable checkpoint: " + "; ".join(problems) +
+                       ". Move the file(s) away or set train.resume=false to start from scratch.")
     return None
 
 
 # ----------------------------------------------------------------------------- training
 def train_domain(model: DomainModel, data: DomainData, train_cfg: TrainConfig, data_cfg: DataConfig,
                  out_dir: Path, seed: int = 0, device: torch.device | None = None,
-                 progress: bool = True, stop_after_steps: int | None = None) -> DomainResult:
+                 progress: bool = True, stop_after_steps: int | None = None, sync: bool = True) -> DomainResult:
     """Train one domain; see the module docstring. ``stop_after_steps`` aborts (as a crash
     would) after that many steps, for tests of resuming."""
     device = device or resolve_device(train_cfg.device)
@@ -197,8 +237,13 @@ def train_domain(model: DomainModel, data: DomainData, train_cfg: TrainConfig, d
     n_train = len(data.train)  # type: ignore[arg-type]
     if n_train == 0:
         raise FTNError(f"domain {data.name!r} has no training samples")
-    sampler = EpochSampler(n_train, seed)
-    steps_per_epoch = math.ceil(n_train / data_cfg.batch_size)
+    info = dist.current() if sync else dist.DistInfo()
+    main = dist.current().is_main or not sync
+    if info.enabled and data_cfg.batch_size % info.world_size:
+        raise FTNError(f"data.batch_size={data_cfg.batch_size} (the global batch) must be divisible by "
+                       f"the number of processes ({info.world_size})")
+    sampler = EpochBatchSampler(n_train, data_cfg.batch_size, seed, info.rank, info.world_size)
+    steps_per_epoch = len(sampler)
     total_steps = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
 
@@ -232,33 +277,44 @@ def train_domain(model: DomainModel, data: DomainData, train_cfg: TrainConfig, d
         _set_rng_state(ckpt["rng"])
         log.info("resumed %s at step %d (epoch %d)", data.name, step, epoch)
 
+    def accuracy_on(dataset: Dataset | None) -> float | None:
+        return evaluate(model, dataset, data_cfg.eval_batch_size, device, train_cfg.amp,
+                        num_classes=data.num_classes, name=data.name)
+
     def checkpoint() -> None:
+        if not main:
+            return
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "step": step, "epoch": epoch, "skip": skip, "best": best, "history": history,
             "skipped": skipped, "train_seconds": train_seconds, "rng": _rng_state()})
 
-    log_file = (out_dir / "log.csv").open("a", newline="")
+    log_file = (out_dir / "log.csv").open("a", newline="") if main else io.StringIO()
     writer = csv.writer(log_file)
     if log_file.tell() == 0:
         writer.writerow(["step", "epoch", "loss", "lr", "seconds"])
-    bar = tqdm(total=total_steps, initial=step, desc=data.name, disable=not progress, leave=False,
+    bar = tqdm(total=total_steps, initial=step, desc=data.name, disable=not (progress and main), leave=False,
                dynamic_ncols=True)
     try:
         while step < total_steps:
             sampler.set_epoch(epoch, skip)
-            loader = DataLoader(data.train, batch_size=data_cfg.batch_size, sampler=sampler,
-                                num_workers=data_cfg.num_workers)
+            loader = DataLoader(data.train, batch_sampler=sampler, num_workers=data_cfg.num_workers)
             model.train()
             started = time.perf_counter()
             for x, y in loader:
+                _check_labels(y, data.num_classes, data.name, "train")
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if data.augment is not None:
                     x = data.augment(x)
                 with autocast:
                     loss = F.cross_entropy(model(x).float(), y)
-                if not torch.isfinite(loss):
+                # Every rank must take the same branch, so finiteness and batch size are agreed on.
+                finite = bool(dist.all_reduce_min(torch.isfinite(loss.detach()).float().reshape(1)).item()) \
+                    if info.enabled else bool(torch.isfinite(loss))
+                global_n = int(dist.all_reduce_sum(torch.tensor([x.shape[0]], device=device)).item()) \
+                    if info.enabled else x.shape[0]
+                if not finite:
                     if train_cfg.on_nonfinite == "stop":
                         raise NonFiniteLossError(
                             f"domain {data.name!r}: loss is {loss.item()} at step {step + 1}; training stopped, "
@@ -275,6 +331,8 @@ def train_domain(model: DomainModel, data: DomainData, train_cfg: TrainConfig, d
                         scaler.unscale_(optimizer)
                     else:
                         loss.backward()
+                    if info.enabled:
+                        dist.all_reduce_gradients(model.parameters, x.shape[0], global_n)
                     if train_cfg.grad_clip:
                         torch.nn.utils.clip_grad_norm_(model.parameters, train_cfg.grad_clip)
                     if scaler is not None:
@@ -284,7 +342,7 @@ def train_domain(model: DomainModel, data: DomainData, train_cfg: TrainConfig, d
                         optimizer.step()
                 scheduler.step()
                 step += 1
-                skip += x.shape[0]
+                skip += global_n
                 bar.update(1)
                 if step % train_cfg.log_every == 0 or step == total_steps:
                     writer.writerow([step, epoch, f"{loss.item():.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
@@ -300,7 +358,9 @@ def train_domain(model: DomainModel, data: DomainData, train_cfg: TrainConfig, d
                 if step >= total_steps:
                     break
             train_seconds += time.perf_counter() - started
-            val_acc = evaluate(model, data.val, data_cfg.eval_batch_size, device, train_cfg.amp)
+            if info.enabled:
+                dist.average_tensors(b for bn in model.batchnorms() for b in bn.buffers())
+            val_acc = accuracy_on(data.val)
             history.append({"epoch": epoch, "step": step, "val_acc": val_acc, "train_seconds": round(train_seconds, 3)})
             score = val_acc if val_acc is not None else float(epoch)
             if score > best["acc"]:
@@ -320,12 +380,15 @@ def train_domain(model: DomainModel, data: DomainData, train_cfg: TrainConfig, d
                                   num_workers=data_cfg.num_workers)
         recalibrate_batchnorm(lambda x: model(x.to(device)), model.batchnorms(), recal_loader,
                               max_batches=train_cfg.recalibrate_batches)
-    val_acc = evaluate(model, data.val, data_cfg.eval_batch_size, device, train_cfg.amp)
-    test_acc = evaluate(model, data.test, data_cfg.eval_batch_size, device, train_cfg.amp)
+        if info.enabled:
+            dist.average_tensors(b for bn in model.batchnorms() for b in bn.buffers())
+    val_acc = accuracy_on(data.val)
+    test_acc = accuracy_on(data.test)
     result = DomainResult(domain=data.name, val_acc=val_acc, test_acc=test_acc, best_epoch=best["epoch"],
                           steps=step, train_seconds=round(train_seconds, 3), trainable_params=model.num_trainable(),
                           history=history, skipped_batches=skipped)
-    atomic_write_bytes(out_dir / "result.json", json.dumps(result.__dict__, indent=2).encode())
+    if main:
+        atomic_write_bytes(out_dir / "result.json", json.dumps(result.__dict__, indent=2).encode())
     return result
 
 

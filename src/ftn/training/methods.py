@@ -97,6 +97,10 @@ class Method:
     def stored_parameters(self) -> int:
         raise NotImplementedError
 
+    def shared_parameters(self) -> int:
+        """Parameters stored once whatever the number of domains (the frozen backbone)."""
+        return sum(p.numel() for p in self.pretrained.parameters())
+
     def save_domain(self, name: str, folder: Path) -> Path:
         """Write the domain's own tensors (safetensors); FTN writes a full adapter file instead."""
         path = folder / f"{name}.safetensors"
@@ -158,6 +162,9 @@ class FTNMethod(Method):
     def stored_parameters(self) -> int:
         return self.model.parameter_report().total_stored
 
+    def shared_parameters(self) -> int:
+        return self.model.parameter_report().backbone
+
     def save_domain(self, name: str, folder: Path) -> Path:
         return self.model.save_task(name, folder / f"{name}.safetensors")
 
@@ -204,6 +211,9 @@ class FullFineTuneMethod(Method):
 
     def stored_parameters(self) -> int:
         return sum(d.num_trainable() for d in self.domains.values())
+
+    def shared_parameters(self) -> int:
+        return 0  # nothing is shared: every domain stores a whole network
 
 
 def _lora_targets(module: nn.Module, prefix: str) -> list[str]:

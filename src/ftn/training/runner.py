@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 from ..adapters import atomic_write_bytes
 from ..backbones import build_backbone
 from ..errors import ConfigError
+from . import distributed
 from .config import DataConfig, ExperimentConfig, config_to_dict
 from .engine import DomainData, DomainResult, resolve_device, seed_everything, train_domain
 from .methods import FTNMethod, Method, make_method
@@ -98,10 +99,15 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, method: Method 
                    stop_after_steps: int | None = None) -> dict[str, Any]:
     """Train every configured domain in turn; write ``results.json`` and per-domain files under
     ``output_dir`` (``<domain>/log.csv``, ``<domain>/result.json``, ``adapters/<domain>.safetensors``)."""
+    info = distributed.init_distributed()
+    by_domain = info.enabled and cfg.train.distributed == "domains"
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "config.json", json.dumps(config_to_dict(cfg), indent=2).encode())
+    if info.is_main:
+        atomic_write_bytes(out / "config.json", json.dumps(config_to_dict(cfg), indent=2).encode())
     device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
     seed_everything(cfg.seed)
     method = method or build_method(cfg, device)
     loaded = []
@@ -112,15 +118,25 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, method: Method 
     results: dict[str, DomainResult] = {}
     started = time.perf_counter()
     for i, domain in enumerate(cfg.data.domains):
+        if by_domain and i % info.world_size != info.rank:
+            continue  # domain-parallel: this domain belongs to another rank
         if domain in method.domains:
             raise ConfigError(f"domain {domain!r} is already in the model (loaded from an adapter)")
         data = build_domain_data(cfg.data, domain, seed=cfg.seed)
         seed_everything(cfg.seed + i)
         domain_model = method.add_domain(domain, data.num_classes)
         results[domain] = train_domain(domain_model, data, cfg.train, cfg.data, out / domain, seed=cfg.seed + i,
-                                       device=device, progress=progress, stop_after_steps=stop_after_steps)
-        method.save_domain(domain, out / "adapters")
+                                       device=device, progress=progress, stop_after_steps=stop_after_steps,
+                                       sync=not by_domain)
+        if info.is_main or by_domain:
+            method.save_domain(domain, out / "adapters")
         log.info("%s/%s: test top-1 %.2f%%", method.name, domain, results[domain].test_acc or float("nan"))
+    stored = method.stored_parameters()
+    if by_domain:  # every rank trained some domains: gather them (shared backbone counted once)
+        gathered = distributed.all_gather_object((results, stored - method.shared_parameters()))
+        results = {d: r for part, _ in gathered for d, r in part.items()}
+        results = {d: results[d] for d in cfg.data.domains if d in results}
+        stored = method.shared_parameters() + sum(extra for _, extra in gathered)
     tests = [r.test_acc for r in results.values() if r.test_acc is not None]
     summary = {
         "method": method.name,
@@ -129,9 +145,13 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, method: Method 
         "loaded_domains": loaded,
         "mean_test_acc": sum(tests) / len(tests) if tests else None,
         "trainable_per_domain": {d: r.trainable_params for d, r in results.items()},
-        "stored_parameters": method.stored_parameters(),
+        "stored_parameters": stored,
+        "world_size": info.world_size,
         "train_seconds": round(sum(r.train_seconds for r in results.values()), 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
-    atomic_write_bytes(out / "results.json", json.dumps(summary, indent=2).encode())
+    if info.is_main:
+        atomic_write_bytes(out / "results.json", json.dumps(summary, indent=2).encode())
+    distributed.barrier()
     return summary
+

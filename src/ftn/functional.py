@@ -1,0 +1,209 @@
+"""Fast training step for FTN layers: materialized forward, thin-contraction backward.
+
+With autograd, ``conv(x, W + ΔW)`` back-propagates into the dense weight gradient dW̃ (as large
+as a full fine-tuning step's weight gradient: one more pass the size of the forward) and only
+then contracts it onto the factors. The functions here compute the same factor gradients without
+ever forming dW̃. For a conv with ΔW[o, i, s] = Σ_r A[o, r]·B[i, r]·C[s, r] (s: flattened kernel
+position) and output gradient dY:
+
+* ``dX = conv_transpose(dY, W + ΔW)``       (exactly what any frozen-backbone method needs)
+* ``Z  = conv(X, K)``,  K[r, i, s] = B[i, r]·C[s, r]       (a conv with only R output channels)
+  ``dA[o, r] = Σ_{n,p} dY[n, o, p]·Z[n, r, p]``                (a matmul over batch × positions)
+* ``G  = Aᵀ·dY``  (the output gradient projected onto R channels)
+  ``H  = conv_weight_grad(X, G)``  (R × C_in × S: the weight gradient of an R-channel conv)
+  ``dB[i, r] = Σ_s H[r, i, s]·C[s, r]``,   ``dC[s, r] = Σ_i H[r, i, s]·B[i, r]``
+
+The two thin convs cost about R/C_out of the dense weight gradient each. For a grouped conv
+(groups g) B spans C_in/g and the same K is applied to every group, so the thin convs get g·R
+output channels: cost ≈ g·R/C_out each. That is a loss for depthwise convs (g = C_out), so
+:func:`fast_backward_pays_off` keeps plain autograd there (they are cheap anyway).
+
+Linear layers (ΔW = A·Bᵀ) are the 2-way case: ``dA = dYᵀ·(X·B)``, ``dB = Xᵀ·(dY·A)``.
+
+Autocast: the functions do their own casting (the conv runs in the autocast dtype, ΔW is built
+in the factors' dtype first so the sum W + ΔW loses nothing more than the cast), and return
+factor gradients in the factors' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cp import cp_to_tensor
+
+__all__ = [
+    "cp_conv",
+    "cp_linear",
+    "fast_backward_cost_ratio",
+    "fast_backward_pays_off",
+    "AUTO_MAX_COST_RATIO",
+]
+
+# Per-layer automatic choice: use the custom backward when its estimated cost is at most this
+# fraction of the dense weight gradient it replaces. Below 1 because the thin ops are
+# memory-bound (they re-read X and dY) while the dense weight gradient is a compute-bound GEMM.
+AUTO_MAX_COST_RATIO = 0.5
+
+_aten = torch.ops.aten
+
+
+def fast_backward_cost_ratio(weight_shape: Sequence[int], rank: int, groups: int = 1) -> float:
+    """FLOPs of the custom factor gradients / FLOPs of the dense weight gradient, per position.
+
+    Dense: C_out·(C_in/g)·S.  Custom: Z conv and H weight-grad (g·R·(C_in/g)·S each) plus the
+    dA matmul and the projection Aᵀ·dY (C_out·R each): 2·R·(C_in·S + C_out).
+    For a Linear layer pass its (out, in) shape (S = 1, g = 1).
+    """
+    c_out, c_in_g, *kernel = weight_shape
+    s = math.prod(kernel) if kernel else 1
+    c_in = c_in_g * groups
+    dense = c_out * c_in_g * s
+    custom = 2 * rank * (c_in * s + c_out)
+    return custom / dense
+
+
+def fast_backward_pays_off(weight_shape: Sequence[int], rank: int, groups: int = 1) -> bool:
+    return fast_backward_cost_ratio(weight_shape, rank, groups) <= AUTO_MAX_COST_RATIO
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a conv/matmul in here, or None when autocast is off."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+class _CPConv(torch.autograd.Function):
+    """y = conv(x, W + A∘B∘C, bias); see the module docstring for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, c, stride, padding, dilation, groups, dtype):
+        merged = weight + cp_to_tensor([a, b, c], weight.shape)
+        # Cast explicitly and run with autocast off, so forward and backward agree on dtypes.
+        x_c, w_c, b_c = _cast(x, dtype), _cast(merged, dtype), _cast(bias, dtype)
+        nd = weight.dim() - 2
+        with torch.autocast(x.device.type, enabled=False):
+            y = _aten.convolution(x_c, w_c, b_c, stride, padding, dilation, False, [0] * nd, groups)
+        ctx.save_for_backward(x_c, w_c, a, b, c)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.bias_shape = None if bias is None else list(bias.shape)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w, a, b, c = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        need_x, _, need_bias, need_a, need_b, need_c = ctx.needs_input_grad[:6]
+        nd = w.dim() - 2
+        out_pad = [0] * nd
+        gy = gy.to(x.dtype) if gy.dtype != x.dtype else gy
+        gx = gbias = ga = gb = gc = None
+        with torch.autocast(x.device.type, enabled=False):
+            if need_x or need_bias:
+                gx, _, gbias = _aten.convolution_backward(
+                    gy, x, w, ctx.bias_shape, stride, padding, dilation, False, out_pad, groups,
+                    [need_x, False, need_bias])
+                gx = gx.to(ctx.x_dtype) if gx is not None else None
+                gbias = gbias.to(ctx.bias_dtype) if gbias is not None else None
+            if need_a or need_b or need_c:
+                ga, gb, gc = _factor_grads(gy, x, a, b, c, w.shape, stride, padding, dilation, groups)
+        return gx, None, gbias, ga, gb, gc, None, None, None, None, None
+
+
+def _factor_grads(gy, x, a, b, c, w_shape, stride, padding, dilation, groups):
+    c_out, c_in_g, *kernel = w_shape
+    nd = len(kernel)
+    rank = a.shape[1]
+    g = groups
+    n = gy.shape[0]
+    a_c, b_c, c_c = (f.to(x.dtype) for f in (a, b, c))
+    # K[r, i, s] = B[i, r]·C[s, r], the same for every group: g·R output channels in all.
+    k = (b_c[:, None, :] * c_c[None, :, :]).permute(2, 0, 1).reshape(rank, c_in_g, *kernel)
+    k_rep = k.repeat(g, *([1] * (nd + 1))) if g > 1 else k
+    out_pad = [0] * nd
+
+    z = _aten.convolution(x, k_rep, None, stride, padding, dilation, False, out_pad, g)
+    gy4 = gy.reshape(n, g, c_out // g, -1)  # (N, g, C_out/g, P)
+    z4 = z.reshape(n, g, rank, -1)  # (N, g, R, P)
+    # dA: batched over N (no copy of dY into a (C_out, N·P) layout), then summed over N.
+    ga = torch.matmul(gy4, z4.transpose(-1, -2)).sum(0).reshape(c_out, rank)
+
+    # Output gradient projected onto R channels per group: G[n, g, r, p] = Σ_o A[o, r]·dY[n, o, p].
+    proj = torch.matmul(a_c.reshape(g, c_out // g, rank).transpose(-1, -2), gy4)
+    proj = proj.reshape(n, g * rank, *gy.shape[2:])
+    _, h, _ = _aten.convolution_backward(proj, x, k_rep, None, stride, padding, dilation, False,
+                                         out_pad, g, [False, True, False])
+    h = h.reshape(g, rank, c_in_g, -1).sum(0)  # (R, C_in/g, S)
+    gb = torch.einsum("ris,sr->ir", h, c_c)
+    gc = torch.einsum("ris,ir->sr", h, b_c)
+    return ga.to(a.dtype), gb.to(b.dtype), gc.to(c.dtype)
+
+
+class _CPLinear(torch.autograd.Function):
+    """y = x·(W + A·Bᵀ)ᵀ + bias without the dense weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, dtype):
+        merged = weight + a @ b.T
+        x_c, w_c, b_c = _cast(x, dtype), _cast(merged, dtype), _cast(bias, dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(x_c, w_c, b_c)
+        ctx.save_for_backward(x_c, w_c, a, b)
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w, a, b = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        gy = gy.to(x.dtype) if gy.dtype != x.dtype else gy
+        g2 = gy.reshape(-1, gy.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        gx = gbias = ga = gb = None
+        with torch.autocast(x.device.type, enabled=False):
+            if need_x:
+                gx = (gy @ w).to(ctx.x_dtype)
+            if need_bias:
+                gbias = g2.sum(0).to(ctx.bias_dtype)
+            if need_a:
+                ga = (g2.T @ (x2 @ b.to(x.dtype))).to(a.dtype)
+            if need_b:
+                gb = (x2.T @ (g2 @ a.to(x.dtype))).to(b.dtype)
+        return gx, None, gbias, ga, gb, None
+
+
+def cp_conv(x: Tensor, weight: Tensor, bias: Tensor | None, factors: Sequence[Tensor],
+            stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+            groups: int = 1) -> Tensor:
+    """``conv(x, weight + cp_to_tensor(factors), bias)`` with the fast backward.
+
+    ``padding`` must be numeric (pad explicitly first for "same" or non-zero padding modes).
+    ``weight`` gets no gradient (it is the frozen base); pass a weight that requires grad and
+    this raises, since the dense weight gradient is exactly what it avoids.
+    """
+    if weight.requires_grad:
+        raise ValueError("cp_conv treats the base weight as frozen; it must not require grad")
+    a, b, c = factors
+    return _CPConv.apply(x, weight, bias, a, b, c, list(stride), list(padding), list(dilation),
+                         int(groups), _compute_dtype(x))
+
+
+def cp_linear(x: Tensor, weight: Tensor, bias: Tensor | None, factors: Sequence[Tensor]) -> Tensor:
+    """``F.linear(x, weight + A·Bᵀ, bias)`` with the fast backward (frozen ``weight``)."""
+    if weight.requires_grad:
+        raise ValueError("cp_linear treats the base weight as frozen; it must not require grad")
+    a, b = factors
+    return _CPLinear.apply(x, weight, bias, a, b, _compute_dtype(x))

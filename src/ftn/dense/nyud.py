@@ -105,6 +105,8 @@ class NYUDMultiTask(Dataset[Sample]):
                 meta = json.loads(meta_file.read_text())
             except (OSError, ValueError) as e:
                 raise DataError(f"{meta_file}: unreadable class list ({e})") from e
+            if not isinstance(meta, dict):
+                raise DataError(f"{meta_file}: expected a JSON object with a 'classes' list")
             self.class_names = list(meta.get("classes", [])) or None
         self.zero_is_void = bool(meta.get("zero_is_void", True)) if zero_is_void is None else zero_is_void
 

@@ -157,8 +157,9 @@ class SceneSample:
 # Scene sampling
 
 
-def _random_color(rng: np.random.Generator, lo: float = 0.15, hi: float = 0.95) -> tuple[float, ...]:
-    return tuple(float(c) for c in rng.uniform(lo, hi, size=3))
+def _random_color(rng: np.random.Generator, lo: float = 0.15, hi: float = 0.95) -> tuple[float, float, float]:
+    r, g, b = (float(c) for c in rng.uniform(lo, hi, size=3))
+    return r, g, b
 
 
 def _random_material(rng: np.random.Generator, scale_range: tuple[float, float]) -> Material:
@@ -166,7 +167,8 @@ def _random_material(rng: np.random.Generator, scale_range: tuple[float, float])
     a = _random_color(rng)
     # The second colour is a shifted version of the first so that patterns stay readable but do
     # not dominate object boundaries.
-    b = tuple(float(np.clip(c + rng.uniform(-0.35, 0.35), 0.05, 1.0)) for c in a)
+    r, g, bl = (float(np.clip(c + rng.uniform(-0.35, 0.35), 0.05, 1.0)) for c in a)
+    b = (r, g, bl)
     noise = rng.random((_NOISE_GRID, _NOISE_GRID)) if pattern == NOISE else None
     return Material(
         pattern=pattern,
@@ -260,7 +262,7 @@ def sample_scene(rng: np.random.Generator) -> SceneSpec:
         pitch=pitch,
         fov_deg=fov,
         room=(x_min, x_max, z_max, wall_height),
-        light_dir=tuple(float(v) for v in light),
+        light_dir=(float(light[0]), float(light[1]), float(light[2])),
         ambient=float(rng.uniform(0.25, 0.45)),
         void_color=_random_color(rng, 0.05, 0.3),
         boxes=boxes,
@@ -293,10 +295,11 @@ def _hit_boxes(o: np.ndarray, d: np.ndarray, boxes: np.ndarray) -> tuple[np.ndar
     half = boxes[:, 2:5]
     o_l = np.einsum("kji,kj->ki", rot, o[None] - centre)  # R^T (o - c)
     d_l = np.matmul(d[None], rot)  # rows: (R^T d)^T = d^T R, (K, N, 3)
-    t_near = t_far = face = None
-    # One axis at a time on contiguous (K, N) arrays: reductions over a length-3 trailing axis
-    # are several times slower in numpy than these elementwise maxima.
-    for a in range(3):
+
+    def slab(a: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # Entry/exit parameters of slab ``a`` and the face entered through it. One axis at a
+        # time on contiguous (K, N) arrays: reducing a length-3 trailing axis is several times
+        # slower in numpy than these elementwise operations.
         da = d_l[..., a]
         oa, ha = o_l[:, a : a + 1], half[:, a : a + 1]
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -304,15 +307,15 @@ def _hit_boxes(o: np.ndarray, d: np.ndarray, boxes: np.ndarray) -> tuple[np.ndar
             t1 = (-ha - oa) * inv
             t2 = (ha - oa) * inv
         # fmin/fmax drop the NaN of a ray lying exactly in a slab plane (0 * inf).
-        lo, hi = np.fmin(t1, t2), np.fmax(t1, t2)
-        f = 2 * a + (da > 0)
-        if t_near is None:
-            t_near, t_far, face = lo, hi, f
-        else:
-            better = lo > t_near
-            t_near = np.where(better, lo, t_near)
-            face = np.where(better, f, face)
-            t_far = np.minimum(t_far, hi)
+        return np.fmin(t1, t2), np.fmax(t1, t2), 2 * a + (da > 0)
+
+    t_near, t_far, face = slab(0)
+    for a in (1, 2):
+        lo, hi, f = slab(a)
+        later = lo > t_near  # the ray enters this slab last: that is the face it comes through
+        t_near = np.where(later, lo, t_near)
+        face = np.where(later, f, face)
+        t_far = np.minimum(t_far, hi)
     hit = (t_near <= t_far) & (t_near > _EPS)
     return np.where(hit, t_near, np.inf), face
 

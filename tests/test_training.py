@@ -181,3 +181,19 @@ def test_incremental_domains_across_processes(tmp_path):
         with torch.no_grad():
             outputs.append(model(x, task="mnist"))
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_ftn_eval_reproduces_test_accuracy_from_adapters(tmp_path, capsys):
+    from ftn.cli import main
+
+    args = ["model.backbone=tiny_convnet", "model.pretrained=false", "data.image_size=16", "data.train_limit=32",
+            "data.val_limit=16", "data.test_limit=40", "train.max_steps=3", "data.batch_size=8",
+            "data.domains=[mnist,optdigits]", f"output_dir={tmp_path}", "train.recalibrate_bn=false"]
+    assert main(["train", "--no-progress", *args]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", *args, "--adapters", str(tmp_path / "adapters")]) == 0
+    out = capsys.readouterr().out
+    for domain in ("mnist", "optdigits"):
+        assert f"{domain:<16} test top-1 {results['domains'][domain]['test_acc']:.2f}%" in out
+    assert main(["eval", *args, "--adapters", str(tmp_path / "nothing")]) == 2

@@ -69,7 +69,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .training.config import load_config
-    from .training.engine import evaluate, resolve_device
+    from .training.engine import evaluate, resolve_device, seed_everything
     from .training.methods import FTNMethod
     from .training.runner import build_domain_data, build_method
 
@@ -79,6 +79,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         raise ConfigError("ftn eval reads FTN adapter files: use a config with method.name=ftn")
     device = resolve_device(cfg.train.device)
+    seed_everything(cfg.seed)  # as `ftn train` does, so a random-weight backbone is the same one
     method = build_method(cfg, device)
     assert isinstance(method, FTNMethod)
     paths = [Path(p) for p in args.adapters]

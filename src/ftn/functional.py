@@ -45,9 +45,11 @@ __all__ = [
 ]
 
 # Per-layer automatic choice: use the custom backward when its estimated cost is at most this
-# fraction of the dense weight gradient it replaces. Below 1 because the thin ops are
-# memory-bound (they re-read X and dY) while the dense weight gradient is a compute-bound GEMM.
-AUTO_MAX_COST_RATIO = 0.5
+# fraction of the dense weight gradient it replaces. Well below 1 because the thin ops are
+# memory-bound (they re-read X and dY, in several small batched matmuls) while the dense weight
+# gradient is one compute-bound GEMM. Set from benchmarks/bench_layers.py on a 2-core CPU:
+# custom wins clearly at estimates <= 0.15, breaks even around 0.3, loses 10-20% at 0.6-1.2.
+AUTO_MAX_COST_RATIO = 0.25
 
 _aten = torch.ops.aten
 
@@ -129,25 +131,32 @@ def _factor_grads(gy, x, a, b, c, w_shape, stride, padding, dilation, groups):
     g = groups
     n = gy.shape[0]
     a_c, b_c, c_c = (f.to(x.dtype) for f in (a, b, c))
-    # K[r, i, s] = B[i, r]·C[s, r], the same for every group: g·R output channels in all.
-    k = (b_c[:, None, :] * c_c[None, :, :]).permute(2, 0, 1).reshape(rank, c_in_g, *kernel)
-    k_rep = k.repeat(g, *([1] * (nd + 1))) if g > 1 else k
-    out_pad = [0] * nd
-
-    z = _aten.convolution(x, k_rep, None, stride, padding, dilation, False, out_pad, g)
     gy4 = gy.reshape(n, g, c_out // g, -1)  # (N, g, C_out/g, P)
-    z4 = z.reshape(n, g, rank, -1)  # (N, g, R, P)
-    # dA: batched over N (no copy of dY into a (C_out, N·P) layout), then summed over N.
-    ga = torch.matmul(gy4, z4.transpose(-1, -2)).sum(0).reshape(c_out, rank)
-
     # Output gradient projected onto R channels per group: G[n, g, r, p] = Σ_o A[o, r]·dY[n, o, p].
     proj = torch.matmul(a_c.reshape(g, c_out // g, rank).transpose(-1, -2), gy4)
-    proj = proj.reshape(n, g * rank, *gy.shape[2:])
-    _, h, _ = _aten.convolution_backward(proj, x, k_rep, None, stride, padding, dilation, False,
-                                         out_pad, g, [False, True, False])
-    h = h.reshape(g, rank, c_in_g, -1).sum(0)  # (R, C_in/g, S)
-    gb = torch.einsum("ris,sr->ir", h, c_c)
-    gc = torch.einsum("ris,ir->sr", h, b_c)
+    pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding)
+    if pointwise:
+        # A 1×1 conv is a matmul over channels: skip the conv machinery (and its weight
+        # reorders), which dominates for thin R-channel convs on small maps.
+        x4 = x.reshape(n, g, c_in_g, -1)  # (N, g, C_in/g, P)
+        k2 = (b_c * c_c).T  # (R, C_in/g), S = 1
+        z4 = torch.matmul(k2, x4)  # (N, g, R, P)
+        h = torch.matmul(proj, x4.transpose(-1, -2)).sum((0, 1))[:, :, None]  # (R, C_in/g, 1)
+    else:
+        # K[r, i, s] = B[i, r]·C[s, r], the same for every group: g·R output channels in all.
+        k = (b_c[:, None, :] * c_c[None, :, :]).permute(2, 0, 1).reshape(rank, c_in_g, *kernel)
+        k_rep = k.repeat(g, *([1] * (nd + 1))) if g > 1 else k
+        out_pad = [0] * nd
+        z = _aten.convolution(x, k_rep, None, stride, padding, dilation, False, out_pad, g)
+        z4 = z.reshape(n, g, rank, -1)  # (N, g, R, P)
+        _, h, _ = _aten.convolution_backward(proj.reshape(n, g * rank, *gy.shape[2:]), x, k_rep, None,
+                                             stride, padding, dilation, False, out_pad, g,
+                                             [False, True, False])
+        h = h.reshape(g, rank, c_in_g, -1).sum(0)  # (R, C_in/g, S)
+    # dA: batched over N (no copy of dY into a (C_out, N·P) layout), then summed over N.
+    ga = torch.matmul(gy4, z4.transpose(-1, -2)).sum(0).reshape(c_out, rank)
+    gb = (h * c_c.T[:, None, :]).sum(-1).T  # Σ_s H[r, i, s]·C[s, r]
+    gc = (h * b_c.T[:, :, None]).sum(1).T  # Σ_i H[r, i, s]·B[i, r]
     return ga.to(a.dtype), gb.to(b.dtype), gc.to(c.dtype)
 
 

@@ -1,0 +1,86 @@
+"""All tasks in one pass vs the per-task loop: eval latency for T = 2, 4, 8 tasks.
+
+For each model, T tasks (ΔW and norms perturbed so they differ) run on the same batch, either
+as ``{t: model(x, task=t) for t in tasks}`` or as ``ftn.multitask.forward_all_tasks(model, x)``.
+The two are interleaved and the median of each is reported with the speed-up (loop / one pass);
+outputs are checked to agree first. Random weights (speed does not depend on the values).
+
+    python benchmarks/bench_multitask.py [--threads 1] [--rounds 10] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+
+import torch
+import torchvision
+from torch import nn
+
+from ftn import FTNModel
+from ftn.backbones import strip_classifier
+from ftn.multitask import forward_all_tasks
+
+CONFIGS = {  # name: (arch, image size, batch)
+    "mobilenet_v2@224 b1": ("mobilenet_v2", 224, 1),
+    "mobilenet_v2@64 b16": ("mobilenet_v2", 64, 16),
+    "resnet18@224 b1": ("resnet18", 224, 1),
+    "resnet18@224 b8": ("resnet18", 224, 8),
+}
+
+
+def make_model(arch: str, num_tasks: int) -> FTNModel:
+    torch.manual_seed(0)
+    backbone, dim = strip_classifier(getattr(torchvision.models, arch)(weights=None))
+    model = FTNModel(backbone, rank=8)
+    for i in range(num_tasks):
+        model.add_task(f"t{i}", head=nn.Linear(dim, 10))
+        with torch.no_grad():
+            for p in model.task_parameters(f"t{i}"):
+                p.add_(torch.randn_like(p) * 1e-2)
+    return model.eval()
+
+
+@torch.no_grad()
+def measure(model: FTNModel, x: torch.Tensor, rounds: int) -> tuple[float, float]:
+    forward_all_tasks(model, x, check=True, fallback=False)  # warm-up + correctness
+    loop_t, one_t = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for name in model.tasks:
+            model(x, task=name)
+        t1 = time.perf_counter()
+        forward_all_tasks(model, x, fallback=False)
+        t2 = time.perf_counter()
+        loop_t.append(t1 - t0)
+        one_t.append(t2 - t1)
+    return statistics.median(loop_t), statistics.median(one_t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--tasks", nargs="+", type=int, default=[2, 4, 8])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="mobilenet_v2@64 b16, T=2,4, 3 rounds")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.configs, args.tasks, args.rounds = ["mobilenet_v2@64 b16"], [2, 4], 3
+    print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s)")
+    print(f"{'config':22s} {'T':>2s} {'loop ms':>9s} {'one pass ms':>11s} {'speed-up':>8s}")
+    for config in args.configs:
+        arch, size, batch = CONFIGS[config]
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        for t in args.tasks:
+            loop, one = measure(make_model(arch, t), x, args.rounds)
+            print(f"{config:22s} {t:2d} {loop * 1e3:9.1f} {one * 1e3:11.1f} {loop / one:8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

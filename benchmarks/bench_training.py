@@ -1,0 +1,339 @@
+"""Training-step time, parameters, eval latency (and optionally peak memory) of FTN against full
+fine-tuning, linear probe, BN + head and PEFT LoRA / LoHa / LoKr, on the same backbone and data.
+
+Every method runs interleaved in one process (one step of each method per round, so a slow
+spell on a shared machine hits all of them), and medians over rounds are reported with their
+ratio to full fine-tuning. Backbones use random weights (speed does not depend on the values).
+
+    python benchmarks/bench_training.py                 # all models, ~10 min on 2 cores
+    python benchmarks/bench_training.py --quick         # one small config, ~1 min
+    python benchmarks/bench_training.py --memory        # + peak RSS per method, one fresh process each
+
+Methods: ``full`` (all weights), ``linear`` (head only), ``bn_head`` (BatchNorm affine + head),
+``ftn_autograd`` (FTN, W + ΔW built per step, autograd backward), ``ftn`` (FTN, default
+per-layer choice of the custom thin-contraction backward), ``ftn_custom`` (opt-in: custom
+backward forced on every plain layer, depthwise included), and PEFT ``lora`` / ``loha`` / ``lokr`` with
+their rank chosen so that their adapter parameters are closest to FTN's ΔW parameters. PEFT
+requires the rank to be divisible by the groups of a conv, so grouped / depthwise convs are
+left out of its targets (FTN adapts them). All methods use AdamW and cross-entropy on random
+labels; BatchNorm layers are in train mode (PEFT methods: frozen affine, moving statistics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torchvision
+from torch import nn
+
+from ftn import FTNModel
+from ftn.backbones import strip_classifier
+
+METHODS = ["full", "linear", "bn_head", "ftn_autograd", "ftn", "lora", "loha", "lokr"]
+ALL_METHODS = [*METHODS, "ftn_custom"]  # ftn_custom (depthwise included) is slow: opt-in
+CONFIGS = {  # name: (torchvision model, image size, batch)
+    "mobilenet_v2@64": ("mobilenet_v2", 64, 64),
+    "mobilenet_v2@224": ("mobilenet_v2", 224, 16),
+    "resnet18@224": ("resnet18", 224, 8),
+}
+NUM_CLASSES = 10
+FTN_RANK = 8
+
+
+class Net(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+@dataclass
+class Method:
+    name: str
+    train_model: nn.Module  # called as train_model(x)
+    params: list
+    stored: int  # numbers kept per task (trainable + per-task buffers)
+    eval_unmerged: nn.Module | None = None
+    eval_merged: nn.Module | None = None
+    info: dict = field(default_factory=dict)
+
+
+def make_backbone(arch: str) -> tuple[nn.Module, int]:
+    torch.manual_seed(0)
+    return strip_classifier(getattr(torchvision.models, arch)(weights=None))
+
+
+def peft_targets(backbone: nn.Module) -> list[str]:
+    # PEFT needs rank % groups == 0 for convs: leave grouped / depthwise convs out.
+    return [n for n, m in backbone.named_modules()
+            if (isinstance(m, nn.Conv2d) and m.groups == 1) or isinstance(m, nn.Linear)]
+
+
+def peft_model(kind: str, backbone: nn.Module, dim: int, rank: int):
+    import peft
+
+    targets = [f"backbone.{n}" for n in peft_targets(backbone)]
+    cfg = {"lora": lambda: peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets,
+                                           modules_to_save=["head"]),
+           "loha": lambda: peft.LoHaConfig(r=rank, alpha=rank, target_modules=targets, modules_to_save=["head"]),
+           "lokr": lambda: peft.LoKrConfig(r=rank, alpha=rank, target_modules=targets, modules_to_save=["head"])}[kind]()
+    net = Net(copy.deepcopy(backbone), nn.Linear(dim, NUM_CLASSES))
+    return peft.get_peft_model(net, cfg)
+
+
+def adapter_params(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters()
+               if p.requires_grad and "modules_to_save" not in n)
+
+
+def matched_rank(kind: str, backbone: nn.Module, dim: int, budget: int) -> tuple[int, int]:
+    """PEFT rank whose adapter parameter count is closest to ``budget``."""
+    best = None
+    for rank in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64):
+        n = adapter_params(peft_model(kind, backbone, dim, rank))
+        if best is None or abs(n - budget) < abs(best[1] - budget):
+            best = (rank, n)
+        if n > budget:
+            break
+    return best
+
+
+def build(method: str, backbone: nn.Module, dim: int, ftn_budget: int | None = None) -> Method:
+    if method in ("full", "linear", "bn_head"):
+        net = Net(copy.deepcopy(backbone), nn.Linear(dim, NUM_CLASSES))
+        if method == "full":
+            params = list(net.parameters())
+            stored = params_count(net) + sum(b.numel() for b in net.buffers())
+        else:
+            net.backbone.requires_grad_(False)
+            params = list(net.head.parameters())
+            if method == "bn_head":
+                for m in net.backbone.modules():
+                    if isinstance(m, nn.BatchNorm2d):
+                        m.requires_grad_(True)
+                        params += list(m.parameters())
+            stored = sum(p.numel() for p in params)
+            if method == "bn_head":
+                stored += sum(b.numel() for m in net.backbone.modules() if isinstance(m, nn.BatchNorm2d)
+                              for b in m.buffers())
+        return Method(method, net, params, stored, eval_unmerged=net, eval_merged=net)
+    if method.startswith("ftn"):
+        model = FTNModel(copy.deepcopy(backbone), rank=FTN_RANK)
+        model.add_task("t", head=nn.Linear(dim, NUM_CLASSES))
+        with torch.no_grad():  # a trained-looking ΔW (A = 0 at init would make merge trivial)
+            for layer in model.adapted_layers().values():
+                if "t" in layer.tasks:
+                    layer.tasks["t"].factors[0].normal_(0, 1e-3)
+        mode = {"ftn_autograd": False, "ftn": None, "ftn_custom": True}[method]
+        for layer in model.adapted_layers().values():
+            layer.fast_backward = mode
+        model.set_task("t")
+        report = model.parameter_report().tasks["t"]
+        custom = sum(1 for layer in model.adapted_layers().values()
+                     if "t" in layer.tasks and layer._use_fast_backward(layer.tasks["t"]))
+        return Method(method, model, model.task_parameters("t"),
+                      report.delta + report.norms + report.norm_buffers + report.head,
+                      eval_unmerged=model, eval_merged=None,
+                      info={"delta_params": report.delta, "custom_backward_layers": custom,
+                            "adapted_layers": len(model.adapted_layers())})
+    kind = method
+    rank, n = matched_rank(kind, backbone, dim, ftn_budget)
+    model = peft_model(kind, backbone, dim, rank)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Method(method, model, params, sum(p.numel() for p in params), eval_unmerged=model,
+                  info={"rank": rank, "adapter_params": n})
+
+
+def params_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def train_step(m: Method, opt, x, y, loss_fn) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss_fn(m.train_model(x), y).backward()
+    opt.step()
+
+
+def merged_eval_model(m: Method) -> nn.Module | None:
+    if m.name.startswith("ftn"):
+        return m.train_model.merge("t").eval()
+    if m.name in ("lora", "loha", "lokr"):
+        return copy.deepcopy(m.train_model).merge_and_unload().eval()
+    return m.eval_merged
+
+
+@torch.no_grad()
+def eval_latency(models: dict[str, nn.Module], x, rounds: int) -> dict[str, float]:
+    for model in models.values():
+        model.eval()
+        model(x)  # warm-up; builds the FTN eval cache
+    times = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, model in models.items():
+            t0 = time.perf_counter()
+            model(x)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run_config(name: str, methods: list[str], rounds: int, warmup: int, eval_rounds: int) -> dict:
+    arch, size, batch = CONFIGS[name]
+    backbone, dim = make_backbone(arch)
+    ftn_probe = FTNModel(copy.deepcopy(backbone), rank=FTN_RANK)
+    ftn_probe.add_task("t")
+    budget = ftn_probe.parameter_report().tasks["t"].delta
+    del ftn_probe
+    built = {m: build(m, backbone, dim, budget) for m in methods}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    opts = {k: torch.optim.AdamW(m.params, lr=1e-3) for k, m in built.items()}
+    for m in built.values():
+        m.train_model.train()
+    for _ in range(warmup):
+        for k, m in built.items():
+            train_step(m, opts[k], x, y, loss_fn)
+    times = {k: [] for k in built}
+    for _ in range(rounds):
+        for k, m in built.items():
+            t0 = time.perf_counter()
+            train_step(m, opts[k], x, y, loss_fn)
+            times[k].append(time.perf_counter() - t0)
+    step = {k: statistics.median(v) for k, v in times.items()}
+    step_min = {k: min(v) for k, v in times.items()}
+
+    # Eval latency: the plain backbone (+ head) is the reference every method is compared with.
+    eval_models = {"backbone": Net(copy.deepcopy(backbone), nn.Linear(dim, NUM_CLASSES))}
+    for k, m in built.items():
+        if k in ("ftn", "lora", "loha", "lokr"):
+            eval_models[f"{k}:unmerged"] = m.eval_unmerged
+            eval_models[f"{k}:merged"] = merged_eval_model(m)
+    latency = eval_latency(eval_models, x, eval_rounds)
+
+    full = step.get("full")
+    rows = {}
+    for k, m in built.items():
+        rows[k] = {"step_ms": step[k] * 1e3, "step_min_ms": step_min[k] * 1e3,
+                   "ratio_vs_full": step[k] / full if full else None,
+                   "ratio_min_vs_full": step_min[k] / step_min["full"] if full else None,
+                   "trainable": sum(p.numel() for p in m.params), "stored": m.stored, **m.info}
+    return {"config": name, "arch": arch, "size": size, "batch": batch, "rounds": rounds,
+            "methods": rows, "eval_ms": {k: v * 1e3 for k, v in latency.items()},
+            "eval_ratio_vs_backbone": {k: v / latency["backbone"] for k, v in latency.items()}}
+
+
+def child_memory(config: str, method: str, steps: int) -> dict:
+    """Runs in a fresh process: peak RSS of building + ``steps`` training steps of one method."""
+    arch, size, batch = CONFIGS[config]
+    backbone, dim = make_backbone(arch)
+    budget = None
+    if method in ("lora", "loha", "lokr"):
+        probe = FTNModel(copy.deepcopy(backbone), rank=FTN_RANK)
+        probe.add_task("t")
+        budget = probe.parameter_report().tasks["t"].delta
+        del probe
+    m = build(method, backbone, dim, budget)
+    del backbone
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, NUM_CLASSES, (batch,))
+    opt = torch.optim.AdamW(m.params, lr=1e-3)
+    m.train_model.train()
+    before = rss_mb()
+    for _ in range(steps):
+        train_step(m, opt, x, y, nn.CrossEntropyLoss())
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec, so
+    # every child would report the (larger) benchmark parent's peak.
+    return {"peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": before}
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def print_config(res: dict) -> None:
+    print(f"\n## {res['config']} (batch {res['batch']}, {res['rounds']} interleaved rounds)")
+    print(f"{'method':14s} {'step ms':>9s} {'× full':>7s} {'× full(min)':>11s} {'trainable':>10s} {'stored':>10s}  info")
+    for k, r in res["methods"].items():
+        info = {i: v for i, v in r.items() if i not in ("step_ms", "step_min_ms", "ratio_vs_full",
+                                                         "ratio_min_vs_full", "trainable", "stored")}
+        print(f"{k:14s} {r['step_ms']:9.1f} {r['ratio_vs_full']:7.2f} {r['ratio_min_vs_full']:11.2f} "
+              f"{r['trainable']:10,d} {r['stored']:10,d}  {info or ''}")
+    print(f"{'eval':20s} {'ms':>8s} {'× backbone':>10s}")
+    for k, v in res["eval_ms"].items():
+        print(f"{k:20s} {v:8.2f} {res['eval_ratio_vs_backbone'][k]:10.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=ALL_METHODS)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--eval-rounds", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="mobilenet_v2@64 only, 5 rounds")
+    parser.add_argument("--memory", action="store_true", help="peak RSS per method in a fresh process")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--child", nargs=2, metavar=("CONFIG", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(child_memory(*args.child, steps=3)))
+        return
+    if args.quick:
+        args.configs, args.rounds, args.eval_rounds = ["mobilenet_v2@64"], 5, 5
+    header = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+              "cpus": os.cpu_count(), "command": " ".join(sys.argv)}
+    print(json.dumps(header))
+    results = []
+    for config in args.configs:
+        res = run_config(config, args.methods, args.rounds, args.warmup, args.eval_rounds)
+        if args.memory:
+            res["memory"] = {}
+            for method in args.methods:
+                cmd = [sys.executable, __file__, "--child", config, method]
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                res["memory"][method] = json.loads(out.strip().splitlines()[-1])
+        print_config(res)
+        if args.memory:
+            full = res["memory"].get("full", {}).get("peak_rss_mb")
+            for method, mem in res["memory"].items():
+                ratio = f"{mem['peak_rss_mb'] / full:.2f}" if full else "-"
+                print(f"memory {method:14s} peak RSS {mem['peak_rss_mb']:8.0f} MB  (× full {ratio})")
+        results.append(res)
+        sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Fast FTN training step (ftn.functional): exact gradients, layer integration, autocast, compile."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ftn import FTNModel
+from ftn.cp import cp_to_tensor
+from ftn.functional import cp_conv, cp_linear, fast_backward_cost_ratio, fast_backward_pays_off
+from ftn.layers import FTNLayer, wrap_layer
+
+from conftest import SmallCNN, randomize_norms
+
+F64 = torch.float64
+
+# (C_in, C_out, kernel, stride, padding, dilation, groups, bias, spatial dims)
+GRADCHECK_CASES = {
+    "3x3": (4, 6, 3, 1, 1, 1, 1, True, 2),
+    "stride2_nopad_nobias": (4, 6, 3, 2, 0, 1, 1, False, 2),
+    "dilation2": (4, 6, 3, 1, 2, 2, 1, True, 2),
+    "pointwise": (4, 6, 1, 1, 0, 1, 1, True, 2),
+    "pointwise_stride2": (4, 6, 1, 2, 0, 1, 1, False, 2),
+    "grouped": (4, 6, 3, 1, 1, 1, 2, True, 2),
+    "grouped_pointwise": (4, 6, 1, 1, 0, 1, 2, False, 2),
+    "depthwise": (4, 4, 3, 1, 1, 1, 4, False, 2),
+    "depthwise_multiplier_5x5": (4, 8, 5, 2, 2, 1, 4, True, 2),
+    "conv1d": (4, 6, 3, 1, 1, 1, 2, True, 1),
+    "conv3d": (2, 3, 3, 2, 1, 1, 1, True, 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRADCHECK_CASES))
+def test_cp_conv_gradcheck_float64(case):
+    c_in, c_out, k, stride, pad, dil, groups, bias, nd = GRADCHECK_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    size = 4 if nd == 3 else 6  # gradcheck is O(inputs × outputs): keep 3-D small
+    x = torch.randn(2, c_in, *([size] * nd), dtype=F64, generator=g, requires_grad=True)
+    weight = torch.randn(c_out, c_in // groups, *([k] * nd), dtype=F64, generator=g)
+    b = torch.randn(c_out, dtype=F64, generator=g, requires_grad=True) if bias else None
+    factors = [torch.randn(d, 2, dtype=F64, generator=g, requires_grad=True)
+               for d in (c_out, c_in // groups, k ** nd)]
+    args = ([nd * [stride], nd * [pad], nd * [dil], groups])
+
+    def fast(x, b, *fs):
+        return cp_conv(x, weight, b, fs, *args)
+
+    assert torch.autograd.gradcheck(fast, (x, b, *factors))
+    # And the same function as the plain formula (gradcheck alone would pass a wrong forward).
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    expected = conv(x, weight + cp_to_tensor(factors, weight.shape), b, stride, pad, dil, groups)
+    torch.testing.assert_close(fast(x, b, *factors), expected)
+
+
+def test_cp_linear_gradcheck_float64():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, dtype=F64, generator=g, requires_grad=True)  # extra leading dim
+    weight = torch.randn(6, 4, dtype=F64, generator=g)
+    b = torch.randn(6, dtype=F64, generator=g, requires_grad=True)
+    a, bb = (torch.randn(d, 2, dtype=F64, generator=g, requires_grad=True) for d in (6, 4))
+    assert torch.autograd.gradcheck(lambda x, b, a, bb: cp_linear(x, weight, b, (a, bb)), (x, b, a, bb))
+    torch.testing.assert_close(cp_linear(x, weight, b, (a, bb)), F.linear(x, weight + a @ bb.T, b))
+
+
+def test_frozen_weight_that_requires_grad_is_refused():
+    w = torch.randn(3, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="frozen"):
+        cp_linear(torch.randn(1, 2), w, None, (torch.randn(3, 1), torch.randn(2, 1)))
+
+
+def _grads(layer, x, mode):
+    layer.fast_backward = mode
+    for p in layer.parameters():
+        p.grad = None
+    x = x.detach().requires_grad_(True)
+    y = layer(x)
+    y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+    return y.detach(), x.grad, [f.grad for f in layer.tasks["t"].factors]
+
+
+# Real layer shapes (float32): ResNet 3×3, MobileNetV2 1×1 expand/project, a depthwise conv, the
+# stem, and layers whose padding is done outside the conv ("same", reflect).
+REAL_LAYERS = {
+    "resnet_3x3_128": (nn.Conv2d(128, 128, 3, padding=1, bias=False), (2, 128, 14, 14)),
+    "resnet_down_1x1_s2": (nn.Conv2d(64, 128, 1, stride=2, bias=False), (2, 64, 14, 14)),
+    "mbv2_expand": (nn.Conv2d(96, 576, 1, bias=False), (2, 96, 8, 8)),
+    "mbv2_depthwise": (nn.Conv2d(144, 144, 3, padding=1, groups=144, bias=False), (2, 144, 8, 8)),
+    "stem_7x7": (nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), (2, 3, 32, 32)),
+    "same_even_kernel": (nn.Conv2d(16, 24, 4, padding="same"), (2, 16, 9, 9)),
+    "reflect": (nn.Conv2d(16, 24, 3, padding=1, padding_mode="reflect"), (2, 16, 9, 9)),
+    "linear": (nn.Linear(512, 256), (4, 512)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_LAYERS))
+def test_custom_backward_matches_autograd_on_real_layers_float32(name):
+    torch.manual_seed(0)
+    base, shape = REAL_LAYERS[name]
+    layer = wrap_layer(base)
+    layer.add_task("t", rank=8)
+    with torch.no_grad():  # A = 0 at init would hide errors in dB and dC
+        for f in layer.tasks["t"].factors:
+            f.normal_(0, 0.1)
+    layer.context.active = "t"
+    x = torch.randn(shape)
+    y_ref, gx_ref, gf_ref = _grads(layer, x, False)
+    y, gx, gf = _grads(layer, x, True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-4)
+    for got, ref in zip(gf, gf_ref):
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+    assert base.weight.grad is None  # the frozen base weight gets no gradient
+
+
+def test_fast_path_is_taken_only_when_a_backward_reaches_the_factors(monkeypatch):
+    calls = []
+    import ftn.layers as layers_mod
+
+    real = layers_mod.cp_conv
+    monkeypatch.setattr(layers_mod, "cp_conv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = wrap_layer(nn.Conv2d(4, 6, 3, padding=1))
+    layer.add_task("t", rank=2)
+    layer.context.active = "t"
+    layer.fast_backward = True
+    x = torch.randn(1, 4, 5, 5)
+    layer(x)
+    assert calls == [1]
+    with torch.no_grad():
+        layer(x)
+    layer.tasks["t"].requires_grad_(False)
+    layer(x)
+    assert calls == [1]
+    layer.tasks["t"].requires_grad_(True)
+    layer.fast_backward = False
+    layer(x)
+    assert calls == [1]
+
+
+def test_automatic_choice_follows_cost_estimate():
+    # Depthwise: the thin convs need g·R channels, far more than the dense gradient.
+    assert fast_backward_cost_ratio((144, 1, 3, 3), 8, groups=144) > 10
+    assert not fast_backward_pays_off((144, 1, 3, 3), 8, groups=144)
+    assert fast_backward_pays_off((512, 512, 3, 3), 8)
+    assert not fast_backward_pays_off((16, 32, 1, 1), 8)
+    assert FTNLayer.fast_backward is None  # automatic by default
+
+
+def _small_model(seed=0):
+    torch.manual_seed(seed)
+    model = FTNModel(randomize_norms(SmallCNN()), rank=3)
+    model.add_task("a", head=nn.Linear(16, 5))
+    with torch.no_grad():
+        for p in model.task_parameters("a"):
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_whole_model_training_step_same_gradients_with_and_without_custom_backward(images):
+    model = _small_model()
+    model.train()
+    grads = {}
+    for mode in (False, True):
+        for layer in model.adapted_layers().values():
+            layer.fast_backward = mode
+        model.zero_grad()
+        model(images, task="a").square().mean().backward()
+        grads[mode] = [p.grad.clone() for p in model.task_parameters("a")]
+    for got, ref in zip(grads[True], grads[False]):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_bf16_training_step_uses_custom_backward(images):
+    model = _small_model()
+    model.train()
+    for layer in model.adapted_layers().values():
+        layer.fast_backward = True
+    opt = torch.optim.SGD(model.task_parameters("a"), lr=0.1)
+    before = [p.detach().clone() for p in model.task_parameters("a")]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, task="a")
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    factor_grads = [f.grad for layer in model.adapted_layers().values() for f in layer.tasks["a"].factors]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in factor_grads)
+    assert any(g.abs().sum() > 0 for g in factor_grads)
+    # bf16 gradients roughly agree with the float32 custom backward
+    model.zero_grad()
+    model(images, task="a").square().mean().backward()
+    ref = [f.grad for layer in model.adapted_layers().values() for f in layer.tasks["a"].factors]
+    num = sum((g - r).norm() ** 2 for g, r in zip(factor_grads, ref)) ** 0.5
+    den = sum(r.norm() ** 2 for r in ref) ** 0.5
+    assert num / den < 0.1
+    opt.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.task_parameters("a")))
+
+
+def _has_compiler() -> bool:
+    return shutil.which("cc") is not None or shutil.which("gcc") is not None or shutil.which("clang") is not None
+
+
+@pytest.mark.skipif(not _has_compiler(), reason="torch.compile's CPU backend needs a C/C++ compiler")
+def test_torch_compile_matches_eager(images):
+    torch._dynamo.reset()
+    model = _small_model().eval()
+    with torch.no_grad():
+        eager = model(images, task="a")
+        compiled = torch.compile(model, backend="inductor")
+        out = compiled(images, task="a")
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_compile_training_step_with_custom_backward(images):
+    # aot_eager traces the autograd.Function forward and backward (no C compiler needed).
+    torch._dynamo.reset()
+    model = _small_model().train()
+    for layer in model.adapted_layers().values():
+        layer.fast_backward = True
+    model.zero_grad()
+    model(images, task="a").square().mean().backward()
+    ref = [p.grad.clone() for p in model.task_parameters("a")]
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(images, task="a").square().mean().backward()
+    for got, expected in zip((p.grad for p in model.task_parameters("a")), ref):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -5,7 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ftn import ConfigError, FTNModel, ShapeError, TaskError, cp_num_params
+from ftn import ConfigError, FTNLayer, FTNModel, ShapeError, TaskError, cp_num_params
 from ftn.backbones import build_backbone, strip_classifier
 from ftn.norms import TaskNorm
 
@@ -98,7 +98,7 @@ def test_merge_gives_plain_model_with_same_outputs(small_cnn, images):
     with torch.no_grad():
         torch.testing.assert_close(merged(images), model(images, task="a"), rtol=1e-4, atol=1e-5)
     # merging does not alter the multi-task model
-    assert isinstance(model.backbone.stem, nn.Module) and type(model.backbone.stem).__module__ == "ftn.layers"
+    assert isinstance(model.backbone.stem, FTNLayer)
 
 
 def test_merge_torchvision_models():
@@ -251,7 +251,7 @@ def test_shared_module_gets_one_wrapper():
     assert len(model.adapted_layers()) == 1
 
 
-def test_multihead_attention_out_proj_is_left_alone():
+def test_multihead_attention_is_adapted_through_its_own_wrapper():
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -262,7 +262,9 @@ def test_multihead_attention_out_proj_is_left_alone():
             return self.mlp(self.attn(x, x, x)[0])
 
     model = FTNModel(Block(), rank=2)
-    assert list(model.adapted_layers()) == ["mlp"]
+    # MHA reads in_proj_weight / out_proj.weight directly, so it gets a wrapper of its own
+    # (ftn.attention.FTNMultiheadAttention) that exposes both projections as adapted layers.
+    assert list(model.adapted_layers()) == ["attn.in_proj", "attn.out_proj", "mlp"]
     model.add_task("a")
     x = torch.randn(2, 5, 8)
     assert model(x, task="a").shape == (2, 5, 8)

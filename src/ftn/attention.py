@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .errors import ConfigError
-from .layers import FTNLayer, FTNLinear, TaskContext
+from .layers import FTNLayer, FTNLinear, TaskContext, wrap_layer
 from .model import FTNConfig
 from .norms import TaskNorm
 
@@ -54,33 +54,15 @@ __all__ = [
     "FTNFusedLinear",
     "FTNMultiheadAttention",
     "attention_options",
+    "wrap_module",
 ]
 
 FUSED_QKV_MODES = ("plain", "per_projection")
 DEFAULT_QKV_PATTERNS = ("*.qkv", "*.qkv_proj", "*.Wqkv")
 
 
-@dataclass
-class AttentionConfig(FTNConfig):
-    """:class:`~ftn.model.FTNConfig` plus the transformer options; pass as ``FTNModel(backbone,
-    config=AttentionConfig(rank=8, fused_qkv="per_projection", train_bias=True))``.
-
-    - ``fused_qkv``: ``"plain"`` (default) factorizes a packed q/k/v weight (a ``qkv`` Linear
-      matching ``qkv_patterns``, or the ``in_proj_weight`` of ``nn.MultiheadAttention``) as one
-      (3E × E) matrix, ΔW = A·Bᵀ; ``"per_projection"`` splits its rows into q, k and v, each with
-      its own A·Bᵀ of the task's rank.
-    - ``qkv_patterns``: globs naming the fused qkv Linear layers (only used with per_projection).
-    - ``train_bias``: each task gets its own copy of the bias of every adapted Linear layer
-      (and of ``in_proj_bias`` / ``out_proj.bias`` of ``nn.MultiheadAttention``).
-    """
-
-    fused_qkv: str = "plain"
-    qkv_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_QKV_PATTERNS))
-    train_bias: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        attention_options(self)
+# Kept as a name for the transformer options, which live in FTNConfig itself.
+AttentionConfig = FTNConfig
 
 
 @dataclass(frozen=True)
@@ -188,6 +170,10 @@ class TaskBias(TaskNorm):
 class FTNBiasLinear(FTNLinear):
     """:class:`~ftn.layers.FTNLinear` whose bias is task-specific too (``train_bias=True``)."""
 
+    @property
+    def bias(self) -> Tensor:
+        return self.task_bias.bias_for(self.context.active)
+
     def __init__(self, base: nn.Linear, context: TaskContext | None = None, name: str = "") -> None:
         super().__init__(base, context, name)
         if base.bias is None:
@@ -214,11 +200,21 @@ class FTNBiasLinear(FTNLinear):
         return merged
 
 
-def wrap_linear(module: nn.Linear, context: TaskContext, name: str, train_bias: bool) -> FTNLayer:
-    """FTNLinear, or FTNBiasLinear when per-task biases are on and the layer has a bias."""
-    if train_bias and module.bias is not None:
+def _base_attribute(module: nn.Module, name: str) -> Any:
+    """``getattr(module.base, name)`` for attributes the wrapper itself does not have."""
+    base = module.__dict__.get("_modules", {}).get("base")
+    if base is None or name.startswith("__"):
+        raise AttributeError(f"'{type(module).__name__}' object has no attribute '{name}'")
+    return getattr(base, name)
+
+
+def wrap_module(module: nn.Module, context: TaskContext, name: str, train_bias: bool = False) -> FTNLayer:
+    """The wrapper ``FTNModel`` puts around a Conv/Linear: :class:`~ftn.layers.FTNConv`,
+    :class:`~ftn.layers.FTNLinear`, or :class:`FTNBiasLinear` when per-task biases are on and
+    the Linear has a bias."""
+    if train_bias and isinstance(module, nn.Linear) and module.bias is not None:
         return FTNBiasLinear(module, context, name)
-    return FTNLinear(module, context, name)
+    return wrap_layer(module, context, name)
 
 
 # ---------------------------------------------------------------------------- composites
@@ -240,6 +236,7 @@ class _Composite(nn.Module):
         self.layer_name = name
         self._segments: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
         self._bias_paths: dict[str, str] = {}
+        self._bias_paths_inv: dict[str, str] = {}
         self._cache: dict[str, tuple[tuple, dict[str, Tensor]]] = {}
 
     def _add_segment(self, path: str, key: str, rows: tuple[int, int] | None, name: str,
@@ -253,6 +250,7 @@ class _Composite(nn.Module):
         if bias is not None:
             self.biases[key] = TaskBias(bias, self.context, name)
             self._bias_paths[key] = path
+            self._bias_paths_inv[path] = key
 
     def adapts(self, task: str | None) -> bool:
         return task is not None and (any(task in p.tasks for p in self.parts.values())
@@ -306,6 +304,21 @@ class _Composite(nn.Module):
     def train(self, mode: bool = True):
         self._cache.clear()
         return super().train(mode)
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes of ``base``; a parameter this wrapper adapts (``weight``,
+        ``in_proj_weight`` ...) is read as the active task's tensor."""
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            pass
+        task = self.__dict__.get("context").active if "context" in self.__dict__ else None
+        if name in self.__dict__.get("_segments", {}) or name in self.__dict__.get("_bias_paths_inv", {}):
+            if self.adapts(task):
+                overrides = self._overrides(task)
+                if name in overrides:
+                    return overrides[name]
+        return _base_attribute(self, name)
 
     def merged_module(self, task: str | None) -> nn.Module:
         """A plain copy of ``base`` with the task's W + ΔW (and biases) folded in."""
@@ -425,15 +438,6 @@ class FTNMultiheadAttention(_Composite):
         fused inference fast path, which reads the frozen weights directly and would bypass ΔW.
         Declining it sends the layer through this wrapper's forward (PyTorch's MHA code)."""
         return False
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("_modules", {}).get("base")
-            if base is None or name.startswith("__"):
-                raise
-            return getattr(base, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         task = self.context.active

@@ -100,6 +100,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DEMO_METHODS, format_table, run_demo
 
     _setup_logging()
+    if args.dense and args.text:
+        from .errors import ConfigError
+
+        raise ConfigError("choose one of --dense and --text")
+    if args.dense or args.text:
+        if args.dense:
+            from .dense.demo import format_dense_table as table, run_dense_demo as run
+        else:
+            from .text.demo import format_text_table as table, run_text_demo as run
+        output = args.output if args.output != "outputs/demo" else ("outputs/dense_demo" if args.dense
+                                                                    else "outputs/text_demo")
+        results = run(output, quick=args.quick, progress=not args.no_progress)
+        print("\n" + table(results))
+        print(f"\nresults in {output}")
+        return 0
     methods = tuple(args.methods) if args.methods else DEMO_METHODS
     results = run_demo(args.output, quick=args.quick, methods=methods, progress=not args.no_progress,
                        extra=args.overrides)
@@ -140,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="FTN and every baseline on the embedded benchmark")
     p.add_argument("--quick", action="store_true", help="a small slice in under 3 minutes (CI)")
+    p.add_argument("--dense", action="store_true", help="dense multi-task demo on embedded indoor scenes")
+    p.add_argument("--text", action="store_true", help="text multi-task demo with the offline MiniLM")
     p.add_argument("--output", default="outputs/demo", help="folder for results.json, table.md and the plot")
     p.add_argument("--methods", nargs="*", choices=["ftn", "full", "linear", "bn_head", "lora"])
     p.add_argument("--no-progress", action="store_true")

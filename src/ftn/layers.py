@@ -149,6 +149,31 @@ class FTNLayer(nn.Module):
         self._plain = type(base) in (*_CONV_TYPES, nn.Linear)
         self._eval_cache: dict[str, tuple[tuple, Tensor]] = {}
 
+    # ---------------------------------------------------------------- transparency
+    # Models often read a layer's attributes directly: Hugging Face ViT checks
+    # ``projection.weight.dtype``, others read ``in_features`` or ``kernel_size``. ``weight``
+    # answers with the *active task's* W + ΔW (differentiable), so code that computes with it
+    # directly stays correct; any other attribute the wrapper lacks comes from ``base``.
+    @property
+    def weight(self) -> Tensor:
+        task = self.context.active
+        if task is not None and task in self.tasks:
+            return self.task_weight(task)
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
+
     # ---------------------------------------------------------------- tasks
     def add_task(self, task: str, rank: int, init: FactorInit = FactorInit(),
                  requested_rank: int | None = None) -> None:

@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .cp import max_efficient_rank
 from .errors import ConfigError, TaskError
-from .layers import FactorInit, FTNLayer, TaskContext, is_adaptable, wrap_layer
+from .layers import FactorInit, FTNLayer, TaskContext, is_adaptable
 from .norms import TaskNorm, is_norm, recalibrate_batchnorm
 from .report import LayerCap, ParameterReport, TaskParameters
 
@@ -46,6 +46,12 @@ class FTNConfig:
     init_scale: float = 1.0
     zero_mode: int = 0  # which factor starts at zero (0 = output mode A)
     rank_cap: bool = True  # cap a layer's rank where the factors would outgrow a dense ΔW
+    # Transformers (see docs/transformers.md): how a packed q/k/v weight (a `qkv` Linear matching
+    # `qkv_patterns`, or nn.MultiheadAttention's in_proj_weight) is factorized: "plain" = one
+    # A·Bᵀ over the whole (3E × E) matrix, "per_projection" = one A·Bᵀ each for q, k and v.
+    fused_qkv: str = "plain"
+    qkv_patterns: list[str] = field(default_factory=lambda: ["*.qkv", "*.qkv_proj", "*.Wqkv"])
+    train_bias: bool = False  # each task also gets its own copy of every adapted Linear's bias
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -54,6 +60,8 @@ class FTNConfig:
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"rank_pattern[{pattern!r}] must be an integer >= 0, got {value!r}")
         self.factor_init  # validates init / zero_mode
+        if self.fused_qkv not in ("plain", "per_projection"):
+            raise ConfigError(f"fused_qkv must be 'plain' or 'per_projection', got {self.fused_qkv!r}")
 
     @property
     def factor_init(self) -> FactorInit:
@@ -114,7 +122,7 @@ class FTNModel(nn.Module):
 
     # ------------------------------------------------------------------ surgery
     def _inject(self, backbone: nn.Module) -> nn.Module:
-        from .attention import FTNFusedLinear, FTNMultiheadAttention, attention_options, wrap_linear
+        from .attention import FTNFusedLinear, FTNMultiheadAttention, attention_options, wrap_module
 
         modules = dict(backbone.named_modules(remove_duplicate=False))
         cfg = self.config
@@ -134,9 +142,7 @@ class FTNModel(nn.Module):
                 return fused if fused.parts else None
             if not chosen:
                 return None
-            if isinstance(module, nn.Linear):
-                return wrap_linear(module, self.context, layer_name, options.train_bias)
-            return wrap_layer(module, self.context, layer_name)
+            return wrap_module(module, self.context, layer_name, options.train_bias)
 
         wrappers: dict[int, nn.Module] = {}
         for name, module in modules.items():

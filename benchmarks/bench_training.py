@@ -47,7 +47,15 @@ CONFIGS = {  # name: (torchvision model, image size, batch)
     "mobilenet_v2@64": ("mobilenet_v2", 64, 64),
     "mobilenet_v2@224": ("mobilenet_v2", 224, 16),
     "resnet18@224": ("resnet18", 224, 8),
+    "resnet34@224": ("resnet34", 224, 32),  # the GPU script's configuration (benchmarks/gpu.sh)
 }
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so wall-clock timings measure it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 NUM_CLASSES = 10
 FTN_RANK = 8
 
@@ -74,7 +82,8 @@ class Method:
 
 def make_backbone(arch: str) -> tuple[nn.Module, int]:
     torch.manual_seed(0)
-    return strip_classifier(getattr(torchvision.models, arch)(weights=None))
+    backbone, dim = strip_classifier(getattr(torchvision.models, arch)(weights=None))
+    return backbone.to(DEVICE), dim
 
 
 def peft_targets(backbone: nn.Module) -> list[str]:
@@ -91,7 +100,7 @@ def peft_model(kind: str, backbone: nn.Module, dim: int, rank: int):
                                            modules_to_save=["head"]),
            "loha": lambda: peft.LoHaConfig(r=rank, alpha=rank, target_modules=targets, modules_to_save=["head"]),
            "lokr": lambda: peft.LoKrConfig(r=rank, alpha=rank, target_modules=targets, modules_to_save=["head"])}[kind]()
-    net = Net(copy.deepcopy(backbone), nn.Linear(dim, NUM_CLASSES))
+    net = Net(copy.deepcopy(backbone), nn.Linear(dim, NUM_CLASSES)).to(DEVICE)
     return peft.get_peft_model(net, cfg)
 
 
@@ -114,7 +123,7 @@ def matched_rank(kind: str, backbone: nn.Module, dim: int, budget: int) -> tuple
 
 def build(method: str, backbone: nn.Module, dim: int, ftn_budget: int | None = None) -> Method:
     if method in ("full", "linear", "bn_head"):
-        net = Net(copy.deepcopy(backbone), nn.Linear(dim, NUM_CLASSES))
+        net = Net(copy.deepcopy(backbone), nn.Linear(dim, NUM_CLASSES)).to(DEVICE)
         if method == "full":
             params = list(net.parameters())
             stored = params_count(net) + sum(b.numel() for b in net.buffers())
@@ -184,8 +193,10 @@ def eval_latency(models: dict[str, nn.Module], x, rounds: int) -> dict[str, floa
     times = {k: [] for k in models}
     for _ in range(rounds):
         for k, model in models.items():
+            sync()
             t0 = time.perf_counter()
             model(x)
+            sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -199,8 +210,8 @@ def run_config(name: str, methods: list[str], rounds: int, warmup: int, eval_rou
     del ftn_probe
     built = {m: build(m, backbone, dim, budget) for m in methods}
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=g)
-    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+    x = torch.randn(batch, 3, size, size, generator=g).to(DEVICE)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(DEVICE)
     loss_fn = nn.CrossEntropyLoss()
     opts = {k: torch.optim.AdamW(m.params, lr=1e-3) for k, m in built.items()}
     for m in built.values():
@@ -211,14 +222,25 @@ def run_config(name: str, methods: list[str], rounds: int, warmup: int, eval_rou
     times = {k: [] for k in built}
     for _ in range(rounds):
         for k, m in built.items():
+            sync()
             t0 = time.perf_counter()
             train_step(m, opts[k], x, y, loss_fn)
+            sync()
             times[k].append(time.perf_counter() - t0)
     step = {k: statistics.median(v) for k, v in times.items()}
     step_min = {k: min(v) for k, v in times.items()}
+    gpu_peak = {}
+    if DEVICE.type == "cuda":  # peak GPU memory of two training steps, method by method
+        for k, m in built.items():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(2):
+                train_step(m, opts[k], x, y, loss_fn)
+            sync()
+            gpu_peak[k] = torch.cuda.max_memory_allocated() / 2**20
 
     # Eval latency: the plain backbone (+ head) is the reference every method is compared with.
-    eval_models = {"backbone": Net(copy.deepcopy(backbone), nn.Linear(dim, NUM_CLASSES))}
+    eval_models = {"backbone": Net(copy.deepcopy(backbone), nn.Linear(dim, NUM_CLASSES)).to(DEVICE)}
     for k, m in built.items():
         if k in ("ftn", "lora", "loha", "lokr"):
             eval_models[f"{k}:unmerged"] = m.eval_unmerged
@@ -232,6 +254,9 @@ def run_config(name: str, methods: list[str], rounds: int, warmup: int, eval_rou
                    "ratio_vs_full": step[k] / full if full else None,
                    "ratio_min_vs_full": step_min[k] / step_min["full"] if full else None,
                    "trainable": sum(p.numel() for p in m.params), "stored": m.stored, **m.info}
+        if gpu_peak:
+            rows[k]["gpu_peak_mb"] = round(gpu_peak[k], 1)
+            rows[k]["gpu_peak_vs_full"] = round(gpu_peak[k] / gpu_peak["full"], 3) if "full" in gpu_peak else None
     return {"config": name, "arch": arch, "size": size, "batch": batch, "rounds": rounds,
             "methods": rows, "eval_ms": {k: v * 1e3 for k, v in latency.items()},
             "eval_ratio_vs_backbone": {k: v / latency["backbone"] for k, v in latency.items()}}
@@ -289,7 +314,9 @@ def print_config(res: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "resnet34@224"],
+                        choices=list(CONFIGS))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=ALL_METHODS)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
@@ -300,6 +327,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
@@ -308,6 +337,7 @@ def main() -> None:
     if args.quick:
         args.configs, args.rounds, args.eval_rounds = ["mobilenet_v2@64"], 5, 5
     header = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "command": " ".join(sys.argv)}
     print(json.dumps(header))

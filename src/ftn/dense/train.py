@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -50,7 +49,7 @@ from ..adapters import atomic_write_bytes
 from ..errors import ConfigError, FTNError
 from ..model import FTNModel
 from ..norms import recalibrate_batchnorm
-from ..training.config import _set, _suggest
+from ..training.config import _suggest, apply_overrides, load_config
 from ..training.engine import EpochBatchSampler, NonFiniteLossError, resolve_device, seed_everything
 from .metrics import (
     DepthMeter,
@@ -236,30 +235,12 @@ class DenseExperimentConfig:
 
 def apply_dense_overrides(cfg: DenseExperimentConfig, overrides: Iterable[str]) -> DenseExperimentConfig:
     """Apply ``section.key=value`` strings (values parsed as YAML)."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set(cfg, key.strip(), value)
-    return cfg.validate()
+    return apply_overrides(cfg, overrides)
 
 
 def load_dense_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> DenseExperimentConfig:
     """Defaults ← YAML file ← overrides; unknown keys fail with the closest valid key."""
-    cfg = DenseExperimentConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping at the top level")
-        for key, value in data.items():
-            _set(cfg, str(key), value)
-    return apply_dense_overrides(cfg, overrides)
+    return load_config(path, overrides, cls=DenseExperimentConfig)
 
 
 # ----------------------------------------------------------------------------- data

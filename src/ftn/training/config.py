@@ -206,8 +206,12 @@ def _set(obj: Any, dotted: str, value: Any, full_key: str | None = None) -> None
     setattr(obj, head, _coerce(value, hints[head], full_key))
 
 
-def apply_overrides(cfg: ExperimentConfig, overrides: typing.Iterable[str]) -> ExperimentConfig:
-    """Apply ``section.key=value`` strings (values parsed as YAML: 3, 1e-3, true, [a, b])."""
+C = typing.TypeVar("C")
+
+
+def apply_overrides(cfg: C, overrides: typing.Iterable[str]) -> C:
+    """Apply ``section.key=value`` strings (values parsed as YAML: 3, 1e-3, true, [a, b]) to any
+    config dataclass with a ``validate()`` method."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -216,8 +220,11 @@ def apply_overrides(cfg: ExperimentConfig, overrides: typing.Iterable[str]) -> E
     return cfg.validate()
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
-    cfg = ExperimentConfig()
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = (),
+                cls: typing.Callable[[], C] = ExperimentConfig) -> C:
+    """Defaults ← YAML file ← overrides, for ``cls`` (the classification experiment by default;
+    the dense trainer passes its own config class). Unknown keys fail with the closest valid key."""
+    cfg = cls()
     if path is not None:
         path = Path(path)
         if not path.is_file():

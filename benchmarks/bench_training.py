@@ -317,6 +317,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "resnet34@224"],
                         choices=list(CONFIGS))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch", type=int, help="override the configurations' batch size")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=ALL_METHODS)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
@@ -329,6 +330,9 @@ def main() -> None:
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
+    if args.batch:
+        for name, (arch, size, _) in list(CONFIGS.items()):
+            CONFIGS[name] = (arch, size, args.batch)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:

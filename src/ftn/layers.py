@@ -27,6 +27,7 @@ from .functional import cp_conv, cp_linear, fast_backward_pays_off
 
 __all__ = [
     "TaskContext",
+    "MixedTasks",
     "FactorInit",
     "CPFactors",
     "FTNLayer",
@@ -46,7 +47,28 @@ class TaskContext:
     __slots__ = ("active",)
 
     def __init__(self) -> None:
-        self.active: str | None = None
+        self.active: str | MixedTasks | None = None
+
+
+class MixedTasks:
+    """A batch whose samples belong to different tasks, set as the active "task" by
+    ``FTNModel.forward_mixed``. The batch is sorted by task once on entry, so each task's samples
+    are one contiguous slice along dim 0 (``segments``: (task, start, length)); every wrapper runs
+    each task once on its slice (a view, no copy) and concatenates. Total work equals one pass
+    over the batch, and BatchNorm in train mode sees each task's own samples."""
+
+    __slots__ = ("segments", "size")
+
+    def __init__(self, segments: list[tuple[str, int, int]]) -> None:
+        self.segments = segments
+        self.size = sum(length for _, _, length in segments)
+
+    def apply(self, x: Tensor, fn) -> Tensor:
+        """``torch.cat([fn(task, its slice of x) for each task])``."""
+        if x.shape[0] != self.size:
+            raise ShapeError(f"a mixed-task batch has {self.size} samples along dim 0, got a tensor "
+                             f"of shape {tuple(x.shape)} (layers that move the batch dim are not supported)")
+        return torch.cat([fn(task, x.narrow(0, start, length)) for task, start, length in self.segments])
 
 
 @dataclass(frozen=True)
@@ -224,7 +246,12 @@ class FTNLayer(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
-        task = self.context.active
+        active = self.context.active
+        if isinstance(active, MixedTasks):
+            return active.apply(x, self._forward_task)
+        return self._forward_task(active, x)
+
+    def _forward_task(self, task: str | None, x: Tensor) -> Tensor:
         if task is None or task not in self.tasks:
             return self.base(x)
         self._check_input(x)

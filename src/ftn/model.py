@@ -24,12 +24,15 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .cp import max_efficient_rank
-from .errors import ConfigError, TaskError
-from .layers import FactorInit, FTNLayer, TaskContext, is_adaptable
+from .errors import ConfigError, ShapeError, TaskError
+from .layers import FactorInit, FTNConv, FTNLayer, FTNLinear, MixedTasks, TaskContext, is_adaptable
 from .norms import TaskNorm, is_norm, recalibrate_batchnorm
 from .report import LayerCap, ParameterReport, TaskParameters
 
 __all__ = ["FTNConfig", "FTNModel"]
+
+# Wrappers whose forward understands a MixedTasks batch (subclasses with their own forward may not).
+_MIXED_FORWARDS = (FTNConv.forward, FTNLinear.forward, TaskNorm.forward)
 
 
 @dataclass
@@ -310,6 +313,51 @@ class FTNModel(nn.Module):
             return self.heads[name](self.backbone(*inputs, **kwargs))
         finally:
             self.context.active = previous
+
+    def forward_mixed(self, x: Tensor, tasks: Sequence[str]) -> dict[str, Any]:
+        """One pass over a batch whose samples belong to different tasks: sample i runs under
+        ``tasks[i]`` (its ΔW, norms and head). Each adapted layer runs once per task present, on
+        that task's samples only, so the work equals one pass over the batch; in train mode each
+        task's BatchNorm sees only its own samples. Returns ``{task: outputs of its samples}``,
+        in batch order within each task."""
+        if len(tasks) != x.shape[0]:
+            raise ShapeError(f"forward_mixed got {len(tasks)} task names for a batch of {x.shape[0]}")
+        for name in dict.fromkeys(tasks):
+            self._check_task(name)
+        unsupported = sorted({type(m).__name__ for m in self._unique_modules()
+                              if isinstance(m, (FTNLayer, TaskNorm)) and type(m).forward not in _MIXED_FORWARDS
+                              or type(m).__name__ in ("FTNMultiheadAttention", "FTNFusedLinear")})
+        if unsupported:
+            raise ConfigError(f"forward_mixed does not support {unsupported} layers yet; "
+                              f"run the tasks separately (forward_tasks)")
+        positions: dict[str, list[int]] = {}
+        for i, name in enumerate(tasks):
+            positions.setdefault(name, []).append(i)
+        # Sort the batch by task once, so that every layer works on contiguous slices.
+        order = torch.tensor([i for idx in positions.values() for i in idx], dtype=torch.long, device=x.device)
+        segments, start = [], 0
+        for name, idx in positions.items():
+            segments.append((name, start, len(idx)))
+            start += len(idx)
+        previous = self.context.active
+        self.context.active = MixedTasks(segments)
+        try:
+            features = self.backbone(x.index_select(0, order))
+        finally:
+            self.context.active = previous
+
+        def select(value: Any, start: int, length: int) -> Any:
+            if isinstance(value, Tensor):
+                return value.narrow(0, start, length)
+            if isinstance(value, (tuple, list)):
+                return type(value)(select(v, start, length) for v in value)
+            raise TypeError(f"forward_mixed cannot split a backbone output of type {type(value).__name__}")
+
+        outputs = {}
+        for name, start, length in segments:
+            with self.using_task(name):  # heads may hold task-specific modules of their own
+                outputs[name] = self.heads[name](select(features, start, length))
+        return outputs
 
     def forward_tasks(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """Run several tasks in one call: ``{task: x}`` → ``{task: y}``, each with its own ΔW,

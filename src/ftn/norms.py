@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import DataError, TaskError
-from .layers import TaskContext
+from .layers import MixedTasks, TaskContext
 
 __all__ = ["TaskNorm", "is_norm", "NORM_TYPES", "recalibrate_batchnorm"]
 
@@ -55,10 +55,10 @@ class TaskNorm(nn.Module):
             del self.tasks[task]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        task = self.context.active
-        if task is None or task not in self.tasks:
-            return self.base(x)
-        return self.tasks[task](x)
+        active = self.context.active
+        if isinstance(active, MixedTasks):
+            return active.apply(x, lambda task, part: self.task_module(task)(part))
+        return self.task_module(active)(x)
 
     def train(self, mode: bool = True) -> TaskNorm:
         super().train(mode)

@@ -40,6 +40,7 @@ from torch import nn
 
 from ftn import FTNModel
 from ftn.backbones import strip_classifier
+from ftn.training.methods import lora_targets
 
 METHODS = ["full", "linear", "bn_head", "ftn_autograd", "ftn", "lora", "loha", "lokr"]
 ALL_METHODS = [*METHODS, "ftn_custom"]  # ftn_custom (depthwise included) is slow: opt-in
@@ -87,9 +88,9 @@ def make_backbone(arch: str) -> tuple[nn.Module, int]:
 
 
 def peft_targets(backbone: nn.Module) -> list[str]:
-    # PEFT needs rank % groups == 0 for convs: leave grouped / depthwise convs out.
-    return [n for n, m in backbone.named_modules()
-            if (isinstance(m, nn.Conv2d) and m.groups == 1) or isinstance(m, nn.Linear)]
+    # The same targets as the training harness's LoRA baseline (grouped / depthwise convs left
+    # out: PEFT needs rank % groups == 0).
+    return lora_targets(backbone, "")
 
 
 def peft_model(kind: str, backbone: nn.Module, dim: int, rank: int):

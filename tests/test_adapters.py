@@ -31,7 +31,7 @@ def trained(images, tmp_path):
 
 def rewrite(path, mutate_meta=None, mutate_tensors=None):
     """Re-save an adapter with edited metadata/tensors (checksum kept consistent unless asked)."""
-    from ftn.adapters import _content_hash
+    from ftn.adapters import tensor_digest
 
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
@@ -39,7 +39,7 @@ def rewrite(path, mutate_meta=None, mutate_tensors=None):
     tensors, _ = read_adapter(path)
     if mutate_tensors:
         mutate_tensors(tensors)
-    meta["content_sha256"] = _content_hash(tensors)
+    meta["content_sha256"] = tensor_digest(tensors)
     if mutate_meta:
         mutate_meta(meta)
     path.write_bytes(st_save(tensors, metadata=meta))

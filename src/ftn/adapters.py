@@ -24,6 +24,7 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +71,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
-def _content_hash(tensors: dict[str, Tensor]) -> str:
+def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of ``tensors`` (in name order): the
+    checksum of an adapter file's content and the fingerprint of a frozen backbone."""
     digest = hashlib.sha256()
     for key in sorted(tensors):
         t = tensors[key]
@@ -134,7 +137,7 @@ def save_task(model: FTNModel, name: str, path: str | Path) -> Path:
         "norms": json.dumps(norms),
         "head": json.dumps(_head_spec(head)),
         "backbone_fingerprint": model.backbone_fingerprint(),
-        "content_sha256": _content_hash(tensors),
+        "content_sha256": tensor_digest(tensors),
     }
     return atomic_write_bytes(path, st_save(tensors, metadata=metadata))
 
@@ -183,7 +186,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
                 raise ValueError(f"{key} is not a mapping")
     except (KeyError, ValueError, TypeError) as exc:
         raise AdapterFileError(f"{path} has incomplete or corrupt metadata: {exc}") from None
-    if _content_hash(tensors) != meta["content_sha256"]:
+    if tensor_digest(tensors) != meta["content_sha256"]:
         raise AdapterFileError(f"{path} is corrupt: its tensors do not match the checksum stored in it")
     return tensors, meta
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -396,11 +395,9 @@ class FTNModel(nn.Module):
 
     def backbone_fingerprint(self) -> str:
         """SHA-256 over the names, shapes, dtypes and values of the frozen backbone tensors."""
-        digest = hashlib.sha256()
-        for name, t in sorted(self.frozen_tensors().items()):
-            digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
-            digest.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        from .adapters import tensor_digest
+
+        return tensor_digest(self.frozen_tensors())
 
     def parameter_report(self) -> ParameterReport:
         """Parameter accounting: shared backbone, per-task ΔW / norms / head, and the paper's total."""

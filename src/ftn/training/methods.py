@@ -31,7 +31,7 @@ from ..model import FTNModel
 from ..norms import is_norm
 from .config import MethodConfig
 
-__all__ = ["DomainModel", "Method", "make_method", "lora_delta_params", "matched_lora_rank"]
+__all__ = ["DomainModel", "Method", "make_method", "lora_targets", "lora_delta_params", "matched_lora_rank"]
 
 
 class DomainModel:
@@ -216,7 +216,7 @@ class FullFineTuneMethod(Method):
         return 0  # nothing is shared: every domain stores a whole network
 
 
-def _lora_targets(module: nn.Module, prefix: str) -> list[str]:
+def lora_targets(module: nn.Module, prefix: str) -> list[str]:
     # PEFT's conv LoRA needs the rank divisible by `groups`; grouped/depthwise convs are skipped.
     return [f"{prefix}{n}" for n, m in module.named_modules()
             if isinstance(m, (nn.Conv2d, nn.Linear)) and getattr(m, "groups", 1) == 1]
@@ -266,7 +266,7 @@ class LoRAMethod(Method):
         module.add_module("head", nn.Linear(self.feature_dim, num_classes))
         norms = [n for n, m in module.named_modules() if is_norm(m)]
         config = peft.LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha,
-                                 target_modules=_lora_targets(module.backbone, "backbone."),
+                                 target_modules=lora_targets(module.backbone, "backbone."),
                                  modules_to_save=norms + ["head"])
         model = peft.get_peft_model(module, config).to(self.device)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

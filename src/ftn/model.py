@@ -444,7 +444,9 @@ class FTNModel(nn.Module):
                           input_fn: Any = None) -> int:
         """Recompute the task's BatchNorm running statistics over ``loader`` with the current
         weights (a cumulative average, not a momentum one). Other modules stay in eval mode.
-        Returns the number of batches used."""
+        ``loader`` should give a random sample of the training data without augmentation, e.g.
+        ``ftn.training.engine.recalibration_loader``: a list grouped by class read in order gives
+        the statistics of the first classes only. Returns the number of batches used."""
         was_training = self.training
         self.eval()
         try:

@@ -50,7 +50,8 @@ from ..errors import ConfigError, FTNError
 from ..model import FTNModel
 from ..norms import recalibrate_batchnorm
 from ..training.config import _suggest, apply_overrides, load_config
-from ..training.engine import EpochBatchSampler, NonFiniteLossError, resolve_device, seed_everything
+from ..training.engine import (EpochBatchSampler, NonFiniteLossError, recalibration_loader, resolve_device,
+                               seed_everything)
 from .metrics import (
     DepthMeter,
     EdgeMeter,
@@ -405,16 +406,15 @@ def _fit(name: str, module: nn.Module, loss_fn: Callable[[dict[str, Any]], Tenso
 
 
 def _recal_loader(data: DenseData, cfg: DenseExperimentConfig) -> DataLoader:
-    return DataLoader(data.recal, batch_size=max(2, cfg.data.batch_size), shuffle=False,
-                      num_workers=cfg.data.num_workers)
+    return recalibration_loader(data.recal, max(2, cfg.data.batch_size), cfg.train.recalibrate_batches, cfg.seed,
+                                cfg.data.num_workers)
 
 
 def _recalibrate(run: Callable[[Tensor], Any], bns: list[_BatchNorm], data: DenseData, cfg: DenseExperimentConfig,
                  device: torch.device) -> int:
     if not cfg.train.recalibrate_bn or not bns:
         return 0
-    return recalibrate_batchnorm(run, bns, _recal_loader(data, cfg), cfg.train.recalibrate_batches,
-                                 input_fn=lambda b: b["image"].to(device))
+    return recalibrate_batchnorm(run, bns, _recal_loader(data, cfg), input_fn=lambda b: b["image"].to(device))
 
 
 def _head_kwargs(cfg: DenseExperimentConfig) -> dict[str, int]:
@@ -507,8 +507,7 @@ def train_ftn_task(model: FTNModel, task: str, cfg: DenseExperimentConfig, data:
     model.eval()
     if cfg.train.recalibrate_bn:
         info["recalibrated_batches"] = model.recalibrate_norms(
-            task, _recal_loader(data, cfg), max_batches=cfg.train.recalibrate_batches,
-            input_fn=lambda b: b["image"].to(device))
+            task, _recal_loader(data, cfg), input_fn=lambda b: b["image"].to(device))
     rep = model.parameter_report()
     tp = rep.tasks[task]
     info["parameters"] = {"encoder": rep.backbone, "delta": tp.delta, "norms": tp.norms, "decoder": tp.head}

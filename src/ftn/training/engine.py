@@ -37,7 +37,7 @@ from .config import DataConfig, TrainConfig
 from .methods import DomainModel
 
 __all__ = ["DomainData", "DomainResult", "train_domain", "evaluate", "resolve_device", "seed_everything",
-           "NonFiniteLossError", "EpochBatchSampler"]
+           "NonFiniteLossError", "EpochBatchSampler", "recalibration_loader"]
 
 log = logging.getLogger("ftn.train")
 
@@ -54,6 +54,9 @@ class DomainData:
     test: Dataset | None
     num_classes: int
     augment: Callable[[Tensor], Tensor] | None = None  # batch-level, uses the global torch RNG
+    # The training split under the evaluation transform (same samples as ``train``), which
+    # BatchNorm statistics are recalibrated on; None when ``train`` has no per-sample augmentation.
+    recal: Dataset | None = None
 
 
 @dataclass
@@ -164,6 +167,25 @@ def evaluate(model: DomainModel, dataset: Dataset | None, batch_size: int, devic
         counts[1] += y.numel()
     correct, total = dist.all_reduce_sum(counts.to(device)).tolist()
     return 100.0 * correct / total
+
+
+def recalibration_loader(dataset: Dataset, batch_size: int, max_batches: int | None, seed: int,
+                         num_workers: int = 0) -> DataLoader:
+    """The batches BatchNorm statistics are recalibrated on: a seeded random sample of the whole
+    split (all of it when ``max_batches`` batches cover it), in random order.
+
+    Real training lists are grouped by class (DomainNet list files, ImageFolder walks), so the
+    first ``max_batches`` batches in file order would see only the first classes, and a batch of
+    one class has the within-class variance only. Under torchrun each rank takes its share of
+    the sample (the statistics are averaged over ranks afterwards)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
+    if max_batches is not None:
+        order = order[:max_batches * batch_size]
+    info = dist.current()
+    if info.enabled:
+        order = order[info.rank::info.world_size]
+    return DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -376,10 +398,10 @@ def train_domain(model: DomainModel, data: DomainData, train_cfg: TrainConfig, d
         from ..norms import recalibrate_batchnorm
 
         model.eval()
-        recal_loader = DataLoader(data.train, batch_size=data_cfg.batch_size, shuffle=False,
-                                  num_workers=data_cfg.num_workers)
-        recalibrate_batchnorm(lambda x: model(x.to(device)), model.batchnorms(), recal_loader,
-                              max_batches=train_cfg.recalibrate_batches)
+        recal_loader = recalibration_loader(data.recal if data.recal is not None else data.train,
+                                            data_cfg.batch_size, train_cfg.recalibrate_batches, seed,
+                                            data_cfg.num_workers)
+        recalibrate_batchnorm(lambda x: model(x.to(device)), model.batchnorms(), recal_loader)
         if info.enabled:
             dist.average_tensors(b for bn in model.batchnorms() for b in bn.buffers())
     val_acc = accuracy_on(data.val)

@@ -3,6 +3,7 @@ save each domain's adapter (or state) and a results file."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -38,6 +39,16 @@ def _limit(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
     if isinstance(dataset, TensorDataset):
         return TensorDataset(*(t[index] for t in dataset.tensors))
     return Subset(dataset, index)
+
+
+def _with_transform(dataset: Dataset, transform: Any) -> Dataset:
+    """The same samples as ``dataset`` (a folder dataset, possibly inside Subsets) read with
+    ``transform`` instead of its own: the training split as evaluation sees it."""
+    if isinstance(dataset, Subset):
+        return Subset(_with_transform(dataset.dataset, transform), dataset.indices)
+    twin = copy.copy(dataset)  # shares the sample list; only the transform differs
+    twin.transform = transform  # type: ignore[attr-defined]
+    return twin
 
 
 def _image_transforms(size: int, augment: bool) -> dict[str, v2.Compose]:
@@ -86,7 +97,9 @@ def build_domain_data(cfg: DataConfig, domain: str, seed: int = 0) -> DomainData
         augment = None
     limits = {"train": cfg.train_limit, "val": cfg.val_limit, "test": cfg.test_limit}
     splits = {k: _limit(v, limits[k], seed) for k, v in splits.items()}
-    return DomainData(domain, splits["train"], splits.get("val"), splits.get("test"), num_classes, augment)
+    # BatchNorm statistics are recalibrated on the training images without augmentation.
+    recal = _with_transform(splits["train"], tf["val"]) if cfg.kind != "embedded" and cfg.augment else None
+    return DomainData(domain, splits["train"], splits.get("val"), splits.get("test"), num_classes, augment, recal)
 
 
 def build_method(cfg: ExperimentConfig, device: torch.device) -> Method:

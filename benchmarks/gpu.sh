@@ -43,10 +43,13 @@ if [ "$quick" = 1 ]; then
     multi=(--configs "mobilenet_v2@64 b16" --tasks 2 --rounds 1 --threads 1)
     mixed=(--size 32 --batch 8 --tasks 2 --rounds 1 --threads 1)
 else
-    configs="resnet34@224:32 resnet18@224:32 mobilenet_v2@224:32 mobilenet_v2@64:64"
-    train=(--rounds 30 --warmup 3 --eval-rounds 30)
-    t_train=170; t_multi=90; t_mixed=50
-    multi=(--configs "resnet18@224 b1" "resnet34@224 b1" "mobilenet_v2@224 b1" --tasks 2 4 8 --rounds 50)
+    # GPU_SH_* shrink the run when less device time is left (defaults: the full ~8-minute run).
+    configs="${GPU_SH_CONFIGS:-resnet34@224:32 resnet18@224:32 mobilenet_v2@224:32 mobilenet_v2@64:64}"
+    r="${GPU_SH_ROUNDS:-30}"
+    train=(--rounds "$r" --warmup 3 --eval-rounds "$r")
+    t_train="${GPU_SH_T_TRAIN:-170}"; t_multi="${GPU_SH_T_MULTI:-90}"; t_mixed="${GPU_SH_T_MIXED:-50}"
+    IFS=, read -r -a mconfigs <<< "${GPU_SH_MULTI_CONFIGS:-resnet18@224 b1,resnet34@224 b1,mobilenet_v2@224 b1}"
+    multi=(--configs "${mconfigs[@]}" --tasks 2 4 8 --rounds "${GPU_SH_MULTI_ROUNDS:-50}")
     mixed=(--rounds 20)
 fi
 

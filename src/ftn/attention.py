@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .cache import EvalCachedModule
 from .errors import ConfigError
 from .layers import FTNLayer, FTNLinear, TaskContext, wrap_layer
 from .model import FTNConfig
@@ -218,7 +219,7 @@ def wrap_module(module: nn.Module, context: TaskContext, name: str, train_bias: 
 
 
 # ---------------------------------------------------------------------------- composites
-class _Composite(nn.Module):
+class _Composite(EvalCachedModule):
     """A frozen module plus FTNProjection parts (and TaskBias stores) for some of its tensors.
 
     ``_segments[path]`` lists, for the parameter ``path`` of ``base``, the part keys whose
@@ -237,7 +238,6 @@ class _Composite(nn.Module):
         self._segments: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
         self._bias_paths: dict[str, str] = {}
         self._bias_paths_inv: dict[str, str] = {}
-        self._cache: dict[str, tuple[tuple, dict[str, Tensor]]] = {}
 
     def _add_segment(self, path: str, key: str, rows: tuple[int, int] | None, name: str,
                      selected: Callable[[str], bool]) -> None:
@@ -257,53 +257,29 @@ class _Composite(nn.Module):
                                      or any(task in b.tasks for b in self.biases.values()))
 
     def _overrides(self, task: str) -> dict[str, Tensor]:
-        """Parameter path → the tensor task ``task`` uses instead (only those that change)."""
-        cacheable = not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
-        if cacheable:
-            key = tuple((t._version, t.data_ptr()) for t in self._inputs(task))
-            cached = self._cache.get(task)
-            if cached is not None and cached[0] == key:
-                return cached[1]
-        out: dict[str, Tensor] = {}
-        for path, segments in self._segments.items():
-            if not any(k in self.parts and task in self.parts[k].tasks for k, _ in segments):
-                continue
-            full = self.base.get_parameter(path)
-            pieces = []
-            for k, rows in segments:
-                part = self.parts[k] if k in self.parts else None
-                if part is not None and task in part.tasks:
-                    pieces.append(part.task_weight(task))
-                else:
-                    pieces.append(full if rows is None else full[rows[0]:rows[1]])
-            out[path] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
-        for k, store in self.biases.items():
-            if task in store.tasks:
-                out[self._bias_paths[k]] = store.bias_for(task)
-        if cacheable:
-            self._cache[task] = (key, out)
-        return out
+        """Parameter path → the tensor task ``task`` uses instead (only those that change).
 
-    def _inputs(self, task: str) -> list[Tensor]:
-        tensors = list(self.base.parameters())
-        for part in self.parts.values():
-            if task in part.tasks:
-                tensors += list(part.tasks[task].factors)
-        for store in self.biases.values():
-            if task in store.tasks:
-                tensors += list(store.tasks[task].parameters())
-        return tensors
+        Cached in eval without autograd. Each part's W + ΔW comes from that part's own cache,
+        which checks the factors' values, so here the parts, the frozen weights whose rows fill
+        the gaps and the bias tensors (put in the dict as they are, read live) are checked by
+        identity and version."""
+        parts = {k: p.task_weight(task) for k, p in self.parts.items() if task in p.tasks}
+        biases = {k: store.bias_for(task) for k, store in self.biases.items() if task in store.tasks}
+        paths = [path for path, segments in self._segments.items() if any(k in parts for k, _ in segments)]
+        frozen = [self.base.get_parameter(path) for path in paths]
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
+        def build() -> dict[str, Tensor]:
+            out: dict[str, Tensor] = {}
+            for path, full in zip(paths, frozen):
+                pieces = [parts[k] if k in parts else full if rows is None else full[rows[0]:rows[1]]
+                          for k, rows in self._segments[path]]
+                out[path] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+            for k, bias in biases.items():
+                out[self._bias_paths[k]] = bias
+            return out
 
-    def _apply(self, fn, recurse=True):
-        self._cache.clear()
-        return super()._apply(fn, recurse)
-
-    def train(self, mode: bool = True):
-        self._cache.clear()
-        return super().train(mode)
+        return self._eval_cache.get(task, build, tracked=[*parts.values(), *frozen, *biases.values()],
+                                    training=self.training, group=self.context.checks)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes of ``base``; a parameter this wrapper adapts (``weight``,
@@ -345,12 +321,6 @@ class _Composite(nn.Module):
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return new
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state["_cache"] = {}
-        return state
 
 
 def _has_parameter(module: nn.Module, path: str) -> bool:

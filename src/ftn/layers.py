@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .cache import CheckGroup, EvalCachedModule
 from .cp import cp_num_params, cp_to_tensor, weight_modes
 from .errors import ShapeError, TaskError
 from .functional import cp_conv, cp_linear, fast_backward_pays_off
@@ -42,12 +43,14 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 class TaskContext:
     """Which task is active. One instance is shared by every wrapper of a model, so switching
-    task is a single assignment rather than a walk over all layers."""
+    task is a single assignment rather than a walk over all layers. ``checks`` groups the
+    model's eval caches (:func:`ftn.cache.eval_pass`)."""
 
-    __slots__ = ("active",)
+    __slots__ = ("active", "checks")
 
     def __init__(self) -> None:
         self.active: str | MixedTasks | None = None
+        self.checks = CheckGroup()
 
 
 class MixedTasks:
@@ -128,6 +131,11 @@ class CPFactors(nn.Module):
                 bound = init.scale * math.sqrt(3.0 / factor.shape[0])
                 factor.uniform_(-bound, bound)
 
+    def tensors(self) -> list[Tensor]:
+        """``list(self.factors)``, read from the registry directly: ParameterList's indexing costs
+        a few µs per factor, which the eval cache pays on every forward."""
+        return list(self.factors._parameters.values())
+
     def delta(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
         """Dense ΔW in the layer's weight shape."""
         return cp_to_tensor(list(self.factors), shape)
@@ -139,7 +147,7 @@ class CPFactors(nn.Module):
         return f"modes={self.modes}, rank={self.rank}"
 
 
-class FTNLayer(nn.Module):
+class FTNLayer(EvalCachedModule):
     """Common machinery of the Conv and Linear wrappers; see the module docstring.
 
     ``fast_backward`` picks how a training step back-propagates into the factors (plain
@@ -169,7 +177,6 @@ class FTNLayer(nn.Module):
         # The original forward is only bypassed for the exact built-in classes; subclasses keep
         # their own forward and get the new weight via functional_call.
         self._plain = type(base) in (*_CONV_TYPES, nn.Linear)
-        self._eval_cache: dict[str, tuple[tuple, Tensor]] = {}
 
     # ---------------------------------------------------------------- transparency
     # Models often read a layer's attributes directly: Hugging Face ViT checks
@@ -209,7 +216,7 @@ class FTNLayer(nn.Module):
         if task in self.tasks:
             del self.tasks[task]
         self.requested_ranks.pop(task, None)
-        self._eval_cache.pop(task, None)
+        self._eval_cache.pop(task)
 
     def rank(self, task: str) -> int:
         return self.tasks[task].rank if task in self.tasks else 0
@@ -222,27 +229,14 @@ class FTNLayer(nn.Module):
         return self.tasks[task].delta(self.base.weight.shape)
 
     def task_weight(self, task: str) -> Tensor:
-        """W + ΔW for ``task``. In eval mode without autograd it is built once and reused until a
-        factor or the base weight changes (tracked through tensor version counters)."""
+        """W + ΔW for ``task``. In eval mode without autograd it is built once and reused while
+        the factors hold the same values and W is the same unchanged tensor
+        (:class:`~ftn.cache.EvalCache`)."""
         factors = self.tasks[task]
         weight = self.base.weight
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return weight + factors.delta(weight.shape)
-        key = (weight._version, weight.data_ptr(),
-               *((p._version, p.data_ptr()) for p in factors.factors))
-        cached = self._eval_cache.get(task)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        merged = weight + factors.delta(weight.shape)
-        self._eval_cache[task] = (key, merged)
-        return merged
-
-    def clear_cache(self) -> None:
-        self._eval_cache.clear()
-
-    def _apply(self, fn, recurse=True):  # .to()/.half() move tensors: cached weights are stale
-        self._eval_cache.clear()
-        return super()._apply(fn, recurse)
+        return self._eval_cache.get(task, lambda: weight + factors.delta(weight.shape),
+                                    exact=factors.tensors(), tracked=(weight,), training=self.training,
+                                    group=self.context.checks)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .cache import eval_pass
 from .cp import max_efficient_rank
 from .errors import ConfigError, ShapeError, TaskError
 from .layers import FactorInit, FTNConv, FTNLayer, FTNLinear, MixedTasks, TaskContext, is_adaptable
@@ -309,7 +310,8 @@ class FTNModel(nn.Module):
         previous = self.context.active
         self.context.active = name
         try:
-            return self.heads[name](self.backbone(*inputs, **kwargs))
+            with eval_pass(self.context.checks):  # one check of the cached weights per pass
+                return self.heads[name](self.backbone(*inputs, **kwargs))
         finally:
             self.context.active = previous
 
@@ -341,7 +343,8 @@ class FTNModel(nn.Module):
         previous = self.context.active
         self.context.active = MixedTasks(segments)
         try:
-            features = self.backbone(x.index_select(0, order))
+            with eval_pass(self.context.checks):
+                features = self.backbone(x.index_select(0, order))
         finally:
             self.context.active = previous
 
@@ -457,7 +460,7 @@ class FTNModel(nn.Module):
 
     def backbone_features(self, *inputs: Any, task: str | None = None, **kwargs: Any) -> Any:
         """The backbone's output under ``task`` (no head)."""
-        with self.using_task(task if task is not None else self.context.active):
+        with self.using_task(task if task is not None else self.context.active), eval_pass(self.context.checks):
             return self.backbone(*inputs, **kwargs)
 
     def save_task(self, name: str, path: str | Path) -> Path:

@@ -237,8 +237,15 @@ class FTNLayer(nn.Module):
         self._eval_cache[task] = (key, merged)
         return merged
 
-    def clear_cache(self) -> None:
-        self._eval_cache.clear()
+    def clear_cache(self, task: str | None = None) -> None:
+        """Drop the cached W + ΔW of ``task`` (default: of every task); a server bounds memory so."""
+        if task is None:
+            self._eval_cache.clear()
+        else:
+            self._eval_cache.pop(task, None)
+
+    def cached_tasks(self) -> list[str]:
+        return list(self._eval_cache)
 
     def _apply(self, fn, recurse=True):  # .to()/.half() move tensors: cached weights are stale
         self._eval_cache.clear()

@@ -54,6 +54,7 @@ class DomainData:
     test: Dataset | None
     num_classes: int
     augment: Callable[[Tensor], Tensor] | None = None  # batch-level, uses the global torch RNG
+    info: dict[str, Any] | None = None  # labels and input preparation, saved with the adapter
 
 
 @dataclass

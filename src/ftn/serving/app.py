@@ -19,6 +19,7 @@ and read incrementally, so an oversized upload is refused without being stored.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hmac
 import logging
@@ -30,7 +31,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -50,7 +50,7 @@ _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0
 class ServeSettings:
     def __init__(self, *, admin_token: str | None = None, max_batch: int = 32, max_wait_ms: float = 5.0,
                  max_queue: int = 4096, max_image_bytes: int = 10 * 2**20, max_adapter_bytes: int = 256 * 2**20,
-                 max_pixels: int = MAX_PIXELS, rescan_s: float = 0.0, max_k: int = 100) -> None:
+                 max_pixels: int = MAX_PIXELS, rescan_s: float = 0.0, max_k: int = 100, prep_threads: int = 1) -> None:
         self.admin_token = admin_token or None
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
@@ -60,6 +60,7 @@ class ServeSettings:
         self.max_pixels = max_pixels
         self.rescan_s = rescan_s
         self.max_k = max_k
+        self.prep_threads = prep_threads
 
 
 class _Metrics:
@@ -160,6 +161,9 @@ def create_app(service: TaskService, settings: ServeSettings | None = None) -> F
     batcher = CrossTaskBatcher(service.run_batch, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                                max_queue=settings.max_queue)
     metrics = _Metrics(service, batcher)
+    # Decoding and preprocessing run on their own thread pool, small on purpose: torch ops called
+    # from many threads at once each start their own OpenMP team and thrash a small machine.
+    prep_executor = concurrent.futures.ThreadPoolExecutor(settings.prep_threads, thread_name_prefix="ftn-prep")
     batcher.on_batch = metrics.on_batch
 
     async def on_model_thread(fn: Any, *args: Any) -> Any:
@@ -192,6 +196,7 @@ def create_app(service: TaskService, settings: ServeSettings | None = None) -> F
                 with contextlib.suppress(asyncio.CancelledError):
                     await rescan
             await batcher.close()  # drains: queued requests still get their answers
+            prep_executor.shutdown(wait=False)
 
     app = FastAPI(title="ftn serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
@@ -270,7 +275,7 @@ def create_app(service: TaskService, settings: ServeSettings | None = None) -> F
             def prepare() -> Any:
                 return preprocess(decode_image(body, settings.max_pixels), entry.input)
 
-            x = await run_in_threadpool(prepare)
+            x = await asyncio.get_running_loop().run_in_executor(prep_executor, prepare)
             logits = await batcher.submit(name, x)
             predictions = top_k(logits.unsqueeze(0), entry.labels, k)[0]
             code = 200

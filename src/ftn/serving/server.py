@@ -24,7 +24,8 @@ def _backbone_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="torch seed before building the backbone (with --no-pretrained)")
     p.add_argument("--image-size", type=int, default=224,
                    help="input size for adapters whose file does not say (older files)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default: torch's choice; 1 is often best on a busy or small machine)")
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,8 +73,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="rescan the adapter folder every N seconds (replicas sharing a folder); 0 = never")
     p.add_argument("--max-image-bytes", type=int, default=10 * 2**20)
     p.add_argument("--max-adapter-bytes", type=int, default=256 * 2**20)
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest decoded image (width × height)")
     p.add_argument("--admin-token-env", default="FTN_ADMIN_TOKEN",
                    help="environment variable holding the admin token (admin endpoints are off without one)")
+    p.add_argument("--prep-threads", type=int, default=1, help="threads decoding and preparing images")
     p.add_argument("--log-level", default="info")
 
 
@@ -126,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     args.admin_token_env)
     settings = ServeSettings(admin_token=token, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_image_bytes=args.max_image_bytes, max_adapter_bytes=args.max_adapter_bytes,
-                             rescan_s=args.rescan_s)
+                             max_pixels=args.max_pixels, rescan_s=args.rescan_s, prep_threads=args.prep_threads)
     app = create_app(service, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=30, access_log=False)

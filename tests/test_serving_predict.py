@@ -173,3 +173,32 @@ def test_ftn_train_writes_labels_and_input_into_adapters(tmp_path, capsys):
     assert info["labels"][:2] == ["t-shirt/top", "trouser"] and len(info["labels"]) == 10
     assert info["input"]["size"] == 16 and info["input"]["channels"] == 1 and info["input"]["resize"] == "stretch"
     assert info["input"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_ftn_predict_writes_dense_prediction_images(tmp_path, capsys):
+    from ftn.dense.model import build_dense_ftn, build_encoder
+
+    torch.manual_seed(0)  # what `ftn predict --no-pretrained --seed 0` does before building
+    encoder = build_encoder("mobilenet_v2", pretrained=False, output_stride=16)
+    head = {"aspp_channels": 8, "low_channels": 4, "decoder_channels": 8}
+    model = build_dense_ftn(encoder, ["semseg", "depth"], num_classes=3, rank=2, head_kwargs=head).eval()
+    for task, labels in (("semseg", ["floor", "wall", "box"]), ("depth", ["depth (m)"])):
+        model.save_task(task, tmp_path / f"{task}.safetensors", info={
+            "labels": labels, "input": {"channels": 3, "resize": "none", "mean": [0.485, 0.456, 0.406],
+                                        "std": [0.229, 0.224, 0.225]},
+            "outputs": {"kind": "dense", "task": task, "num_classes": 3, "head": head,
+                        "encoder": {"backbone": "mobilenet_v2", "output_stride": 16}}})
+    (tmp_path / "scene.png").write_bytes(png_bytes(5, size=40))
+    out = tmp_path / "out"
+    assert main(["predict", "--backbone", "mobilenet_v2", "--no-pretrained", "--threads", "1",
+                 "--adapter", str(tmp_path / "semseg.safetensors"), "--adapter", str(tmp_path / "depth.safetensors"),
+                 str(tmp_path / "scene.png"), "--output-dir", str(out), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["output"] for r in results] == [str(out / "semseg" / "scene.png"), str(out / "depth" / "scene.png")]
+    seg, depth = Image.open(out / "semseg" / "scene.png"), Image.open(out / "depth" / "scene.png")
+    assert seg.size == depth.size == (40, 40) and seg.mode == "P" and depth.mode == "L"
+    x = preprocess(decode_image(png_bytes(5, size=40)),
+                   InputSpec(size=None, resize="none", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+    with torch.no_grad():
+        expected = model(x[None], task="semseg")[0].argmax(0)
+    assert torch.equal(torch.from_numpy(__import__("numpy").array(seg)).long(), expected)

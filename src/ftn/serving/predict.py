@@ -182,7 +182,9 @@ def task_head(model: FTNModel, info: Mapping[str, Any]) -> nn.Module | None:
 def load_adapter(model: FTNModel, path: str | Path, name: str | None = None) -> str:
     """``model.load_task`` with the head a dense adapter needs."""
     _, info = adapter_info(path)
-    return model.load_task(path, name=name, head=task_head(model, info))
+    name = model.load_task(path, name=name, head=task_head(model, info))
+    model.eval()  # the new task's norms and head (BatchNorm: running statistics, not the batch's)
+    return name
 
 
 # ----------------------------------------------------------------------------- dense outputs

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..adapters import atomic_write_bytes
 from ..errors import ConfigError, FTNError, TaskError
 from ..model import FTNModel
-from .predict import DEFAULT_IMAGE_SIZE, InputSpec, adapter_info, task_head
+from .predict import DEFAULT_IMAGE_SIZE, InputSpec, load_adapter
 
 __all__ = ["TaskService", "TaskEntry", "TASK_NAME", "validate_name", "TaskExists"]
 
@@ -161,8 +161,7 @@ class TaskService:
 
     def _load(self, name: str, path: Path) -> TaskEntry:
         data = path.read_bytes()
-        _, info = adapter_info(path)
-        self.model.load_task(path, name=name, head=task_head(self.model, info))
+        load_adapter(self.model, path, name)
         stat = path.stat()
         self._files[name] = (stat.st_mtime_ns, stat.st_size)
         return self._register(name, data)
@@ -194,8 +193,7 @@ class TaskService:
         atomic_write_bytes(staging, data)
         try:
             try:
-                _, info = adapter_info(staging)
-                self.model.load_task(staging, name=name, head=task_head(self.model, info))
+                load_adapter(self.model, staging, name)
             except FTNError as exc:  # say "the uploaded adapter", not the staging file's path
                 raise type(exc)(str(exc).replace(str(staging), "the uploaded adapter")) from None
             try:

@@ -166,10 +166,10 @@ def main() -> None:
     # 2. throughput: 8 tasks mixed vs one plain merged backbone serving one task
     if "throughput" not in args.skip:
         configs = {
-            "plain backbone, 1 task (merged)": (folders[1], ["--merged", "1"], work(1)),
-            "FTN, 8 tasks, mixed traffic": (folders[8], [], work(8)),
+            "plain backbone, 1 task (merged)": (folders[1], ["--batching", "subbatch", "--merged", "1"], work(1)),
+            "FTN, 8 tasks, per-task sub-batches": (folders[8], ["--batching", "subbatch"], work(8)),
             "FTN, 8 tasks, forward_mixed": (folders[8], ["--batching", "mixed"], work(8)),
-            "FTN, 8 tasks, all merged": (folders[8], ["--merged", "8"], work(8)),
+            "FTN, 8 tasks, all merged": (folders[8], ["--batching", "subbatch", "--merged", "8"], work(8)),
         }
         runs: dict[str, list[dict]] = {k: [] for k in configs}
         for r in range(args.rounds):

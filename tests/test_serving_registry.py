@@ -65,6 +65,7 @@ def test_batches_give_each_request_its_tasks_eval_mode_answer(setup, batching):
 
 def test_hot_task_cache_is_bounded_and_merged_tasks_answer_the_same(setup):
     service, reference, _ = setup
+    service.batching = "subbatch"
     xs = inputs(3)
     for t in ["a", "b", "c", "a"]:
         service.run_batch([t] * 3, xs)

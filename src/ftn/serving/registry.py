@@ -81,7 +81,7 @@ class TaskEntry:
 
 class TaskService:
     def __init__(self, model: FTNModel, folder: str | Path, *, default_image_size: int = DEFAULT_IMAGE_SIZE,
-                 batching: str = "subbatch", hot_tasks: int = 8, merged: int = 0) -> None:
+                 batching: str = "mixed", hot_tasks: int = 8, merged: int = 0) -> None:
         if batching not in ("subbatch", "mixed"):
             raise ConfigError(f"batching must be 'subbatch' or 'mixed', got {batching!r}")
         self.model = model.eval()
@@ -91,6 +91,8 @@ class TaskService:
         self.batching = batching
         self.hot_tasks = max(0, hot_tasks)
         self.merged_capacity = max(0, merged)
+        if self.merged_capacity and batching != "subbatch":
+            raise ConfigError("merged tasks run as their own sub-batches: use batching='subbatch' with merged > 0")
         self.catalog: dict[str, TaskEntry] = {}
         self._files: dict[str, tuple[int, int]] = {}  # task -> (mtime_ns, size) of its file
         self._hot: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -284,6 +286,9 @@ class TaskService:
         for t in hottest:
             if t not in self._merged and t in self.model.heads:
                 self._merged[t] = self.model.merge(t).eval().requires_grad_(False)
+                self._hot.pop(t, None)  # runs merged now: its cached W + ΔW would be a second copy
+                for layer in self.model.adapted_layers().values():
+                    layer.clear_cache(t)
         self._uses = collections.Counter({t: c // 2 for t, c in self._uses.items() if c // 2})
 
     def backbone_summary(self) -> dict[str, Any]:

@@ -64,8 +64,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="most requests per batched pass")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="longest a request waits for others to batch with (default 5 ms)")
-    p.add_argument("--batching", choices=["subbatch", "mixed"], default="subbatch",
-                   help="per-task sub-batches (faster on CPU, the default) or one forward_mixed pass")
+    p.add_argument("--batching", choices=["mixed", "subbatch"], default="mixed",
+                   help="one forward_mixed pass per batch (measured faster served, the default; docs/serving.md) "
+                        "or one pass per task's sub-batch (needed for --merged)")
     p.add_argument("--hot-tasks", type=int, default=8,
                    help="tasks whose dense W+ΔW stays cached (LRU); others rebuild it per batch")
     p.add_argument("--merged", type=int, default=0, help="most used tasks also kept as merged plain models")

@@ -215,7 +215,7 @@ def main() -> None:
         print("\n[4] memory (RSS, MiB), after every task served at least once:")
         mem = {}
         for count in (8, 64):
-            with ServerProcess(folders[count], common, log_path=logs / "memory.log") as srv:
+            with ServerProcess(folders[count], common, log_path=logs / "memory.log", startup_timeout=600) as srv:
                 run_load(srv.url, work(count), clients=8, max_requests=2 * count, duration_s=120)
                 mem[f"server_{count}"] = rss_mb(srv.proc.pid)
             mem[f"merged_{count}"] = merged_models_rss(all_folder, count)

@@ -179,10 +179,16 @@ def task_head(model: FTNModel, info: Mapping[str, Any]) -> nn.Module | None:
     return build_head(model.backbone, dense["task"], int(dense.get("num_classes", 1)), **head)
 
 
-def load_adapter(model: FTNModel, path: str | Path, name: str | None = None) -> str:
-    """``model.load_task`` with the head a dense adapter needs."""
-    _, info = adapter_info(path)
-    name = model.load_task(path, name=name, head=task_head(model, info))
+def load_adapter(model: FTNModel, path: str | Path, name: str | None = None, fingerprint: str | None = None) -> str:
+    """``model.load_task`` with the head a dense adapter needs. ``fingerprint``: the model's
+    backbone fingerprint, computed once by the caller (a server loading many adapters) instead of
+    once per file; the check is the same."""
+    meta, info = adapter_info(path)
+    if fingerprint is not None and meta["backbone_fingerprint"] != fingerprint:
+        raise AdapterFileError(
+            f"{path} was trained on a backbone with other weights (fingerprint "
+            f"{meta['backbone_fingerprint'][:12]}…, this backbone {fingerprint[:12]}…)")
+    name = model.load_task(path, name=name, head=task_head(model, info), check_fingerprint=fingerprint is None)
     model.eval()  # the new task's norms and head (BatchNorm: running statistics, not the batch's)
     return name
 

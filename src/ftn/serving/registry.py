@@ -163,7 +163,7 @@ class TaskService:
 
     def _load(self, name: str, path: Path) -> TaskEntry:
         data = path.read_bytes()
-        load_adapter(self.model, path, name)
+        load_adapter(self.model, path, name, self.fingerprint)
         stat = path.stat()
         self._files[name] = (stat.st_mtime_ns, stat.st_size)
         return self._register(name, data)
@@ -195,7 +195,7 @@ class TaskService:
         atomic_write_bytes(staging, data)
         try:
             try:
-                load_adapter(self.model, staging, name)
+                load_adapter(self.model, staging, name, self.fingerprint)
             except FTNError as exc:  # say "the uploaded adapter", not the staging file's path
                 raise type(exc)(str(exc).replace(str(staging), "the uploaded adapter")) from None
             try:

@@ -10,8 +10,10 @@ String metadata (safetensors ``__metadata__``): ``format`` = ``ftn-adapter``, ``
 ``ftn_version``, ``task``, ``config`` (factor init etc., JSON), ``layers`` (every adapted layer
 of the model with its weight shape, CP modes and this task's rank; 0 where the task skips it),
 ``norms`` (norm layer names and types), ``head`` (a spec to rebuild simple heads),
-``backbone_fingerprint`` (SHA-256 of the frozen backbone) and ``content_sha256`` (of the tensor
-bytes, so a flipped bit is caught, not just a truncation).
+``backbone_fingerprint`` (SHA-256 of the frozen backbone), ``content_sha256`` (of the tensor
+bytes, so a flipped bit is caught, not just a truncation) and, optionally, ``info`` (JSON: what a
+prediction means and how inputs are prepared, see :func:`validate_task_info`; files without it
+still load, with an empty info).
 
 No pickle is involved anywhere. Files are written to a temporary file in the same folder,
 flushed, fsync'ed and renamed over the target, so a crash never leaves a half-written adapter.
@@ -33,13 +35,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .errors import AdapterFileError, TaskError
+from .errors import AdapterFileError, ConfigError, TaskError
 from .model import _validate_task_name
 
 if TYPE_CHECKING:
     from .model import FTNModel
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "save_task", "load_task", "read_adapter", "atomic_write_bytes"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_task", "load_task", "read_adapter", "atomic_write_bytes",
+           "validate_task_info"]
 
 FORMAT = "ftn-adapter"
 FORMAT_VERSION = 1
@@ -101,9 +104,98 @@ def _build_head(spec: dict[str, Any]) -> nn.Module | None:
     return None
 
 
-def save_task(model: FTNModel, name: str, path: str | Path) -> Path:
-    """Save task ``name`` of ``model`` to ``path`` (safetensors, atomic)."""
+_INFO_KEYS = ("labels", "input", "outputs")
+_RESIZE_MODES = ("stretch", "center_crop", "none")
+
+
+def _head_outputs(head: nn.Module) -> int | None:
+    return head.out_features if type(head) is nn.Linear else None
+
+
+def validate_task_info(info: Mapping[str, Any] | None, head: nn.Module | None = None) -> dict[str, Any]:
+    """Check a task's ``info`` (stored in its adapter file) and return a plain-JSON copy.
+
+    - ``labels``: list of strings, one per output of the head (class names; for dense tasks the
+      meaning of each output channel); with an ``nn.Linear`` head its length must equal
+      ``out_features``.
+    - ``input``: how images are prepared for the task: ``size`` (int), ``channels`` (1: the task was
+      trained on grayscale images repeated to 3 channels, 3: RGB), ``mean`` / ``std`` (per-channel
+      normalisation), ``resize`` (``"stretch"`` to size×size, ``"center_crop"``: shorter side to
+      ``size * crop_ratio`` then a centre crop, or ``"none"``: any size, for dense tasks).
+    - ``outputs``: free-form JSON describing the outputs, e.g. ``{"kind": "dense", "task": "depth",
+      "unit": "m"}``; ``kind`` defaults to ``"classification"``.
+
+    Raises ConfigError naming the first thing that is wrong.
+    """
+    if info is None:
+        return {}
+    if not isinstance(info, Mapping):
+        raise ConfigError(f"task info must be a mapping, got {type(info).__name__}")
+    unknown = sorted(set(info) - set(_INFO_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown task info key(s) {unknown}; known: {list(_INFO_KEYS)}")
+    out: dict[str, Any] = {}
+    labels = info.get("labels")
+    if labels is not None:
+        if isinstance(labels, (str, bytes)) or not all(isinstance(x, str) for x in labels):
+            raise ConfigError("labels must be a list of strings")
+        labels = list(labels)
+        expected = _head_outputs(head) if head is not None else None
+        if expected is not None and len(labels) != expected:
+            raise ConfigError(f"{len(labels)} labels given but the head has {expected} outputs")
+        out["labels"] = labels
+    spec = info.get("input")
+    if spec is not None:
+        if not isinstance(spec, Mapping):
+            raise ConfigError("input must be a mapping")
+        spec = dict(spec)
+        size, channels = spec.get("size"), spec.get("channels", 3)
+        resize = spec.setdefault("resize", "stretch")
+        if resize not in _RESIZE_MODES:
+            raise ConfigError(f"input.resize must be one of {list(_RESIZE_MODES)}, got {resize!r}")
+        if (size is not None or resize != "none") and (
+                isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 8192):
+            raise ConfigError(f"input.size must be an int in 1..8192, got {size!r}")
+        if channels not in (1, 3):
+            raise ConfigError(f"input.channels must be 1 or 3, got {channels!r}")
+        for key in ("mean", "std"):
+            value = spec.get(key, [0.0, 0.0, 0.0] if key == "mean" else [1.0, 1.0, 1.0])
+            if (isinstance(value, (str, bytes)) or len(value) != 3
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                raise ConfigError(f"input.{key} must be 3 numbers, got {value!r}")
+            if key == "std" and any(v <= 0 for v in value):
+                raise ConfigError(f"input.std must be positive, got {value!r}")
+            spec[key] = [float(v) for v in value]
+        ratio = spec.setdefault("crop_ratio", 1.0)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1.0 <= ratio <= 4.0:
+            raise ConfigError(f"input.crop_ratio must be a number in [1, 4], got {ratio!r}")
+        unknown = sorted(set(spec) - {"size", "channels", "mean", "std", "resize", "crop_ratio"})
+        if unknown:
+            raise ConfigError(f"unknown input key(s) {unknown}")
+        spec["channels"] = channels
+        out["input"] = spec
+    outputs = info.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, Mapping):
+            raise ConfigError("outputs must be a mapping")
+        out["outputs"] = json.loads(json.dumps(dict(outputs)))  # plain JSON, or TypeError
+    return out
+
+
+def save_task(model: FTNModel, name: str, path: str | Path, info: Mapping[str, Any] | None = None) -> Path:
+    """Save task ``name`` of ``model`` to ``path`` (safetensors, atomic).
+
+    ``info`` (labels, input preparation, output meaning; see :func:`validate_task_info`) is stored
+    in the file and recorded on the model; without it, what the model already records for the
+    task (e.g. from the file it was loaded from) is written."""
     model._check_task(name)
+    if info is not None:
+        try:
+            info = validate_task_info(info, model.heads[name])
+        except TypeError as exc:
+            raise ConfigError(f"task info must be plain JSON: {exc}") from None
+        model._task_info[name] = info
+    info = model._task_info.get(name, {})
     tensors: dict[str, Tensor] = {}
     layers: dict[str, Any] = {}
     for layer_name, layer in model.adapted_layers().items():
@@ -139,6 +231,8 @@ def save_task(model: FTNModel, name: str, path: str | Path) -> Path:
         "backbone_fingerprint": model.backbone_fingerprint(),
         "content_sha256": tensor_digest(tensors),
     }
+    if info:
+        metadata["info"] = json.dumps(info)
     return atomic_write_bytes(path, st_save(tensors, metadata=metadata))
 
 
@@ -186,6 +280,10 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
                 raise ValueError(f"{key} is not a mapping")
     except (KeyError, ValueError, TypeError) as exc:
         raise AdapterFileError(f"{path} has incomplete or corrupt metadata: {exc}") from None
+    try:  # optional (files written before labels travelled with adapters have none)
+        meta["info"] = validate_task_info(json.loads(raw_meta["info"])) if "info" in raw_meta else {}
+    except (ValueError, TypeError) as exc:
+        raise AdapterFileError(f"{path} has corrupt task info (labels / input / outputs): {exc}") from None
     if tensor_digest(tensors) != meta["content_sha256"]:
         raise AdapterFileError(f"{path} is corrupt: its tensors do not match the checksum stored in it")
     return tensors, meta
@@ -265,6 +363,10 @@ def load_task(model: FTNModel, path: str | Path, name: str | None = None, head: 
             head_state[k].shape != head_reference[k].shape for k in head_reference):
         raise AdapterFileError(f"{path}: the head in the file does not fit the given head "
                                f"(file keys/shapes {[(k, tuple(v.shape)) for k, v in head_state.items()]})")
+    try:
+        validate_task_info(meta["info"], head)
+    except ConfigError as exc:
+        raise AdapterFileError(f"{path}: task info does not fit the head: {exc}") from None
     unexpected = sorted(set(tensors) - expected_keys)
     if unexpected:
         raise AdapterFileError(f"{path} holds unexpected tensors: {_summarise(unexpected)}")
@@ -289,6 +391,7 @@ def load_task(model: FTNModel, path: str | Path, name: str | None = None, head: 
                 norm.tasks[name].load_state_dict(norm_states[ln])
             model.heads[name].load_state_dict(head_state)
         model._task_specs[name] = meta["task_spec"]
+        model._task_info[name] = meta["info"]
     except Exception:
         model._remove_task_parts(name)
         raise

@@ -268,6 +268,9 @@ class EvalCache:
     def pop(self, key: Any) -> None:
         self._entries.pop(key, None)
 
+    def keys(self) -> list[Any]:
+        return list(self._entries)
+
     def clear(self) -> None:
         self._entries.clear()
 
@@ -296,10 +299,17 @@ class EvalCachedModule(nn.Module):
         super().__init__()
         self._eval_cache = EvalCache()
 
-    def clear_cache(self) -> None:
-        """Drop this module's cached tensors (to free memory; for correctness see
-        :func:`invalidate_eval_caches`)."""
-        self._eval_cache.clear()
+    def clear_cache(self, key: Any = None) -> None:
+        """Drop this module's cached tensors, of ``key`` (a task) or all (to free memory, as a
+        server bounding its cache does; for correctness see :func:`invalidate_eval_caches`)."""
+        if key is None:
+            self._eval_cache.clear()
+        else:
+            self._eval_cache.pop(key)
+
+    def cached_tasks(self) -> list[Any]:
+        """The keys (tasks) that have a cached entry."""
+        return self._eval_cache.keys()
 
     def _apply(self, fn, recurse=True):
         self._eval_cache.clear()

@@ -120,6 +120,7 @@ class FTNModel(nn.Module):
         self.backbone = self._inject(backbone)
         self.heads = nn.ModuleDict()
         self._task_specs: dict[str, dict[str, Any]] = {}
+        self._task_info: dict[str, dict[str, Any]] = {}  # labels, input preparation (adapter files)
         if not self.adapted_layers():
             raise ConfigError("no Conv/Linear layer matched the include/exclude patterns: nothing to adapt")
 
@@ -271,6 +272,7 @@ class FTNModel(nn.Module):
         if name in self.heads:
             del self.heads[name]
         self._task_specs.pop(name, None)
+        self._task_info.pop(name, None)
         if self.context.active == name:
             self.context.active = None
 
@@ -463,11 +465,19 @@ class FTNModel(nn.Module):
         with self.using_task(task if task is not None else self.context.active), eval_pass(self.context.checks):
             return self.backbone(*inputs, **kwargs)
 
-    def save_task(self, name: str, path: str | Path) -> Path:
-        """Write the task's adapter (factors, norms, head, metadata) to one safetensors file."""
+    def save_task(self, name: str, path: str | Path, info: Mapping[str, Any] | None = None) -> Path:
+        """Write the task's adapter (factors, norms, head, metadata) to one safetensors file;
+        ``info`` = ``{"labels": [...], "input": {...}, "outputs": {...}}`` travels with it
+        (see :func:`ftn.adapters.validate_task_info`)."""
         from .adapters import save_task
 
-        return save_task(self, name, path)
+        return save_task(self, name, path, info=info)
+
+    def task_info(self, name: str) -> dict[str, Any]:
+        """What the task's adapter file says about its outputs and inputs (labels, input
+        preparation); empty for tasks saved without it."""
+        self._check_task(name)
+        return copy.deepcopy(self._task_info.get(name, {}))
 
     def load_task(self, path: str | Path, name: str | None = None, head: nn.Module | None = None,
                   check_fingerprint: bool = True) -> str:

@@ -72,7 +72,8 @@ from .model import (
     build_head,
     count_parameters,
 )
-from .nyud import TASKS, JointCompose, NYUDMultiTask, RandomCrop, RandomHorizontalFlip, RandomScale, Resize
+from .nyud import (IMAGENET_MEAN, IMAGENET_STD, TASKS, JointCompose, NYUDMultiTask, RandomCrop, RandomHorizontalFlip,
+                   RandomScale, Resize)
 
 __all__ = [
     "DenseDataConfig",
@@ -514,6 +515,21 @@ def train_ftn_task(model: FTNModel, task: str, cfg: DenseExperimentConfig, data:
     return info
 
 
+def dense_adapter_info(cfg: DenseExperimentConfig, task: str, data: DenseData) -> dict[str, Any]:
+    """What a dense adapter file says about itself, so ``ftn predict`` can rebuild the encoder and
+    decoder and write readable prediction images: output channels, encoder, decoder sizes."""
+    names = getattr(getattr(data.train, "dataset", data.train), "class_names", None)
+    if task == "semseg":
+        labels = list(names) if names and len(names) == data.num_classes else [f"class {i}" for i in range(data.num_classes)]
+    else:
+        labels = {"depth": ["depth (m)"], "normals": ["normal x", "normal y", "normal z"],
+                  "edge": ["edge logit"]}[task]
+    return {"labels": labels,
+            "input": {"channels": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "resize": "none"},
+            "outputs": {"kind": "dense", "task": task, "num_classes": data.num_classes, "head": _head_kwargs(cfg),
+                        "encoder": {"backbone": cfg.model.backbone, "output_stride": cfg.model.output_stride}}}
+
+
 def _bns(module: nn.Module) -> list[_BatchNorm]:
     return [m for m in module.modules() if isinstance(m, _BatchNorm)]
 
@@ -565,7 +581,7 @@ def run_method(cfg: DenseExperimentConfig, method: str, task: str | None = None,
                                           cfg, device))
             store_preview(t, lambda x, t=t: model(x, task=t))
             if cfg.train.save_adapters:
-                model.save_task(t, out_dir / "ftn" / f"{t}.safetensors")
+                model.save_task(t, out_dir / "ftn" / f"{t}.safetensors", info=dense_adapter_info(cfg, t, data))
     else:
         raise ConfigError(f"unknown method {method!r}; known: {list(DENSE_METHODS)}" + _suggest(method, DENSE_METHODS))
     return {"method": method, "metrics": metrics, "train": infos, "preview": previews}

@@ -57,6 +57,7 @@ class DomainData:
     # The training split under the evaluation transform (same samples as ``train``), which
     # BatchNorm statistics are recalibrated on; None when ``train`` has no per-sample augmentation.
     recal: Dataset | None = None
+    info: dict[str, Any] | None = None  # labels and input preparation, saved with the adapter
 
 
 @dataclass

@@ -101,8 +101,9 @@ class Method:
         """Parameters stored once whatever the number of domains (the frozen backbone)."""
         return sum(p.numel() for p in self.pretrained.parameters())
 
-    def save_domain(self, name: str, folder: Path) -> Path:
-        """Write the domain's own tensors (safetensors); FTN writes a full adapter file instead."""
+    def save_domain(self, name: str, folder: Path, info: dict | None = None) -> Path:
+        """Write the domain's own tensors (safetensors); FTN writes a full adapter file instead
+        (with ``info``: labels and input preparation)."""
         path = folder / f"{name}.safetensors"
         state = {k: v.cpu().contiguous() for k, v in self.domains[name].state_dict().items()}
         return atomic_write_bytes(path, st_save(state, metadata={"method": self.name, "domain": name}))
@@ -165,8 +166,8 @@ class FTNMethod(Method):
     def shared_parameters(self) -> int:
         return self.model.parameter_report().backbone
 
-    def save_domain(self, name: str, folder: Path) -> Path:
-        return self.model.save_task(name, folder / f"{name}.safetensors")
+    def save_domain(self, name: str, folder: Path, info: dict | None = None) -> Path:
+        return self.model.save_task(name, folder / f"{name}.safetensors", info=info)
 
 
 class BNHeadMethod(FTNMethod):

@@ -184,8 +184,9 @@ class DenseTrainConfig:
 @dataclass
 class DenseEvalConfig:
     edge_thresholds: int = 99
-    edge_max_dist: float = 0.0075  # tolerance as a fraction of the image diagonal (BSDS default)
+    edge_max_dist: float = 0.011  # NYUD tolerance, fraction of the image diagonal (HED/RCF/multi-task papers)
     edge_tolerance_px: float | None = None  # absolute tolerance in pixels; overrides max_dist
+    edge_nms: bool = True  # edge non-maximum suppression before thinning (HED/RCF evaluation)
 
 
 @dataclass
@@ -297,7 +298,8 @@ def _meters(tasks: Sequence[str], num_classes: int, ecfg: DenseEvalConfig) -> di
         "semseg": lambda: SegmentationMeter(num_classes),
         "depth": DepthMeter,
         "normals": NormalsMeter,
-        "edge": lambda: EdgeMeter(ecfg.edge_thresholds, ecfg.edge_max_dist, ecfg.edge_tolerance_px),
+        "edge": lambda: EdgeMeter(ecfg.edge_thresholds, ecfg.edge_max_dist, ecfg.edge_tolerance_px,
+                                  nms=ecfg.edge_nms),
     }
     return {t: make[t]() for t in tasks}
 

@@ -12,8 +12,7 @@ from .layers import CPFactors, FactorInit, FTNConv, FTNLayer, FTNLinear, TaskCon
 from .model import FTNModel, TaskModel
 from .norms import TaskNorm
 from .report import ParameterReport
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "FTNModel",

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from .config import validate_task_name
 from .digest import tensor_digest
 from .errors import AdapterFileError, ConfigError, TaskError
+from .version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_task", "load_task", "read_adapter", "atomic_write_bytes",
            "validate_task_info", "tensor_digest"]
@@ -198,8 +199,6 @@ def save_task(model: nn.Module, name: str, path: str | Path, info: Mapping[str, 
         tensors[f"head.{key}"] = t.detach()
     # safetensors refuses tensors that share memory; adapters are small, so copies are cheap.
     tensors = {k: v.cpu().contiguous().clone() for k, v in tensors.items()}
-    from . import __version__
-
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),

@@ -41,8 +41,9 @@ def test_core_imports_point_one_way():
 
 # Runs in a fresh interpreter: the harness's libraries look absent (ModuleNotFoundError), the ftn package is a bare
 # stub (its __init__ would import everything), and each core module is imported alone.
-_ISOLATED = r"""
-import importlib, importlib.abc, json, sys, types
+# Prepended to both scripts: the blocked packages look absent, as if not installed (argv[2]).
+_BLOCKER = r"""
+import importlib.abc, sys
 BLOCKED = set(sys.argv[2].split(","))
 
 class Block(importlib.abc.MetaPathFinder):
@@ -52,6 +53,10 @@ class Block(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, Block())
+"""
+
+_ISOLATED = _BLOCKER + r"""
+import importlib, json, types
 for name in list(sys.modules):
     if name.split(".")[0] in BLOCKED:
         del sys.modules[name]
@@ -77,17 +82,8 @@ def test_each_core_module_imports_alone_without_optional_packages():
         assert set(loaded[module]) <= set(CORE[: i + 1]), (module, loaded[module])
 
 
-_USE_CORE = r"""
-import importlib.abc, sys, tempfile
-BLOCKED = set(sys.argv[1].split(","))
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"{name} is blocked: the core must not need it")
-        return None
-
-sys.meta_path.insert(0, Block())
+_USE_CORE = _BLOCKER + r"""
+import tempfile
 import torch
 from torch import nn
 import ftn
@@ -112,7 +108,7 @@ print("ok", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
 
 
 def test_import_ftn_works_with_only_torch_and_safetensors():
-    out = subprocess.run([sys.executable, "-c", _USE_CORE, ",".join(BLOCKED)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _USE_CORE, "", ",".join(BLOCKED)], capture_output=True, text=True,
                          timeout=300, env={"PYTHONPATH": str(SRC), "PATH": ""})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "ok []"

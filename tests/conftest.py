@@ -82,3 +82,14 @@ def small_cnn() -> SmallCNN:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+_CORE_DIR = __import__("pathlib").Path(__file__).parent / "core"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark tests by layer: ``core`` (tests/core: the library, torch + safetensors) and ``harness``
+    (everything else: training, data, CLI, serving). ``pytest -m core`` runs the fast core suite."""
+    for item in items:
+        in_core = _CORE_DIR in item.path.parents
+        item.add_marker(pytest.mark.core if in_core else pytest.mark.harness)

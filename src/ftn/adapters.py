@@ -15,34 +15,36 @@ bytes, so a flipped bit is caught, not just a truncation) and, optionally, ``inf
 prediction means and how inputs are prepared, see :func:`validate_task_info`; files without it
 still load, with an empty info).
 
+The functions work on an :class:`~ftn.model.FTNModel` through its public methods only
+(``adapted_layers``, ``task_norm_layers``, ``heads``, ``task_spec``, ``task_info``,
+``add_task_with_ranks`` ...); this module does not import the model.
+
 No pickle is involved anywhere. Files are written to a temporary file in the same folder,
 flushed, fsync'ed and renamed over the target, so a crash never leaves a half-written adapter.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from .config import validate_task_name
+from .digest import tensor_digest
 from .errors import AdapterFileError, ConfigError, TaskError
-from .model import _validate_task_name
-
-if TYPE_CHECKING:
-    from .model import FTNModel
+from .version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_task", "load_task", "read_adapter", "atomic_write_bytes",
-           "validate_task_info"]
+           "validate_task_info", "tensor_digest"]
 
 FORMAT = "ftn-adapter"
 FORMAT_VERSION = 1
@@ -72,17 +74,6 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     except OSError:
         pass
     return path
-
-
-def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
-    """SHA-256 over the names, shapes, dtypes and bytes of ``tensors`` (in name order): the
-    checksum of an adapter file's content and the fingerprint of a frozen backbone."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key]
-        digest.update(f"{key}|{tuple(t.shape)}|{t.dtype}\n".encode())
-        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _head_spec(head: nn.Module) -> dict[str, Any]:
@@ -182,20 +173,13 @@ def validate_task_info(info: Mapping[str, Any] | None, head: nn.Module | None = 
     return out
 
 
-def save_task(model: FTNModel, name: str, path: str | Path, info: Mapping[str, Any] | None = None) -> Path:
+def save_task(model: nn.Module, name: str, path: str | Path, info: Mapping[str, Any] | None = None) -> Path:
     """Save task ``name`` of ``model`` to ``path`` (safetensors, atomic).
 
     ``info`` (labels, input preparation, output meaning; see :func:`validate_task_info`) is stored
     in the file and recorded on the model; without it, what the model already records for the
     task (e.g. from the file it was loaded from) is written."""
-    model._check_task(name)
-    if info is not None:
-        try:
-            info = validate_task_info(info, model.heads[name])
-        except TypeError as exc:
-            raise ConfigError(f"task info must be plain JSON: {exc}") from None
-        model._task_info[name] = info
-    info = model._task_info.get(name, {})
+    info = model.set_task_info(name, info) if info is not None else model.task_info(name)
     tensors: dict[str, Tensor] = {}
     layers: dict[str, Any] = {}
     for layer_name, layer in model.adapted_layers().items():
@@ -215,8 +199,6 @@ def save_task(model: FTNModel, name: str, path: str | Path, info: Mapping[str, A
         tensors[f"head.{key}"] = t.detach()
     # safetensors refuses tensors that share memory; adapters are small, so copies are cheap.
     tensors = {k: v.cpu().contiguous().clone() for k, v in tensors.items()}
-    from . import __version__
-
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -224,7 +206,7 @@ def save_task(model: FTNModel, name: str, path: str | Path, info: Mapping[str, A
         "task": name,
         "config": json.dumps({k: v for k, v in model.config_dict().items()
                               if k in ("init", "init_scale", "zero_mode", "rank_cap", "task_norms")}),
-        "task_spec": json.dumps(model._task_specs.get(name, {})),
+        "task_spec": json.dumps(model.task_spec(name)),
         "layers": json.dumps(layers),
         "norms": json.dumps(norms),
         "head": json.dumps(_head_spec(head)),
@@ -294,7 +276,7 @@ def _summarise(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_task(model: FTNModel, path: str | Path, name: str | None = None, head: nn.Module | None = None,
+def load_task(model: nn.Module, path: str | Path, name: str | None = None, head: nn.Module | None = None,
               check_fingerprint: bool = True) -> str:
     """Add the task stored at ``path`` to ``model`` under ``name`` (default: the stored name).
 
@@ -303,7 +285,7 @@ def load_task(model: FTNModel, path: str | Path, name: str | None = None, head: 
     what differs. Returns the task name.
     """
     tensors, meta = read_adapter(path)
-    name = _validate_task_name(name if name is not None else meta["task"])
+    name = validate_task_name(name if name is not None else meta["task"])
     if name in model.heads:
         raise TaskError(f"task {name!r} already exists; pass name=... or remove_task({name!r}) first")
 
@@ -380,7 +362,7 @@ def load_task(model: FTNModel, path: str | Path, name: str | None = None, head: 
                 f"pass check_fingerprint=False only if you know the difference is harmless")
 
     # All checks passed: now change the model, and undo everything if anything still fails.
-    model._add_task_with_ranks(name, ranks, head)
+    model.add_task_with_ranks(name, ranks, head, spec=meta["task_spec"], info=meta["info"])
     try:
         with torch.no_grad():
             for ln, layer in layers.items():
@@ -390,9 +372,7 @@ def load_task(model: FTNModel, path: str | Path, name: str | None = None, head: 
             for ln, norm in norms.items():
                 norm.tasks[name].load_state_dict(norm_states[ln])
             model.heads[name].load_state_dict(head_state)
-        model._task_specs[name] = meta["task_spec"]
-        model._task_info[name] = meta["info"]
     except Exception:
-        model._remove_task_parts(name)
+        model.remove_task(name)
         raise
     return name

@@ -34,8 +34,7 @@ __all__ = [
     "FTNLayer",
     "FTNConv",
     "FTNLinear",
-    "wrap_layer",
-    "is_adaptable",
+    "BaseWrapper",
 ]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -147,7 +146,44 @@ class CPFactors(nn.Module):
         return f"modes={self.modes}, rank={self.rank}"
 
 
-class FTNLayer(EvalCachedModule):
+class BaseWrapper(nn.Module):
+    """A frozen module kept as ``.base`` inside a wrapper that stands in for it.
+
+    Models often read a layer's attributes directly: Hugging Face ViT checks
+    ``projection.weight.dtype``, others read ``in_features``, ``kernel_size`` or ``batch_first``.
+    So any attribute the wrapper lacks is read from ``base`` (the one pass-through of the
+    package); a subclass answers for the tensors it adapts through :meth:`_task_tensor`, so code
+    that computes with them directly sees the active task's tensor.
+
+    ``mixed_batches`` says whether ``forward`` understands a :class:`MixedTasks` batch
+    (``FTNModel.forward_mixed``). A subclass that writes its own ``forward`` is assumed not to,
+    unless it says so itself.
+    """
+
+    mixed_batches = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__ and "mixed_batches" not in cls.__dict__:
+            cls.mixed_batches = False
+
+    def _task_tensor(self, name: str) -> Tensor | None:
+        """The active task's value of the adapted tensor ``name``, or None (read from ``base``)."""
+        return None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        base = self.__dict__.get("_modules", {}).get("base")
+        if base is None or name.startswith("__"):
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        value = self._task_tensor(name)
+        return getattr(base, name) if value is None else value
+
+
+class FTNLayer(BaseWrapper, EvalCachedModule):
     """Common machinery of the Conv and Linear wrappers; see the module docstring.
 
     ``fast_backward`` picks how a training step back-propagates into the factors (plain
@@ -162,6 +198,7 @@ class FTNLayer(EvalCachedModule):
     """
 
     fast_backward: bool | None = None
+    mixed_batches = True  # forward runs each task of a MixedTasks batch on its slice
 
     def __init__(self, base: nn.Module, context: TaskContext | None = None, name: str = "") -> None:
         super().__init__()
@@ -179,10 +216,8 @@ class FTNLayer(EvalCachedModule):
         self._plain = type(base) in (*_CONV_TYPES, nn.Linear)
 
     # ---------------------------------------------------------------- transparency
-    # Models often read a layer's attributes directly: Hugging Face ViT checks
-    # ``projection.weight.dtype``, others read ``in_features`` or ``kernel_size``. ``weight``
-    # answers with the *active task's* W + ΔW (differentiable), so code that computes with it
-    # directly stays correct; any other attribute the wrapper lacks comes from ``base``.
+    # ``weight`` answers with the *active task's* W + ΔW (differentiable), so code that computes
+    # with it directly stays correct; other attributes come from ``base`` (BaseWrapper).
     @property
     def weight(self) -> Tensor:
         task = self.context.active
@@ -193,15 +228,6 @@ class FTNLayer(EvalCachedModule):
     @property
     def bias(self) -> Tensor | None:
         return self.base.bias
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("_modules", {}).get("base")
-            if base is None or name.startswith("__"):
-                raise
-            return getattr(base, name)
 
     # ---------------------------------------------------------------- tasks
     def add_task(self, task: str, rank: int, init: FactorInit = FactorInit(),
@@ -350,16 +376,3 @@ class FTNLinear(FTNLayer):
     def _fast_forward(self, x: Tensor, factors: list[Tensor]) -> Tensor:
         return cp_linear(x, self.base.weight, self.base.bias, factors)
 
-
-def is_adaptable(module: nn.Module) -> bool:
-    """Conv1d/2d/3d and Linear, subclasses included (transposed convs are not)."""
-    return isinstance(module, (*_CONV_TYPES, nn.Linear))
-
-
-def wrap_layer(module: nn.Module, context: TaskContext | None = None, name: str = "") -> FTNLayer:
-    """The FTN wrapper for ``module``."""
-    if isinstance(module, _CONV_TYPES):
-        return FTNConv(module, context, name)
-    if isinstance(module, nn.Linear):
-        return FTNLinear(module, context, name)
-    raise TypeError(f"cannot adapt {type(module).__name__}: only Conv1d/2d/3d and Linear layers")

@@ -276,7 +276,7 @@ def forward_all_tasks(model, x: Tensor, tasks: Sequence[str] | None = None, *,
     """
     tasks = tuple(model.tasks if tasks is None else tasks)
     for name in tasks:
-        model._check_task(name)
+        model.check_task(name)
     if not tasks:
         return {}
 

@@ -383,7 +383,7 @@ class NormalsMeter:
 # the BSDS500 code, ``edgesEvalImg``/``edgesEvalDir`` in Dollár's edges toolbox), as used on NYUD
 # by HED, RCF and the dense multi-task papers with maxDist 0.011. Every step runs here in
 # torch/numpy, the bipartite matching in scipy (imported on first use: ``pip install
-# factorized-tensor-networks[dense]``).
+# factorized-tensor-networks[train]``).
 
 
 def _conv_tri(x: Tensor, r: int) -> Tensor:
@@ -544,7 +544,7 @@ def _scipy() -> tuple[Any, Any, Any]:
         from scipy.spatial import cKDTree
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "EdgeMeter's BSDS matching needs scipy: pip install 'factorized-tensor-networks[dense]'"
+            "EdgeMeter's BSDS matching needs scipy: pip install 'factorized-tensor-networks[train]'"
         ) from e
     return csr_matrix, maximum_flow, cKDTree
 

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import ftn.cache
-from ftn import FTNModel
-from ftn.attention import AttentionConfig, FTNMultiheadAttention
+from ftn import FTNConfig, FTNModel
+from ftn.attention import FTNMultiheadAttention
 from ftn.cache import EvalCache, EvalCachedModule, invalidate_eval_caches
 from ftn.multitask import forward_all_tasks
 
@@ -74,7 +74,7 @@ def _cnn_model():
 def _attention_model():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
-    config = AttentionConfig(rank=2, fused_qkv="per_projection", train_bias=True,
+    config = FTNConfig(rank=2, fused_qkv="per_projection", train_bias=True,
                              exclude=["*.k_proj"])  # k rows stay frozen inside the packed weight
     model = FTNModel(layer, config=config)
     model.add_task("a")

@@ -367,32 +367,3 @@ def test_bias_only_task_with_rank_zero():
     _train(model, "bitfit", _bert_inputs())
     with torch.no_grad():
         assert not torch.allclose(_out(model(*args, task="bitfit", **kwargs)), before)
-
-
-# ------------------------------------------------------------------ ViT-B/16 multi-domain config
-def test_vit_b16_domainnet_config_runs_two_steps_on_fixture(tmp_path):
-    """configs/vit_b16_domainnet.yaml with random weights on a one-domain DomainNet fixture:
-    vit_b_16 needs 224×224 images, so the fixture is tiny (2 classes, batch 2)."""
-    from pathlib import Path
-
-    from ftn.data.fixtures import write_domainnet_fixture
-    from ftn.training.config import load_config
-    from ftn.training.runner import run_experiment
-
-    config = Path(__file__).resolve().parents[1] / "configs" / "vit_b16_domainnet.yaml"
-    cfg = load_config(config, ["data.root=unused"])
-    assert cfg.model.backbone == "vit_b_16" and cfg.data.image_size == 224 and len(cfg.data.domains) == 6
-    domains = ["sketch"]
-    write_domainnet_fixture(tmp_path / "dn", domains=domains, classes=2, per_class=4, size=32)
-    cfg = load_config(config, [
-        f"data.root={tmp_path / 'dn'}", f"data.domains=[{','.join(domains)}]", "model.pretrained=false",
-        "train.max_steps=2", "data.num_workers=0", "data.batch_size=2", "data.eval_batch_size=4",
-        f"output_dir={tmp_path / 'out'}", "train.warmup_steps=1", "data.val_fraction=0.25", "train.amp=off"])
-    torch.manual_seed(0)
-    summary = run_experiment(cfg, progress=False)
-    assert list(summary["domains"]) == domains
-    assert all(r["steps"] == 2 for r in summary["domains"].values())
-    assert sorted(p.name for p in (tmp_path / "out" / "adapters").iterdir()) == [f"{d}.safetensors" for d in domains]
-    # 12 MHA blocks (in_proj + out_proj) and 24 MLP Linears at rank 16, the patch conv, the LNs
-    per_domain = summary["stored_parameters"] - 85_798_656  # ViT-B/16 without its classifier
-    assert per_domain > 16 * 12 * ((2304 + 768) + (768 + 768) + 2 * (3072 + 768))

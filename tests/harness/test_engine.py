@@ -13,14 +13,18 @@ from ftn.training.config import DataConfig, TrainConfig
 from ftn.training.engine import EpochBatchSampler, NonFiniteLossError, _lr_factor, load_checkpoint, train_task
 from ftn.training.setting import Classify, TaskData
 
-from tiny import run, tiny_data, tiny_method
+from tiny import bn_head, run, tiny_data, tiny_method
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
-    _, task_a, full_result = run(tmp_path / "a")
+@pytest.mark.parametrize("method", ["ftn", "linear", "full", "lora"])
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, method):
+    """Every method's task state (parameters and buffers, the head's BatchNorm statistics
+    included) is checkpointed: a resumed run ends bit-identical."""
+    _, task_a, full_result = run(tmp_path / "a", method, head=bn_head)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", stop=3)  # "crash" after step 3; the last checkpoint is at step 2
-    _, task_b, resumed = run(tmp_path / "b")
+        run(tmp_path / "b", method, stop=3, head=bn_head)  # "crash" after step 3; the last checkpoint is at step 2
+    _, task_b, resumed = run(tmp_path / "b", method, head=bn_head)
+    assert any("running_mean" in k for k in task_a.state_dict())
     state_a, state_b = task_a.state_dict(), task_b.state_dict()
     assert state_a.keys() == state_b.keys()
     for k in state_a:

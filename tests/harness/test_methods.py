@@ -11,7 +11,7 @@ from ftn.training.methods import (METHODS, Method, TaskModel, WithHead, ftn_delt
                                   matched_lora_rank, method_class, register)
 
 from conftest import SmallCNN, randomize_norms, tensor_hash
-from tiny import run, tiny_method
+from tiny import bn_head, run, tiny_method
 
 
 @pytest.mark.parametrize("name", ["ftn", "full", "linear", "norm_head", "lora"])
@@ -37,11 +37,10 @@ def test_each_method_trains_only_its_parameters(tmp_path, name):
 
 def test_saved_task_loads_back_identically(tmp_path):
     """Every method's task file (FTN: an adapter file) restores the task on a fresh method."""
-    for name in ("ftn", "full", "lora"):
-        method, task, _ = run(tmp_path / name, method_name=name,
-                              train=TrainConfig(max_steps=2, lr=1e-2))
+    for name in ("ftn", "full", "lora", "linear"):
+        method, task, _ = run(tmp_path / name, method_name=name, train=TrainConfig(max_steps=2, lr=1e-2), head=bn_head)
         path = method.save_task("d", tmp_path / name)
-        again = tiny_method(name).load_task("d", torch.nn.Linear(16, 3), path)
+        again = tiny_method(name).load_task("d", bn_head(), path)
         for k, v in task.state_dict().items():
             assert torch.equal(v, again.state_dict()[k]), (name, k)
 
@@ -76,7 +75,8 @@ class BitFit(Method):
         biases = [p.requires_grad_(True) for n, p in backbone.named_parameters() if n.endswith("bias")]
         module = WithHead(backbone, head).to(self.device)
         task = TaskModel(name, module, module, biases, list(head.parameters()),
-                         lambda: {n: p for n, p in module.named_parameters() if p.requires_grad}, lambda: [])
+                         lambda: {**{n: p for n, p in module.named_parameters() if p.requires_grad},
+                                  **{f"head.{n}": b for n, b in head.named_buffers()}}, lambda: [])
         self.tasks[name] = task
         return task
 

@@ -82,6 +82,7 @@ def test_every_config_loads_in_its_setting():
         load_config(CONFIGS / "domainnet_resnet34_r40.yaml")
 
 
+@pytest.mark.slow
 def test_paper_domainnet_config_runs_two_steps_on_fixture(tmp_path):
     from ftn.data.fixtures import write_domainnet_fixture
 

@@ -35,11 +35,16 @@ def tiny_method(name="ftn", **kw):
     return make_method(method_cfg, backbone, torch.device("cpu"))
 
 
-def run(tmp, method_name="ftn", stop=None, train=None, data=None, method=None):
+def bn_head():
+    """A head with state beyond its parameters (BatchNorm statistics)."""
+    return torch.nn.Sequential(torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 3))
+
+
+def run(tmp, method_name="ftn", stop=None, train=None, data=None, method=None, head=None):
     """Train task "d" of a tiny method; returns (method, task model, result)."""
     method = method or tiny_method(method_name)
     torch.manual_seed(0)
-    task = method.tasks.get("d") or method.add_task("d", torch.nn.Linear(16, 3))
+    task = method.tasks.get("d") or method.add_task("d", head() if head else torch.nn.Linear(16, 3))
     train = train or TrainConfig(epochs=2, checkpoint_every=2, lr=1e-2)
     result = train_task(task, data or tiny_data(), train, DataConfig(batch_size=8, eval_batch_size=16), tmp,
                         seed=0, progress=False, stop_after_steps=stop)

@@ -214,6 +214,7 @@ class FTNMethod(Method):
             for layer_name, norm in model.task_norm_layers().items():
                 for key, buf in norm.tasks[name].named_buffers():
                     state[f"norm.{layer_name}.{key}"] = buf
+            state.update({f"head.{k}": b for k, b in model.heads[name].named_buffers()})  # e.g. decoder BNs
             return state
 
         task = TaskModel(name, lambda *x: model(*x, task=name), model,
@@ -255,7 +256,7 @@ class LinearProbeMethod(Method):
     def add_task(self, name: str, head: nn.Module) -> TaskModel:
         module = WithHead(self.backbone, head.to(self.device))
         task = TaskModel(name, module, module, [], list(head.parameters()),
-                         lambda: dict(head.named_parameters()), lambda: [], frozen_modules=[self.backbone])
+                         lambda: head.state_dict(keep_vars=True), lambda: [], frozen_modules=[self.backbone])
         self.tasks[name] = task
         return task
 

@@ -20,7 +20,7 @@ of each run against a single-task baseline run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,20 +46,38 @@ from .metrics import (
 from .model import DenseHeads, build_encoder, build_head
 from .nyud import TASKS, JointCompose, NYUDMultiTask, RandomCrop, RandomHorizontalFlip, RandomScale, Resize
 
-__all__ = ["DenseDataConfig", "DenseModelConfig", "DenseSetting", "DenseObjective", "MAIN_METRICS", "JOINT",
-           "compare", "task_loss"]
+__all__ = ["DenseDataConfig", "DenseModelConfig", "DenseSetting", "DenseObjective", "DenseTask", "TASK_SPECS",
+           "MAIN_METRICS", "JOINT", "compare", "task_loss"]
 
 #: The name of the one training task of ``data.joint=true``.
 JOINT = "all"
-#: One headline metric per task, as in the usual NYUD table; Δm averages over these.
-MAIN_METRICS: dict[str, str] = {"semseg": "mIoU", "depth": "rmse", "normals": "mean_angle", "edge": "odsF"}
-#: Metrics kept per task in results (curves and per-class lists are dropped).
-REPORTED: dict[str, tuple[str, ...]] = {
-    "semseg": ("mIoU", "pixel_acc"),
-    "depth": ("rmse", "abs_rel"),
-    "normals": ("mean_angle", "median_angle", "within_11.25", "within_22.5", "within_30"),
-    "edge": ("odsF", "oisF", "ods_threshold"),
+
+
+@dataclass(frozen=True)
+class DenseTask:
+    """What the setting needs to know about one dense task (a new task is one entry below, plus
+    its labels in :mod:`ftn.dense.nyud`, its channels in :mod:`ftn.dense.model` and its loss and
+    meter in :mod:`ftn.dense.metrics`)."""
+
+    loss: Callable[[Tensor, Tensor, Any], Tensor]  # (head output, target, data config) → unweighted loss
+    meter: Callable[[int, Any], Any]  # (number of classes, data config) → a meter (update / compute)
+    reported: tuple[str, ...]  # metrics kept in results (curves and per-class lists are dropped)
+    main: str  # the headline metric, the one Δm averages over
+    probabilities: bool = False  # the meter wants sigmoid(output), not logits
+
+
+TASK_SPECS: dict[str, DenseTask] = {
+    "semseg": DenseTask(lambda p, t, d: semseg_loss(p, t), lambda c, d: SegmentationMeter(c),
+                        ("mIoU", "pixel_acc"), "mIoU"),
+    "depth": DenseTask(lambda p, t, d: depth_loss(p, t), lambda c, d: DepthMeter(), ("rmse", "abs_rel"), "rmse"),
+    "normals": DenseTask(lambda p, t, d: normals_loss(p, t, kind=d.normals_loss), lambda c, d: NormalsMeter(),
+                         ("mean_angle", "median_angle", "within_11.25", "within_22.5", "within_30"), "mean_angle"),
+    "edge": DenseTask(lambda p, t, d: edge_loss(p, t, pos_weight=d.edge_pos_weight),
+                      lambda c, d: EdgeMeter(d.edge_thresholds, d.edge_max_dist, d.edge_tolerance_px),
+                      ("odsF", "oisF", "ods_threshold"), "odsF", probabilities=True),
 }
+#: One headline metric per task, as in the usual NYUD table; Δm averages over these.
+MAIN_METRICS: dict[str, str] = {t: spec.main for t, spec in TASK_SPECS.items()}
 
 
 @dataclass
@@ -100,14 +118,7 @@ class DenseModelConfig(ModelConfig):
 
 def task_loss(task: str, pred: Tensor, batch: Mapping[str, Tensor], d: DenseDataConfig) -> Tensor:
     """The task's unweighted loss (CE, masked L1, normals L1/cosine, balanced BCE)."""
-    target = batch[task]
-    if task == "semseg":
-        return semseg_loss(pred, target)
-    if task == "depth":
-        return depth_loss(pred, target)
-    if task == "normals":
-        return normals_loss(pred, target, kind=d.normals_loss)
-    return edge_loss(pred, target, pos_weight=d.edge_pos_weight)
+    return TASK_SPECS[task].loss(pred, batch[task], d)
 
 
 class DenseObjective(Objective):
@@ -129,10 +140,7 @@ class DenseObjective(Objective):
         return self._loss(model(batch["image"]), batch)
 
     def metrics(self, model: TaskModel, batches: Iterable[Any]) -> dict[str, float]:
-        d = self.d
-        make = {"semseg": lambda: SegmentationMeter(self.num_classes), "depth": DepthMeter, "normals": NormalsMeter,
-                "edge": lambda: EdgeMeter(d.edge_thresholds, d.edge_max_dist, d.edge_tolerance_px)}
-        meters = {t: make[t]() for t in self.tasks}
+        meters = {t: TASK_SPECS[t].meter(self.num_classes, self.d) for t in self.tasks}
         loss, n = 0.0, 0
         for batch in batches:
             out = model(batch["image"])
@@ -140,11 +148,11 @@ class DenseObjective(Objective):
             n += len(batch["image"])
             for t in self.tasks:
                 pred = out[t].float()
-                meters[t].update((torch.sigmoid(pred) if t == "edge" else pred).cpu(), batch[t].cpu())
+                meters[t].update((torch.sigmoid(pred) if TASK_SPECS[t].probabilities else pred).cpu(), batch[t].cpu())
         result = {"loss": loss / max(n, 1)}
         for t in self.tasks:
             values = meters[t].compute()
-            result.update({f"{t}/{k}": float(values[k]) for k in REPORTED[t]})
+            result.update({f"{t}/{k}": float(values[k]) for k in TASK_SPECS[t].reported})
         return result
 
     def score(self, metrics: dict[str, float]) -> float:

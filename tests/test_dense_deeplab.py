@@ -7,7 +7,8 @@ import torch
 import torchvision
 from torch import nn
 
-from ftn.dense.deeplab import DeepLabV3Plus, DeepLabV3PlusHead, MultiScaleEncoder, aspp_rates
+from ftn.dense.deeplab import DeepLabV3PlusHead, MultiScaleEncoder, aspp_rates
+from ftn.dense.model import DenseEncoder, DenseHeads, build_head
 from ftn.errors import ConfigError, ShapeError
 
 
@@ -52,11 +53,12 @@ def test_mobilenet_v2_encoder_shapes() -> None:
     torch.manual_seed(0)
     enc = MultiScaleEncoder("mobilenet_v2", torchvision.models.mobilenet_v2(weights=None), output_stride=16)
     assert (enc.low_channels, enc.high_channels) == (24, 320)
-    model = DeepLabV3Plus.build(enc, {"semseg": 7, "depth": 1, "normals": 3, "edge": 1}).eval()
+    encoder = DenseEncoder(enc)
+    heads = DenseHeads({t: build_head(encoder, t, 7) for t in ("semseg", "depth", "normals", "edge")}).eval()
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         low, high = enc(x)
-        out = model(x)
+        out = heads(encoder.eval()(x))
     assert low.shape == (1, 24, 16, 24) and high.shape == (1, 320, 4, 6)
     assert {k: tuple(v.shape[1:]) for k, v in out.items()} == {
         "semseg": (7, 64, 96), "depth": (1, 64, 96), "normals": (3, 64, 96), "edge": (1, 64, 96)}

@@ -126,7 +126,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             from .text.demo import format_text_table as table, run_text_demo as run
         output = args.output if args.output != "outputs/demo" else ("outputs/dense_demo" if args.dense
                                                                     else "outputs/text_demo")
-        results = run(output, quick=args.quick, progress=not args.no_progress)
+        results = run(output, quick=args.quick, progress=not args.no_progress, extra=args.overrides)
         print("\n" + table(results))
         print(f"\nresults in {output}")
         return 0
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="outputs/demo", help="folder for results.json, table.md and the plot")
     p.add_argument("--methods", nargs="*", help="methods to compare (default: ftn full linear norm_head lora)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every method's config")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -8,12 +8,14 @@ the same offline ImageNet MobileNetV2 encoder, data, seed and schedule:
 - FTN (frozen encoder; per task ΔW of rank 8, encoder BatchNorms and decoder),
 
 and writes ``table.md``, ``results.json`` and ``predictions.png`` (input, truth and each method's
-prediction for every task on a few validation scenes) to the output folder.
+prediction for every task on a few validation scenes) to the output folder. Each method is a
+config of the dense setting (``VARIANTS``) trained by the same engine as ``ftn train``; the
+predictions are made from the saved task files, as ``ftn eval`` reads them.
 
-Work is split into independent units (each single-task network, each FTN task, the multi-task
-network) that run in two spawned processes with one torch thread each: on a 2-core machine
-shared with other jobs, one thread per process is several times faster than two threads
-fighting over cores (OpenMP barriers), and the two processes keep both cores busy.
+The independent training tasks (each single-task network, each FTN task, the multi-task
+network) run in two spawned processes with one torch thread each: on a 2-core machine shared
+with other jobs, one thread per process is several times faster than two threads fighting over
+cores (OpenMP barriers), and the two processes keep both cores busy.
 """
 
 from __future__ import annotations

@@ -8,6 +8,12 @@ ratio to full fine-tuning. Backbones use random weights (speed does not depend o
     python benchmarks/bench_training.py                 # all models, ~10 min on 2 cores
     python benchmarks/bench_training.py --quick         # one small config, ~1 min
     python benchmarks/bench_training.py --memory        # + peak RSS per method, one fresh process each
+    python benchmarks/bench_training.py --device cuda --amp bf16 --memory --configs resnet18@224:32
+
+A configuration may carry its own batch size (``resnet18@224:32``). On CUDA, ``--memory``
+measures the peak GPU memory of building + 3 training steps of each method in-process
+(``torch.cuda.max_memory_allocated`` above what was allocated before, empty cache in between);
+``--amp bf16`` runs training and eval steps under ``torch.autocast`` (bfloat16).
 
 Methods: ``full`` (all weights), ``linear`` (head only), ``bn_head`` (BatchNorm affine + head),
 ``ftn_autograd`` (FTN, W + ΔW built per step, autograd backward), ``ftn`` (FTN, default
@@ -22,8 +28,10 @@ labels; BatchNorm layers are in train mode (PEFT methods: frozen affine, moving 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
+import gc
 import json
 import os
 import platform
@@ -51,6 +59,11 @@ CONFIGS = {  # name: (torchvision model, image size, batch)
     "resnet34@224": ("resnet34", 224, 32),  # the GPU script's configuration (benchmarks/gpu.sh)
 }
 DEVICE = torch.device("cpu")
+AMP: torch.dtype | None = None  # autocast dtype for training and eval steps (--amp)
+
+
+def autocast():
+    return torch.autocast(DEVICE.type, dtype=AMP) if AMP is not None else contextlib.nullcontext()
 
 
 def sync() -> None:
@@ -122,7 +135,8 @@ def matched_rank(kind: str, backbone: nn.Module, dim: int, budget: int) -> tuple
     return best
 
 
-def build(method: str, backbone: nn.Module, dim: int, ftn_budget: int | None = None) -> Method:
+def build(method: str, backbone: nn.Module, dim: int, ftn_budget: int | None = None,
+          peft_rank: int | None = None) -> Method:
     if method in ("full", "linear", "bn_head"):
         net = Net(copy.deepcopy(backbone), nn.Linear(dim, NUM_CLASSES)).to(DEVICE)
         if method == "full":
@@ -161,8 +175,12 @@ def build(method: str, backbone: nn.Module, dim: int, ftn_budget: int | None = N
                       info={"delta_params": report.delta, "custom_backward_layers": custom,
                             "adapted_layers": len(model.adapted_layers())})
     kind = method
-    rank, n = matched_rank(kind, backbone, dim, ftn_budget)
+    if peft_rank is None:
+        rank, n = matched_rank(kind, backbone, dim, ftn_budget)
+    else:
+        rank, n = peft_rank, None
     model = peft_model(kind, backbone, dim, rank)
+    n = adapter_params(model) if n is None else n
     params = [p for p in model.parameters() if p.requires_grad]
     return Method(method, model, params, sum(p.numel() for p in params), eval_unmerged=model,
                   info={"rank": rank, "adapter_params": n})
@@ -174,7 +192,9 @@ def params_count(module: nn.Module) -> int:
 
 def train_step(m: Method, opt, x, y, loss_fn) -> None:
     opt.zero_grad(set_to_none=True)
-    loss_fn(m.train_model(x), y).backward()
+    with autocast():
+        loss = loss_fn(m.train_model(x), y)
+    loss.backward()
     opt.step()
 
 
@@ -190,16 +210,25 @@ def merged_eval_model(m: Method) -> nn.Module | None:
 def eval_latency(models: dict[str, nn.Module], x, rounds: int) -> dict[str, float]:
     for model in models.values():
         model.eval()
-        model(x)  # warm-up; builds the FTN eval cache
+        with autocast():
+            model(x)  # warm-up; builds the FTN eval cache
     times = {k: [] for k in models}
     for _ in range(rounds):
         for k, model in models.items():
             sync()
             t0 = time.perf_counter()
-            model(x)
+            with autocast():
+                model(x)
             sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def make_batch(size: int, batch: int):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g).to(DEVICE)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(DEVICE)
+    return x, y
 
 
 def run_config(name: str, methods: list[str], rounds: int, warmup: int, eval_rounds: int) -> dict:
@@ -207,9 +236,7 @@ def run_config(name: str, methods: list[str], rounds: int, warmup: int, eval_rou
     backbone, dim = make_backbone(arch)
     budget = ftn_delta_budget(backbone, rank=FTN_RANK)
     built = {m: build(m, backbone, dim, budget) for m in methods}
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=g).to(DEVICE)
-    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(DEVICE)
+    x, y = make_batch(size, batch)
     loss_fn = nn.CrossEntropyLoss()
     opts = {k: torch.optim.AdamW(m.params, lr=1e-3) for k, m in built.items()}
     for m in built.values():
@@ -227,15 +254,6 @@ def run_config(name: str, methods: list[str], rounds: int, warmup: int, eval_rou
             times[k].append(time.perf_counter() - t0)
     step = {k: statistics.median(v) for k, v in times.items()}
     step_min = {k: min(v) for k, v in times.items()}
-    gpu_peak = {}
-    if DEVICE.type == "cuda":  # peak GPU memory of two training steps, method by method
-        for k, m in built.items():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            for _ in range(2):
-                train_step(m, opts[k], x, y, loss_fn)
-            sync()
-            gpu_peak[k] = torch.cuda.max_memory_allocated() / 2**20
 
     # Eval latency: the plain backbone (+ head) is the reference every method is compared with.
     eval_models = {"backbone": Net(copy.deepcopy(backbone), nn.Linear(dim, NUM_CLASSES)).to(DEVICE)}
@@ -252,9 +270,6 @@ def run_config(name: str, methods: list[str], rounds: int, warmup: int, eval_rou
                    "ratio_vs_full": step[k] / full if full else None,
                    "ratio_min_vs_full": step_min[k] / step_min["full"] if full else None,
                    "trainable": sum(p.numel() for p in m.params), "stored": m.stored, **m.info}
-        if gpu_peak:
-            rows[k]["gpu_peak_mb"] = round(gpu_peak[k], 1)
-            rows[k]["gpu_peak_vs_full"] = round(gpu_peak[k] / gpu_peak["full"], 3) if "full" in gpu_peak else None
     return {"config": name, "arch": arch, "size": size, "batch": batch, "rounds": rounds,
             "methods": rows, "eval_ms": {k: v * 1e3 for k, v in latency.items()},
             "eval_ratio_vs_backbone": {k: v / latency["backbone"] for k, v in latency.items()}}
@@ -277,6 +292,30 @@ def child_memory(config: str, method: str, steps: int) -> dict:
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec, so
     # every child would report the (larger) benchmark parent's peak.
     return {"peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": before}
+
+
+def cuda_memory(config: str, method: str, steps: int, peft_rank: int | None) -> dict:
+    """In-process on CUDA: peak GPU memory of building + ``steps`` training steps of one method,
+    above what was allocated before (the shared frozen backbone and the batch)."""
+    arch, size, batch = CONFIGS[config]
+    backbone, dim = make_backbone(arch)
+    x, y = make_batch(size, batch)
+    gc.collect()
+    torch.cuda.empty_cache()
+    sync()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    m = build(method, backbone, dim, peft_rank=peft_rank)
+    opt = torch.optim.AdamW(m.params, lr=1e-3)
+    m.train_model.train()
+    for _ in range(steps):
+        train_step(m, opt, x, y, nn.CrossEntropyLoss())
+    sync()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    del m, opt, backbone, x, y
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"gpu_peak_mb": round(peak, 1)}
 
 
 def peak_rss_mb() -> float:
@@ -305,61 +344,107 @@ def print_config(res: dict) -> None:
         print(f"{k:20s} {v:8.2f} {res['eval_ratio_vs_backbone'][k]:10.2f}")
 
 
+def summary(res: dict) -> dict:
+    """The issue's target quantities: floor f = BN+head / full, overhead over the floor
+    (method − f) / (1 − f), FTN vs LoRA, memory and unmerged-eval ratios."""
+    rows, out = res["methods"], {}
+    if "full" in rows and "bn_head" in rows:
+        f = rows["bn_head"]["ratio_vs_full"]
+        out["floor"] = round(f, 3)
+        for k in ("ftn", "ftn_autograd", "ftn_custom", "lora", "loha", "lokr"):
+            if k in rows:
+                out[f"overhead_{k}"] = round((rows[k]["ratio_vs_full"] - f) / (1 - f), 3)
+    if "ftn" in rows and "lora" in rows:
+        out["ftn_over_lora"] = round(rows["ftn"]["step_ms"] / rows["lora"]["step_ms"], 3)
+    mem = res.get("memory", {})
+    key = "gpu_peak_mb" if "gpu_peak_mb" in mem.get("full", {}) else "peak_rss_mb"
+    if "full" in mem:
+        out["memory_vs_full"] = {k: round(v[key] / mem["full"][key], 3) for k, v in mem.items()}
+    if "ftn:unmerged" in res["eval_ratio_vs_backbone"]:
+        out["ftn_unmerged_eval_vs_backbone"] = round(res["eval_ratio_vs_backbone"]["ftn:unmerged"], 3)
+    return out
+
+
+def parse_config(text: str) -> str:
+    """``name`` or ``name:batch`` (registers the batch override under the full text)."""
+    name, _, batch = text.partition(":")
+    if name not in CONFIGS:
+        raise argparse.ArgumentTypeError(f"unknown config {name!r}; choose from {list(CONFIGS)}")
+    if batch:
+        CONFIGS[text] = (*CONFIGS[name][:2], int(batch))
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "resnet34@224"],
-                        choices=list(CONFIGS))
+                        type=parse_config, help=f"{list(CONFIGS)}, optionally with :batch")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--amp", choices=["off", "bf16"], default="off",
+                        help="torch.autocast dtype for training and eval steps")
     parser.add_argument("--batch", type=int, help="override the configurations' batch size")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=ALL_METHODS)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--eval-rounds", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="mobilenet_v2@64 only, 5 rounds")
-    parser.add_argument("--memory", action="store_true", help="peak RSS per method in a fresh process")
+    parser.add_argument("--memory", action="store_true",
+                        help="peak RSS per method in a fresh process (CUDA: peak GPU memory, in-process)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global DEVICE
+    global DEVICE, AMP
     DEVICE = torch.device(args.device)
+    AMP = {"off": None, "bf16": torch.bfloat16}[args.amp]
     if args.batch:
         for name, (arch, size, _) in list(CONFIGS.items()):
+            if ":" in name:  # an explicit name:batch wins
+                continue
             CONFIGS[name] = (arch, size, args.batch)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(child_memory(*args.child, steps=3)))
+        print(json.dumps(child_memory(parse_config(args.child[0]), args.child[1], steps=3)))
         return
     if args.quick:
         args.configs, args.rounds, args.eval_rounds = ["mobilenet_v2@64"], 5, 5
     header = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "command": " ".join(sys.argv)}
+              "cpus": os.cpu_count(), "amp": args.amp,
+              "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
+              "command": " ".join(sys.argv)}
     print(json.dumps(header))
     results = []
     for config in args.configs:
         res = run_config(config, args.methods, args.rounds, args.warmup, args.eval_rounds)
-        if args.memory:
+        if args.memory and DEVICE.type == "cuda":
+            res["memory"] = {method: cuda_memory(config, method, 3, res["methods"][method].get("rank"))
+                             for method in args.methods}
+        elif args.memory:
             res["memory"] = {}
             for method in args.methods:
-                cmd = [sys.executable, __file__, "--child", config, method]
+                cmd = [sys.executable, __file__, "--child", config, method, "--amp", args.amp]
                 if args.threads:
                     cmd += ["--threads", str(args.threads)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 res["memory"][method] = json.loads(out.strip().splitlines()[-1])
         print_config(res)
         if args.memory:
-            full = res["memory"].get("full", {}).get("peak_rss_mb")
+            key = "gpu_peak_mb" if DEVICE.type == "cuda" else "peak_rss_mb"
+            full = res["memory"].get("full", {}).get(key)
             for method, mem in res["memory"].items():
-                ratio = f"{mem['peak_rss_mb'] / full:.2f}" if full else "-"
-                print(f"memory {method:14s} peak RSS {mem['peak_rss_mb']:8.0f} MB  (× full {ratio})")
+                ratio = f"{mem[key] / full:.3f}" if full else "-"
+                print(f"memory {method:14s} peak {'GPU' if key == 'gpu_peak_mb' else 'RSS'} "
+                      f"{mem[key]:8.0f} MB  (× full {ratio})")
+        res["summary"] = summary(res)
+        print(f"summary {res['config']} (amp {args.amp}): {json.dumps(res['summary'])}")
         results.append(res)
         sys.stdout.flush()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header, "results": results}, f, indent=1)
+        if args.json:  # after every configuration, so a run stopped by a timeout keeps what it did
+            with open(args.json, "w") as f:
+                json.dump({"header": header, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

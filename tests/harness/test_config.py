@@ -3,7 +3,7 @@
 import pytest
 
 from ftn import ConfigError
-from ftn.training.config import apply_overrides, load_config, new_config
+from ftn.training.config import ExperimentConfig, apply_overrides, load_config, new_config
 
 from tiny import CONFIGS
 
@@ -53,6 +53,9 @@ def test_each_setting_has_its_own_data_and_model_sections():
         (8, [425, 560], 0.5, 2.0, True)
     with pytest.raises(ConfigError, match=r"unknown config key 'data.crop'"):
         load_config(None, ["data.crop=[8,8]"])  # classification has no crop
+    assert type(ExperimentConfig(setting="dense").data) is type(dense.data)  # the setting's own sections
+    with pytest.raises(ConfigError, match="dense setting's data section is DenseDataConfig"):
+        ExperimentConfig(setting="dense", data=new_config("text").data)
     text = load_config(CONFIGS / "text_minilm.yaml")
     assert text.setting == "text" and text.data.max_len == 64 and text.train.poly_power == 1.0
     with pytest.raises(ConfigError, match="the text setting uses the pretrained all-MiniLM-L6-v2"):

@@ -103,6 +103,17 @@ class ExperimentConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        """Give the setting its own ``data`` and ``model`` sections (their defaults) unless set."""
+        cls = setting_class(self.setting)
+        for key, section in (("data", cls.data_config), ("model", cls.model_config)):
+            current = getattr(self, key)
+            if type(current) in (DataConfig, ModelConfig):
+                setattr(self, key, section())
+            elif not isinstance(current, section):
+                raise ConfigError(f"the {self.setting} setting's {key} section is {section.__name__}, "
+                                  f"got {type(current).__name__}")
+
     def validate(self) -> ExperimentConfig:
         from .methods import method_class
 
@@ -254,9 +265,8 @@ def apply_overrides(cfg: C, overrides: typing.Iterable[str]) -> C:
 
 
 def new_config(setting: str = "classification") -> ExperimentConfig:
-    """The defaults of ``setting``: its own ``data`` and ``model`` sections."""
-    cls = setting_class(setting)
-    return ExperimentConfig(setting=setting, data=cls.data_config(), model=cls.model_config())
+    """The defaults of ``setting`` (``ExperimentConfig(setting=...)``)."""
+    return ExperimentConfig(setting=setting)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> ExperimentConfig:

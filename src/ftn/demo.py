@@ -70,7 +70,7 @@ def format_table(results: dict[str, Any]) -> str:
     header = ["method", *domains, "mean", "trainable / domain", "stored (all domains)", "train time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, s in methods.items():
-        trainable = list(s["trainable_per_domain"].values())
+        trainable = list(s["trainable_per_task"].values())
         tr = f"{min(trainable):,}" if min(trainable) == max(trainable) else f"{min(trainable):,}–{max(trainable):,}"
         cells = [_LABELS.get(method, method), *(f"{s['tasks'][d]['test']['acc']:.2f}" for d in domains),
                  f"**{s['mean_test_acc']:.2f}**", tr, f"{s['stored_parameters']:,}", f"{s['train_seconds']:.0f}"]

@@ -90,10 +90,16 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _batch_len(batch: Any) -> int:
-    """Number of samples in a batch: the length of its first tensor."""
-    while not isinstance(batch, Tensor):
-        batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
-    return int(batch.shape[0])
+    """Number of samples in a batch: the length of the first tensor in it."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0])
+    for item in batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ():
+        if isinstance(item, (Tensor, dict, tuple, list)):
+            try:
+                return _batch_len(item)
+            except ValueError:
+                continue
+    raise ValueError("the batch holds no tensor")
 
 
 class EpochBatchSampler(Sampler[list[int]]):

@@ -12,15 +12,7 @@ from ftn.dense.model import DenseEncoder, DenseHeads, build_head
 from ftn.errors import ConfigError, ShapeError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tensors are tiny: on a busy 2-core machine, OpenMP's barrier between two threads costs
-    # milliseconds per op (a 1×32×16×24 BatchNorm: 8 ms with 2 threads, 0.01 ms with 1), which
-    # turned a 0.3 s test into 9 s. One thread is faster here; the setting is restored after.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.mark.parametrize("output_stride", [16, 8])

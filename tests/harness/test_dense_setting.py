@@ -15,13 +15,7 @@ from ftn.training.engine import train_task
 from ftn.training.runner import build, run_experiments
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Small tensors on a shared 2-core machine: one thread avoids OpenMP barrier stalls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

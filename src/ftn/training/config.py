@@ -10,7 +10,6 @@ closest valid key, never a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import typing
 from dataclasses import dataclass, field, fields
@@ -19,8 +18,9 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..model import FTNConfig
+from .methods import MethodConfig, method_class
 
 __all__ = ["DataConfig", "ModelConfig", "MethodConfig", "TrainConfig", "ExperimentConfig", "SETTINGS",
            "setting_class", "load_config", "apply_overrides", "config_to_dict"]
@@ -50,21 +50,6 @@ class ModelConfig:
     backbone: str = "mobilenet_v2"
     pretrained: bool = True
     weights_path: str | None = None
-
-
-@dataclass
-class MethodConfig:
-    name: str = "ftn"  # a key of ftn.training.methods.METHODS: ftn | full | linear | norm_head | lora
-    # FTN's options as the core declares them (rank, rank_pattern, include, exclude, init, ...);
-    # ftn.rank is also the budget LoRA is matched to.
-    ftn: FTNConfig = field(default_factory=FTNConfig)
-    ranks: dict[str, int] = field(default_factory=dict)  # per-task rank, e.g. {edge: 16}
-    lora_rank: int | None = None  # None: matched to FTN's ΔW budget at ftn.rank
-    lora_alpha: float | None = None  # None: equal to the LoRA rank (scale 1)
-    load_adapters: list[str] = field(default_factory=list)  # tasks trained earlier (FTN adapter files)
-
-    def rank_of(self, task: str) -> int:
-        return self.ranks.get(task, self.ftn.rank)
 
 
 @dataclass
@@ -115,8 +100,6 @@ class ExperimentConfig:
                                   f"got {type(current).__name__}")
 
     def validate(self) -> ExperimentConfig:
-        from .methods import method_class
-
         method_class(self.method.name)  # unknown names fail with the registry's names
         _choice("train.optimizer", self.train.optimizer, ("adamw", "sgd"))
         _choice("train.schedule", self.train.schedule, ("cosine", "poly"))
@@ -138,18 +121,13 @@ class ExperimentConfig:
 
 def _choice(key: str, value: str, options: typing.Sequence[str]) -> None:
     if value not in options:
-        raise ConfigError(f"{key} must be one of {list(options)}, got {value!r}" + _suggest(value, options))
-
-
-def _suggest(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key} must be one of {list(options)}, got {value!r}" + did_you_mean(value, options))
 
 
 def setting_class(name: str) -> Any:
     """The class implementing setting ``name`` (see ``SETTINGS``)."""
     if name not in SETTINGS:
-        raise ConfigError(f"setting must be one of {list(SETTINGS)}, got {name!r}" + _suggest(name, SETTINGS))
+        raise ConfigError(f"setting must be one of {list(SETTINGS)}, got {name!r}" + did_you_mean(name, SETTINGS))
     module, _, cls = SETTINGS[name].partition(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -218,7 +196,7 @@ def _unknown_key(obj: Any, head: str, full_key: str, prefix: str) -> ConfigError
               if dataclasses.is_dataclass(getattr(obj, f.name)) and head in
               {g.name for g in fields(getattr(obj, f.name))}]
     hint = f" (did you mean {nested[0]!r}?)" if nested else \
-        _suggest(head, names).replace("mean '", f"mean '{prefix}")
+        did_you_mean(head, names).replace("mean '", f"mean '{prefix}")
     return ConfigError(f"unknown config key {full_key!r}{hint}; valid keys here: {', '.join(names)}")
 
 

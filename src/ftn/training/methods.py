@@ -15,7 +15,8 @@ text, DeepLabv3+ decoders for dense), so every method works in every setting.
   head through ``modules_to_save``; the rank is matched to FTN's ΔW budget unless given.
 
 A new baseline is one class here with ``@register``; ``method.name=<its name>`` then works in
-every setting, ``ftn train``, ``ftn eval`` and the demos.
+every setting, ``ftn train``, ``ftn eval`` and the demos. :class:`MethodConfig` is the config's
+``method`` section.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,13 +35,29 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..adapters import atomic_write_bytes
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..model import FTNConfig, FTNModel
 from ..norms import is_norm
-from .config import MethodConfig, _suggest
 
-__all__ = ["TaskModel", "Method", "METHODS", "register", "method_class", "make_method", "WithHead",
+__all__ = ["MethodConfig", "TaskModel", "Method", "METHODS", "register", "method_class", "make_method", "WithHead",
            "ftn_delta_budget", "lora_targets", "lora_delta_params", "matched_lora_rank"]
+
+
+@dataclass
+class MethodConfig:
+    """The ``method`` section of an experiment config."""
+
+    name: str = "ftn"  # a key of METHODS: ftn | full | linear | norm_head | lora
+    # FTN's options as the core declares them (rank, rank_pattern, include, exclude, init, ...);
+    # ftn.rank is also the budget LoRA is matched to.
+    ftn: FTNConfig = field(default_factory=FTNConfig)
+    ranks: dict[str, int] = field(default_factory=dict)  # per-task rank, e.g. {edge: 16}
+    lora_rank: int | None = None  # None: matched to FTN's ΔW budget at ftn.rank
+    lora_alpha: float | None = None  # None: equal to the LoRA rank (scale 1)
+    load_adapters: list[str] = field(default_factory=list)  # tasks trained earlier (FTN adapter files)
+
+    def rank_of(self, task: str) -> int:
+        return self.ranks.get(task, self.ftn.rank)
 
 
 class TaskModel:
@@ -125,7 +142,7 @@ def method_class(name: str) -> type[Method]:
         warnings.warn(f"method {name!r} is now called {_ALIASES[name]!r}", DeprecationWarning, stacklevel=2)
         name = _ALIASES[name]
     if name not in METHODS:
-        raise ConfigError(f"method.name must be one of {sorted(METHODS)}, got {name!r}" + _suggest(name, METHODS))
+        raise ConfigError(f"method.name must be one of {sorted(METHODS)}, got {name!r}" + did_you_mean(name, METHODS))
     return METHODS[name]
 
 

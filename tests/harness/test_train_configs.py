@@ -104,6 +104,7 @@ def test_paper_domainnet_config_runs_two_steps_on_fixture(tmp_path):
     assert summary["stored_parameters"] > 21_284_672 + 6 * report_delta
 
 
+@pytest.mark.slow
 def test_vit_b16_domainnet_config_runs_two_steps_on_fixture(tmp_path):
     """configs/vit_b16_domainnet.yaml with random weights on a one-domain DomainNet fixture:
     vit_b_16 needs 224×224 images, so the fixture is tiny (2 classes, batch 2)."""
@@ -126,6 +127,7 @@ def test_vit_b16_domainnet_config_runs_two_steps_on_fixture(tmp_path):
     assert per_domain > 16 * 12 * ((2304 + 768) + (768 + 768) + 2 * (3072 + 768))
 
 
+@pytest.mark.slow
 def test_paper_nyud_config_runs_two_steps_on_a_fixture_and_evaluates(scenes, tmp_path, capsys):
     config = CONFIGS / "nyud_resnet18_r30.yaml"
     args = ["--config", str(config), f"data.root={scenes}", "model.pretrained=false", "data.crop=[32,48]",
@@ -149,6 +151,7 @@ def test_paper_nyud_config_runs_two_steps_on_a_fixture_and_evaluates(scenes, tmp
     assert f"depth            test depth/rmse {rmse:.4f}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_text_config_runs_two_steps_and_evaluates(tmp_path, capsys):
     config, overrides = tiny_overrides("text", tmp_path)
     args = ["--config", str(config), *overrides, f"output_dir={tmp_path / 'out'}"]
@@ -177,6 +180,7 @@ def test_ftn_eval_reproduces_test_accuracy_from_adapters(tmp_path, capsys):
     assert main(["eval", *args, "--adapters", str(tmp_path / "nothing")]) == 2
 
 
+@pytest.mark.slow
 def test_incremental_domains_across_processes(tmp_path):
     """Domain 1 trained in one process; a second process loads its adapter, adds and trains
     domain 2; domain 1's predictions stay bit-identical."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ftn.functional import fast_backward_cost_ratio
-from ftn.layers import wrap_layer
+from ftn.injection import wrap_layer
 
 # (name, C_in, C_out, kernel, stride, groups, batch, spatial)
 SHAPES = [

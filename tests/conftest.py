@@ -93,3 +93,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+_CORE_DIR = __import__("pathlib").Path(__file__).parent / "core"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark tests by layer: ``core`` (tests/core: the library, torch + safetensors) and ``harness``
+    (everything else: training, data, CLI, serving). ``pytest -m core`` runs the fast core suite."""
+    for item in items:
+        in_core = _CORE_DIR in item.path.parents
+        item.add_marker(pytest.mark.core if in_core else pytest.mark.harness)

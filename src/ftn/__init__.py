@@ -4,18 +4,22 @@ One frozen backbone is shared by every task; each task adds low-rank CP factors 
 adapted Conv/Linear layer, its own normalisation layers and its own head.
 """
 
+from .config import FTNConfig
 from .cp import cp_num_params, cp_to_tensor, max_efficient_rank
 from .errors import AdapterFileError, ConfigError, DataError, FTNError, ShapeError, TaskError
+from .injection import register_wrapper, wrap_layer
 from .layers import CPFactors, FactorInit, FTNConv, FTNLayer, FTNLinear, TaskContext
-from .model import FTNConfig, FTNModel
+from .model import FTNModel, TaskModel
 from .norms import TaskNorm
 from .report import ParameterReport
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "FTNModel",
     "FTNConfig",
+    "TaskModel",
+    "register_wrapper",
+    "wrap_layer",
     "FTNLayer",
     "FTNConv",
     "FTNLinear",

@@ -10,8 +10,14 @@ String metadata (safetensors ``__metadata__``): ``format`` = ``ftn-adapter``, ``
 ``ftn_version``, ``task``, ``config`` (factor init etc., JSON), ``layers`` (every adapted layer
 of the model with its weight shape, CP modes and this task's rank; 0 where the task skips it),
 ``norms`` (norm layer names and types), ``head`` (a spec to rebuild simple heads),
-``backbone_fingerprint`` (SHA-256 of the frozen backbone) and ``content_sha256`` (of the tensor
-bytes, so a flipped bit is caught, not just a truncation).
+``backbone_fingerprint`` (SHA-256 of the frozen backbone), ``content_sha256`` (of the tensor
+bytes, so a flipped bit is caught, not just a truncation) and, optionally, ``info`` (JSON: what a
+prediction means and how inputs are prepared, see :func:`validate_task_info`; files without it
+still load, with an empty info).
+
+The functions work on an :class:`~ftn.model.FTNModel` through its public methods only
+(``adapted_layers``, ``task_norm_layers``, ``heads``, ``task_spec``, ``task_info``,
+``add_task_with_ranks`` ...); this module does not import the model.
 
 No pickle is involved anywhere. Files are written to a temporary file in the same folder,
 flushed, fsync'ed and renamed over the target, so a crash never leaves a half-written adapter.
@@ -19,27 +25,26 @@ flushed, fsync'ed and renamed over the target, so a crash never leaves a half-wr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .errors import AdapterFileError, TaskError
-from .model import _validate_task_name
+from .config import validate_task_name
+from .digest import tensor_digest
+from .errors import AdapterFileError, ConfigError, TaskError
+from .version import __version__
 
-if TYPE_CHECKING:
-    from .model import FTNModel
-
-__all__ = ["FORMAT", "FORMAT_VERSION", "save_task", "load_task", "read_adapter", "atomic_write_bytes"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_task", "load_task", "read_adapter", "atomic_write_bytes",
+           "validate_task_info", "tensor_digest"]
 
 FORMAT = "ftn-adapter"
 FORMAT_VERSION = 1
@@ -71,17 +76,6 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
-def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
-    """SHA-256 over the names, shapes, dtypes and bytes of ``tensors`` (in name order): the
-    checksum of an adapter file's content and the fingerprint of a frozen backbone."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key]
-        digest.update(f"{key}|{tuple(t.shape)}|{t.dtype}\n".encode())
-        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _head_spec(head: nn.Module) -> dict[str, Any]:
     """How to rebuild the head on load without pickling code: plain Identity/Linear heads are
     described; anything else must be passed to ``load_task(head=...)``."""
@@ -101,9 +95,91 @@ def _build_head(spec: dict[str, Any]) -> nn.Module | None:
     return None
 
 
-def save_task(model: FTNModel, name: str, path: str | Path) -> Path:
-    """Save task ``name`` of ``model`` to ``path`` (safetensors, atomic)."""
-    model._check_task(name)
+_INFO_KEYS = ("labels", "input", "outputs")
+_RESIZE_MODES = ("stretch", "center_crop", "none")
+
+
+def _head_outputs(head: nn.Module) -> int | None:
+    return head.out_features if type(head) is nn.Linear else None
+
+
+def validate_task_info(info: Mapping[str, Any] | None, head: nn.Module | None = None) -> dict[str, Any]:
+    """Check a task's ``info`` (stored in its adapter file) and return a plain-JSON copy.
+
+    - ``labels``: list of strings, one per output of the head (class names; for dense tasks the
+      meaning of each output channel); with an ``nn.Linear`` head its length must equal
+      ``out_features``.
+    - ``input``: how images are prepared for the task: ``size`` (int), ``channels`` (1: the task was
+      trained on grayscale images repeated to 3 channels, 3: RGB), ``mean`` / ``std`` (per-channel
+      normalisation), ``resize`` (``"stretch"`` to size×size, ``"center_crop"``: shorter side to
+      ``size * crop_ratio`` then a centre crop, or ``"none"``: any size, for dense tasks).
+    - ``outputs``: free-form JSON describing the outputs, e.g. ``{"kind": "dense", "task": "depth",
+      "unit": "m"}``; ``kind`` defaults to ``"classification"``.
+
+    Raises ConfigError naming the first thing that is wrong.
+    """
+    if info is None:
+        return {}
+    if not isinstance(info, Mapping):
+        raise ConfigError(f"task info must be a mapping, got {type(info).__name__}")
+    unknown = sorted(set(info) - set(_INFO_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown task info key(s) {unknown}; known: {list(_INFO_KEYS)}")
+    out: dict[str, Any] = {}
+    labels = info.get("labels")
+    if labels is not None:
+        if isinstance(labels, (str, bytes)) or not all(isinstance(x, str) for x in labels):
+            raise ConfigError("labels must be a list of strings")
+        labels = list(labels)
+        expected = _head_outputs(head) if head is not None else None
+        if expected is not None and len(labels) != expected:
+            raise ConfigError(f"{len(labels)} labels given but the head has {expected} outputs")
+        out["labels"] = labels
+    spec = info.get("input")
+    if spec is not None:
+        if not isinstance(spec, Mapping):
+            raise ConfigError("input must be a mapping")
+        spec = dict(spec)
+        size, channels = spec.get("size"), spec.get("channels", 3)
+        resize = spec.setdefault("resize", "stretch")
+        if resize not in _RESIZE_MODES:
+            raise ConfigError(f"input.resize must be one of {list(_RESIZE_MODES)}, got {resize!r}")
+        if (size is not None or resize != "none") and (
+                isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 8192):
+            raise ConfigError(f"input.size must be an int in 1..8192, got {size!r}")
+        if channels not in (1, 3):
+            raise ConfigError(f"input.channels must be 1 or 3, got {channels!r}")
+        for key in ("mean", "std"):
+            value = spec.get(key, [0.0, 0.0, 0.0] if key == "mean" else [1.0, 1.0, 1.0])
+            if (isinstance(value, (str, bytes)) or len(value) != 3
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                raise ConfigError(f"input.{key} must be 3 numbers, got {value!r}")
+            if key == "std" and any(v <= 0 for v in value):
+                raise ConfigError(f"input.std must be positive, got {value!r}")
+            spec[key] = [float(v) for v in value]
+        ratio = spec.setdefault("crop_ratio", 1.0)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1.0 <= ratio <= 4.0:
+            raise ConfigError(f"input.crop_ratio must be a number in [1, 4], got {ratio!r}")
+        unknown = sorted(set(spec) - {"size", "channels", "mean", "std", "resize", "crop_ratio"})
+        if unknown:
+            raise ConfigError(f"unknown input key(s) {unknown}")
+        spec["channels"] = channels
+        out["input"] = spec
+    outputs = info.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, Mapping):
+            raise ConfigError("outputs must be a mapping")
+        out["outputs"] = json.loads(json.dumps(dict(outputs)))  # plain JSON, or TypeError
+    return out
+
+
+def save_task(model: nn.Module, name: str, path: str | Path, info: Mapping[str, Any] | None = None) -> Path:
+    """Save task ``name`` of ``model`` to ``path`` (safetensors, atomic).
+
+    ``info`` (labels, input preparation, output meaning; see :func:`validate_task_info`) is stored
+    in the file and recorded on the model; without it, what the model already records for the
+    task (e.g. from the file it was loaded from) is written."""
+    info = model.set_task_info(name, info) if info is not None else model.task_info(name)
     tensors: dict[str, Tensor] = {}
     layers: dict[str, Any] = {}
     for layer_name, layer in model.adapted_layers().items():
@@ -123,8 +199,6 @@ def save_task(model: FTNModel, name: str, path: str | Path) -> Path:
         tensors[f"head.{key}"] = t.detach()
     # safetensors refuses tensors that share memory; adapters are small, so copies are cheap.
     tensors = {k: v.cpu().contiguous().clone() for k, v in tensors.items()}
-    from . import __version__
-
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -132,13 +206,15 @@ def save_task(model: FTNModel, name: str, path: str | Path) -> Path:
         "task": name,
         "config": json.dumps({k: v for k, v in model.config_dict().items()
                               if k in ("init", "init_scale", "zero_mode", "rank_cap", "task_norms")}),
-        "task_spec": json.dumps(model._task_specs.get(name, {})),
+        "task_spec": json.dumps(model.task_spec(name)),
         "layers": json.dumps(layers),
         "norms": json.dumps(norms),
         "head": json.dumps(_head_spec(head)),
         "backbone_fingerprint": model.backbone_fingerprint(),
         "content_sha256": tensor_digest(tensors),
     }
+    if info:
+        metadata["info"] = json.dumps(info)
     return atomic_write_bytes(path, st_save(tensors, metadata=metadata))
 
 
@@ -186,6 +262,10 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
                 raise ValueError(f"{key} is not a mapping")
     except (KeyError, ValueError, TypeError) as exc:
         raise AdapterFileError(f"{path} has incomplete or corrupt metadata: {exc}") from None
+    try:  # optional (files written before labels travelled with adapters have none)
+        meta["info"] = validate_task_info(json.loads(raw_meta["info"])) if "info" in raw_meta else {}
+    except (ValueError, TypeError) as exc:
+        raise AdapterFileError(f"{path} has corrupt task info (labels / input / outputs): {exc}") from None
     if tensor_digest(tensors) != meta["content_sha256"]:
         raise AdapterFileError(f"{path} is corrupt: its tensors do not match the checksum stored in it")
     return tensors, meta
@@ -196,7 +276,7 @@ def _summarise(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_task(model: FTNModel, path: str | Path, name: str | None = None, head: nn.Module | None = None,
+def load_task(model: nn.Module, path: str | Path, name: str | None = None, head: nn.Module | None = None,
               check_fingerprint: bool = True) -> str:
     """Add the task stored at ``path`` to ``model`` under ``name`` (default: the stored name).
 
@@ -205,7 +285,7 @@ def load_task(model: FTNModel, path: str | Path, name: str | None = None, head: 
     what differs. Returns the task name.
     """
     tensors, meta = read_adapter(path)
-    name = _validate_task_name(name if name is not None else meta["task"])
+    name = validate_task_name(name if name is not None else meta["task"])
     if name in model.heads:
         raise TaskError(f"task {name!r} already exists; pass name=... or remove_task({name!r}) first")
 
@@ -265,6 +345,10 @@ def load_task(model: FTNModel, path: str | Path, name: str | None = None, head: 
             head_state[k].shape != head_reference[k].shape for k in head_reference):
         raise AdapterFileError(f"{path}: the head in the file does not fit the given head "
                                f"(file keys/shapes {[(k, tuple(v.shape)) for k, v in head_state.items()]})")
+    try:
+        validate_task_info(meta["info"], head)
+    except ConfigError as exc:
+        raise AdapterFileError(f"{path}: task info does not fit the head: {exc}") from None
     unexpected = sorted(set(tensors) - expected_keys)
     if unexpected:
         raise AdapterFileError(f"{path} holds unexpected tensors: {_summarise(unexpected)}")
@@ -278,7 +362,7 @@ def load_task(model: FTNModel, path: str | Path, name: str | None = None, head: 
                 f"pass check_fingerprint=False only if you know the difference is harmless")
 
     # All checks passed: now change the model, and undo everything if anything still fails.
-    model._add_task_with_ranks(name, ranks, head)
+    model.add_task_with_ranks(name, ranks, head, spec=meta["task_spec"], info=meta["info"])
     try:
         with torch.no_grad():
             for ln, layer in layers.items():
@@ -288,8 +372,7 @@ def load_task(model: FTNModel, path: str | Path, name: str | None = None, head: 
             for ln, norm in norms.items():
                 norm.tasks[name].load_state_dict(norm_states[ln])
             model.heads[name].load_state_dict(head_state)
-        model._task_specs[name] = meta["task_spec"]
     except Exception:
-        model._remove_task_parts(name)
+        model.remove_task(name)
         raise
     return name

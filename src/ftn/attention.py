@@ -21,16 +21,15 @@ adapter files and parameter reports see ordinary 2-way layers named ``<mha>.in_p
 and include/exclude/rank patterns select them individually. Per-task biases are a
 :class:`~ftn.norms.TaskNorm` subclass (a per-task copy of a small frozen module), so adapter
 files, ``task_parameters`` and the report handle them as they handle norms (they are counted in
-the report's ``norms`` column). The composite wrappers turn back into plain PyTorch modules in
-``FTNModel.merge`` through ``__deepcopy__`` (see :meth:`_Composite.__deepcopy__`).
+the report's ``norms`` column). Each wrapper's ``merged_module(task)`` is the plain PyTorch
+module that ``FTNModel.merge`` puts in its place. :mod:`ftn.injection` decides which wrapper
+goes where; this module only defines them.
 """
 
 from __future__ import annotations
 
 import copy
-import fnmatch
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,56 +37,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .cache import EvalCachedModule
 from .errors import ConfigError
-from .layers import FTNLayer, FTNLinear, TaskContext, wrap_layer
-from .model import FTNConfig
+from .layers import BaseWrapper, FTNLayer, FTNLinear, TaskContext
 from .norms import TaskNorm
 
 __all__ = [
-    "AttentionConfig",
-    "DEFAULT_QKV_PATTERNS",
-    "FUSED_QKV_MODES",
     "WeightView",
     "FTNProjection",
     "TaskBias",
     "FTNBiasLinear",
     "FTNFusedLinear",
     "FTNMultiheadAttention",
-    "attention_options",
-    "wrap_module",
 ]
-
-FUSED_QKV_MODES = ("plain", "per_projection")
-DEFAULT_QKV_PATTERNS = ("*.qkv", "*.qkv_proj", "*.Wqkv")
-
-
-# Kept as a name for the transformer options, which live in FTNConfig itself.
-AttentionConfig = FTNConfig
-
-
-@dataclass(frozen=True)
-class _Options:
-    fused_qkv: str
-    qkv_patterns: tuple[str, ...]
-    train_bias: bool
-
-    @property
-    def per_projection(self) -> bool:
-        return self.fused_qkv == "per_projection"
-
-
-def attention_options(config: Any) -> _Options:
-    """The transformer options of a config (defaults where the config does not have them)."""
-    fused = getattr(config, "fused_qkv", "plain")
-    if fused not in FUSED_QKV_MODES:
-        raise ConfigError(f"fused_qkv must be one of {FUSED_QKV_MODES}, got {fused!r}")
-    patterns = getattr(config, "qkv_patterns", DEFAULT_QKV_PATTERNS)
-    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
-        raise ConfigError(f"qkv_patterns must be a list of glob strings, got {patterns!r}")
-    train_bias = getattr(config, "train_bias", False)
-    if not isinstance(train_bias, bool):
-        raise ConfigError(f"train_bias must be true or false, got {train_bias!r}")
-    return _Options(fused, tuple(patterns), train_bias)
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -114,15 +76,6 @@ class WeightView(nn.Module):
         return f"{self.path}{rows}, shape={tuple(self.weight.shape)}"
 
 
-class _MergedWeight(nn.Module):
-    """What :meth:`FTNProjection.merged_module` returns: W + ΔW of one task, tagged with it."""
-
-    def __init__(self, weight: Tensor, task: str | None) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-        self.task = task
-
-
 class FTNProjection(FTNLayer):
     """ΔW factors for one weight (or row block of a weight) that its owner wrapper applies.
 
@@ -134,12 +87,8 @@ class FTNProjection(FTNLayer):
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - guarded misuse
         raise RuntimeError(f"{self.layer_name!r} is applied by the module that owns it, not called")
 
-    def merged_module(self, task: str | None) -> nn.Module:
-        with torch.no_grad():
-            weight = self.base.weight
-            if task is not None and task in self.tasks:
-                weight = weight + self.delta_weight(task)
-            return _MergedWeight(weight.detach().clone(), task)
+    def merged_module(self, task: str | None) -> nn.Module:  # pragma: no cover - guarded misuse
+        raise RuntimeError(f"{self.layer_name!r} is merged by the module that owns it")
 
 
 class _Bias(nn.Module):
@@ -200,31 +149,16 @@ class FTNBiasLinear(FTNLinear):
         return merged
 
 
-def _base_attribute(module: nn.Module, name: str) -> Any:
-    """``getattr(module.base, name)`` for attributes the wrapper itself does not have."""
-    base = module.__dict__.get("_modules", {}).get("base")
-    if base is None or name.startswith("__"):
-        raise AttributeError(f"'{type(module).__name__}' object has no attribute '{name}'")
-    return getattr(base, name)
-
-
-def wrap_module(module: nn.Module, context: TaskContext, name: str, train_bias: bool = False) -> FTNLayer:
-    """The wrapper ``FTNModel`` puts around a Conv/Linear: :class:`~ftn.layers.FTNConv`,
-    :class:`~ftn.layers.FTNLinear`, or :class:`FTNBiasLinear` when per-task biases are on and
-    the Linear has a bias."""
-    if train_bias and isinstance(module, nn.Linear) and module.bias is not None:
-        return FTNBiasLinear(module, context, name)
-    return wrap_layer(module, context, name)
-
-
 # ---------------------------------------------------------------------------- composites
-class _Composite(nn.Module):
+class _Composite(BaseWrapper, EvalCachedModule):
     """A frozen module plus FTNProjection parts (and TaskBias stores) for some of its tensors.
 
     ``_segments[path]`` lists, for the parameter ``path`` of ``base``, the part keys whose
     blocks make it up, in row order (``(key, rows)``); a key with no part (deselected by the
     patterns) uses the frozen rows. ``_bias_paths[key]`` is the parameter a bias store replaces.
     """
+
+    mixed_batches = False  # forward_mixed does not split batches through functional_call yet
 
     def __init__(self, base: nn.Module, context: TaskContext, name: str) -> None:
         super().__init__()
@@ -237,7 +171,6 @@ class _Composite(nn.Module):
         self._segments: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
         self._bias_paths: dict[str, str] = {}
         self._bias_paths_inv: dict[str, str] = {}
-        self._cache: dict[str, tuple[tuple, dict[str, Tensor]]] = {}
 
     def _add_segment(self, path: str, key: str, rows: tuple[int, int] | None, name: str,
                      selected: Callable[[str], bool]) -> None:
@@ -257,68 +190,39 @@ class _Composite(nn.Module):
                                      or any(task in b.tasks for b in self.biases.values()))
 
     def _overrides(self, task: str) -> dict[str, Tensor]:
-        """Parameter path → the tensor task ``task`` uses instead (only those that change)."""
-        cacheable = not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
-        if cacheable:
-            key = tuple((t._version, t.data_ptr()) for t in self._inputs(task))
-            cached = self._cache.get(task)
-            if cached is not None and cached[0] == key:
-                return cached[1]
-        out: dict[str, Tensor] = {}
-        for path, segments in self._segments.items():
-            if not any(k in self.parts and task in self.parts[k].tasks for k, _ in segments):
-                continue
-            full = self.base.get_parameter(path)
-            pieces = []
-            for k, rows in segments:
-                part = self.parts[k] if k in self.parts else None
-                if part is not None and task in part.tasks:
-                    pieces.append(part.task_weight(task))
-                else:
-                    pieces.append(full if rows is None else full[rows[0]:rows[1]])
-            out[path] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
-        for k, store in self.biases.items():
-            if task in store.tasks:
-                out[self._bias_paths[k]] = store.bias_for(task)
-        if cacheable:
-            self._cache[task] = (key, out)
-        return out
+        """Parameter path → the tensor task ``task`` uses instead (only those that change).
 
-    def _inputs(self, task: str) -> list[Tensor]:
-        tensors = list(self.base.parameters())
-        for part in self.parts.values():
-            if task in part.tasks:
-                tensors += list(part.tasks[task].factors)
-        for store in self.biases.values():
-            if task in store.tasks:
-                tensors += list(store.tasks[task].parameters())
-        return tensors
+        Cached in eval without autograd. Each part's W + ΔW comes from that part's own cache,
+        which checks the factors' values, so here the parts, the frozen weights whose rows fill
+        the gaps and the bias tensors (put in the dict as they are, read live) are checked by
+        identity and version."""
+        parts = {k: p.task_weight(task) for k, p in self.parts.items() if task in p.tasks}
+        biases = {k: store.bias_for(task) for k, store in self.biases.items() if task in store.tasks}
+        paths = [path for path, segments in self._segments.items() if any(k in parts for k, _ in segments)]
+        frozen = [self.base.get_parameter(path) for path in paths]
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
+        def build() -> dict[str, Tensor]:
+            out: dict[str, Tensor] = {}
+            for path, full in zip(paths, frozen):
+                pieces = [parts[k] if k in parts else full if rows is None else full[rows[0]:rows[1]]
+                          for k, rows in self._segments[path]]
+                out[path] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+            for k, bias in biases.items():
+                out[self._bias_paths[k]] = bias
+            return out
 
-    def _apply(self, fn, recurse=True):
-        self._cache.clear()
-        return super()._apply(fn, recurse)
+        return self._eval_cache.get(task, build, tracked=[*parts.values(), *frozen, *biases.values()],
+                                    training=self.training, group=self.context.checks)
 
-    def train(self, mode: bool = True):
-        self._cache.clear()
-        return super().train(mode)
-
-    def __getattr__(self, name: str) -> Any:
-        """Attributes of ``base``; a parameter this wrapper adapts (``weight``,
-        ``in_proj_weight`` ...) is read as the active task's tensor."""
-        try:
-            return nn.Module.__getattr__(self, name)
-        except AttributeError:
-            pass
-        task = self.__dict__.get("context").active if "context" in self.__dict__ else None
+    def _task_tensor(self, name: str) -> Tensor | None:
+        """A parameter this wrapper adapts (``weight``, ``in_proj_weight`` ...) is read as the
+        active task's tensor."""
+        context = self.__dict__.get("context")  # not self.context: may run before __init__ set it
+        task = context.active if context is not None else None
         if name in self.__dict__.get("_segments", {}) or name in self.__dict__.get("_bias_paths_inv", {}):
-            if self.adapts(task):
-                overrides = self._overrides(task)
-                if name in overrides:
-                    return overrides[name]
-        return _base_attribute(self, name)
+            if isinstance(task, str) and self.adapts(task):
+                return self._overrides(task).get(name)
+        return None
 
     def merged_module(self, task: str | None) -> nn.Module:
         """A plain copy of ``base`` with the task's W + ΔW (and biases) folded in."""
@@ -329,29 +233,6 @@ class _Composite(nn.Module):
                     merged.get_parameter(path).copy_(tensor)
         merged.requires_grad_(True)
         return merged
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> nn.Module:
-        """``FTNModel.merge`` deep-copies the backbone with a memo that maps every FTNLayer to its
-        merged module; for our parts those are :class:`_MergedWeight` tagged with the task. Seeing
-        them, return the plain merged module instead of a copy of this wrapper. Any other deep
-        copy is an ordinary one."""
-        merged_parts = [memo.get(id(p)) for p in self.parts.values()]
-        if merged_parts and all(isinstance(m, _MergedWeight) for m in merged_parts):
-            result = self.merged_module(merged_parts[0].task)
-            memo[id(self)] = result
-            return result
-        cls = type(self)
-        new = cls.__new__(cls)
-        memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        return new
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state["_cache"] = {}
-        return state
-
 
 def _has_parameter(module: nn.Module, path: str) -> bool:
     try:
@@ -448,6 +329,3 @@ class FTNMultiheadAttention(_Composite):
     def extra_repr(self) -> str:
         return f"name={self.layer_name!r}, parts={list(self.parts)}, biases={list(self.biases)}"
 
-
-def matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)

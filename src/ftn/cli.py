@@ -182,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every method's config")
     p.set_defaults(func=_cmd_demo)
+
+    from .serving import server
+
+    p = sub.add_parser("predict", help="top-k labels (or dense prediction images) for image files")
+    server.add_predict_arguments(p)
+    p.set_defaults(func=server.cmd_predict)
+
+    p = sub.add_parser("serve", help="serve every adapter of a folder over HTTP from one backbone")
+    server.add_serve_arguments(p)
+    p.set_defaults(func=server.cmd_serve)
     return parser
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .cache import CheckGroup, EvalCachedModule
 from .cp import cp_num_params, cp_to_tensor, weight_modes
 from .errors import ShapeError, TaskError
 from .functional import cp_conv, cp_linear, fast_backward_pays_off
@@ -33,8 +34,7 @@ __all__ = [
     "FTNLayer",
     "FTNConv",
     "FTNLinear",
-    "wrap_layer",
-    "is_adaptable",
+    "BaseWrapper",
 ]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -42,12 +42,14 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 class TaskContext:
     """Which task is active. One instance is shared by every wrapper of a model, so switching
-    task is a single assignment rather than a walk over all layers."""
+    task is a single assignment rather than a walk over all layers. ``checks`` groups the
+    model's eval caches (:func:`ftn.cache.eval_pass`)."""
 
-    __slots__ = ("active",)
+    __slots__ = ("active", "checks")
 
     def __init__(self) -> None:
         self.active: str | MixedTasks | None = None
+        self.checks = CheckGroup()
 
 
 class MixedTasks:
@@ -128,6 +130,11 @@ class CPFactors(nn.Module):
                 bound = init.scale * math.sqrt(3.0 / factor.shape[0])
                 factor.uniform_(-bound, bound)
 
+    def tensors(self) -> list[Tensor]:
+        """``list(self.factors)``, read from the registry directly: ParameterList's indexing costs
+        a few µs per factor, which the eval cache pays on every forward."""
+        return list(self.factors._parameters.values())
+
     def delta(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
         """Dense ΔW in the layer's weight shape."""
         return cp_to_tensor(list(self.factors), shape)
@@ -139,7 +146,44 @@ class CPFactors(nn.Module):
         return f"modes={self.modes}, rank={self.rank}"
 
 
-class FTNLayer(nn.Module):
+class BaseWrapper(nn.Module):
+    """A frozen module kept as ``.base`` inside a wrapper that stands in for it.
+
+    Models often read a layer's attributes directly: Hugging Face ViT checks
+    ``projection.weight.dtype``, others read ``in_features``, ``kernel_size`` or ``batch_first``.
+    So any attribute the wrapper lacks is read from ``base`` (the one pass-through of the
+    package); a subclass answers for the tensors it adapts through :meth:`_task_tensor`, so code
+    that computes with them directly sees the active task's tensor.
+
+    ``mixed_batches`` says whether ``forward`` understands a :class:`MixedTasks` batch
+    (``FTNModel.forward_mixed``). A subclass that writes its own ``forward`` is assumed not to,
+    unless it says so itself.
+    """
+
+    mixed_batches = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__ and "mixed_batches" not in cls.__dict__:
+            cls.mixed_batches = False
+
+    def _task_tensor(self, name: str) -> Tensor | None:
+        """The active task's value of the adapted tensor ``name``, or None (read from ``base``)."""
+        return None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        base = self.__dict__.get("_modules", {}).get("base")
+        if base is None or name.startswith("__"):
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        value = self._task_tensor(name)
+        return getattr(base, name) if value is None else value
+
+
+class FTNLayer(BaseWrapper, EvalCachedModule):
     """Common machinery of the Conv and Linear wrappers; see the module docstring.
 
     ``fast_backward`` picks how a training step back-propagates into the factors (plain
@@ -154,6 +198,7 @@ class FTNLayer(nn.Module):
     """
 
     fast_backward: bool | None = None
+    mixed_batches = True  # forward runs each task of a MixedTasks batch on its slice
 
     def __init__(self, base: nn.Module, context: TaskContext | None = None, name: str = "") -> None:
         super().__init__()
@@ -169,13 +214,10 @@ class FTNLayer(nn.Module):
         # The original forward is only bypassed for the exact built-in classes; subclasses keep
         # their own forward and get the new weight via functional_call.
         self._plain = type(base) in (*_CONV_TYPES, nn.Linear)
-        self._eval_cache: dict[str, tuple[tuple, Tensor]] = {}
 
     # ---------------------------------------------------------------- transparency
-    # Models often read a layer's attributes directly: Hugging Face ViT checks
-    # ``projection.weight.dtype``, others read ``in_features`` or ``kernel_size``. ``weight``
-    # answers with the *active task's* W + ΔW (differentiable), so code that computes with it
-    # directly stays correct; any other attribute the wrapper lacks comes from ``base``.
+    # ``weight`` answers with the *active task's* W + ΔW (differentiable), so code that computes
+    # with it directly stays correct; other attributes come from ``base`` (BaseWrapper).
     @property
     def weight(self) -> Tensor:
         task = self.context.active
@@ -186,15 +228,6 @@ class FTNLayer(nn.Module):
     @property
     def bias(self) -> Tensor | None:
         return self.base.bias
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("_modules", {}).get("base")
-            if base is None or name.startswith("__"):
-                raise
-            return getattr(base, name)
 
     # ---------------------------------------------------------------- tasks
     def add_task(self, task: str, rank: int, init: FactorInit = FactorInit(),
@@ -209,7 +242,7 @@ class FTNLayer(nn.Module):
         if task in self.tasks:
             del self.tasks[task]
         self.requested_ranks.pop(task, None)
-        self._eval_cache.pop(task, None)
+        self._eval_cache.pop(task)
 
     def rank(self, task: str) -> int:
         return self.tasks[task].rank if task in self.tasks else 0
@@ -222,27 +255,14 @@ class FTNLayer(nn.Module):
         return self.tasks[task].delta(self.base.weight.shape)
 
     def task_weight(self, task: str) -> Tensor:
-        """W + ΔW for ``task``. In eval mode without autograd it is built once and reused until a
-        factor or the base weight changes (tracked through tensor version counters)."""
+        """W + ΔW for ``task``. In eval mode without autograd it is built once and reused while
+        the factors hold the same values and W is the same unchanged tensor
+        (:class:`~ftn.cache.EvalCache`)."""
         factors = self.tasks[task]
         weight = self.base.weight
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return weight + factors.delta(weight.shape)
-        key = (weight._version, weight.data_ptr(),
-               *((p._version, p.data_ptr()) for p in factors.factors))
-        cached = self._eval_cache.get(task)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        merged = weight + factors.delta(weight.shape)
-        self._eval_cache[task] = (key, merged)
-        return merged
-
-    def clear_cache(self) -> None:
-        self._eval_cache.clear()
-
-    def _apply(self, fn, recurse=True):  # .to()/.half() move tensors: cached weights are stale
-        self._eval_cache.clear()
-        return super()._apply(fn, recurse)
+        return self._eval_cache.get(task, lambda: weight + factors.delta(weight.shape),
+                                    exact=factors.tensors(), tracked=(weight,), training=self.training,
+                                    group=self.context.checks)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
@@ -356,16 +376,3 @@ class FTNLinear(FTNLayer):
     def _fast_forward(self, x: Tensor, factors: list[Tensor]) -> Tensor:
         return cp_linear(x, self.base.weight, self.base.bias, factors)
 
-
-def is_adaptable(module: nn.Module) -> bool:
-    """Conv1d/2d/3d and Linear, subclasses included (transposed convs are not)."""
-    return isinstance(module, (*_CONV_TYPES, nn.Linear))
-
-
-def wrap_layer(module: nn.Module, context: TaskContext | None = None, name: str = "") -> FTNLayer:
-    """The FTN wrapper for ``module``."""
-    if isinstance(module, _CONV_TYPES):
-        return FTNConv(module, context, name)
-    if isinstance(module, nn.Linear):
-        return FTNLinear(module, context, name)
-    raise TypeError(f"cannot adapt {type(module).__name__}: only Conv1d/2d/3d and Linear layers")

@@ -1,10 +1,13 @@
 """`FTNModel`: one frozen backbone, many tasks, each with its own ΔW factors, norms and head.
 
-Model surgery happens once, in ``__init__``: every Conv/Linear layer selected by the include and
-exclude patterns is replaced in place by an FTN wrapper (see :mod:`ftn.layers`) and every
-normalisation layer by a :class:`~ftn.norms.TaskNorm`. All wrappers share one
-:class:`~ftn.layers.TaskContext`, so selecting a task is a single assignment. Tasks are then added,
-trained, saved, loaded, merged and removed without touching the frozen weights.
+Model surgery happens once, in ``__init__`` (:func:`ftn.injection.inject`): every Conv/Linear layer
+selected by the include and exclude patterns is replaced in place by an FTN wrapper (see
+:mod:`ftn.layers`) and every normalisation layer by a :class:`~ftn.norms.TaskNorm`. All wrappers
+share one :class:`~ftn.layers.TaskContext`, so selecting a task is a single assignment. Tasks are
+then added, trained, saved, loaded, merged and removed without touching the frozen weights.
+
+Adapter files (:mod:`ftn.adapters`) use only this class's public methods: ``add_task_with_ranks``,
+``task_spec``, ``task_info`` / ``set_task_info``, ``check_task`` and ``remove_task``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import fnmatch
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,73 +25,20 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import adapters
+from .cache import eval_pass
+from .config import FTNConfig, validate_task_name
 from .cp import max_efficient_rank
+from .digest import tensor_digest
 from .errors import ConfigError, ShapeError, TaskError
-from .layers import FactorInit, FTNConv, FTNLayer, FTNLinear, MixedTasks, TaskContext, is_adaptable
-from .norms import TaskNorm, is_norm, recalibrate_batchnorm
+from .injection import inject, replace_modules
+from .layers import FTNLayer, MixedTasks, TaskContext
+from .norms import TaskNorm, recalibrate_batchnorm
 from .report import LayerCap, ParameterReport, TaskParameters
 
-__all__ = ["FTNConfig", "FTNModel"]
+__all__ = ["FTNConfig", "FTNModel", "TaskModel"]
 
-# Wrappers whose forward understands a MixedTasks batch (subclasses with their own forward may not).
-_MIXED_FORWARDS = (FTNConv.forward, FTNLinear.forward, TaskNorm.forward)
-
-
-@dataclass
-class FTNConfig:
-    """Model-wide settings. Patterns are shell-style globs (``fnmatch``) over module names as
-    ``backbone.named_modules()`` prints them, e.g. ``"layer4.*"`` or ``"*.downsample.0"``."""
-
-    rank: int = 8
-    rank_pattern: dict[str, int] = field(default_factory=dict)  # first matching glob wins; 0 = skip
-    include: list[str] | None = None  # None: every Conv/Linear
-    exclude: list[str] = field(default_factory=list)
-    task_norms: bool = True
-    init: str = "orthogonal"
-    init_scale: float = 1.0
-    zero_mode: int = 0  # which factor starts at zero (0 = output mode A)
-    rank_cap: bool = True  # cap a layer's rank where the factors would outgrow a dense ΔW
-    # Transformers (see docs/transformers.md): how a packed q/k/v weight (a `qkv` Linear matching
-    # `qkv_patterns`, or nn.MultiheadAttention's in_proj_weight) is factorized: "plain" = one
-    # A·Bᵀ over the whole (3E × E) matrix, "per_projection" = one A·Bᵀ each for q, k and v.
-    fused_qkv: str = "plain"
-    qkv_patterns: list[str] = field(default_factory=lambda: ["*.qkv", "*.qkv_proj", "*.Wqkv"])
-    train_bias: bool = False  # each task also gets its own copy of every adapted Linear's bias
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
-        for pattern, value in self.rank_pattern.items():
-            if not isinstance(value, int) or value < 0:
-                raise ConfigError(f"rank_pattern[{pattern!r}] must be an integer >= 0, got {value!r}")
-        self.factor_init  # validates init / zero_mode
-        if self.fused_qkv not in ("plain", "per_projection"):
-            raise ConfigError(f"fused_qkv must be 'plain' or 'per_projection', got {self.fused_qkv!r}")
-
-    @property
-    def factor_init(self) -> FactorInit:
-        try:
-            return FactorInit(self.init, self.init_scale, self.zero_mode)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-
-
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _validate_task_name(name: Any) -> str:
-    if not isinstance(name, str) or not name or "." in name or not name.isprintable():
-        raise TaskError(f"task names must be non-empty printable strings without '.', got {name!r}")
-    return name
-
-
-def _is_inside_multihead_attention(name: str, modules: Mapping[str, nn.Module]) -> bool:
-    # nn.MultiheadAttention reads out_proj.weight directly instead of calling out_proj, so a
-    # wrapper there would be bypassed (and break attribute access). Its projections are adapted
-    # by FTNMultiheadAttention (ftn.attention) around the whole MHA instead, never one by one.
-    parent = name.rsplit(".", 1)[0] if "." in name else ""
-    return isinstance(modules.get(parent), nn.MultiheadAttention)
+_validate_task_name = validate_task_name  # the old private name, kept importable
 
 
 class FTNModel(nn.Module):
@@ -116,67 +66,12 @@ class FTNModel(nn.Module):
         self.config = config
         self.context = TaskContext()
         backbone.requires_grad_(False)
-        self.backbone = self._inject(backbone)
+        self.backbone = inject(backbone, self.context, config)
         self.heads = nn.ModuleDict()
         self._task_specs: dict[str, dict[str, Any]] = {}
+        self._task_info: dict[str, dict[str, Any]] = {}  # labels, input preparation (adapter files)
         if not self.adapted_layers():
             raise ConfigError("no Conv/Linear layer matched the include/exclude patterns: nothing to adapt")
-
-    # ------------------------------------------------------------------ surgery
-    def _inject(self, backbone: nn.Module) -> nn.Module:
-        from .attention import FTNFusedLinear, FTNMultiheadAttention, attention_options, wrap_module
-
-        modules = dict(backbone.named_modules(remove_duplicate=False))
-        cfg = self.config
-        options = attention_options(cfg)  # fused_qkv / qkv_patterns / train_bias, defaults if absent
-
-        def selected(layer_name: str) -> bool:
-            return ((cfg.include is None or _matches(layer_name, cfg.include))
-                    and not _matches(layer_name, cfg.exclude))
-
-        def wrap(module: nn.Module, layer_name: str, chosen: bool) -> nn.Module | None:
-            if isinstance(module, nn.Linear) and options.per_projection and _matches(layer_name, options.qkv_patterns):
-                # q/k/v blocks are named <layer>.q/.k/.v; selecting the fused layer selects all
-                # three, unless a block is excluded by name.
-                fused = FTNFusedLinear(module, self.context, layer_name,
-                                       lambda n: selected(n) or (chosen and not _matches(n, cfg.exclude)),
-                                       train_bias=options.train_bias)
-                return fused if fused.parts else None
-            if not chosen:
-                return None
-            return wrap_module(module, self.context, layer_name, options.train_bias)
-
-        wrappers: dict[int, nn.Module] = {}
-        for name, module in modules.items():
-            if id(module) in wrappers:
-                continue
-            if isinstance(module, nn.MultiheadAttention):
-                # Its projections are named <name>.in_proj (or .q_proj/.k_proj/.v_proj) and
-                # <name>.out_proj; the patterns select them one by one.
-                mha = FTNMultiheadAttention(module, self.context, name or "<root>", selected,
-                                            per_projection=options.per_projection,
-                                            train_bias=options.train_bias)
-                if mha.parts:
-                    wrappers[id(module)] = mha
-            elif is_adaptable(module):
-                if name and _is_inside_multihead_attention(name, modules):
-                    continue
-                wrapper = (wrap(module, name, selected(name)) if name else
-                           wrap(module, "<root>", cfg.include is None or _matches("", cfg.include)))
-                if wrapper is not None:
-                    wrappers[id(module)] = wrapper
-            elif cfg.task_norms and is_norm(module):
-                wrappers[id(module)] = TaskNorm(module, self.context, name or "<root>")
-        # Replace every reference, so a module used at two places gets one shared wrapper.
-        for name, module in modules.items():
-            if not name:
-                continue
-            parent_name, _, child = name.rpartition(".")
-            parent = modules[parent_name]
-            child_module = parent._modules.get(child)
-            if child_module is not None and id(child_module) in wrappers:
-                parent._modules[child] = wrappers[id(child_module)]
-        return wrappers.get(id(backbone), backbone)
 
     # ------------------------------------------------------------------ introspection
     def adapted_layers(self) -> dict[str, FTNLayer]:
@@ -194,11 +89,14 @@ class FTNModel(nn.Module):
         """Task names in the order they were added."""
         return list(self.heads.keys())
 
-    def _check_task(self, name: str) -> str:
+    def check_task(self, name: str) -> str:
+        """``name`` if the model has that task, else TaskError listing the known tasks."""
         if name not in self.heads:
             known = ", ".join(map(repr, self.tasks)) or "none yet"
             raise TaskError(f"unknown task {name!r}; known tasks: {known}")
         return name
+
+    _check_task = check_task  # the old private name, kept for callers outside the core
 
     def layer_rank(self, layer_name: str, task_rank: int,
                    rank_pattern: Mapping[str, int] | None = None) -> int:
@@ -217,9 +115,7 @@ class FTNModel(nn.Module):
         ``rank`` defaults to the model's; ``rank_pattern`` (glob → rank) overrides it per layer
         for this task, replacing the model-wide pattern.
         """
-        _validate_task_name(name)
-        if name in self.heads:
-            raise TaskError(f"task {name!r} already exists; remove_task({name!r}) first to replace it")
+        self._check_new_task(name)
         rank = self.config.rank if rank is None else rank
         if not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"rank must be an integer >= 0, got {rank!r}")
@@ -227,17 +123,30 @@ class FTNModel(nn.Module):
         for layer_name, layer in self.adapted_layers().items():
             requested = self.layer_rank(layer_name, rank, rank_pattern)
             ranks[layer_name] = (requested, self._capped(layer, requested))
-        self._add_task_with_ranks(name, ranks, head)
-        self._task_specs[name] = {"rank": rank,
-                                  "rank_pattern": dict(rank_pattern) if rank_pattern is not None else None}
+        self.add_task_with_ranks(name, ranks, head, spec={
+            "rank": rank, "rank_pattern": dict(rank_pattern) if rank_pattern is not None else None})
+
+    def _check_new_task(self, name: Any) -> None:
+        validate_task_name(name)
+        if name in self.heads:
+            raise TaskError(f"task {name!r} already exists; remove_task({name!r}) first to replace it")
 
     def _capped(self, layer: FTNLayer, requested: int) -> int:
         if self.config.rank_cap:
             return min(requested, max_efficient_rank(layer.modes))
         return requested
 
-    def _add_task_with_ranks(self, name: str, ranks: Mapping[str, tuple[int, int]],
-                             head: nn.Module | None) -> None:
+    def add_task_with_ranks(self, name: str, ranks: Mapping[str, tuple[int, int]], head: nn.Module | None = None,
+                            *, spec: Mapping[str, Any] | None = None, info: Mapping[str, Any] | None = None) -> None:
+        """Add a task whose per-layer ranks are already decided (an adapter file's task):
+        ``ranks[layer] = (requested, applied)``; layers not listed are not adapted. ``spec`` is
+        how the ranks were asked for (``{"rank": .., "rank_pattern": ..}``, see :meth:`task_spec`)
+        and ``info`` the task's labels and input preparation (:meth:`set_task_info`). All or
+        nothing: on any error the model is left without the task."""
+        self._check_new_task(name)
+        unknown = sorted(set(ranks) - set(self.adapted_layers()))
+        if unknown:
+            raise ConfigError(f"ranks given for layers this model does not adapt: {unknown[:5]}")
         init = self.config.factor_init
         try:
             for layer_name, layer in self.adapted_layers().items():
@@ -254,12 +163,15 @@ class FTNModel(nn.Module):
                 head = head.to(device=ref.device)
             head.requires_grad_(True)
             self.heads[name] = head
+            self._task_specs[name] = dict(spec) if spec is not None else {}
+            if info is not None:
+                self.set_task_info(name, info)
         except Exception:
             self._remove_task_parts(name)
             raise
 
     def remove_task(self, name: str) -> None:
-        self._check_task(name)
+        self.check_task(name)
         self._remove_task_parts(name)
 
     def _remove_task_parts(self, name: str) -> None:
@@ -270,12 +182,13 @@ class FTNModel(nn.Module):
         if name in self.heads:
             del self.heads[name]
         self._task_specs.pop(name, None)
+        self._task_info.pop(name, None)
         if self.context.active == name:
             self.context.active = None
 
     def set_task(self, name: str | None) -> None:
         """Select the task used by ``forward`` when no ``task=`` is given (None: the frozen backbone)."""
-        self.context.active = None if name is None else self._check_task(name)
+        self.context.active = None if name is None else self.check_task(name)
 
     @property
     def active_task(self) -> str | None:
@@ -305,11 +218,12 @@ class FTNModel(nn.Module):
                 raise TaskError(f"no task selected and tasks {custom} have their own heads: "
                                 f"pass task=... or call set_task(...)")
             return self.backbone(*inputs, **kwargs)
-        self._check_task(name)
+        self.check_task(name)
         previous = self.context.active
         self.context.active = name
         try:
-            return self.heads[name](self.backbone(*inputs, **kwargs))
+            with eval_pass(self.context.checks):  # one check of the cached weights per pass
+                return self.heads[name](self.backbone(*inputs, **kwargs))
         finally:
             self.context.active = previous
 
@@ -322,10 +236,9 @@ class FTNModel(nn.Module):
         if len(tasks) != x.shape[0]:
             raise ShapeError(f"forward_mixed got {len(tasks)} task names for a batch of {x.shape[0]}")
         for name in dict.fromkeys(tasks):
-            self._check_task(name)
+            self.check_task(name)
         unsupported = sorted({type(m).__name__ for m in self._unique_modules()
-                              if isinstance(m, (FTNLayer, TaskNorm)) and type(m).forward not in _MIXED_FORWARDS
-                              or type(m).__name__ in ("FTNMultiheadAttention", "FTNFusedLinear")})
+                              if getattr(type(m), "mixed_batches", True) is False})
         if unsupported:
             raise ConfigError(f"forward_mixed does not support {unsupported} layers yet; "
                               f"run the tasks separately (forward_tasks)")
@@ -341,7 +254,8 @@ class FTNModel(nn.Module):
         previous = self.context.active
         self.context.active = MixedTasks(segments)
         try:
-            features = self.backbone(x.index_select(0, order))
+            with eval_pass(self.context.checks):
+                features = self.backbone(x.index_select(0, order))
         finally:
             self.context.active = previous
 
@@ -362,18 +276,24 @@ class FTNModel(nn.Module):
         """Run several tasks in one call: ``{task: x}`` → ``{task: y}``, each with its own ΔW,
         norms and head."""
         for name in inputs:
-            self._check_task(name)
+            self.check_task(name)
         return {name: self(x, task=name) for name, x in inputs.items()}
+
+    def for_task(self, name: str) -> TaskModel:
+        """This model fixed to task ``name``, as a module whose parameters and buffers are that
+        task's only (factors, norm copies, head): what to hand to ``DistributedDataParallel``,
+        ``torch.compile`` or an optimizer in your own training loop. See :class:`TaskModel`."""
+        return TaskModel(self, self.check_task(name))
 
     # ------------------------------------------------------------------ parameters
     def task_parameters(self, name: str) -> list[nn.Parameter]:
         """Exactly the parameters an optimizer should see for ``name``: its factors, its norm
         copies and its head."""
-        self._check_task(name)
+        self.check_task(name)
         return [p for _, p in self.named_task_parameters(name)]
 
     def named_task_parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
-        self._check_task(name)
+        self.check_task(name)
         params: list[tuple[str, nn.Parameter]] = []
         for layer_name, layer in self.adapted_layers().items():
             if name in layer.tasks:
@@ -395,8 +315,6 @@ class FTNModel(nn.Module):
 
     def backbone_fingerprint(self) -> str:
         """SHA-256 over the names, shapes, dtypes and values of the frozen backbone tensors."""
-        from .adapters import tensor_digest
-
         return tensor_digest(self.frozen_tensors())
 
     def parameter_report(self) -> ParameterReport:
@@ -424,20 +342,17 @@ class FTNModel(nn.Module):
     def merge(self, name: str) -> nn.Module:
         """A standalone plain-PyTorch model for ``name``: ``nn.Sequential(backbone, head)`` with
         W + ΔW folded into every adapted layer and the task's own norms; no ftn code needed."""
-        self._check_task(name)
-        memo: dict[int, Any] = {}
-        for module in self._unique_modules():
-            if isinstance(module, FTNLayer):
-                memo[id(module)] = module.merged_module(name)
-            elif isinstance(module, TaskNorm):
-                memo[id(module)] = copy.deepcopy(module.task_module(name))
-        backbone = copy.deepcopy(self.backbone, memo)
+        self.check_task(name)
+        # A copy of the backbone whose wrappers are then swapped, on their parents, for their
+        # plain merged modules (all tasks' factors are copied too: small next to the backbone).
+        backbone = replace_modules(copy.deepcopy(self.backbone),
+                                   lambda _, m: m.merged_module(name) if _is_wrapper(m) else None)
         merged = nn.Sequential(OrderedDict(backbone=backbone, head=copy.deepcopy(self.heads[name])))
         merged.requires_grad_(True)
         return merged.train(self.training)
 
     def task_batchnorms(self, name: str) -> list[_BatchNorm]:
-        self._check_task(name)
+        self.check_task(name)
         return [n.tasks[name] for n in self.task_norm_layers().values() if isinstance(n.tasks[name], _BatchNorm)]
 
     def recalibrate_norms(self, name: str, loader: Any, max_batches: int | None = None,
@@ -457,21 +372,85 @@ class FTNModel(nn.Module):
 
     def backbone_features(self, *inputs: Any, task: str | None = None, **kwargs: Any) -> Any:
         """The backbone's output under ``task`` (no head)."""
-        with self.using_task(task if task is not None else self.context.active):
+        with self.using_task(task if task is not None else self.context.active), eval_pass(self.context.checks):
             return self.backbone(*inputs, **kwargs)
 
-    def save_task(self, name: str, path: str | Path) -> Path:
-        """Write the task's adapter (factors, norms, head, metadata) to one safetensors file."""
-        from .adapters import save_task
+    def save_task(self, name: str, path: str | Path, info: Mapping[str, Any] | None = None) -> Path:
+        """Write the task's adapter (factors, norms, head, metadata) to one safetensors file;
+        ``info`` = ``{"labels": [...], "input": {...}, "outputs": {...}}`` travels with it
+        (see :func:`ftn.adapters.validate_task_info`)."""
+        return adapters.save_task(self, name, path, info=info)
 
-        return save_task(self, name, path)
+    def task_info(self, name: str) -> dict[str, Any]:
+        """What the task's adapter file says about its outputs and inputs (labels, input
+        preparation); empty for tasks saved without it."""
+        self.check_task(name)
+        return copy.deepcopy(self._task_info.get(name, {}))
+
+    def set_task_info(self, name: str, info: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Record what the task's outputs mean and how its inputs are prepared (checked by
+        :func:`ftn.adapters.validate_task_info` against its head); saved with its adapter."""
+        self.check_task(name)
+        try:
+            checked = adapters.validate_task_info(info, self.heads[name])
+        except TypeError as exc:
+            raise ConfigError(f"task info must be plain JSON: {exc}") from None
+        self._task_info[name] = checked
+        return copy.deepcopy(checked)
+
+    def task_spec(self, name: str) -> dict[str, Any]:
+        """How the task's ranks were asked for: ``{"rank": R, "rank_pattern": {...} | None}``
+        (empty for tasks added with explicit per-layer ranks and no spec)."""
+        self.check_task(name)
+        return copy.deepcopy(self._task_specs.get(name, {}))
 
     def load_task(self, path: str | Path, name: str | None = None, head: nn.Module | None = None,
                   check_fingerprint: bool = True) -> str:
         """Add a task from an adapter file, after checking it against this backbone."""
-        from .adapters import load_task
-
-        return load_task(self, path, name=name, head=head, check_fingerprint=check_fingerprint)
+        return adapters.load_task(self, path, name=name, head=head, check_fingerprint=check_fingerprint)
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    """What :mod:`ftn.injection` puts in: a frozen ``.base`` and ``merged_module(task)``."""
+    return "base" in module._modules and callable(getattr(type(module), "merged_module", None))
+
+
+class TaskModel(nn.Module):
+    """One task of an :class:`FTNModel`: ``forward(*inputs)`` is ``model(*inputs, task=name)``.
+
+    It registers only the task's own modules (its CP factors, norm copies and head; the very
+    same objects, nothing is copied), so ``parameters()`` and ``buffers()`` are exactly what one
+    task trains and what a data-parallel wrapper must synchronise::
+
+        ddp = DistributedDataParallel(model.for_task("sketch"))  # find_unused_parameters=False
+        loss = criterion(ddp(x), y); loss.backward(); optimizer.step()
+
+    Wrapping the whole ``FTNModel`` in DDP instead would register every task's parameters, and
+    the tasks not run in a step would make DDP wait for gradients that never come. The frozen
+    backbone is left out too: every process must build it from the same weights (compare
+    ``backbone_fingerprint()`` across ranks if in doubt). Its ``state_dict()`` holds the
+    task's tensors only; save tasks with ``FTNModel.save_task``.
+    """
+
+    def __init__(self, model: FTNModel, name: str) -> None:
+        super().__init__()
+        self.__dict__["model"] = model  # not a submodule: the shared backbone is not this module's
+        self.task = name
+        self.parts = nn.ModuleDict()
+        for layer_name, layer in model.adapted_layers().items():
+            if name in layer.tasks:
+                self.parts[f"delta:{layer_name}".replace(".", ":")] = layer.tasks[name]
+        for layer_name, norm in model.task_norm_layers().items():
+            self.parts[f"norm:{layer_name}".replace(".", ":")] = norm.tasks[name]
+        self.head = model.heads[name]
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        return self.model(*inputs, task=self.task, **kwargs)
+
+    def train(self, mode: bool = True) -> TaskModel:
+        super().train(mode)
+        self.model.train(mode)  # the wrappers' own state (eval caches, frozen norms) follows
+        return self

@@ -13,8 +13,10 @@ over tasks. Activations carry the T tasks side by side along the channel axis, (
 * everything between them (ReLU, pooling, residual adds, flatten of a (N, T·C, 1, 1) map) acts
   per channel and needs no change.
 
-Stacked weights are built once and reused until a factor, norm or base tensor changes (the same
-version-counter rule as the eval cache of :class:`~ftn.layers.FTNLayer`).
+Stacked weights, biases and norm tensors are built once and reused while their inputs are
+unchanged (:mod:`ftn.cache`: every task's factors, the biases and the norm parameters and
+statistics by value, frozen weights by identity and version), checked once per pass on
+accelerators (:func:`ftn.cache.eval_pass`).
 
 Limits (checked where possible; :func:`forward_all_tasks` then falls back to the loop):
 
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .cache import CheckGroup, EvalCachedModule, eval_pass
 from .layers import FTNLayer
 from .norms import TaskNorm
 
@@ -46,34 +49,31 @@ __all__ = ["forward_all_tasks", "MultiTaskBackbone", "UnsupportedForStacking"]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_Source = tuple[Callable[[], Tensor], list[Tensor], list[Tensor]]  # build, exact, tracked
 
 
 class UnsupportedForStacking(NotImplementedError):
     """The backbone has a layer that cannot run for all tasks at once."""
 
 
-class _Stacked(nn.Module):
+class _Stacked(EvalCachedModule):
     """Concatenates per-task tensors once and reuses the result while none of them changed."""
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
         self.num_tasks = num_tasks
-        self._cache: dict[str, tuple[list, Tensor]] = {}
+        self.group: CheckGroup | None = None  # the model's (set by MultiTaskBackbone)
 
-    def _cat(self, key: str, parts: Callable[[], list[Tensor]], dim: int = 0) -> Tensor:
-        tensors = parts()
-        if torch.is_grad_enabled():  # differentiable: never cached
-            return torch.cat(tensors, dim)
-        # Identity + version of every part: task_weight() returns the same cached object
-        # while a task's factors are unchanged, and any in-place update bumps _version.
-        stamp = [(t, t._version) for t in tensors]
-        hit = self._cache.get(key)
-        if hit is not None and len(hit[0]) == len(stamp) and all(
-                a is b and va == vb for (a, va), (b, vb) in zip(hit[0], stamp)):
-            return hit[1]
-        out = torch.cat(tensors, dim)
-        self._cache[key] = (stamp, out)
-        return out
+    def _cached(self, key: str, build: Callable[[], Tensor], exact: list[Tensor] = (),
+                tracked: list[Tensor] = ()) -> Tensor:
+        """``build()``, cached in eval without autograd while ``exact`` (compared by value) and
+        ``tracked`` (identity and version) are unchanged; see :mod:`ftn.cache`."""
+        return self._eval_cache.get(key, build, exact=exact, tracked=tracked, group=self.group)
+
+    def _stacked_bias(self, bias: Tensor | None) -> Tensor | None:
+        if bias is None:
+            return None
+        return self._cached("b", lambda: torch.cat([bias] * self.num_tasks), exact=[bias])
 
     def _stacked_input(self, x: Tensor, channels: int, dim: int) -> bool:
         if x.shape[dim] == self.num_tasks * channels:
@@ -84,17 +84,17 @@ class _Stacked(nn.Module):
 
 
 class _StackedConv(_Stacked):
-    def __init__(self, base: nn.Module, weights: Callable[[], list[Tensor]], num_tasks: int) -> None:
+    def __init__(self, base: nn.Module, weight: Callable[[], _Source], num_tasks: int) -> None:
         super().__init__(num_tasks)
         if type(base) not in _CONV_TYPES:
             raise UnsupportedForStacking(f"conv subclass {type(base).__name__} has its own forward")
         self.base_ref = [base]  # a list: not a submodule, so its parameters are not re-registered
-        self.weights = weights
+        self.weight_source = weight
 
     def forward(self, x: Tensor) -> Tensor:
         base, t = self.base_ref[0], self.num_tasks
-        weight = self._cat("w", self.weights)
-        bias = None if base.bias is None else self._cat("b", lambda: [base.bias] * t)
+        weight = self._cached("w", *self.weight_source())
+        bias = self._stacked_bias(base.bias)
         conv = _CONV_FN[len(base.kernel_size)]
         stacked = self._stacked_input(x, base.in_channels, 1)
         padding = base.padding
@@ -118,17 +118,17 @@ class _StackedConv(_Stacked):
 
 
 class _StackedLinear(_Stacked):
-    def __init__(self, base: nn.Linear, weights: Callable[[], list[Tensor]], num_tasks: int) -> None:
+    def __init__(self, base: nn.Linear, weight: Callable[[], _Source], num_tasks: int) -> None:
         super().__init__(num_tasks)
         if type(base) is not nn.Linear:
             raise UnsupportedForStacking(f"Linear subclass {type(base).__name__}")
         self.base_ref = [base]
-        self.weights = weights
+        self.weight_source = weight
 
     def forward(self, x: Tensor) -> Tensor:
         base, t = self.base_ref[0], self.num_tasks
-        weight = self._cat("w", self.weights)  # (T·O, I)
-        bias = None if base.bias is None else self._cat("b", lambda: [base.bias] * t)
+        weight = self._cached("w", *self.weight_source())  # (T·O, I)
+        bias = self._stacked_bias(base.bias)
         if not self._stacked_input(x, base.in_features, -1):
             return F.linear(x, weight, bias)  # shared input: one matmul for all tasks
         lead = x.shape[:-1]
@@ -158,24 +158,37 @@ class _StackedNorm(_Stacked):
         if not self._stacked_input(x, channels, 1):
             x = x.repeat(1, t, *([1] * (x.dim() - 2)))
 
-        def cat(attr: str) -> Tensor | None:
-            if getattr(first, attr, None) is None:
-                return None
-            return self._cat(attr, lambda: [getattr(n, attr) for n in self.modules_fn()])
-
+        # One entry for all the norms' tensors, compared by value in one go: BatchNorm updates
+        # its running statistics in place without bumping their version counters.
+        attrs = ("weight", "bias")
         if isinstance(first, _BatchNorm):
-            return F.batch_norm(x, cat("running_mean"), cat("running_var"), cat("weight"), cat("bias"),
-                                False, 0.0, first.eps)
-        return F.group_norm(x, t * first.num_groups, cat("weight"), cat("bias"), first.eps)
+            attrs = ("running_mean", "running_var", *attrs)
+        per_task = {a: [getattr(n, a) for n in norms] for a in attrs if getattr(first, a, None) is not None}
+        stacked = self._eval_cache.get("norm", lambda: {a: torch.cat(ts) for a, ts in per_task.items()},
+                                       exact=[p for ts in per_task.values() for p in ts], group=self.group).get
+        if isinstance(first, _BatchNorm):
+            return F.batch_norm(x, stacked("running_mean"), stacked("running_var"), stacked("weight"),
+                                stacked("bias"), False, 0.0, first.eps)
+        return F.group_norm(x, t * first.num_groups, stacked("weight"), stacked("bias"), first.eps)
 
 
-def _weights_fn(module: nn.Module, tasks: Sequence[str]) -> Callable[[], list[Tensor]]:
+def _weight_source(module: nn.Module, tasks: Sequence[str]) -> Callable[[], _Source]:
+    """What the stacked weight [W + ΔW_1; ...; W + ΔW_T] of ``module`` is built from: (build,
+    every task's factors, the frozen weight). Built here rather than from each layer's own cached
+    W + ΔW, so the one-pass runner holds one dense copy per layer, not T + 1."""
     if isinstance(module, FTNLayer):
-        def weights() -> list[Tensor]:
+        def source() -> _Source:
             base = module.base.weight
-            return [module.task_weight(t) if t in module.tasks else base for t in tasks]
-        return weights
-    return lambda: [module.weight] * len(tasks)  # a frozen layer no task adapts
+            adapted = [module.tasks[t] if t in module.tasks else None for t in tasks]
+            factors = [f for cp in adapted if cp is not None for f in cp.tensors()]
+            return (lambda: torch.cat([base if cp is None else base + cp.delta(base.shape) for cp in adapted]),
+                    factors, [base])
+        return source
+
+    def frozen() -> _Source:  # a frozen layer no task adapts
+        weight = module.weight
+        return lambda: torch.cat([weight] * len(tasks)), [], [weight]
+    return frozen
 
 
 def _outer_modules(root: nn.Module):
@@ -207,20 +220,25 @@ class MultiTaskBackbone(nn.Module):
         for module in _outer_modules(backbone):
             if isinstance(module, FTNLayer):
                 base = module.base
-                stacked = (_StackedLinear(base, _weights_fn(module, tasks), t) if isinstance(base, nn.Linear)
-                           else _StackedConv(base, _weights_fn(module, tasks), t))
+                stacked = (_StackedLinear(base, _weight_source(module, tasks), t) if isinstance(base, nn.Linear)
+                           else _StackedConv(base, _weight_source(module, tasks), t))
                 memo[id(module)] = stacked
             elif isinstance(module, TaskNorm):
                 memo[id(module)] = _StackedNorm(
                     lambda m=module: [m.task_module(name) for name in tasks], t)
             elif isinstance(module, _CONV_TYPES):
-                memo[id(module)] = _StackedConv(module, _weights_fn(module, tasks), t)
+                memo[id(module)] = _StackedConv(module, _weight_source(module, tasks), t)
             elif isinstance(module, nn.Linear):
-                memo[id(module)] = _StackedLinear(module, _weights_fn(module, tasks), t)
+                memo[id(module)] = _StackedLinear(module, _weight_source(module, tasks), t)
             elif isinstance(module, (_BatchNorm, nn.GroupNorm)):
                 memo[id(module)] = _StackedNorm(lambda m=module: [m] * t, t)
             elif any(True for _ in module.parameters(recurse=False)):
                 raise UnsupportedForStacking(f"{type(module).__name__} holds parameters of its own")
+        # The model's cache group: its layers' W + ΔW and these stacked tensors are checked
+        # together, once per pass (on accelerators; see ftn.cache.eval_pass).
+        self.group = next((m.context.checks for m in backbone.modules() if isinstance(m, FTNLayer)), CheckGroup())
+        for stacked in memo.values():
+            stacked.group = self.group
         # Share every remaining tensor instead of deep-copying it.
         for tensor in (*backbone.parameters(), *backbone.buffers()):
             memo[id(tensor)] = tensor
@@ -229,7 +247,8 @@ class MultiTaskBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """One output per task, split from the stacked channel axis (dim 1)."""
-        y = self.body(x)
+        with eval_pass(self.group):
+            y = self.body(x)
         return list(y.chunk(len(self.tasks), dim=1))
 
 
@@ -239,7 +258,7 @@ _RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _runner(model: nn.Module, tasks: tuple[str, ...]) -> MultiTaskBackbone:
     # Keyed on the task tuple and on the model's current modules: a task added or removed after
     # the runner was built changes the FTN layers' task dicts, not these modules, so the
-    # weights closures stay correct; only a different task list needs a new runner.
+    # weight sources stay correct; only a different task list needs a new runner.
     per_model = _RUNNERS.setdefault(model, {})
     if tasks not in per_model:
         per_model[tasks] = MultiTaskBackbone(model.backbone, tasks)
@@ -257,7 +276,7 @@ def forward_all_tasks(model, x: Tensor, tasks: Sequence[str] | None = None, *,
     """
     tasks = tuple(model.tasks if tasks is None else tasks)
     for name in tasks:
-        model._check_task(name)
+        model.check_task(name)
     if not tasks:
         return {}
 

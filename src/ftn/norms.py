@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import DataError, TaskError
-from .layers import MixedTasks, TaskContext
+from .layers import BaseWrapper, MixedTasks, TaskContext
 
 __all__ = ["TaskNorm", "is_norm", "NORM_TYPES", "recalibrate_batchnorm"]
 
@@ -30,8 +30,12 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, NORM_TYPES)
 
 
-class TaskNorm(nn.Module):
-    """A frozen normalisation layer plus one trainable copy per task."""
+class TaskNorm(BaseWrapper):
+    """A frozen normalisation layer plus one trainable copy per task. Attributes of the norm
+    read through (``num_features``, ``eps``); its tensors (``weight``, ``running_mean``) are
+    the active task's."""
+
+    mixed_batches = True  # forward splits a MixedTasks batch by task
 
     def __init__(self, base: nn.Module, context: TaskContext | None = None, name: str = "") -> None:
         super().__init__()
@@ -67,6 +71,20 @@ class TaskNorm(nn.Module):
 
     def task_module(self, task: str | None) -> nn.Module:
         return self.tasks[task] if task is not None and task in self.tasks else self.base
+
+    def _task_tensor(self, name: str) -> torch.Tensor | None:
+        context = self.__dict__.get("context")  # not self.context: may run before __init__ set it
+        active = context.active if context is not None else None
+        if isinstance(active, str) and active in self.tasks:
+            value = getattr(self.tasks[active], name, None)
+            return value if isinstance(value, torch.Tensor) else None
+        return None
+
+    def merged_module(self, task: str | None) -> nn.Module:
+        """The task's own copy of the norm as a plain module (the pretrained one for no task)."""
+        merged = copy.deepcopy(self.task_module(task))
+        merged.requires_grad_(True)
+        return merged
 
     def extra_repr(self) -> str:
         return f"name={self.layer_name!r}, tasks={list(self.tasks)}"

@@ -29,6 +29,7 @@ __all__ = [
     "DenseEncoder",
     "DenseHead",
     "DenseHeads",
+    "SingleDenseHead",
     "build_encoder",
     "build_head",
     "task_channels",
@@ -122,3 +123,13 @@ class DenseHeads(nn.ModuleDict):
 
     def forward(self, features: Sequence[Any]) -> dict[str, Tensor]:  # type: ignore[override]
         return {t: head(features) for t, head in self.items()}
+
+
+class SingleDenseHead(DenseHeads):
+    """The :class:`DenseHeads` of one dense task returning its map itself (not ``{task: map}``):
+    same state keys as the training head, so ``ftn predict`` / ``ftn serve`` load a per-task
+    adapter of the dense setting and get a tensor out."""
+
+    def forward(self, features: Sequence[Any]) -> Tensor:  # type: ignore[override]
+        (head,) = self.values()
+        return head(features)

@@ -44,10 +44,10 @@ from .metrics import (
     semseg_loss,
 )
 from .model import DenseHeads, build_encoder, build_head
-from .nyud import TASKS, JointCompose, NYUDMultiTask, RandomCrop, RandomHorizontalFlip, RandomScale, Resize
+from .nyud import IMAGENET_MEAN, IMAGENET_STD, TASKS, JointCompose, NYUDMultiTask, RandomCrop, RandomHorizontalFlip, RandomScale, Resize
 
 __all__ = ["DenseDataConfig", "DenseModelConfig", "DenseSetting", "DenseObjective", "DenseTask", "TASK_SPECS",
-           "MAIN_METRICS", "JOINT", "compare", "task_loss"]
+           "MAIN_METRICS", "JOINT", "compare", "task_loss", "dense_adapter_info"]
 
 #: The name of the one training task of ``data.joint=true``.
 JOINT = "all"
@@ -73,7 +73,8 @@ TASK_SPECS: dict[str, DenseTask] = {
     "normals": DenseTask(lambda p, t, d: normals_loss(p, t, kind=d.normals_loss), lambda c, d: NormalsMeter(),
                          ("mean_angle", "median_angle", "within_11.25", "within_22.5", "within_30"), "mean_angle"),
     "edge": DenseTask(lambda p, t, d: edge_loss(p, t, pos_weight=d.edge_pos_weight),
-                      lambda c, d: EdgeMeter(d.edge_thresholds, d.edge_max_dist, d.edge_tolerance_px),
+                      lambda c, d: EdgeMeter(d.edge_thresholds, d.edge_max_dist, d.edge_tolerance_px,
+                                             nms=d.edge_nms),
                       ("odsF", "oisF", "ods_threshold"), "odsF", probabilities=True),
 }
 #: One headline metric per task, as in the usual NYUD table; Δm averages over these.
@@ -101,10 +102,11 @@ class DenseDataConfig(DataConfig):
         default_factory=lambda: {"semseg": 1.0, "depth": 1.0, "normals": 10.0, "edge": 50.0})
     edge_pos_weight: float = 0.95
     normals_loss: str = "l1"  # l1 | cosine
-    # Edge metric: thresholds and matching tolerance (fraction of the diagonal, or pixels).
+    # Edge metric (BSDS protocol): thresholds and matching tolerance (fraction of the diagonal, or pixels).
     edge_thresholds: int = 99
-    edge_max_dist: float = 0.0075  # BSDS default
+    edge_max_dist: float = 0.011  # NYUD tolerance, fraction of the image diagonal (HED/RCF/multi-task papers)
     edge_tolerance_px: float | None = None  # overrides edge_max_dist
+    edge_nms: bool = True  # edge non-maximum suppression before thinning (HED/RCF evaluation)
 
 
 @dataclass
@@ -157,6 +159,30 @@ class DenseObjective(Objective):
 
     def score(self, metrics: dict[str, float]) -> float:
         return -metrics["loss"]
+
+
+def _head_kwargs(m: DenseModelConfig) -> dict[str, int]:
+    return {"aspp_channels": m.aspp_channels, "low_channels": m.low_channels, "decoder_channels": m.decoder_channels}
+
+
+def dense_adapter_info(cfg: ExperimentConfig, task: str, train: Dataset, num_classes: int) -> dict[str, Any] | None:
+    """What a dense adapter file says about itself, so ``ftn predict`` / ``ftn serve`` can rebuild
+    the encoder and decoder and write readable prediction images: output channels, encoder,
+    decoder sizes. The head is this setting's :class:`DenseHeads` (``layout: "dict"``: state keys
+    ``<task>.*``). None for the joint task (one head for every dense task: not servable)."""
+    if task == JOINT:
+        return None
+    names = getattr(getattr(train, "dataset", train), "class_names", None)
+    if task == "semseg":
+        labels = list(names) if names and len(names) == num_classes else [f"class {i}" for i in range(num_classes)]
+    else:
+        labels = {"depth": ["depth (m)"], "normals": ["normal x", "normal y", "normal z"],
+                  "edge": ["edge logit"]}[task]
+    return {"labels": labels,
+            "input": {"channels": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "resize": "none"},
+            "outputs": {"kind": "dense", "task": task, "num_classes": num_classes, "head": _head_kwargs(cfg.model),
+                        "layout": "dict",
+                        "encoder": {"backbone": cfg.model.backbone, "output_stride": cfg.model.output_stride}}}
 
 
 def _limit(ds: Dataset, n: int | None) -> Dataset:
@@ -233,7 +259,8 @@ class DenseSetting(Setting):
         outputs = self.cfg.data.tasks if task == JOINT else [task]
         return TaskData(task, s["train"], s.get("val"), s["test"], DenseObjective(outputs, self.num_classes,
                                                                                   self.cfg.data),
-                        recal=s["recal"], min_batch=2)
+                        recal=s["recal"], min_batch=2,
+                        info=dense_adapter_info(self.cfg, task, s["train"], self.num_classes))
 
     def head(self, data: TaskData) -> nn.Module:
         """One DeepLabv3+ decoder per dense task, each initialised from ``seed + task index``
@@ -242,8 +269,7 @@ class DenseSetting(Setting):
         heads = {}
         for t in data.objective.tasks:
             torch.manual_seed(self.cfg.seed * 1000 + TASKS.index(t))
-            heads[t] = build_head(self.encoder, t, data.objective.num_classes, aspp_channels=m.aspp_channels,
-                                  low_channels=m.low_channels, decoder_channels=m.decoder_channels)
+            heads[t] = build_head(self.encoder, t, data.objective.num_classes, **_head_kwargs(m))
         return DenseHeads(heads)
 
     def summarize(self, results: dict[str, Any]) -> dict[str, Any]:

@@ -86,8 +86,10 @@ class TextSetting(Setting):
             return None if limit == 0 else splits[task][split].subset(limit, d.max_len)
 
         val, test = part("val", d.val_limit), part("test", d.test_limit)
+        classes = meta["tasks"][task]["classes"]
+        info = {"labels": [str(c) for c in classes]}  # saved with the adapter (no image input preparation)
         return TaskData(task, part("train", d.train_limit), val and val.by_length(), test and test.by_length(),
-                        Classify(len(meta["tasks"][task]["classes"]), task), collate=collate)
+                        Classify(len(classes), task), collate=collate, info=info)
 
     def head(self, data: TaskData) -> nn.Module:
         return nn.Linear(self.encoder.dim, data.objective.num_classes)

@@ -19,6 +19,7 @@ from .setting import Classify, Setting, TaskData, mean_accuracy
 __all__ = ["ImageDataConfig", "ClassificationSetting", "build_domain_data", "IMAGENET_NORMALIZE"]
 
 IMAGENET_NORMALIZE = v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_CROP_RATIO = 1.14  # evaluation: shorter side to size * 1.14, then a centre crop
 
 
 @dataclass
@@ -56,7 +57,7 @@ def _with_transform(dataset: Dataset, transform: Any) -> Dataset:
 
 def _image_transforms(size: int, augment: bool) -> dict[str, v2.Compose]:
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), IMAGENET_NORMALIZE]
-    evaluation = v2.Compose([v2.Resize(int(size * 1.14)), v2.CenterCrop(size), *to_tensor])
+    evaluation = v2.Compose([v2.Resize(int(size * _CROP_RATIO)), v2.CenterCrop(size), *to_tensor])
     training = v2.Compose([v2.RandomResizedCrop(size, scale=(0.35, 1.0)), v2.RandomHorizontalFlip(), *to_tensor]) \
         if augment else evaluation
     return {"train": training, "val": evaluation, "test": evaluation}
@@ -75,6 +76,9 @@ def build_domain_data(cfg: ImageDataConfig, domain: str, seed: int = 0) -> TaskD
             splits[split] = TensorDataset(*ds.as_tensors())
             num_classes = ds.num_classes
         augment = (lambda batch: (random_affine_batch(batch[0]), batch[1])) if cfg.augment else None
+        classes = ds.classes
+        # The dataset stretches grayscale images to image_size and repeats them to 3 channels.
+        input_spec = {"size": cfg.image_size, "channels": 1, "resize": "stretch"}
     elif cfg.kind == "domainnet":
         from ..data.folders import DomainNetDataset
 
@@ -90,6 +94,7 @@ def build_domain_data(cfg: ImageDataConfig, domain: str, seed: int = 0) -> TaskD
                   "test": test}
         num_classes = train_full.num_classes
         augment = None
+        classes = train_full.classes
     else:
         from ..data.folders import ImageFolderDomains
 
@@ -98,12 +103,17 @@ def build_domain_data(cfg: ImageDataConfig, domain: str, seed: int = 0) -> TaskD
         splits = dict(folders[domain])
         num_classes = folders.num_classes(domain)
         augment = None
+        classes = folders.classes[domain]
     limits = {"train": cfg.train_limit, "val": cfg.val_limit, "test": cfg.test_limit}
     splits = {k: _limit(v, limits[k], seed) for k, v in splits.items()}
     # BatchNorm statistics are recalibrated on the training images without augmentation.
     recal = _with_transform(splits["train"], tf["val"]) if cfg.kind != "embedded" and cfg.augment else None
+    if cfg.kind != "embedded":  # evaluation transform of _image_transforms
+        input_spec = {"size": cfg.image_size, "channels": 3, "resize": "center_crop", "crop_ratio": _CROP_RATIO}
+    input_spec.update(mean=list(IMAGENET_NORMALIZE.mean), std=list(IMAGENET_NORMALIZE.std))
+    info = {"labels": [str(c) for c in classes], "input": input_spec}
     return TaskData(domain, splits["train"], splits.get("val"), splits.get("test"), Classify(num_classes, domain),
-                    recal=recal, augment=augment)
+                    recal=recal, augment=augment, info=info)
 
 
 class ClassificationSetting(Setting):

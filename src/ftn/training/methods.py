@@ -169,8 +169,9 @@ class Method:
         task.load_state_dict(st_load(str(path), device=str(self.device)))
         return task
 
-    def save_task(self, name: str, folder: Path) -> Path:
-        """Write the task's own tensors (safetensors); FTN writes a full adapter file instead."""
+    def save_task(self, name: str, folder: Path, info: dict[str, Any] | None = None) -> Path:
+        """Write the task's own tensors (safetensors); FTN writes a full adapter file instead
+        (with ``info``: labels, input preparation and outputs, read by ``ftn predict`` / ``ftn serve``)."""
         path = folder / f"{name}.safetensors"
         state = {k: v.cpu().contiguous() for k, v in self.tasks[name].state_dict().items()}
         return atomic_write_bytes(path, st_save(state, metadata={"method": self.name, "task": name}))
@@ -250,8 +251,8 @@ class FTNMethod(Method):
     def task_parameters(self, name: str) -> int:
         return self.model.parameter_report().tasks[name].total
 
-    def save_task(self, name: str, folder: Path) -> Path:
-        return self.model.save_task(name, folder / f"{name}.safetensors")
+    def save_task(self, name: str, folder: Path, info: dict[str, Any] | None = None) -> Path:
+        return self.model.save_task(name, folder / f"{name}.safetensors", info=info)
 
 
 @register

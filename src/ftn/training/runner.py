@@ -76,7 +76,7 @@ def _train_tasks(cfg: ExperimentConfig, setting: Setting, method: Method, names:
         result = asdict(train_task(model, data, cfg.train, cfg.data, out / name, seed=seed, device=device,
                                    progress=progress, stop_after_steps=stop_after_steps, sync=sync))
         if distributed.current().is_main or not sync:
-            method.save_task(name, out / "adapters")
+            method.save_task(name, out / "adapters", info=data.info)
         log.info("%s/%s: test %s", method.name, name, result["test"])
         results[name] = result
         if on_result is not None:

@@ -113,6 +113,9 @@ class TaskData:
     augment: Callable[[Any], Any] | None = None  # batch-level, on the device, uses the global RNG
     collate: Callable[[list[Any]], Any] | None = None  # None: torch's default collate
     min_batch: int = 1  # a last batch smaller than this is dropped (BatchNorm needs 2 samples)
+    # Saved with the task's adapter for serving (``ftn predict`` / ``ftn serve``): ``labels``
+    # (class names), ``input`` (preparation) and, for dense tasks, ``outputs``.
+    info: dict[str, Any] | None = None
 
 
 class Setting:

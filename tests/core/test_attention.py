@@ -5,6 +5,10 @@ plain and per projection; per-task LayerNorm and biases.
 For each form: a new task is bit-identical to the unwrapped model, training task b leaves task a
 bit-identical and the frozen weights untouched, merge gives plain PyTorch modules with the same
 outputs, and an adapter file round-trips.
+
+Only the Hugging Face tests need ``transformers``, torchvision's ViT needs ``torchvision`` and the
+fused-qkv ones ``timm``: each skips on its own where its library is missing, the rest (MHA,
+TransformerEncoderLayer, per-projection blocks) always run.
 """
 
 from __future__ import annotations
@@ -14,17 +18,13 @@ import hashlib
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
-from ftn import FTNModel
-from ftn.attention import (AttentionConfig, FTNBiasLinear, FTNFusedLinear, FTNMultiheadAttention,
+from ftn import FTNConfig, FTNModel
+from ftn.attention import (FTNBiasLinear, FTNFusedLinear, FTNMultiheadAttention,
                            FTNProjection, TaskBias)
 from ftn.errors import ConfigError
 from ftn.norms import TaskNorm
-
-transformers = pytest.importorskip("transformers")
-
 
 def _hash(tensors) -> str:
     h = hashlib.sha256()
@@ -127,6 +127,7 @@ def check_attention_form(make_backbone, inputs, tmp_path, *, config=None, rank=2
 
 # ------------------------------------------------------------------ Hugging Face BERT / ViT
 def _bert():
+    transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=64, max_position_embeddings=32)
     return transformers.BertModel(cfg)
@@ -141,6 +142,7 @@ def _bert_inputs():
 
 
 def _hf_vit():
+    transformers = pytest.importorskip("transformers")
     cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                  image_size=32, patch_size=8)
     return transformers.ViTModel(cfg)
@@ -176,13 +178,14 @@ def test_hf_vit_plain_linear_attention(tmp_path):
 
 # ------------------------------------------------------------------ nn.MultiheadAttention
 def _tv_vit():
+    torchvision = pytest.importorskip("torchvision")
     return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                                 hidden_dim=32, mlp_dim=64, num_classes=10)
 
 
 @pytest.mark.parametrize("fused_qkv", ["plain", "per_projection"])
 def test_torchvision_vit_multihead_attention(tmp_path, fused_qkv):
-    config = AttentionConfig(rank=2, fused_qkv=fused_qkv)
+    config = FTNConfig(rank=2, fused_qkv=fused_qkv)
     model = check_attention_form(_tv_vit, _images(), tmp_path, config=config, expect=(FTNMultiheadAttention,))
     layers = model.adapted_layers()
     prefix = "encoder.layers.encoder_layer_0.self_attention"
@@ -263,7 +266,7 @@ def test_multihead_attention_patterns_select_projections():
     model = FTNModel(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), rank=2, exclude=["*.in_proj"])
     assert sorted(model.adapted_layers()) == ["linear1", "linear2", "self_attn.out_proj"]
     model = FTNModel(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True),
-                     config=AttentionConfig(rank=2, fused_qkv="per_projection", include=["*.q_proj", "*.v_proj"]))
+                     config=FTNConfig(rank=2, fused_qkv="per_projection", include=["*.q_proj", "*.v_proj"]))
     assert sorted(model.adapted_layers()) == ["self_attn.q_proj", "self_attn.v_proj"]
     model.add_task("a")  # k rows stay frozen, q and v rows adapt
     wrapper = model.backbone.self_attn
@@ -288,7 +291,7 @@ def _timm_vit():
 @pytest.mark.parametrize("fused_qkv", ["plain", "per_projection"])
 def test_timm_vit_fused_qkv(tmp_path, fused_qkv):
     pytest.importorskip("timm")
-    config = AttentionConfig(rank=2, fused_qkv=fused_qkv)
+    config = FTNConfig(rank=2, fused_qkv=fused_qkv)
     model = check_attention_form(_timm_vit, _images(), tmp_path, config=config,
                                  expect=(FTNFusedLinear,) if fused_qkv == "per_projection" else ())
     layers = model.adapted_layers()
@@ -305,7 +308,7 @@ def test_timm_vit_fused_qkv(tmp_path, fused_qkv):
 
 def test_fused_qkv_per_projection_blocks_are_independent():
     lin = nn.Linear(4, 12)
-    model = FTNModel(nn.Sequential(lin), config=AttentionConfig(rank=1, fused_qkv="per_projection",
+    model = FTNModel(nn.Sequential(lin), config=FTNConfig(rank=1, fused_qkv="per_projection",
                                                                 qkv_patterns=["0"]))
     model.add_task("a")
     layers = model.adapted_layers()
@@ -317,15 +320,15 @@ def test_fused_qkv_per_projection_blocks_are_independent():
     assert torch.equal(diff[:4], torch.zeros(4, 4)) and torch.equal(diff[8:], torch.zeros(4, 4))
     assert torch.allclose(diff[4:8], layers["0.k"].delta_weight("a").detach())
     with pytest.raises(ConfigError, match="equal projections"):
-        FTNModel(nn.Sequential(nn.Linear(4, 10)), config=AttentionConfig(fused_qkv="per_projection",
+        FTNModel(nn.Sequential(nn.Linear(4, 10)), config=FTNConfig(fused_qkv="per_projection",
                                                                           qkv_patterns=["0"]))
     with pytest.raises(ConfigError, match="fused_qkv"):
-        AttentionConfig(fused_qkv="split")
+        FTNConfig(fused_qkv="split")
 
 
 # ------------------------------------------------------------------ per-task biases
 def test_train_bias_gives_each_task_its_own_biases(tmp_path):
-    config = AttentionConfig(rank=2, train_bias=True)
+    config = FTNConfig(rank=2, train_bias=True)
     model = check_attention_form(_bert, _bert_inputs(), tmp_path, config=config, expect=(FTNBiasLinear,))
     query = model.adapted_layers()["encoder.layer.0.attention.self.query"]
     assert isinstance(query, FTNBiasLinear)
@@ -345,7 +348,7 @@ def test_train_bias_gives_each_task_its_own_biases(tmp_path):
 
 
 def test_train_bias_on_multihead_attention(tmp_path):
-    config = AttentionConfig(rank=2, train_bias=True)
+    config = FTNConfig(rank=2, train_bias=True)
     model = check_attention_form(_tv_vit, _images(), tmp_path, config=config)
     mha = model.backbone.encoder.layers.encoder_layer_0.self_attention
     assert sorted(mha.biases) == ["in_proj_bias", "out_proj_bias"]
@@ -356,7 +359,7 @@ def test_train_bias_on_multihead_attention(tmp_path):
 
 def test_bias_only_task_with_rank_zero():
     """rank 0 + train_bias: BitFit-style, biases and norms only."""
-    model = FTNModel(_bert(), config=AttentionConfig(rank=2, train_bias=True))
+    model = FTNModel(_bert(), config=FTNConfig(rank=2, train_bias=True))
     model.add_task("bitfit", rank=0)
     report = model.parameter_report().tasks["bitfit"]
     assert report.delta == 0 and report.norms > 0

@@ -10,7 +10,8 @@ from torch import nn
 from ftn import FTNModel
 from ftn.cp import cp_to_tensor
 from ftn.functional import cp_conv, cp_linear, fast_backward_cost_ratio, fast_backward_pays_off
-from ftn.layers import FTNLayer, wrap_layer
+from ftn.injection import wrap_layer
+from ftn.layers import FTNLayer
 
 from conftest import SmallCNN, randomize_norms
 

@@ -1,0 +1,114 @@
+"""The core's shape: one direction of imports, each module importable on its own, and a working
+``import ftn`` with nothing but torch and safetensors (the harness's libraries blocked)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+# The core, lowest first: a module may import only modules to its left. errors, cp and report
+# are leaves; adapters works on a model through its public methods and is imported by it.
+CORE = ["version", "errors", "cp", "functional", "cache", "report", "digest", "layers", "config", "norms",
+        "attention", "injection", "adapters", "model", "multitask"]
+# What the core must never need (the `train` extra and other optional packages). NumPy is not
+# listed: safetensors.torch.save needs it, so it is a core dependency.
+BLOCKED = ["yaml", "tqdm", "matplotlib", "torchvision", "PIL", "transformers", "peft", "timm"]
+
+
+def _ftn_imports(module: str) -> set[str]:
+    """ftn modules that ``ftn/<module>.py`` imports, function-level imports included."""
+    tree = ast.parse((SRC / "ftn" / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names = [node.module] if node.module else [a.name for a in node.names]
+            found.update(n.split(".")[0] for n in names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ftn."):
+            found.add(node.module.split(".")[1])
+    return found
+
+
+def test_core_imports_point_one_way():
+    for i, module in enumerate(CORE):
+        imported = _ftn_imports(module)
+        assert imported <= set(CORE[:i]), (module, sorted(imported - set(CORE[:i])))
+
+
+# Runs in a fresh interpreter: the harness's libraries look absent (ModuleNotFoundError), the ftn package is a bare
+# stub (its __init__ would import everything), and each core module is imported alone.
+# Prepended to both scripts: the blocked packages look absent, as if not installed (argv[2]).
+_BLOCKER = r"""
+import importlib.abc, sys
+BLOCKED = set(sys.argv[2].split(","))
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"{name} is blocked: the core must not need it")
+        return None
+
+sys.meta_path.insert(0, Block())
+"""
+
+_ISOLATED = _BLOCKER + r"""
+import importlib, json, types
+for name in list(sys.modules):
+    if name.split(".")[0] in BLOCKED:
+        del sys.modules[name]
+loaded = {}
+for module in sys.argv[3].split(","):
+    for name in [n for n in sys.modules if n == "ftn" or n.startswith("ftn.")]:
+        del sys.modules[name]
+    stub = types.ModuleType("ftn")
+    stub.__path__ = [sys.argv[1] + "/ftn"]
+    sys.modules["ftn"] = stub
+    importlib.import_module("ftn." + module)
+    loaded[module] = sorted(n[4:] for n in sys.modules if n.startswith("ftn."))
+print(json.dumps(loaded))
+"""
+
+
+def test_each_core_module_imports_alone_without_optional_packages():
+    out = subprocess.run([sys.executable, "-c", _ISOLATED, str(SRC), ",".join(BLOCKED), ",".join(CORE)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    for i, module in enumerate(CORE):
+        assert set(loaded[module]) <= set(CORE[: i + 1]), (module, loaded[module])
+
+
+_USE_CORE = _BLOCKER + r"""
+import tempfile
+import torch
+from torch import nn
+import ftn
+
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                    nn.Linear(4, 5), nn.LayerNorm(5))
+model = ftn.FTNModel(net, rank=2).eval()
+model.add_task("a", head=nn.Linear(5, 3))
+with torch.no_grad():
+    for p in model.task_parameters("a"):
+        p.add_(0.1)
+x = torch.randn(2, 3, 8, 8)
+y = model(x, task="a")
+with tempfile.TemporaryDirectory() as d:
+    model.save_task("a", d + "/a.safetensors", info={"labels": ["x", "y", "z"]})
+    model.load_task(d + "/a.safetensors", name="b")
+torch.testing.assert_close(model(x, task="b"), y)
+torch.testing.assert_close(model.merge("a").eval()(x), y, rtol=1e-5, atol=1e-5)
+print("ok", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
+"""
+
+
+def test_import_ftn_works_with_only_torch_and_safetensors():
+    out = subprocess.run([sys.executable, "-c", _USE_CORE, "", ",".join(BLOCKED)], capture_output=True, text=True,
+                         timeout=300, env={"PYTHONPATH": str(SRC), "PATH": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "ok []"

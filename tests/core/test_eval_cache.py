@@ -1,0 +1,310 @@
+"""The eval cache (ftn.cache) never serves an old weight.
+
+Each test fills the caches with an eval forward under ``no_grad``, changes the model in one of
+the ways training code does (optimizer steps — fused ones do not bump version counters —,
+``p.data`` writes as in a hand-written EMA, ``copy_``, ``load_state_dict``, ``.to()``,
+BatchNorm statistics updates), runs the cached forward again and compares it with a forward
+under autograd, which never reads a cache. Covered for FTN conv/linear layers, for
+``nn.MultiheadAttention`` (per-projection parts, frozen rows, per-task biases) and for the
+all-tasks pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import ftn.cache
+from ftn import FTNConfig, FTNModel
+from ftn.attention import FTNMultiheadAttention
+from ftn.cache import EvalCache, EvalCachedModule, invalidate_eval_caches
+from ftn.multitask import forward_all_tasks
+
+from conftest import SmallCNN, randomize_norms
+
+
+def _fused_adamw_works() -> bool:
+    p = nn.Parameter(torch.zeros(2))
+    p.grad = torch.ones(2)
+    try:
+        torch.optim.AdamW([p], lr=0.1, fused=True).step()
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+OPTIMIZERS = {
+    "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=0.05, fused=True),
+    "adamw_foreach_false": lambda ps: torch.optim.AdamW(ps, lr=0.05, foreach=False),
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.5),
+}
+MUTATIONS = [*OPTIMIZERS, "data_add", "copy_no_grad", "load_state_dict", "to_float64"]
+
+
+def _param(kind):
+    if kind == "adamw_fused" and not _fused_adamw_works():
+        return pytest.param(kind, marks=pytest.mark.skip(reason="AdamW(fused=True) is not supported on CPU here"))
+    return kind
+
+
+PARAMS = [_param(k) for k in MUTATIONS]
+
+
+# ------------------------------------------------------------------ models
+def _perturb(model, task, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.task_parameters(task):
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _cnn_model():
+    torch.manual_seed(0)
+    model = FTNModel(randomize_norms(SmallCNN()), rank=2)
+    model.add_task("a")
+    _perturb(model, "a", 1)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    return model.eval(), ((x,), {}), ["a"]
+
+
+def _attention_model():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    config = FTNConfig(rank=2, fused_qkv="per_projection", train_bias=True,
+                             exclude=["*.k_proj"])  # k rows stay frozen inside the packed weight
+    model = FTNModel(layer, config=config)
+    model.add_task("a")
+    _perturb(model, "a", 1)
+    assert any(isinstance(m, FTNMultiheadAttention) for m in model.modules())
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    return model.eval(), ((x,), {}), ["a"]
+
+
+def _stackable_backbone():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 8))
+
+
+def _multitask_model():
+    torch.manual_seed(0)
+    model = FTNModel(randomize_norms(_stackable_backbone()), rank=2)
+    for i, name in enumerate(("t0", "t1")):
+        model.add_task(name, head=nn.Linear(8, 4))
+        _perturb(model, name, i + 1)
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    return model.eval(), ((x,), {}), ["t0", "t1"]
+
+
+def _as_dtype(inputs, model):
+    dtype = next(model.parameters()).dtype
+    args, kwargs = inputs
+    return tuple(a.to(dtype) for a in args), kwargs
+
+
+def _per_task(model, inputs, tasks):
+    """What the cached path must give: the plain forward under autograd (no cache is read)."""
+    args, kwargs = _as_dtype(inputs, model)
+    with torch.enable_grad():
+        return {t: model(*args, task=t, **kwargs).detach() for t in tasks}
+
+
+def _loop(model, inputs, tasks):
+    args, kwargs = _as_dtype(inputs, model)
+    with torch.no_grad():
+        return {t: model(*args, task=t, **kwargs) for t in tasks}
+
+
+def _all_tasks(model, inputs, tasks):
+    (x,), _ = _as_dtype(inputs, model)
+    with torch.no_grad():
+        return forward_all_tasks(model, x, tasks, fallback=False)
+
+
+# ------------------------------------------------------------------ changes
+def _mutate(kind, model, inputs, task):
+    params = model.task_parameters(task)
+    if kind in OPTIMIZERS:
+        # A step taken in eval mode (frozen norms): no train() call in between to clear anything.
+        opt = OPTIMIZERS[kind](params)
+        args, kwargs = inputs
+        with torch.enable_grad():
+            model(*args, task=task, **kwargs).square().mean().backward()
+        opt.step()
+        return
+    g = torch.Generator().manual_seed(7)
+    if kind == "data_add":  # a hand-written update / EMA: bypasses the version counter
+        for p in params:
+            p.data.add_(0.1 * torch.randn(p.shape, generator=g))
+    elif kind == "copy_no_grad":
+        with torch.no_grad():
+            for p in params:
+                p.copy_(p + 0.1 * torch.randn(p.shape, generator=g))
+    elif kind == "load_state_dict":
+        ids = {id(p) for p in params}
+        names = {n for n, p in model.named_parameters() if id(p) in ids}
+        state = {k: v + 0.1 * torch.randn(v.shape, generator=g) if k in names else v
+                 for k, v in model.state_dict().items()}
+        model.load_state_dict(state)
+    elif kind == "to_float64":
+        model.to(torch.float64)
+    else:  # pragma: no cover
+        raise ValueError(kind)
+
+
+def _check(build, run, kind, reference=_per_task, mutated_task=None):
+    model, inputs, tasks = build()
+    before = run(model, inputs, tasks)  # fills the caches
+    assert run(model, inputs, tasks).keys() == before.keys()  # and reads them
+    _mutate(kind, model, inputs, mutated_task or tasks[0])
+    got = run(model, inputs, tasks)
+    expected = reference(model, inputs, tasks)
+    changed = False
+    for t in tasks:
+        torch.testing.assert_close(got[t], expected[t], rtol=1e-5, atol=1e-5, msg=lambda m: f"task {t}: {m}")
+        changed |= (before[t].dtype != expected[t].dtype
+                    or not torch.allclose(before[t], expected[t], rtol=1e-3, atol=1e-3))
+    assert changed, "the change did not move the output: the test would prove nothing"
+
+
+@pytest.mark.parametrize("kind", PARAMS)
+def test_conv_and_linear_layers_see_every_change(kind):
+    _check(_cnn_model, _loop, kind)
+
+
+@pytest.mark.parametrize("kind", PARAMS)
+def test_multihead_attention_sees_every_change(kind):
+    _check(_attention_model, _loop, kind)
+
+
+@pytest.mark.parametrize("kind", PARAMS)
+def test_all_tasks_pass_sees_every_change(kind):
+    _check(_multitask_model, _all_tasks, kind)
+
+
+def test_all_tasks_pass_sees_batchnorm_statistics_updated_in_train_mode():
+    # BatchNorm updates running_mean / running_var in place without bumping their versions.
+    def update_statistics(model, inputs, tasks):
+        model.train()
+        with torch.no_grad():
+            model(*inputs[0], task="t1")
+        model.eval()
+
+    model, inputs, tasks = _multitask_model()
+    before = _all_tasks(model, inputs, tasks)
+    update_statistics(model, inputs, tasks)
+    got, expected = _all_tasks(model, inputs, tasks), _per_task(model, inputs, tasks)
+    assert not torch.allclose(before["t1"], expected["t1"], atol=1e-3)
+    for t in tasks:
+        torch.testing.assert_close(got[t], expected[t], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the frozen base weight
+def _base_weights(model):
+    return [layer.base.weight for layer in model.adapted_layers().values()]
+
+
+@pytest.mark.parametrize("build,run", [(_cnn_model, _loop), (_attention_model, _loop),
+                                       (_multitask_model, _all_tasks)], ids=["layers", "attention", "all_tasks"])
+def test_frozen_weight_changes(build, run):
+    model, inputs, tasks = build()
+    run(model, inputs, tasks)
+    with torch.no_grad():  # an in-place write that bumps the version counter is seen
+        for w in _base_weights(model):
+            w.mul_(1.5)
+    _assert_fresh(model, inputs, tasks, run)
+    # An optimizer step on an unfrozen backbone is seen too, fused or not (step hook).
+    weights = _base_weights(model)
+    for w in weights:
+        w.requires_grad_(True)
+        w.grad = torch.ones_like(w)
+    (torch.optim.AdamW(weights, lr=0.05, fused=True) if _fused_adamw_works()
+     else torch.optim.SGD(weights, lr=0.05)).step()
+    _assert_fresh(model, inputs, tasks, run)
+    # The documented gap: a .data write to the frozen weight needs invalidate_eval_caches().
+    for w in weights:
+        w.data.mul_(0.5)
+    invalidate_eval_caches()
+    _assert_fresh(model, inputs, tasks, run)
+
+
+def _assert_fresh(model, inputs, tasks, run):
+    got, expected = run(model, inputs, tasks), _per_task(model, inputs, tasks)
+    for t in tasks:
+        torch.testing.assert_close(got[t], expected[t], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ reuse and housekeeping
+def test_cache_is_reused_and_copies_start_empty():
+    model, inputs, tasks = _attention_model()
+    layers = [m for m in model.modules() if isinstance(m, EvalCachedModule)]
+    _loop(model, inputs, tasks)
+    assert all(len(m._eval_cache) for m in layers)
+    wrapper = next(m for m in layers if isinstance(m, FTNMultiheadAttention))
+    with torch.no_grad():
+        assert wrapper._overrides("a") is wrapper._overrides("a")  # a hit: the same dict
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert not any(len(m._eval_cache) for m in clone.modules() if isinstance(m, EvalCachedModule))
+        torch.testing.assert_close(_loop(clone, inputs, tasks)["a"], _loop(model, inputs, tasks)["a"])
+    model.train()  # entering training frees the cached dense weights
+    assert not any(len(m._eval_cache) for m in layers)
+
+
+def test_entries_are_checked_by_value_identity_dtype_shape_and_strides():
+    # torch.equal(zeros(float32), zeros(float64)) is True: the cache compares dtypes itself.
+    cache, calls = EvalCache(), []
+
+    def get(exact, tracked):
+        with torch.no_grad():
+            return cache.get("k", lambda: calls.append(1) or len(calls), exact=exact, tracked=tracked)
+
+    a, w = torch.zeros(3), torch.ones(4, 2)
+    assert get([a], [w]) == get([a], [w]) == 1  # unchanged: a hit
+    a.data.add_(1.0)  # no version bump
+    assert get([a], [w]) == 2
+    assert get([a.clone()], [w]) == 3  # another tensor, even with the same values
+    b = a.double()
+    assert get([b], [w]) == 4 and get([b], [w]) == 4
+    b.data = b.data.float()  # same object, same values, other dtype
+    assert get([b], [w]) == 5
+    assert get([b], [w.clone()]) == 6  # another frozen tensor with the same values
+    v = w.t().contiguous().t()  # same values and shape, other strides
+    assert get([b], [v]) == 7 and get([b], [v]) == 7
+    with torch.enable_grad():
+        assert cache.get("k", lambda: -1, exact=[b], tracked=[v]) == -1  # never cached with autograd
+
+
+@pytest.mark.parametrize("kind", PARAMS)
+def test_all_tasks_pass_with_checks_batched_per_pass(kind, monkeypatch):
+    # On accelerators the values are compared once per pass for the whole model (one device
+    # sync) instead of at each lookup; run that code path on the CPU.
+    monkeypatch.setattr(ftn.cache, "_batched", lambda device: True)
+    _check(_multitask_model, _all_tasks, kind)
+
+
+def test_batched_checks_run_once_per_pass(monkeypatch):
+    monkeypatch.setattr(ftn.cache, "_batched", lambda device: True)
+    model, inputs, tasks = _multitask_model()
+    _all_tasks(model, inputs, tasks)  # builds
+    group = model.context.checks
+    calls = []
+    check = ftn.cache.CheckGroup.check
+    monkeypatch.setattr(ftn.cache.CheckGroup, "check", lambda self: calls.append(1) or check(self))
+    compared = []
+    same = ftn.cache._Exact.same_values
+    monkeypatch.setattr(ftn.cache._Exact, "same_values",
+                        lambda self, ts: (ts and compared.append(1)) or same(self, ts))
+    _all_tasks(model, inputs, tasks)
+    assert calls == [1] and compared == []  # one batched comparison, none per lookup
+    assert len(group._caches) > 0
+    for p in model.task_parameters("t1"):
+        p.data.mul_(1.5)
+    got, expected = _all_tasks(model, inputs, tasks), _per_task(model, inputs, tasks)
+    assert calls == [1, 1] and compared  # the batch differed: each entry compared on its own
+    for t in tasks:
+        torch.testing.assert_close(got[t], expected[t], rtol=1e-5, atol=1e-5)

@@ -48,7 +48,7 @@ from torch import nn
 
 from ftn import FTNModel
 from ftn.backbones import strip_classifier
-from ftn.training.methods import lora_targets
+from ftn.training.methods import ftn_delta_budget, lora_targets
 
 METHODS = ["full", "linear", "bn_head", "ftn_autograd", "ftn", "lora", "loha", "lokr"]
 ALL_METHODS = [*METHODS, "ftn_custom"]  # ftn_custom (depthwise included) is slow: opt-in
@@ -224,12 +224,6 @@ def eval_latency(models: dict[str, nn.Module], x, rounds: int) -> dict[str, floa
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def ftn_delta_budget(backbone: nn.Module) -> int:
-    probe = FTNModel(copy.deepcopy(backbone), rank=FTN_RANK)
-    probe.add_task("t")
-    return probe.parameter_report().tasks["t"].delta
-
-
 def make_batch(size: int, batch: int):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g).to(DEVICE)
@@ -240,7 +234,7 @@ def make_batch(size: int, batch: int):
 def run_config(name: str, methods: list[str], rounds: int, warmup: int, eval_rounds: int) -> dict:
     arch, size, batch = CONFIGS[name]
     backbone, dim = make_backbone(arch)
-    budget = ftn_delta_budget(backbone)
+    budget = ftn_delta_budget(backbone, rank=FTN_RANK)
     built = {m: build(m, backbone, dim, budget) for m in methods}
     x, y = make_batch(size, batch)
     loss_fn = nn.CrossEntropyLoss()
@@ -285,12 +279,7 @@ def child_memory(config: str, method: str, steps: int) -> dict:
     """Runs in a fresh process: peak RSS of building + ``steps`` training steps of one method."""
     arch, size, batch = CONFIGS[config]
     backbone, dim = make_backbone(arch)
-    budget = None
-    if method in ("lora", "loha", "lokr"):
-        probe = FTNModel(copy.deepcopy(backbone), rank=FTN_RANK)
-        probe.add_task("t")
-        budget = probe.parameter_report().tasks["t"].delta
-        del probe
+    budget = ftn_delta_budget(backbone, rank=FTN_RANK) if method in ("lora", "loha", "lokr") else None
     m = build(method, backbone, dim, budget)
     del backbone
     x = torch.randn(batch, 3, size, size)

@@ -7,19 +7,12 @@ import torch
 import torchvision
 from torch import nn
 
-from ftn.dense.deeplab import DeepLabV3Plus, DeepLabV3PlusHead, MultiScaleEncoder, aspp_rates
+from ftn.dense.deeplab import DeepLabV3PlusHead, MultiScaleEncoder, aspp_rates
+from ftn.dense.model import DenseEncoder, DenseHeads, build_head
 from ftn.errors import ConfigError, ShapeError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tensors are tiny: on a busy 2-core machine, OpenMP's barrier between two threads costs
-    # milliseconds per op (a 1×32×16×24 BatchNorm: 8 ms with 2 threads, 0.01 ms with 1), which
-    # turned a 0.3 s test into 9 s. One thread is faster here; the setting is restored after.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.mark.parametrize("output_stride", [16, 8])
@@ -52,11 +45,12 @@ def test_mobilenet_v2_encoder_shapes() -> None:
     torch.manual_seed(0)
     enc = MultiScaleEncoder("mobilenet_v2", torchvision.models.mobilenet_v2(weights=None), output_stride=16)
     assert (enc.low_channels, enc.high_channels) == (24, 320)
-    model = DeepLabV3Plus.build(enc, {"semseg": 7, "depth": 1, "normals": 3, "edge": 1}).eval()
+    encoder = DenseEncoder(enc)
+    heads = DenseHeads({t: build_head(encoder, t, 7) for t in ("semseg", "depth", "normals", "edge")}).eval()
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         low, high = enc(x)
-        out = model(x)
+        out = heads(encoder.eval()(x))
     assert low.shape == (1, 24, 16, 24) and high.shape == (1, 320, 4, 6)
     assert {k: tuple(v.shape[1:]) for k, v in out.items()} == {
         "semseg": (7, 64, 96), "depth": (1, 64, 96), "normals": (3, 64, 96), "edge": (1, 64, 96)}

@@ -108,7 +108,7 @@ def test_preprocess_matches_the_embedded_training_pipeline():
 
 
 def test_preprocess_center_crop_matches_folder_evaluation_transform():
-    from ftn.training.runner import _image_transforms
+    from ftn.training.classification import _image_transforms
 
     img = decode_image(png_bytes(3, size=50))
     spec = InputSpec(size=24, resize="center_crop", crop_ratio=1.14)
@@ -168,7 +168,8 @@ def test_ftn_train_writes_labels_and_input_into_adapters(tmp_path, capsys):
     args = ["model.backbone=tiny_convnet", "model.pretrained=false", "data.image_size=16", "data.train_limit=16",
             "data.val_limit=8", "data.test_limit=8", "train.max_steps=1", "data.batch_size=8",
             "data.domains=[fashion]", f"output_dir={tmp_path}", "train.recalibrate_bn=false"]
-    assert main(["train", "--no-progress", *args]) == 0
+    config = __import__("pathlib").Path(__file__).parents[1] / "configs" / "embedded_mobilenetv2_ftn.yaml"
+    assert main(["train", "--no-progress", "--config", str(config), *args]) == 0
     info = read_adapter(tmp_path / "adapters" / "fashion.safetensors")[1]["info"]
     assert info["labels"][:2] == ["t-shirt/top", "trouser"] and len(info["labels"]) == 10
     assert info["input"]["size"] == 16 and info["input"]["channels"] == 1 and info["input"]["resize"] == "stretch"
@@ -176,17 +177,20 @@ def test_ftn_train_writes_labels_and_input_into_adapters(tmp_path, capsys):
 
 
 def test_ftn_predict_writes_dense_prediction_images(tmp_path, capsys):
-    from ftn.dense.model import build_dense_ftn, build_encoder
+    from ftn.dense.model import DenseHeads, build_encoder, build_head
 
     torch.manual_seed(0)  # what `ftn predict --no-pretrained --seed 0` does before building
     encoder = build_encoder("mobilenet_v2", pretrained=False, output_stride=16)
     head = {"aspp_channels": 8, "low_channels": 4, "decoder_channels": 8}
-    model = build_dense_ftn(encoder, ["semseg", "depth"], num_classes=3, rank=2, head_kwargs=head).eval()
+    model = FTNModel(encoder, rank=2)
+    for task in ("semseg", "depth"):  # as the dense setting builds them: DenseHeads({task: decoder})
+        model.add_task(task, head=DenseHeads({task: build_head(encoder, task, 3, **head)}))
+    model.eval()
     for task, labels in (("semseg", ["floor", "wall", "box"]), ("depth", ["depth (m)"])):
         model.save_task(task, tmp_path / f"{task}.safetensors", info={
             "labels": labels, "input": {"channels": 3, "resize": "none", "mean": [0.485, 0.456, 0.406],
                                         "std": [0.229, 0.224, 0.225]},
-            "outputs": {"kind": "dense", "task": task, "num_classes": 3, "head": head,
+            "outputs": {"kind": "dense", "task": task, "num_classes": 3, "head": head, "layout": "dict",
                         "encoder": {"backbone": "mobilenet_v2", "output_stride": 16}}})
     (tmp_path / "scene.png").write_bytes(png_bytes(5, size=40))
     out = tmp_path / "out"
@@ -200,5 +204,5 @@ def test_ftn_predict_writes_dense_prediction_images(tmp_path, capsys):
     x = preprocess(decode_image(png_bytes(5, size=40)),
                    InputSpec(size=None, resize="none", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
     with torch.no_grad():
-        expected = model(x[None], task="semseg")[0].argmax(0)
+        expected = model(x[None], task="semseg")["semseg"][0].argmax(0)
     assert torch.equal(torch.from_numpy(__import__("numpy").array(seg)).long(), expected)

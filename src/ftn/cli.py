@@ -47,52 +47,67 @@ def _setup_logging(output_dir: str | None = None) -> None:
                         force=True)
 
 
+def _train_usage() -> str:
+    from pathlib import Path
+
+    from .training.config import SETTINGS
+    from .training.methods import METHODS
+
+    configs = sorted(Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
+    lines = ["ftn train needs a config: ftn train --config FILE.yaml [section.key=value ...]", "",
+             f"  settings (the file's `setting:` key): {', '.join(SETTINGS)}",
+             f"  methods (method.name=...):            {', '.join(METHODS)}"]
+    if configs:
+        lines += ["", "  configs in ./configs:"] + [f"    {c}" for c in configs]
+    lines += ["", "Every key and its default: src/ftn/training/config.py and each setting's data/model section "
+              "(ftn.training.classification, ftn.dense.setting, ftn.text.setting)."]
+    return "\n".join(lines)
+
+
+def _format_metrics(metrics: dict[str, float] | None) -> str:
+    if not metrics:
+        return "-"
+    if "acc" in metrics:
+        return f"top-1 {metrics['acc']:.2f}%"
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "loss")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    if not args.config:
+        print(_train_usage())
+        return 2
+    from .training import distributed
     from .training.config import load_config
     from .training.runner import run_experiment
 
     cfg = load_config(args.config, args.overrides)
     _setup_logging(cfg.output_dir)
     summary = run_experiment(cfg, progress=not args.no_progress)
-    from .training import distributed
-
     if not distributed.current().is_main:
         return 0
-    print(f"\n{summary['method']} on {summary['backbone']}: mean test top-1 {summary['mean_test_acc']:.2f}%")
-    for domain, r in summary["domains"].items():
-        print(f"  {domain:<16} test {r['test_acc']:.2f}%  val {r['val_acc']:.2f}%  trainable {r['trainable_params']:,}")
-    print(f"  stored parameters (all domains): {summary['stored_parameters']:,}; results in {cfg.output_dir}")
+    print(f"\n{summary['method']} on {summary['backbone']} ({summary['setting']}):")
+    for task, r in summary["tasks"].items():
+        print(f"  {task:<16} test {_format_metrics(r['test'])}  trainable {r['trainable_params']:,}")
+    print(f"  stored parameters (all tasks): {summary['stored_parameters']:,}; results in {cfg.output_dir}")
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .errors import ConfigError
     from .training.config import load_config
-    from .training.engine import evaluate, resolve_device, seed_everything
-    from .training.methods import FTNMethod
-    from .training.runner import build_domain_data, build_method
+    from .training.runner import evaluate_tasks
 
+    if not args.config:
+        raise ConfigError("ftn eval needs the config the tasks were trained with: --config FILE.yaml")
     cfg = load_config(args.config, [*args.overrides, "method.load_adapters=[]"])
-    if cfg.method.name not in ("ftn", "bn_head"):
-        from .errors import ConfigError
-
-        raise ConfigError("ftn eval reads FTN adapter files: use a config with method.name=ftn")
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.seed)  # as `ftn train` does, so a random-weight backbone is the same one
-    method = build_method(cfg, device)
-    assert isinstance(method, FTNMethod)
     paths = [Path(p) for p in args.adapters]
     files = [f for p in paths for f in (sorted(p.glob("*.safetensors")) if p.is_dir() else [p])]
     if not files:
-        from .errors import ConfigError
-
-        raise ConfigError(f"no adapter files found in {', '.join(map(str, paths))}")
-    for f in files:
-        name = method.load_domain(f)
-        data = build_domain_data(cfg.data, name, seed=cfg.seed)
-        acc = evaluate(method.domains[name], getattr(data, args.split), cfg.data.eval_batch_size, device)
-        print(f"{name:<16} {args.split} top-1 {acc:.2f}%  ({f})")
+        raise ConfigError(f"no task files found in {', '.join(map(str, paths))}")
+    for (name, metrics), f in zip(evaluate_tasks(cfg, files, args.split).items(), files):
+        print(f"{name:<16} {args.split} {_format_metrics(metrics)}  ({f})")
     return 0
 
 
@@ -111,11 +126,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             from .text.demo import format_text_table as table, run_text_demo as run
         output = args.output if args.output != "outputs/demo" else ("outputs/dense_demo" if args.dense
                                                                     else "outputs/text_demo")
-        results = run(output, quick=args.quick, progress=not args.no_progress)
+        results = run(output, quick=args.quick, progress=not args.no_progress, extra=args.overrides)
         print("\n" + table(results))
         print(f"\nresults in {output}")
         return 0
     methods = tuple(args.methods) if args.methods else DEMO_METHODS
+    from .training.methods import method_class
+
+    for m in methods:
+        method_class(m)  # an unknown name fails here, with the registry's names
     results = run_demo(args.output, quick=args.quick, methods=methods, progress=not args.no_progress,
                        extra=args.overrides)
     print("\n" + format_table(results))
@@ -140,15 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_params)
 
-    p = sub.add_parser("train", help="train the domains of a config, one after another")
+    p = sub.add_parser("train", help="train the tasks of a config (any setting), one after another")
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3 method.rank=16")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate FTN adapter files on their domains")
+    p = sub.add_parser("eval", help="evaluate saved tasks (adapter files) on their data")
     p.add_argument("--config", help="the YAML config they were trained with")
-    p.add_argument("--adapters", nargs="+", required=True, help="adapter files or folders of them")
+    p.add_argument("--adapters", nargs="+", required=True,
+                   help="task files (<output_dir>/adapters/<task>.safetensors) or folders of them")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_cmd_eval)
@@ -158,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true", help="dense multi-task demo on embedded indoor scenes")
     p.add_argument("--text", action="store_true", help="text multi-task demo with the offline MiniLM")
     p.add_argument("--output", default="outputs/demo", help="folder for results.json, table.md and the plot")
-    p.add_argument("--methods", nargs="*", choices=["ftn", "full", "linear", "bn_head", "lora"])
+    p.add_argument("--methods", nargs="*", help="methods to compare (default: ftn full linear norm_head lora)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every method's config")
     p.set_defaults(func=_cmd_demo)
 
     from .serving import server

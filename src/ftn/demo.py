@@ -14,30 +14,30 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import atomic_write_bytes
-from .training.config import ExperimentConfig, apply_overrides
+from .training.config import ExperimentConfig, apply_overrides, new_config
 from .training.runner import run_experiment
 
 __all__ = ["DEMO_METHODS", "demo_config", "run_demo", "format_table", "plot_results"]
 
-DEMO_METHODS = ("ftn", "full", "linear", "bn_head", "lora")
-_METHOD_LR = {"ftn": 3e-3, "full": 5e-4, "linear": 1e-2, "bn_head": 3e-3, "lora": 3e-3}
-_LABELS = {"ftn": "FTN", "full": "full fine-tuning", "linear": "linear probe", "bn_head": "BN + head",
+DEMO_METHODS = ("ftn", "full", "linear", "norm_head", "lora")
+_METHOD_LR = {"ftn": 3e-3, "full": 5e-4, "linear": 1e-2, "norm_head": 3e-3, "lora": 3e-3}
+_LABELS = {"ftn": "FTN", "full": "full fine-tuning", "linear": "linear probe", "norm_head": "BN + head",
            "lora": "LoRA (PEFT)"}
 
 # Full run: the whole embedded benchmark (≈ 20 min on 2 CPU cores for all five methods).
-FULL = ["data.image_size=64", "train.epochs=5", "data.batch_size=64", "method.rank=8"]
+FULL = ["data.image_size=64", "train.epochs=5", "data.batch_size=64", "method.ftn.rank=8"]
 # Quick run (CI): a small slice of every domain, one short epoch, smaller images (< 3 min).
 QUICK = ["data.image_size=32", "train.epochs=1", "data.batch_size=32", "data.train_limit=192",
-         "data.val_limit=96", "data.test_limit=200", "method.rank=4", "train.recalibrate_batches=4"]
+         "data.val_limit=96", "data.test_limit=200", "method.ftn.rank=4", "train.recalibrate_batches=4"]
 
 
 def demo_config(method: str, output: Path, quick: bool, extra: list[str] = ()) -> ExperimentConfig:
     overrides = (QUICK if quick else FULL) + [
-        f"method.name={method}", f"train.lr={_METHOD_LR[method]}", f"train.head_lr={_METHOD_LR['linear'] if method == 'linear' else 3e-3}",
+        f"method.name={method}", f"train.lr={_METHOD_LR.get(method, 3e-3)}", f"train.head_lr={_METHOD_LR['linear'] if method == 'linear' else 3e-3}",
         "train.warmup_steps=0" if quick else "train.warmup_steps=20",
         "train.resume=false", f"output_dir={output / method}", f"name=demo-{method}", "model.backbone=mobilenet_v2",
         "model.pretrained=true", *extra]
-    return apply_overrides(ExperimentConfig(), overrides)
+    return apply_overrides(new_config("classification"), overrides)
 
 
 def run_demo(output: str | Path = "outputs/demo", quick: bool = False, methods: tuple[str, ...] = DEMO_METHODS,
@@ -52,7 +52,7 @@ def run_demo(output: str | Path = "outputs/demo", quick: bool = False, methods: 
         print(format_row(method, summary), flush=True)
     results = {"quick": quick, "wall_seconds": round(time.perf_counter() - started, 1), "methods": rows,
                "settings": {"quick_overrides" if quick else "overrides": QUICK if quick else FULL,
-                            "lr": {m: _METHOD_LR[m] for m in methods}}}
+                            "lr": {m: _METHOD_LR.get(m, 3e-3) for m in methods}}}
     atomic_write_bytes(output / "results.json", json.dumps(results, indent=2).encode())
     (output / "table.md").write_text(format_table(results) + "\n")
     plot_results(results, output / "accuracy_vs_parameters.png")
@@ -60,19 +60,19 @@ def run_demo(output: str | Path = "outputs/demo", quick: bool = False, methods: 
 
 
 def format_row(method: str, s: dict[str, Any]) -> str:
-    accs = " ".join(f"{d}={r['test_acc']:.1f}" for d, r in s["domains"].items())
+    accs = " ".join(f"{d}={r['test']['acc']:.1f}" for d, r in s["tasks"].items())
     return f"[{_LABELS.get(method, method)}] mean {s['mean_test_acc']:.2f}% ({accs}), stored {s['stored_parameters']:,}"
 
 
 def format_table(results: dict[str, Any]) -> str:
     methods = results["methods"]
-    domains = list(next(iter(methods.values()))["domains"])
+    domains = list(next(iter(methods.values()))["tasks"])
     header = ["method", *domains, "mean", "trainable / domain", "stored (all domains)", "train time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, s in methods.items():
-        trainable = list(s["trainable_per_domain"].values())
+        trainable = list(s["trainable_per_task"].values())
         tr = f"{min(trainable):,}" if min(trainable) == max(trainable) else f"{min(trainable):,}–{max(trainable):,}"
-        cells = [_LABELS.get(method, method), *(f"{s['domains'][d]['test_acc']:.2f}" for d in domains),
+        cells = [_LABELS.get(method, method), *(f"{s['tasks'][d]['test']['acc']:.2f}" for d in domains),
                  f"**{s['mean_test_acc']:.2f}**", tr, f"{s['stored_parameters']:,}", f"{s['train_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

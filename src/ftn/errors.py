@@ -4,6 +4,10 @@ Every error a user can provoke with bad input derives from :class:`FTNError`, so
 CLI) can catch one type and print a clear message instead of a stack trace.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+
 
 class FTNError(Exception):
     """Base class of every error raised on purpose by ftn."""
@@ -30,3 +34,12 @@ class ConfigError(FTNError, ValueError):
 
 class DataError(FTNError, ValueError):
     """A dataset that is missing, malformed, or holds a corrupt sample."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to ``word``, or ``""``: the tail of
+    messages about an unknown name."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -370,4 +370,3 @@ def test_bias_only_task_with_rank_zero():
     _train(model, "bitfit", _bert_inputs())
     with torch.no_grad():
         assert not torch.allclose(_out(model(*args, task="bitfit", **kwargs)), before)
-

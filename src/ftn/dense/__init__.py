@@ -6,13 +6,13 @@
 - :mod:`ftn.dense.metrics` — losses, dataset-level metrics (mIoU, RMSE, angle errors, odsF) and
   the multi-task gain Δm;
 - :mod:`ftn.dense.deeplab` — DeepLabv3+ heads and a stride-4/stride-16 encoder wrapper;
-- :mod:`ftn.dense.model` — FTN on a frozen two-scale encoder, single-task and multi-task networks;
-- :mod:`ftn.dense.train` — the dense training harness (FTN and both baselines, Δm, parameters) and
-  the YAML config of the paper's NYUD setup;
+- :mod:`ftn.dense.model` — the two-scale encoder and the per-task decoders methods train;
+- :mod:`ftn.dense.setting` — the dense setting of the training engine (``setting: dense``: data,
+  heads, weighted losses, metrics, Δm); ``configs/nyud_resnet18_r30.yaml`` is the paper's setup;
 - :mod:`ftn.dense.demo` — ``ftn demo --dense`` on the embedded scenes.
 """
 
-from .deeplab import DeepLabV3Plus, DeepLabV3PlusHead, MultiScaleEncoder, aspp_rates
+from .deeplab import DeepLabV3PlusHead, MultiScaleEncoder, aspp_rates
 from .demo import format_dense_table, run_dense_demo
 from .metrics import (
     DEFAULT_DIRECTIONS,
@@ -26,7 +26,7 @@ from .metrics import (
     normals_loss,
     semseg_loss,
 )
-from .model import DenseEncoder, DenseHead, MultiTaskNet, SingleTaskNet, build_dense_ftn, build_encoder, build_head
+from .model import DenseEncoder, DenseHead, DenseHeads, build_encoder, build_head
 from .nyud import (
     TASKS,
     JointCompose,
@@ -37,13 +37,7 @@ from .nyud import (
     Resize,
 )
 from .scenes import CLASS_NAMES, IGNORE_INDEX, generate_scene, render_scene, sample_scene, write_nyud_layout
-from .train import (
-    DenseExperimentConfig,
-    evaluate_dense,
-    load_dense_config,
-    run_dense,
-    train_dense_from_config,
-)
+from .setting import DenseSetting, compare
 
 __all__ = [
     "CLASS_NAMES",
@@ -71,20 +65,14 @@ __all__ = [
     "multi_task_gain",
     "DeepLabV3PlusHead",
     "MultiScaleEncoder",
-    "DeepLabV3Plus",
     "aspp_rates",
     "DenseEncoder",
     "DenseHead",
-    "SingleTaskNet",
-    "MultiTaskNet",
+    "DenseHeads",
     "build_encoder",
     "build_head",
-    "build_dense_ftn",
-    "DenseExperimentConfig",
-    "load_dense_config",
-    "evaluate_dense",
-    "run_dense",
-    "train_dense_from_config",
+    "DenseSetting",
+    "compare",
     "run_dense_demo",
     "format_dense_table",
 ]

@@ -27,7 +27,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from ..errors import ConfigError, ShapeError
 
-__all__ = ["aspp_rates", "DeepLabV3PlusHead", "MultiScaleEncoder", "DeepLabV3Plus", "SUPPORTED_BACKBONES"]
+__all__ = ["aspp_rates", "DeepLabV3PlusHead", "MultiScaleEncoder", "SUPPORTED_BACKBONES"]
 
 SUPPORTED_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2")
 
@@ -232,26 +232,3 @@ class MultiScaleEncoder(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         low = self.low(x)
         return low, self.high(low)
-
-
-class DeepLabV3Plus(nn.Module):
-    """Encoder + one DeepLabv3+ head per task; ``forward(x)`` returns ``{task: logits}`` at the
-    input size (or the tensor itself when a single unnamed head is given)."""
-
-    def __init__(self, encoder: MultiScaleEncoder, heads: Mapping[str, DeepLabV3PlusHead] | DeepLabV3PlusHead) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.single = isinstance(heads, DeepLabV3PlusHead)
-        self.heads = nn.ModuleDict({"out": heads} if isinstance(heads, DeepLabV3PlusHead) else dict(heads))
-
-    @classmethod
-    def build(cls, encoder: MultiScaleEncoder, out_channels: Mapping[str, int]) -> DeepLabV3Plus:
-        """One head per task with the encoder's channels and the ASPP rates of its stride."""
-        rates = aspp_rates(encoder.output_stride)
-        return cls(encoder, {t: DeepLabV3PlusHead(encoder.high_channels, encoder.low_channels, c, rates)
-                             for t, c in out_channels.items()})
-
-    def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
-        feats = self.encoder(x)
-        out = {t: h(feats, x.shape[-2:]) for t, h in self.heads.items()}
-        return out["out"] if self.single else out

@@ -8,12 +8,14 @@ the same offline ImageNet MobileNetV2 encoder, data, seed and schedule:
 - FTN (frozen encoder; per task ΔW of rank 8, encoder BatchNorms and decoder),
 
 and writes ``table.md``, ``results.json`` and ``predictions.png`` (input, truth and each method's
-prediction for every task on a few validation scenes) to the output folder.
+prediction for every task on a few validation scenes) to the output folder. Each method is a
+config of the dense setting (``VARIANTS``) trained by the same engine as ``ftn train``; the
+predictions are made from the saved task files, as ``ftn eval`` reads them.
 
-Work is split into independent units (each single-task network, each FTN task, the multi-task
-network) that run in two spawned processes with one torch thread each: on a 2-core machine
-shared with other jobs, one thread per process is several times faster than two threads
-fighting over cores (OpenMP barriers), and the two processes keep both cores busy.
+The independent training tasks (each single-task network, each FTN task, the multi-task
+network) run in two spawned processes with one torch thread each: on a 2-core machine shared
+with other jobs, one thread per process is several times faster than two threads fighting over
+cores (OpenMP barriers), and the two processes keep both cores busy.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from typing import Any
 
 import torch
 
-from ..adapters import atomic_write_bytes
+from ..training.config import ExperimentConfig, apply_overrides, new_config
+from ..training.runner import build, load_tasks, run_experiments
 from .scenes import CLASS_NAMES, write_nyud_layout
-from .train import MAIN_METRICS, DenseExperimentConfig, apply_dense_overrides, run_dense, save_results
+from .setting import MAIN_METRICS, compare
 
-__all__ = ["run_dense_demo", "format_dense_table", "dense_demo_config", "save_predictions", "FULL", "QUICK"]
+__all__ = ["run_dense_demo", "format_dense_table", "dense_demo_config", "save_predictions", "FULL", "QUICK",
+           "VARIANTS"]
 
 _LABELS = {"single": "single-task (full FT ×4)", "mtl": "multi-task (shared encoder)", "ftn": "FTN"}
 
@@ -37,29 +41,37 @@ _LABELS = {"single": "single-task (full FT ×4)", "mtl": "multi-task (shared enc
 FULL: dict[str, Any] = {"n_train": 1000, "n_val": 200, "size": 64, "epochs": 5, "preview": (0, 1, 2, 3)}
 QUICK: dict[str, Any] = {"n_train": 64, "n_val": 16, "size": 48, "epochs": 1, "preview": (0, 1)}
 
-# Settings common to both runs (``section.key=value``, as for ``train_dense_from_config``).
+# Settings common to every run (``section.key=value``, as for ``ftn train``).
 COMMON = [
     "model.backbone=mobilenet_v2", "model.pretrained=true", "model.output_stride=16",
     # Narrow decoders: at 64×64 the 256-wide DeepLabv3+ decoder would cost more than the encoder.
-    "model.aspp_channels=64", "model.low_channels=24", "model.decoder_channels=64",
-    "method.name=all", "method.rank=8",
+    "model.aspp_channels=64", "model.low_channels=24", "model.decoder_channels=64", "method.ftn.rank=8",
     "data.scale_min=1.0", "data.scale_max=1.25", "data.flip=true", "data.batch_size=16",
-    "data.eval_batch_size=50", "data.num_workers=0",
+    "data.eval_batch_size=50", "data.num_workers=0", "data.edge_tolerance_px=1.0",
     "train.optimizer=adamw", "train.schedule=cosine", "train.weight_decay=0.0001",
-    "train.lr=0.003", "train.head_lr=0.003", "train.lr_by_method={single: 0.0005, mtl: 0.0005}",
-    "train.grad_clip=null", "train.recalibrate_batches=20", "train.device=cpu", "train.save_adapters=false",
-    "eval.edge_tolerance_px=1.0",
+    "train.lr=0.003", "train.head_lr=0.003", "train.grad_clip=null", "train.recalibrate_batches=20",
+    "train.device=cpu", "train.resume=false",
 ]
+# The three methods compared: one method of the registry each, with its own overrides (a
+# pretrained encoder that is fine-tuned needs a smaller learning rate).
+VARIANTS: dict[str, list[str]] = {
+    "mtl": ["method.name=full", "data.joint=true", "train.lr=0.0005"],  # first: the longest run
+    "single": ["method.name=full", "train.lr=0.0005"],
+    "ftn": ["method.name=ftn"],
+}
 
 
-def dense_demo_config(output: str | Path, quick: bool = False, extra: list[str] | tuple[str, ...] = ()) -> DenseExperimentConfig:
-    """The demo's configuration (scenes under ``output/scenes``)."""
+def dense_demo_config(output: str | Path, variant: str, quick: bool = False,
+                      extra: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """The demo's configuration of one variant (scenes under ``output/scenes``, results under
+    ``output/<variant>``)."""
     size = QUICK if quick else FULL
     output = Path(output)
-    overrides = [*COMMON, f"data.root={output / 'scenes'}", f"data.crop=[{size['size']},{size['size']}]",
-                 f"train.epochs={size['epochs']}", f"train.warmup_steps={0 if quick else 20}",
-                 f"output_dir={output}", "name=dense-demo", *extra]
-    return apply_dense_overrides(DenseExperimentConfig(), overrides)
+    overrides = [*COMMON, *VARIANTS[variant], f"data.root={output / 'scenes'}",
+                 f"data.crop=[{size['size']},{size['size']}]", f"train.epochs={size['epochs']}",
+                 f"train.warmup_steps={0 if quick else 20}", f"output_dir={output / variant}",
+                 f"name=dense-demo-{variant}", *extra]
+    return apply_overrides(new_config("dense"), overrides)
 
 
 def run_dense_demo(output: str | Path = "outputs/dense_demo", quick: bool = False, progress: bool = True,
@@ -82,32 +94,62 @@ def run_dense_demo(output: str | Path = "outputs/dense_demo", quick: bool = Fals
     if progress:
         print(f"rendered {n_train} + {n_val} scenes of {size['size']}×{size['size']} in {render_seconds:.1f} s",
               flush=True)
-    cfg = dense_demo_config(output, quick, extra)
-    preview = tuple(i for i in size["preview"] if i < n_val)
+    names = list(VARIANTS)
+    cfgs = [dense_demo_config(output, v, quick, extra) for v in names]
 
-    def report(method: str, task: str | None, res: dict[str, Any]) -> None:
+    def report(i: int, task: str, res: dict[str, Any]) -> None:
         if progress:
-            done = ", ".join(f"{t} {MAIN_METRICS[t]}={m[MAIN_METRICS[t]]:.3f}" for t, m in res["metrics"].items())
-            print(f"[{_LABELS.get(method, method)}{'' if task is None else ' / ' + task}] {done}", flush=True)
+            done = ", ".join(f"{k.replace('/', ' ')}={v:.3f}" for k, v in res["test"].items()
+                             if k.split("/")[-1] == MAIN_METRICS.get(k.split("/")[0]))
+            print(f"[{_LABELS[names[i]]} / {task}] {done}", flush=True)
 
-    results = run_dense(cfg, progress=progress, workers=workers, threads=1, preview=preview, on_result=report)
-    previews = results.pop("_previews")
-    results["quick"] = quick
-    results["scenes"] = {"train": n_train, "val": n_val, "size": size["size"], "render_seconds": round(render_seconds, 1)}
+    summaries = run_experiments(cfgs, progress=progress, workers=workers, threads=1, on_result=report)
+    runs = compare({v: s for v, s in zip(names, summaries)}, baseline="single")
+    preview = tuple(i for i in size["preview"] if i < n_val)
+    order = ("single", "mtl", "ftn")
+    results: dict[str, Any] = {"tasks": list(cfgs[0].data.tasks), "methods": {v: runs[v] for v in order},
+                               "main_metrics": dict(MAIN_METRICS), "quick": quick,
+                               "scenes": {"train": n_train, "val": n_val, "size": size["size"],
+                                          "render_seconds": round(render_seconds, 1)}}
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     results["machine"] = {"torch_threads_per_worker": 1, "workers": workers, "cpu_count": _cpu_count(),
                           "cpu_seconds": round(_cpu_seconds() - cpu_started, 1)}
     table = format_dense_table(results)
     results["table"] = table
-    save_results(results, output / "results.json")
+    _write_json(output / "results.json", results)
     (output / "table.md").write_text(table + "\n")
     if preview:
-        save_predictions(cfg, previews, preview, output / "predictions.png")
+        previews = {v: predict(cfg, preview) for v, cfg in zip(names, cfgs)}
+        save_predictions(cfgs[0], previews, preview, output / "predictions.png")
     if progress:
         print(table, flush=True)
         print(f"wall time {results['wall_seconds']:.0f} s (CPU time {results['machine']['cpu_seconds']:.0f} s); "
               f"results in {output}", flush=True)
     return results
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    import json
+
+    from ..adapters import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(payload, indent=2, default=float).encode())
+
+
+@torch.no_grad()
+def predict(cfg: ExperimentConfig, indices: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Each dense task's prediction on the given test-split scenes, from the files the run of
+    ``cfg`` saved (the same path as ``ftn eval``)."""
+    setting, method = build(cfg, torch.device("cpu"))
+    files = sorted((Path(cfg.output_dir) / "adapters").glob("*.safetensors"))
+    loaded = load_tasks(setting, method, files)
+    out: dict[str, torch.Tensor] = {}
+    for name, data in loaded.items():
+        x = torch.stack([data.test[i]["image"] for i in indices])  # type: ignore[index]
+        model = method.tasks[name]
+        model.eval()
+        out.update({t: y.float() for t, y in model(x).items()})
+    return out
 
 
 def _cpu_seconds() -> float:
@@ -140,7 +182,7 @@ def format_dense_table(results: dict[str, Any]) -> str:
         cols += [(f"{t} {h}", t, k, s) for h, k, s in spec[t]]
     header = ["method", *(c[0] for c in cols), "Δm (%) ↑", "stored params (4 tasks)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    base = results["methods"].get("single", {}).get("parameters", {}).get("total")
+    base = results["methods"].get("single", {}).get("stored_parameters")
     for m, r in results["methods"].items():
         cells = [_LABELS.get(m, m)]
         for _, t, k, s in cols:
@@ -148,7 +190,7 @@ def format_dense_table(results: dict[str, Any]) -> str:
             cells.append(f"{v:.3f}" if k in ("rmse", "abs_rel") else f"{v:.2f}")
         dm = r.get("delta_m")
         cells.append("—" if dm is None else f"{100 * dm:+.2f}")
-        total = r["parameters"]["total"]
+        total = r["stored_parameters"]
         ratio = f" ({total / base:.2f}×)" if base else ""
         cells.append(f"{total:,}{ratio}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -191,7 +233,7 @@ def _as_image(task: str, x: torch.Tensor, is_pred: bool) -> tuple[Any, dict[str,
     return e, {"cmap": "gray_r", "vmin": 0, "vmax": 1, "interpolation": "nearest"}
 
 
-def save_predictions(cfg: DenseExperimentConfig, previews: dict[str, dict[str, torch.Tensor]], indices: tuple[int, ...],
+def save_predictions(cfg: ExperimentConfig, previews: dict[str, dict[str, torch.Tensor]], indices: tuple[int, ...],
                      path: str | Path) -> Path:
     """Grid PNG: for each validation scene a block of rows (truth, then one row per method), a
     column per task after the input. Depth shares one colour scale per scene (truth's range)."""
@@ -203,7 +245,7 @@ def save_predictions(cfg: DenseExperimentConfig, previews: dict[str, dict[str, t
     from .nyud import NYUDMultiTask
 
     tasks = list(cfg.data.tasks)
-    val = NYUDMultiTask(cfg.data.root, cfg.data.val_split, tasks)
+    val = NYUDMultiTask(cfg.data.root, cfg.data.test_split, tasks)
     methods = [m for m in ("single", "mtl", "ftn") if m in previews]
     rows = len(indices) * (1 + len(methods))
     cols = 1 + len(tasks)

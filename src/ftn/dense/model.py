@@ -8,16 +8,12 @@ multi-task network, all with one DeepLabv3+ decoder per task.
 - :class:`DenseHead` is a :class:`~ftn.dense.deeplab.DeepLabV3PlusHead` taking that triple and
   returning the task's map at input resolution: semseg logits (C channels), depth (1), unit
   normals (3, L2-normalised in the head) and edge logits (1).
-- :func:`build_dense_ftn` wraps the encoder in :class:`~ftn.model.FTNModel` (frozen; every conv
-  adapted) and adds one task per dense task: its own ΔW (rank per task), its own copy of every
-  encoder norm and its own decoder.
-- :class:`SingleTaskNet` (encoder + one decoder, everything trainable) and
-  :class:`MultiTaskNet` (one trainable encoder shared by all decoders) are the baselines.
+- :class:`DenseHeads` holds the decoders of one training task (one dense task, or all of them
+  for the shared-encoder multi-task model) and returns ``{task: map}``.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,21 +22,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..model import FTNModel
 from .deeplab import DeepLabV3PlusHead, MultiScaleEncoder, aspp_rates
 from .nyud import TASKS
 
 __all__ = [
     "DenseEncoder",
     "DenseHead",
-    "SingleTaskNet",
-    "MultiTaskNet",
+    "DenseHeads",
+    "SingleDenseHead",
     "build_encoder",
     "build_head",
-    "build_dense_ftn",
     "task_channels",
-    "count_parameters",
-    "clone_encoder",
 ]
 
 
@@ -121,63 +113,23 @@ def build_head(encoder: DenseEncoder, task: str, num_classes: int, aspp_channels
     return DenseHead(task, head)
 
 
-def build_dense_ftn(encoder: DenseEncoder, tasks: Sequence[str], num_classes: int,
-                    rank: int | Mapping[str, int] = 30, head_kwargs: Mapping[str, Any] | None = None,
-                    seed: int | None = None, **ftn_options: Any) -> FTNModel:
-    """FTN on a frozen ``encoder``: every conv adapted, a norm copy and a decoder per task.
+class DenseHeads(nn.ModuleDict):
+    """The head of one training task: one decoder per dense task it predicts, all on the same
+    encoder output; ``forward(features) = {task: map}`` (one entry for a per-task model, every
+    task for the joint multi-task model)."""
 
-    ``rank`` is one rank for all tasks or ``{task: rank}``. ``seed`` (optional) seeds each task's
-    head and factors with ``seed + index`` so a task's initialisation does not depend on which
-    tasks were added before it. The encoder is modified in place (wrapped, frozen).
-    """
-    ranks = {t: (rank[t] if isinstance(rank, Mapping) else rank) for t in tasks}
-    model = FTNModel(encoder, rank=max(ranks.values()) if ranks else 1, **ftn_options)
-    for i, task in enumerate(tasks):
-        if seed is not None:
-            torch.manual_seed(seed + i)
-        model.add_task(task, head=build_head(encoder, task, num_classes, **dict(head_kwargs or {})),
-                       rank=ranks[task])
-    return model
+    def __init__(self, heads: Mapping[str, DenseHead]) -> None:
+        super().__init__(dict(heads))
+
+    def forward(self, features: Sequence[Any]) -> dict[str, Tensor]:  # type: ignore[override]
+        return {t: head(features) for t, head in self.items()}
 
 
-class SingleTaskNet(nn.Module):
-    """Encoder + one decoder, everything trainable: the single-task (full fine-tuning) baseline."""
+class SingleDenseHead(DenseHeads):
+    """The :class:`DenseHeads` of one dense task returning its map itself (not ``{task: map}``):
+    same state keys as the training head, so ``ftn predict`` / ``ftn serve`` load a per-task
+    adapter of the dense setting and get a tensor out."""
 
-    def __init__(self, encoder: DenseEncoder, head: DenseHead) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = head
-        self.task = head.task
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.encoder(x))
-
-
-class MultiTaskNet(nn.Module):
-    """One trainable encoder shared by one decoder per task: ``forward(x) = {task: map}``, or one
-    task's map with ``task=``. The encoder runs once per call."""
-
-    def __init__(self, encoder: DenseEncoder, heads: Mapping[str, DenseHead]) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.heads = nn.ModuleDict(dict(heads))
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.heads.keys())
-
-    def forward(self, x: Tensor, task: str | None = None) -> Tensor | dict[str, Tensor]:
-        feats = self.encoder(x)
-        if task is not None:
-            return self.heads[task](feats)
-        return {t: h(feats) for t, h in self.heads.items()}
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameters (not buffers) of ``module``, each shared tensor counted once."""
-    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
-
-
-def clone_encoder(encoder: DenseEncoder) -> DenseEncoder:
-    """An independent copy (single-task networks each own one)."""
-    return copy.deepcopy(encoder)
+    def forward(self, features: Sequence[Any]) -> Tensor:  # type: ignore[override]
+        (head,) = self.values()
+        return head(features)

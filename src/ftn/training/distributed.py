@@ -14,8 +14,8 @@ and offers the few collective steps the engine needs:
 - metrics: correct/total counts summed over ranks;
 - only rank 0 writes logs, checkpoints, adapters and results.
 
-``train.distributed=domains`` instead gives each rank its own domains (tasks are independent):
-rank r trains ``domains[r::N]`` with no communication during training.
+``train.distributed=tasks`` instead gives each rank its own tasks (they are independent):
+rank r trains ``tasks[r::N]`` with no communication during training.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistInfo", "init_distributed", "current", "all_reduce_gradients", "all_reduce_sum",
+__all__ = ["DistInfo", "init_distributed", "current", "device", "all_reduce_gradients", "all_reduce_sum",
            "average_tensors", "barrier", "all_gather_object"]
 
 
@@ -72,6 +72,13 @@ def init_distributed() -> DistInfo:
 
 def _active() -> bool:
     return _INFO.enabled and dist.is_initialized()
+
+
+def device() -> torch.device:
+    """Where tensors for collectives live: the rank's GPU under NCCL, else the CPU."""
+    if _active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_gradients(params: Iterable[torch.nn.Parameter], local_n: int, global_n: int) -> None:

@@ -1,15 +1,21 @@
-"""The training engine: trains one domain of any method, from top to bottom in one function.
+"""The training engine: trains one task, of any setting and any method, top to bottom in one function.
 
-``train_domain`` runs: seeded, resumable data order → AdamW/SGD with linear warm-up and cosine
-decay → optional mixed precision and gradient clipping → evaluation every epoch with the best
+``train_task`` runs: seeded, resumable data order → AdamW/SGD with linear warm-up and cosine or
+poly decay → optional mixed precision and gradient clipping → evaluation every epoch with the best
 state on the validation split kept → BatchNorm statistics recalibrated with the final weights →
-test accuracy. Checkpoints (every N steps and at each epoch end) hold everything a resumed run
-needs to end bit-identical to an uninterrupted one on CPU: the domain's state, the optimizer,
-scheduler and scaler, every RNG, the step within the epoch and the best-so-far snapshot.
+test metrics. What differs between settings (the loss of a batch, the metrics, the data) comes in
+the task's :class:`~ftn.training.setting.TaskData` and its objective; what differs between
+methods (which parameters train, which tensors are the task's state) in the
+:class:`~ftn.training.methods.TaskModel`.
+
+Checkpoints (every N steps and at each epoch end) hold everything a resumed run needs to end
+bit-identical to an uninterrupted one on CPU: the task's state, the optimizer, scheduler and
+scaler, every RNG, the step within the epoch and the best-so-far snapshot.
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
@@ -17,27 +23,28 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from ..adapters import atomic_write_bytes
-from ..errors import DataError, FTNError
+from ..errors import FTNError
+from ..norms import recalibrate_batchnorm
 from . import distributed as dist
 from .config import DataConfig, TrainConfig
-from .methods import DomainModel
+from .methods import TaskModel
+from .setting import TaskData
 
-__all__ = ["DomainData", "DomainResult", "train_domain", "evaluate", "resolve_device", "seed_everything",
-           "NonFiniteLossError", "EpochBatchSampler", "recalibration_loader"]
+__all__ = ["TaskResult", "train_task", "evaluate", "resolve_device", "seed_everything", "NonFiniteLossError",
+           "EpochBatchSampler", "recalibration_loader", "to_device", "load_checkpoint", "save_checkpoint"]
 
 log = logging.getLogger("ftn.train")
 
@@ -47,24 +54,10 @@ class NonFiniteLossError(FTNError):
 
 
 @dataclass
-class DomainData:
-    name: str
-    train: Dataset
-    val: Dataset | None
-    test: Dataset | None
-    num_classes: int
-    augment: Callable[[Tensor], Tensor] | None = None  # batch-level, uses the global torch RNG
-    # The training split under the evaluation transform (same samples as ``train``), which
-    # BatchNorm statistics are recalibrated on; None when ``train`` has no per-sample augmentation.
-    recal: Dataset | None = None
-    info: dict[str, Any] | None = None  # labels and input preparation, saved with the adapter
-
-
-@dataclass
-class DomainResult:
-    domain: str
-    val_acc: float | None
-    test_acc: float | None
+class TaskResult:
+    task: str
+    val: dict[str, float] | None  # metrics of the kept state on the validation split
+    test: dict[str, float] | None
     best_epoch: int
     steps: int
     train_seconds: float
@@ -85,16 +78,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (tuples, lists, dicts) moved to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _batch_len(batch: Any) -> int:
+    """Number of samples in a batch: the length of the first tensor in it."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0])
+    for item in batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ():
+        if isinstance(item, (Tensor, dict, tuple, list)):
+            try:
+                return _batch_len(item)
+            except ValueError:
+                continue
+    raise ValueError("the batch holds no tensor")
+
+
 class EpochBatchSampler(Sampler[list[int]]):
     """Global batches of a permutation that depends only on (seed, epoch), started ``skip``
     samples in, so a resumed run sees exactly the remaining batches of the interrupted epoch.
     Under torchrun each rank gets its contiguous share of every global batch, so the global
     batch and sample order equal a single-process run (a last global batch smaller than the
-    number of ranks is dropped there)."""
+    number of ranks, or than ``min_batch``, is dropped)."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 min_batch: int = 1) -> None:
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.min_batch = rank, world_size, max(min_batch, world_size)
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -105,14 +123,16 @@ class EpochBatchSampler(Sampler[list[int]]):
         order = torch.randperm(self.size, generator=g)[self.skip:]
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
+            if len(batch) < self.min_batch:
+                return
             if self.world_size > 1:
-                if len(batch) < self.world_size:
-                    return
                 batch = torch.tensor_split(batch, self.world_size)[self.rank]
             yield batch.tolist()
 
     def __len__(self) -> int:
-        return math.ceil((self.size - self.skip) / self.batch_size)
+        remaining = self.size - self.skip
+        full, last = divmod(remaining, self.batch_size)
+        return full + (1 if last >= self.min_batch else 0)
 
 
 def _autocast(amp: str, device: torch.device):
@@ -128,50 +148,49 @@ def _autocast(amp: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype), scaler
 
 
-def _lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+def _lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up, then cosine (to ``min_lr_ratio``) or poly decay."""
+    warmup = cfg.warmup_steps
+
     def factor(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if cfg.schedule == "poly":
+            return (1.0 - progress) ** cfg.poly_power
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 
 
+def _optimizer(model: TaskModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Two parameter groups: the body at ``lr``, the head at ``head_lr``."""
+    groups = [g for g in ({"params": model.body_params, "lr": cfg.lr},
+                          {"params": model.head_params, "lr": cfg.head_lr or cfg.lr}) if g["params"]]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 @torch.no_grad()
-def _check_labels(y: Tensor, num_classes: int, name: str, split: str) -> None:
-    """Cross-entropy would fail deep inside (or, on GPU, assert) on a bad label: say which."""
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        bad = y[(y < 0) | (y >= num_classes)].unique().tolist()[:5]
-        raise DataError(f"domain {name!r} ({split} data): labels {bad} are outside the class range "
-                        f"0..{num_classes - 1}")
-
-
-def evaluate(model: DomainModel, dataset: Dataset | None, batch_size: int, device: torch.device,
-             amp: str = "off", num_workers: int = 0, num_classes: int | None = None,
-             name: str = "") -> float | None:
-    """Top-1 accuracy (%) on ``dataset``."""
+def evaluate(model: TaskModel, data: TaskData, split: str, batch_size: int, device: torch.device,
+             amp: str = "off", num_workers: int = 0) -> dict[str, float] | None:
+    """The objective's metrics on ``data.<split>`` (None if that split is absent or empty)."""
+    dataset = getattr(data, split)
     if dataset is None or len(dataset) == 0:  # type: ignore[arg-type]
         return None
     model.eval()
     info = dist.current()
-    if info.enabled:  # each rank scores its share; counts are summed below
+    if info.enabled and data.objective.sharded:  # each rank scores its share; the objective sums
         dataset = Subset(dataset, range(info.rank, len(dataset), info.world_size))  # type: ignore[arg-type]
-    counts = torch.zeros(2, dtype=torch.float64)
-    ctx, _ = _autocast(amp, device)
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
-        if num_classes is not None:
-            _check_labels(y, num_classes, name, "evaluation")
-        x, y = x.to(device), y.to(device)
-        with ctx:
-            logits = model(x)
-        counts[0] += (logits.argmax(1) == y).sum().item()
-        counts[1] += y.numel()
-    correct, total = dist.all_reduce_sum(counts.to(device)).tolist()
-    return 100.0 * correct / total
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=data.collate)
+    context, _ = _autocast(amp, device)
+    with context:
+        return data.objective.metrics(model, (to_device(b, device) for b in loader))
 
 
 def recalibration_loader(dataset: Dataset, batch_size: int, max_batches: int | None, seed: int,
-                         num_workers: int = 0) -> DataLoader:
+                         num_workers: int = 0, collate: Callable[[list[Any]], Any] | None = None) -> DataLoader:
     """The batches BatchNorm statistics are recalibrated on: a seeded random sample of the whole
     split (all of it when ``max_batches`` batches cover it), in random order.
 
@@ -186,7 +205,7 @@ def recalibration_loader(dataset: Dataset, batch_size: int, max_batches: int | N
     if info.enabled:
         order = order[info.rank::info.world_size]
     return DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers)
+                      num_workers=num_workers, collate_fn=collate)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -201,8 +220,6 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    import ast
-
     torch.set_rng_state(state["torch"])
     random.setstate(ast.literal_eval(state["python"]))
     n = state["numpy"]
@@ -247,45 +264,37 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
 
 
 # ----------------------------------------------------------------------------- training
-def train_domain(model: DomainModel, data: DomainData, train_cfg: TrainConfig, data_cfg: DataConfig,
-                 out_dir: Path, seed: int = 0, device: torch.device | None = None,
-                 progress: bool = True, stop_after_steps: int | None = None, sync: bool = True) -> DomainResult:
-    """Train one domain; see the module docstring. ``stop_after_steps`` aborts (as a crash
-    would) after that many steps, for tests of resuming."""
+def train_task(model: TaskModel, data: TaskData, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir: Path,
+               seed: int = 0, device: torch.device | None = None, progress: bool = True,
+               stop_after_steps: int | None = None, sync: bool = True) -> TaskResult:
+    """Train one task; see the module docstring. ``sync=False`` trains this task on this rank
+    alone (task-parallel torchrun). ``stop_after_steps`` aborts (as a crash would) after that
+    many steps, for tests of resuming."""
     device = device or resolve_device(train_cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pt"
     seed_everything(seed)
+    objective = data.objective
 
+    # --- data order, schedule, optimizer
     n_train = len(data.train)  # type: ignore[arg-type]
-    if n_train == 0:
-        raise FTNError(f"domain {data.name!r} has no training samples")
+    if n_train < data.min_batch:
+        raise FTNError(f"task {data.name!r} has {n_train} training samples; it needs at least {data.min_batch}")
     info = dist.current() if sync else dist.DistInfo()
     main = dist.current().is_main or not sync
     if info.enabled and data_cfg.batch_size % info.world_size:
         raise FTNError(f"data.batch_size={data_cfg.batch_size} (the global batch) must be divisible by "
                        f"the number of processes ({info.world_size})")
-    sampler = EpochBatchSampler(n_train, data_cfg.batch_size, seed, info.rank, info.world_size)
+    sampler = EpochBatchSampler(n_train, data_cfg.batch_size, seed, info.rank, info.world_size, data.min_batch)
     steps_per_epoch = len(sampler)
     total_steps = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
-
-    groups = []
-    if model.body_params:
-        groups.append({"params": model.body_params, "lr": train_cfg.lr})
-    if model.head_params:
-        groups.append({"params": model.head_params, "lr": train_cfg.head_lr or train_cfg.lr})
-    if train_cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum,
-                                    weight_decay=train_cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(total_steps, train_cfg.warmup_steps, train_cfg.min_lr_ratio))
+    optimizer = _optimizer(model, train_cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(train_cfg, total_steps))
     autocast, scaler = _autocast(train_cfg.amp, device)
 
+    # --- resume
     step, epoch, skip, skipped = 0, 0, 0, 0
-    best = {"acc": -1.0, "epoch": -1, "state": None}
+    best: dict[str, Any] = {"score": -math.inf, "epoch": -1, "state": None}
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
     if train_cfg.resume and (ckpt := load_checkpoint(ckpt_path)) is not None:
@@ -300,9 +309,8 @@ def train_domain(model: DomainModel, data: DomainData, train_cfg: TrainConfig, d
         _set_rng_state(ckpt["rng"])
         log.info("resumed %s at step %d (epoch %d)", data.name, step, epoch)
 
-    def accuracy_on(dataset: Dataset | None) -> float | None:
-        return evaluate(model, dataset, data_cfg.eval_batch_size, device, train_cfg.amp,
-                        num_classes=data.num_classes, name=data.name)
+    def metrics_on(split: str) -> dict[str, float] | None:
+        return evaluate(model, data, split, data_cfg.eval_batch_size, device, train_cfg.amp, data_cfg.num_workers)
 
     def checkpoint() -> None:
         if not main:
@@ -319,43 +327,45 @@ def train_domain(model: DomainModel, data: DomainData, train_cfg: TrainConfig, d
         writer.writerow(["step", "epoch", "loss", "lr", "seconds"])
     bar = tqdm(total=total_steps, initial=step, desc=data.name, disable=not (progress and main), leave=False,
                dynamic_ncols=True)
+
+    # --- the loop
     try:
         while step < total_steps:
             sampler.set_epoch(epoch, skip)
-            loader = DataLoader(data.train, batch_sampler=sampler, num_workers=data_cfg.num_workers)
+            loader = DataLoader(data.train, batch_sampler=sampler, num_workers=data_cfg.num_workers,
+                                collate_fn=data.collate)
             model.train()
             started = time.perf_counter()
-            for x, y in loader:
-                _check_labels(y, data.num_classes, data.name, "train")
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            for batch in loader:
+                batch = to_device(batch, device)
                 if data.augment is not None:
-                    x = data.augment(x)
+                    batch = data.augment(batch)
                 with autocast:
-                    loss = F.cross_entropy(model(x).float(), y)
+                    loss = objective.loss(model, batch)
                 # Every rank must take the same branch, so finiteness and batch size are agreed on.
+                local_n = _batch_len(batch)
                 finite = bool(dist.all_reduce_min(torch.isfinite(loss.detach()).float().reshape(1)).item()) \
                     if info.enabled else bool(torch.isfinite(loss))
-                global_n = int(dist.all_reduce_sum(torch.tensor([x.shape[0]], device=device)).item()) \
-                    if info.enabled else x.shape[0]
+                global_n = int(dist.all_reduce_sum(torch.tensor([local_n], device=device)).item()) \
+                    if info.enabled else local_n
+                optimizer.zero_grad(set_to_none=True)
                 if not finite:
                     if train_cfg.on_nonfinite == "stop":
                         raise NonFiniteLossError(
-                            f"domain {data.name!r}: loss is {loss.item()} at step {step + 1}; training stopped, "
+                            f"task {data.name!r}: loss is {loss.item()} at step {step + 1}; training stopped, "
                             f"the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'} "
                             f"(set train.on_nonfinite=skip to skip such batches, or lower train.lr)")
                     skipped += 1
-                    log.warning("domain %s: non-finite loss at step %d, batch skipped (%d so far)",
+                    log.warning("task %s: non-finite loss at step %d, batch skipped (%d so far)",
                                 data.name, step + 1, skipped)
-                    optimizer.zero_grad(set_to_none=True)
                 else:
-                    optimizer.zero_grad(set_to_none=True)
                     if scaler is not None:
                         scaler.scale(loss).backward()
                         scaler.unscale_(optimizer)
                     else:
                         loss.backward()
                     if info.enabled:
-                        dist.all_reduce_gradients(model.parameters, x.shape[0], global_n)
+                        dist.all_reduce_gradients(model.parameters, local_n, global_n)
                     if train_cfg.grad_clip:
                         torch.nn.utils.clip_grad_norm_(model.parameters, train_cfg.grad_clip)
                     if scaler is not None:
@@ -383,37 +393,34 @@ def train_domain(model: DomainModel, data: DomainData, train_cfg: TrainConfig, d
             train_seconds += time.perf_counter() - started
             if info.enabled:
                 dist.average_tensors(b for bn in model.batchnorms() for b in bn.buffers())
-            val_acc = accuracy_on(data.val)
-            history.append({"epoch": epoch, "step": step, "val_acc": val_acc, "train_seconds": round(train_seconds, 3)})
-            score = val_acc if val_acc is not None else float(epoch)
-            if score > best["acc"]:
-                best = {"acc": score, "epoch": epoch, "state": model.state_dict()}
+            # --- model selection: the epoch with the best validation score (without a
+            # validation split: the last epoch, and no snapshot is needed)
+            val = metrics_on("val")
+            history.append({"epoch": epoch, "step": step, "val": val, "train_seconds": round(train_seconds, 3)})
+            if val is None:
+                best = {"score": float(epoch), "epoch": epoch, "state": None}
+            elif (score := objective.score(val)) > best["score"]:
+                best = {"score": score, "epoch": epoch, "state": model.state_dict()}
             epoch, skip = epoch + 1, 0
             checkpoint()
     finally:
         bar.close()
         log_file.close()
 
-    model.load_state_dict(best["state"])
+    # --- the kept state, its BatchNorm statistics, final metrics
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
     if train_cfg.recalibrate_bn and model.batchnorms():
-        from ..norms import recalibrate_batchnorm
-
         model.eval()
-        recal_loader = recalibration_loader(data.recal if data.recal is not None else data.train,
-                                            data_cfg.batch_size, train_cfg.recalibrate_batches, seed,
-                                            data_cfg.num_workers)
-        recalibrate_batchnorm(lambda x: model(x.to(device)), model.batchnorms(), recal_loader)
+        loader = recalibration_loader(data.recal if data.recal is not None else data.train, data_cfg.batch_size,
+                                      train_cfg.recalibrate_batches, seed, data_cfg.num_workers, data.collate)
+        recalibrate_batchnorm(lambda batch: model(*objective.inputs(to_device(batch, device))),
+                              model.batchnorms(), loader, input_fn=lambda batch: batch)
         if info.enabled:
             dist.average_tensors(b for bn in model.batchnorms() for b in bn.buffers())
-    val_acc = accuracy_on(data.val)
-    test_acc = accuracy_on(data.test)
-    result = DomainResult(domain=data.name, val_acc=val_acc, test_acc=test_acc, best_epoch=best["epoch"],
-                          steps=step, train_seconds=round(train_seconds, 3), trainable_params=model.num_trainable(),
-                          history=history, skipped_batches=skipped)
+    result = TaskResult(task=data.name, val=metrics_on("val"), test=metrics_on("test"), best_epoch=best["epoch"],
+                        steps=step, train_seconds=round(train_seconds, 3), trainable_params=model.num_trainable(),
+                        history=history, skipped_batches=skipped)
     if main:
-        atomic_write_bytes(out_dir / "result.json", json.dumps(result.__dict__, indent=2).encode())
+        atomic_write_bytes(out_dir / "result.json", json.dumps(asdict(result), indent=2).encode())
     return result
-
-
-def dataset_size(dataset: Dataset) -> int:
-    return len(dataset) if isinstance(dataset, Sized) else 0

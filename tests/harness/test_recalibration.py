@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from ftn.data.fixtures import write_domainnet_fixture
-from ftn.training.config import DataConfig, MethodConfig, TrainConfig
-from ftn.training.engine import recalibration_loader, train_domain
+from ftn.training.classification import ImageDataConfig, build_domain_data
+from ftn.training.config import MethodConfig, TrainConfig
+from ftn.training.engine import recalibration_loader, train_task
 from ftn.training.methods import make_method
-from ftn.training.runner import build_domain_data
 
 CLASSES = 345
 
@@ -23,7 +23,7 @@ def domainnet(tmp_path_factory):
     fixture = write_domainnet_fixture(root, domains=("clipart",), classes=CLASSES, per_class=4, size=16)
     labels = [label for _, label in fixture.lists[("clipart", "train")]]
     assert labels == sorted(labels)  # the layout under test
-    cfg = DataConfig(kind="domainnet", root=str(root), domains=["clipart"], image_size=16, augment=True,
+    cfg = ImageDataConfig(kind="domainnet", root=str(root), domains=["clipart"], image_size=16, augment=True,
                      val_fraction=0.1, batch_size=32, eval_batch_size=64)
     return cfg, build_domain_data(cfg, "clipart", seed=0)
 
@@ -63,11 +63,13 @@ def test_engine_recalibrates_on_the_whole_split(domainnet, tmp_path):
     cfg, data = domainnet
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    method = make_method(MethodConfig(name="ftn", rank=1), backbone, 4, torch.device("cpu"))
-    domain = method.add_domain("clipart", data.num_classes)
+    method_cfg = MethodConfig(name="ftn")
+    method_cfg.ftn.rank = 1
+    method = make_method(method_cfg, backbone, torch.device("cpu"))
+    task = method.add_task("clipart", nn.Linear(4, data.objective.num_classes))
     train = TrainConfig(max_steps=1, lr=0.0, head_lr=0.0, warmup_steps=0, recalibrate_batches=20, device="cpu")
-    train_domain(domain, data, train, cfg, tmp_path, seed=0, progress=False)
-    input_bn = domain.batchnorms()[0]
+    train_task(task, data, train, cfg, tmp_path, seed=0, progress=False)
+    input_bn = task.batchnorms()[0]
     assert input_bn.num_features == 3
 
     images = _all_images(data.recal)  # N, 3, H, W
@@ -75,18 +77,3 @@ def test_engine_recalibrates_on_the_whole_split(domainnet, tmp_path):
     var = images.transpose(0, 1).reshape(3, -1).var(dim=1)
     assert torch.allclose(input_bn.running_mean, mean, atol=0.04), (input_bn.running_mean, mean)
     assert torch.allclose(input_bn.running_var, var, rtol=0.1), (input_bn.running_var, var)
-
-
-def test_dense_trainer_recalibrates_on_the_same_random_sample():
-    """The dense trainer (every method) draws its recalibration batches the same way."""
-    from torch.utils.data import TensorDataset
-
-    from ftn.dense.train import DenseData, _recal_loader, load_dense_config
-
-    cfg = load_dense_config(overrides=["data.batch_size=4", "train.recalibrate_batches=3", "seed=7"])
-    recal = TensorDataset(torch.arange(100))  # stands for a list sorted by scene class
-    data = DenseData(train=recal, val=recal, recal=recal, num_classes=40, tasks=("semseg",))
-    drawn = torch.cat([b[0] for b in _recal_loader(data, cfg)])
-    expected = torch.cat([b[0] for b in recalibration_loader(recal, 4, 3, seed=7)])
-    assert torch.equal(drawn, expected) and len(drawn) == 12
-    assert not torch.equal(drawn, torch.arange(12))  # not the first samples in file order

@@ -1,0 +1,136 @@
+"""The dense setting: what each method trains on the dense heads, FTN task isolation and merging,
+the joint multi-task model, Δm and parameter accounting (CPU, random weights, no download)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftn.dense.setting import JOINT, compare
+from ftn.training.config import apply_overrides, new_config
+from ftn.training.engine import train_task
+from ftn.training.runner import build, run_experiments
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    from ftn.dense import write_nyud_layout
+
+    return write_nyud_layout(tmp_path_factory.mktemp("nyud") / "data", n_train=4, n_val=2, size=(32, 48), seed=0,
+                             workers=1)
+
+
+def _tiny(scenes: Path, tmp: Path, *extra: str):
+    """A small MobileNetV2 (random) setup with narrow decoders, 2 steps per task."""
+    return apply_overrides(new_config("dense"), [
+        f"data.root={scenes}", "data.crop=[32,48]", "data.batch_size=2", "data.eval_batch_size=2",
+        "model.backbone=mobilenet_v2", "model.pretrained=false", "model.aspp_channels=16",
+        "model.low_channels=8", "model.decoder_channels=16", "method.ftn.rank=4", "train.max_steps=2",
+        "train.device=cpu", "train.recalibrate_batches=2", f"output_dir={tmp}", "train.resume=false", *extra])
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _train(cfg, setting, method, name, tmp):
+    data = setting.data(name)
+    task = method.tasks[name] if name in method.tasks else method.add_task(name, setting.head(data))
+    return task, train_task(task, data, cfg.train, cfg.data, tmp / name, progress=False)
+
+
+def test_ftn_trains_only_its_task_and_merges(scenes: Path, tmp_path: Path) -> None:
+    cfg = _tiny(scenes, tmp_path)
+    setting, method = build(cfg, torch.device("cpu"))
+    model = method.model
+    for t in ("semseg", "depth"):
+        method.add_task(t, setting.head(setting.data(t)))
+    fingerprint = model.backbone_fingerprint()
+    data = setting.data("depth")
+    assert len(data.recal) == len(data.train) and data.recal.transform is None  # un-augmented, same scenes
+    x = torch.stack([data.test[i]["image"] for i in range(2)])
+    model.eval()
+    with torch.no_grad():
+        semseg_before = model(x, task="semseg")["semseg"].clone()
+        depth_before = model(x, task="depth")["depth"].clone()
+    before = _state(model)
+
+    _train(cfg, setting, method, "depth", tmp_path)
+
+    assert model.backbone_fingerprint() == fingerprint  # frozen encoder unchanged
+    after = _state(model)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".depth." in k or k.startswith("heads.depth.") for k in changed), sorted(changed)[:5]
+    assert any(k.startswith("heads.depth.") for k in changed)
+    assert any("tasks.depth.factors" in k for k in changed)
+    assert all(not p.requires_grad for p in model.frozen_tensors().values() if isinstance(p, torch.nn.Parameter))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, task="semseg")["semseg"], semseg_before)  # other tasks: bit-identical
+        depth_after = model(x, task="depth")["depth"]
+        assert not torch.equal(depth_after, depth_before)
+        merged = model.merge("depth").eval()  # plain PyTorch, W + ΔW folded in
+        assert torch.allclose(merged(x)["depth"], depth_after, atol=1e-5, rtol=1e-4)
+    # Normals heads return unit vectors.
+    method.add_task("normals", setting.head(setting.data("normals")))
+    with torch.no_grad():
+        n = model.eval()(x, task="normals")["normals"]
+    assert n.shape == (2, 3, 32, 48) and torch.allclose(n.norm(dim=1), torch.ones(2, 32, 48), atol=1e-5)
+
+
+def test_full_fine_tuning_per_task_and_joint(scenes: Path, tmp_path: Path) -> None:
+    """``full``: a fine-tuned encoder copy per task; with ``data.joint`` one shared encoder and
+    every decoder, trained on the weighted sum of the task losses."""
+    cfg = _tiny(scenes, tmp_path, "method.name=full")
+    setting, method = build(cfg, torch.device("cpu"))
+    source = _state(method.pretrained)
+    task, result = _train(cfg, setting, method, "edge", tmp_path)
+    assert result.steps == 2 and all(p.requires_grad for p in task.module.parameters())
+    assert all(torch.equal(v, method.pretrained.state_dict()[k]) for k, v in source.items())  # copied, not moved
+    moved = [k for k, v in task.module.backbone.state_dict().items() if not torch.equal(v, source[k])]
+    assert moved  # full fine-tuning moves the encoder
+    with torch.no_grad():
+        assert task.module.eval()(torch.zeros(2, 3, 32, 48))["edge"].shape == (2, 1, 32, 48)
+
+    joint = _tiny(scenes, tmp_path / "joint", "method.name=full", "data.joint=true")
+    setting, method = build(joint, torch.device("cpu"))
+    assert setting.tasks() == [JOINT]
+    init = setting.head(setting.data(JOINT)).state_dict()  # seeded: the same decoders every time
+    task, result = _train(joint, setting, method, JOINT, tmp_path / "joint")
+    assert result.steps == 2 and set(result.test) >= {"semseg/mIoU", "depth/rmse", "normals/mean_angle", "edge/odsF"}
+    heads = task.module.head
+    for t in ("semseg", "depth", "normals", "edge"):  # every decoder moved away from its initialisation
+        assert any(not torch.equal(v, init[f"{t}.{k}"]) for k, v in heads[t].state_dict().items()), t
+    with torch.no_grad():
+        out = task.module.eval()(torch.zeros(2, 3, 32, 48))
+    assert {t: tuple(v.shape) for t, v in out.items()} == {
+        "semseg": (2, 7, 32, 48), "depth": (2, 1, 32, 48), "normals": (2, 3, 32, 48), "edge": (2, 1, 32, 48)}
+    assert method.stored_parameters() == sum(p.numel() for p in task.module.parameters())
+
+
+def test_three_methods_delta_m_and_parameters(scenes: Path, tmp_path: Path) -> None:
+    variants = {"single": ["method.name=full"], "mtl": ["method.name=full", "data.joint=true"],
+                "ftn": ["method.name=ftn"]}
+    cfgs = [_tiny(scenes, tmp_path / v, "data.tasks=[semseg,depth]", "train.max_steps=1", *o)
+            for v, o in variants.items()]
+    runs = compare(dict(zip(variants, run_experiments(cfgs, progress=False))), baseline="single")
+    single, mtl, ftn = (runs[v] for v in variants)
+    assert single["delta_m"] == 0.0
+    for r in (mtl, ftn):
+        base = single["metrics"]
+        assert all(math.isfinite(v) for m in r["metrics"].values() for v in m.values())
+        expect = ((r["metrics"]["semseg"]["mIoU"] - base["semseg"]["mIoU"]) / base["semseg"]["mIoU"]
+                  - (r["metrics"]["depth"]["rmse"] - base["depth"]["rmse"]) / base["depth"]["rmse"]) / 2
+        assert r["delta_m"] == pytest.approx(expect)
+    enc = ftn["parameters"]["shared"]
+    dec = {t: single["parameters"]["per_task"][t] - enc for t in ("semseg", "depth")}
+    assert single["stored_parameters"] == 2 * enc + sum(dec.values())
+    assert mtl["stored_parameters"] == enc + sum(dec.values())  # same decoders, one encoder
+    assert all(ftn["parameters"]["per_task"][t] > dec[t] for t in dec)  # decoder + ΔW + norms
+    assert ftn["stored_parameters"] < single["stored_parameters"]

@@ -1,0 +1,108 @@
+"""The method registry: what each method trains, budgets, and a new method in every setting."""
+
+import copy
+
+import pytest
+import torch
+
+from ftn import ConfigError
+from ftn.training.config import TrainConfig
+from ftn.training.methods import (METHODS, Method, TaskModel, WithHead, ftn_delta_budget, lora_delta_params,
+                                  matched_lora_rank, method_class, register)
+
+from conftest import SmallCNN, randomize_norms, tensor_hash
+from tiny import bn_head, run, tiny_method
+
+
+@pytest.mark.parametrize("name", ["ftn", "full", "linear", "norm_head", "lora"])
+def test_each_method_trains_only_its_parameters(tmp_path, name):
+    method = tiny_method(name)
+    task = method.add_task("d", torch.nn.Linear(16, 3))
+    expected = {
+        "linear": 16 * 3 + 3,
+        "full": sum(p.numel() for p in SmallCNN().parameters()) + 16 * 3 + 3,
+    }
+    if name in expected:
+        assert task.num_trainable() == expected[name]
+    pretrained_hash = tensor_hash(method.pretrained.state_dict().values()) if name in ("full", "lora") else None
+    _, _, result = run(tmp_path, method=method, train=TrainConfig(max_steps=3, lr=1e-2))
+    assert result.steps == 3 and result.test is not None
+    if pretrained_hash:  # per-task copies leave the shared pretrained backbone alone
+        assert tensor_hash(method.pretrained.state_dict().values()) == pretrained_hash
+    if name == "linear":  # a linear probe keeps the backbone's BatchNorm statistics frozen
+        fresh = randomize_norms(SmallCNN())
+        assert torch.equal(method.backbone.bn1.running_mean, fresh.bn1.running_mean)
+    assert method.stored_parameters() == method.shared_parameters() + method.task_parameters("d") > 0
+
+
+def test_saved_task_loads_back_identically(tmp_path):
+    """Every method's task file (FTN: an adapter file) restores the task on a fresh method."""
+    for name in ("ftn", "full", "lora", "linear"):
+        method, task, _ = run(tmp_path / name, method_name=name, train=TrainConfig(max_steps=2, lr=1e-2), head=bn_head)
+        path = method.save_task("d", tmp_path / name)
+        again = tiny_method(name).load_task("d", bn_head(), path)
+        for k, v in task.state_dict().items():
+            assert torch.equal(v, again.state_dict()[k]), (name, k)
+
+
+def test_lora_rank_matches_ftn_budget():
+    backbone = SmallCNN()
+    per_rank = lora_delta_params(backbone, 1)
+    assert matched_lora_rank(backbone, 3 * per_rank) == 3
+    assert matched_lora_rank(backbone, 1) == 1
+    before = tensor_hash(backbone.state_dict().values())
+    budget = ftn_delta_budget(backbone)  # rank 8 on every conv/linear
+    assert budget == ftn_delta_budget(backbone, rank=8) > ftn_delta_budget(backbone, rank=2) > 0
+    assert tensor_hash(backbone.state_dict().values()) == before  # the probe works on a copy
+    assert tiny_method("lora").lora_rank == matched_lora_rank(SmallCNN(), ftn_delta_budget(SmallCNN(), rank=2))
+
+
+def test_unknown_and_deprecated_method_names():
+    with pytest.raises(ConfigError, match=r"method.name must be one of .* \(did you mean 'lora'\?\)"):
+        method_class("lorra")
+    with pytest.warns(DeprecationWarning, match="'bn_head' is now called 'norm_head'"):
+        assert method_class("bn_head") is METHODS["norm_head"]
+
+
+# ----------------------------------------------------------------------------- a new baseline
+class BitFit(Method):
+    """Biases of a copy of the backbone + head: a new baseline in one class."""
+
+    name = "bitfit_test"
+
+    def add_task(self, name, head):
+        backbone = copy.deepcopy(self.pretrained).requires_grad_(False)
+        biases = [p.requires_grad_(True) for n, p in backbone.named_parameters() if n.endswith("bias")]
+        module = WithHead(backbone, head).to(self.device)
+        task = TaskModel(name, module, module, biases, list(head.parameters()),
+                         lambda: {**{n: p for n, p in module.named_parameters() if p.requires_grad},
+                                  **{f"head.{n}": b for n, b in head.named_buffers()}}, lambda: [])
+        self.tasks[name] = task
+        return task
+
+
+@pytest.fixture
+def bitfit():
+    register(BitFit)
+    yield BitFit.name
+    METHODS.pop(BitFit.name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["classification", "dense", "text"])
+def test_a_new_method_works_in_every_setting(bitfit, setting, tmp_path, capsys):
+    from ftn.cli import main
+
+    from test_train_configs import tiny_overrides
+
+    config, overrides = tiny_overrides(setting, tmp_path)
+    args = ["--config", str(config), *overrides, f"method.name={bitfit}", f"output_dir={tmp_path / 'out'}"]
+    assert main(["train", "--no-progress", *args]) == 0
+    import json
+
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["method"] == bitfit and results["parameters"]["shared"] > 0
+    assert all(r["steps"] == 2 and r["test"] for r in results["tasks"].values())
+    capsys.readouterr()
+    assert main(["eval", *args, "--adapters", str(tmp_path / "out" / "adapters")]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == len(results["tasks"])

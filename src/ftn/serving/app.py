@@ -291,45 +291,42 @@ def create_app(service: TaskService, settings: ServeSettings | None = None) -> F
             if code == 200:
                 metrics.latency.labels(label).observe(time.perf_counter() - started)
 
-    @app.put("/tasks/{name}", status_code=201)
-    async def add_task(name: str, request: Request) -> JSONResponse:
+    @contextlib.contextmanager
+    def admin_op(op: str, success: int):
+        """Count an admin request under the status it ends with (``success``, the HTTP error's,
+        the status an FTNError maps to, or 500 for anything else)."""
         code = 500
         try:
+            yield
+            code = success
+        except HTTPException as exc:
+            code = exc.status_code
+            raise
+        except FTNError as exc:
+            code = _status_of(exc)
+            raise
+        finally:
+            metrics.admin.labels(op, str(code)).inc()
+
+    @app.put("/tasks/{name}", status_code=201)
+    async def add_task(name: str, request: Request) -> JSONResponse:
+        with admin_op("add", 201):
             require_admin(request)
             validate_name(name)
             data = await _read_body(request, settings.max_adapter_bytes, "adapter file")
             entry = await on_model_thread(service.add, name, data)
-            code = 201
             log.info("added task %s (%d bytes)", name, len(data))
             return JSONResponse({"added": entry.summary()}, status_code=201)
-        except HTTPException as exc:
-            code = exc.status_code
-            raise
-        except FTNError as exc:
-            code = _status_of(exc)
-            raise
-        finally:
-            metrics.admin.labels("add", str(code)).inc()
 
     @app.delete("/tasks/{name}")
     async def remove_task(name: str, request: Request) -> dict[str, Any]:
-        code = 500
-        try:
+        with admin_op("remove", 200):
             require_admin(request)
             validate_name(name)
             await on_model_thread(service.remove, name)
             metrics.forget(name)
-            code = 200
             log.info("removed task %s", name)
             return {"removed": name}
-        except HTTPException as exc:
-            code = exc.status_code
-            raise
-        except FTNError as exc:
-            code = _status_of(exc)
-            raise
-        finally:
-            metrics.admin.labels("remove", str(code)).inc()
 
     @app.post("/admin/rescan")
     async def rescan(request: Request) -> dict[str, Any]:

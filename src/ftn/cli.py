@@ -11,6 +11,22 @@ from .errors import FTNError
 
 __all__ = ["main"]
 
+#: Top-level module → the pip extra that installs it. The core needs torch and safetensors only;
+#: a command that needs more names the extra instead of ending in an ImportError traceback.
+_EXTRAS = {"yaml": "train", "tqdm": "train", "matplotlib": "train", "scipy": "train", "torchvision": "train",
+           "PIL": "train", "peft": "peft", "transformers": "text", "fastapi": "serve", "uvicorn": "serve",
+           "multipart": "serve", "prometheus_client": "serve", "httpx": "serve", "psutil": "serve"}
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """'needs the X extra' for a module of one of our extras, else None (a real bug: re-raise)."""
+    top = (exc.name or "").partition(".")[0]
+    extra = _EXTRAS.get(top)
+    if extra is None:
+        return None
+    return (f"this command needs the {top!r} package, which comes with the {extra!r} extra: "
+            f"pip install 'factorized-tensor-networks[{extra}]'")
+
 
 def _cmd_params(args: argparse.Namespace) -> int:
     from .backbones import build_backbone
@@ -202,6 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except FTNError as exc:
         print(f"ftn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        message = _missing_extra(exc)
+        if message is None:
+            raise
+        print(f"ftn {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

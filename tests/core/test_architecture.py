@@ -49,7 +49,7 @@ BLOCKED = set(sys.argv[2].split(","))
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"{name} is blocked: the core must not need it")
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
         return None
 
 sys.meta_path.insert(0, Block())
@@ -112,3 +112,32 @@ def test_import_ftn_works_with_only_torch_and_safetensors():
                          timeout=300, env={"PYTHONPATH": str(SRC), "PATH": ""})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "ok []"
+
+
+_CLI_CORE_ONLY = _BLOCKER + r"""
+import contextlib, io, json
+from ftn.cli import main
+
+results = {}
+for argv in (["params", "--backbone", "resnet18"], ["train", "--config", "configs/embedded_mobilenetv2_ftn.yaml"],
+             ["demo", "--quick"]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    results[argv[0]] = [code, err.getvalue()]
+print(json.dumps(results))
+"""
+
+
+def test_cli_with_core_only_install_names_the_missing_extra():
+    """`pip install factorized-tensor-networks` alone: commands that need the train extra say so
+    in one line (exit 2) instead of an ImportError traceback."""
+    out = subprocess.run([sys.executable, "-c", _CLI_CORE_ONLY, "", ",".join(BLOCKED)], capture_output=True,
+                         text=True, timeout=300, env={"PYTHONPATH": str(SRC), "PATH": ""},
+                         cwd=SRC.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    for command, (code, err) in results.items():
+        assert code == 2, (command, err)
+        assert "extra" in err and "pip install 'factorized-tensor-networks[train]'" in err, (command, err)
+        assert "Traceback" not in err, (command, err)

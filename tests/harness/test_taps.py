@@ -99,8 +99,8 @@ def test_ftn_train_with_unfreeze_runs_two_steps_and_stores_the_dense_layer(tmp_p
 @pytest.mark.slow
 def test_demo_runs_taps_and_partial_unfreezing(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--output", str(out), "--no-progress", "--methods", "taps", "ftn_unfreeze",
-                 "train.max_steps=2", "data.test_limit=32", "data.val_limit=32"]) == 0
+    assert main(["demo", "--quick", "--output", str(out), "--no-progress", "train.max_steps=2", "data.test_limit=32",
+                 "data.val_limit=32", "--methods", "taps", "ftn_unfreeze"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"taps", "ftn_unfreeze"}
     assert results["methods"]["ftn_unfreeze"]["method_info"]["unfreeze"] == ["features.18", "features.18.*"]

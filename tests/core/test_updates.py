@@ -216,3 +216,28 @@ def test_eval_cache_sees_a_gate_switching(images):
         for layer in model.adapted_layers().values():
             layer.remove_task("a")
         assert torch.equal(model(images, task="a"), off)
+
+
+def test_attention_projections_take_dense_and_gated_updates(tmp_path):
+    torch.manual_seed(0)
+    backbone = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0).eval()
+    model = FTNModel(backbone, rank=2, unfreeze=["self_attn.in_proj"]).eval()
+    model.add_task("a")
+    model.add_task("b", gate={"tau": 0.1})
+    x = torch.randn(2, 5, 16)
+    for task in ("a", "b"):
+        train_steps(model, task, x)
+    switch_off(model, "b", "self_attn.out_proj")
+    kinds = {ln: layer.tasks["a"].kind for ln, layer in model.adapted_layers().items()}
+    assert kinds["self_attn.in_proj"] == "dense" and kinds["self_attn.out_proj"] == "cp"
+    for task in ("a", "b"):
+        with torch.no_grad():
+            expected = model(x, task=task)
+            torch.testing.assert_close(model.merge(task).eval()(x), expected, rtol=1e-5, atol=1e-5)
+        path = model.save_task(task, tmp_path / f"{task}.safetensors")
+        torch.manual_seed(0)
+        other = FTNModel(nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0).eval(),
+                         rank=2).eval()
+        other.load_task(path)
+        with torch.no_grad():
+            assert torch.equal(other(x, task=task), expected)

@@ -8,10 +8,11 @@ from .config import FTNConfig
 from .cp import cp_num_params, cp_to_tensor, max_efficient_rank
 from .errors import AdapterFileError, ConfigError, DataError, FTNError, ShapeError, TaskError
 from .injection import register_wrapper, wrap_layer
-from .layers import CPFactors, FactorInit, FTNConv, FTNLayer, FTNLinear, TaskContext
+from .layers import FTNConv, FTNLayer, FTNLinear, TaskContext
 from .model import FTNModel, TaskModel
 from .norms import TaskNorm
 from .report import ParameterReport
+from .updates import CPFactors, DenseDelta, FactorInit, GatedDelta, TaskUpdate
 from .version import __version__
 
 __all__ = [
@@ -24,6 +25,9 @@ __all__ = [
     "FTNConv",
     "FTNLinear",
     "CPFactors",
+    "DenseDelta",
+    "GatedDelta",
+    "TaskUpdate",
     "FactorInit",
     "TaskContext",
     "TaskNorm",

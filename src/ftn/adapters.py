@@ -1,14 +1,17 @@
 """Adapter files: one task's factors, norms and head in one safetensors file.
 
-Layout (format version 1). Tensor keys:
+Layout (format version 1, or 2 when the task has dense updates). Tensor keys:
 
 - ``delta.<layer>.<k>``: factor k of ΔW at ``<layer>`` (k = 0 is the output mode),
+- ``delta.<layer>.weight`` (and ``delta.<layer>.score``): a dense ΔW (partial unfreezing) or a
+  TAPS gated ΔW and its score (:mod:`ftn.updates`; a TAPS layer switched off stores nothing),
 - ``norm.<layer>.<key>``: the task's norm state (affine and, for BatchNorm, running statistics),
 - ``head.<key>``: the head's state dict.
 
 String metadata (safetensors ``__metadata__``): ``format`` = ``ftn-adapter``, ``format_version``,
 ``ftn_version``, ``task``, ``config`` (factor init etc., JSON), ``layers`` (every adapted layer
-of the model with its weight shape, CP modes and this task's rank; 0 where the task skips it),
+of the model with its weight shape, CP modes and this task's rank, 0 where the task skips it;
+in version 2 also ``kind`` (``cp`` when absent) and the kind's ``options``, e.g. TAPS's τ),
 ``norms`` (norm layer names and types), ``head`` (a spec to rebuild simple heads),
 ``backbone_fingerprint`` (SHA-256 of the frozen backbone), ``content_sha256`` (of the tensor
 bytes, so a flipped bit is caught, not just a truncation) and, optionally, ``info`` (JSON: what a
@@ -18,6 +21,9 @@ still load, with an empty info).
 The functions work on an :class:`~ftn.model.FTNModel` through its public methods only
 (``adapted_layers``, ``task_norm_layers``, ``heads``, ``task_spec``, ``task_info``,
 ``add_task_with_ranks`` ...); this module does not import the model.
+
+Version 2 differs from version 1 only by the per-layer ``kind``: a task of CP factors only is
+still written as version 1 (readable by older ftn), and every version-1 file still loads.
 
 No pickle is involved anywhere. Files are written to a temporary file in the same folder,
 flushed, fsync'ed and renamed over the target, so a crash never leaves a half-written adapter.
@@ -41,13 +47,14 @@ from torch import Tensor, nn
 from .config import validate_task_name
 from .digest import tensor_digest
 from .errors import AdapterFileError, ConfigError, TaskError
+from .updates import KINDS
 from .version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_task", "load_task", "read_adapter", "atomic_write_bytes",
            "validate_task_info", "tensor_digest"]
 
 FORMAT = "ftn-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this ftn reads and writes; files without dense updates are written as 1
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -182,13 +189,18 @@ def save_task(model: nn.Module, name: str, path: str | Path, info: Mapping[str, 
     info = model.set_task_info(name, info) if info is not None else model.task_info(name)
     tensors: dict[str, Tensor] = {}
     layers: dict[str, Any] = {}
+    version = 1
     for layer_name, layer in model.adapted_layers().items():
-        rank = layer.rank(name)
-        layers[layer_name] = {"shape": list(layer.base.weight.shape), "modes": list(layer.modes),
-                              "rank": rank, "requested_rank": layer.requested_ranks.get(name, 0)}
-        if rank:
-            for k, factor in enumerate(layer.tasks[name].factors):
-                tensors[f"delta.{layer_name}.{k}"] = factor.detach()
+        update = layer.tasks[name] if name in layer.tasks else None
+        stored = update.stored() if update is not None else {}
+        entry = layers[layer_name] = {
+            "shape": list(layer.base.weight.shape), "modes": list(layer.modes), "rank": layer.rank(name) if stored else 0,
+            "requested_rank": layer.requested_ranks.get(name, 0) if stored or update is None else 0}
+        if update is not None and update.kind != "cp":
+            entry.update(kind=update.kind, options=update.options())
+            version = 2
+        for key, t in stored.items():
+            tensors[f"delta.{layer_name}.{key}"] = t.detach()
     norms: dict[str, Any] = {}
     for layer_name, norm in model.task_norm_layers().items():
         norms[layer_name] = {"type": type(norm.base).__name__}
@@ -201,7 +213,7 @@ def save_task(model: nn.Module, name: str, path: str | Path, info: Mapping[str, 
     tensors = {k: v.cpu().contiguous().clone() for k, v in tensors.items()}
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(version),
         "ftn_version": __version__,
         "task": name,
         "config": json.dumps({k: v for k, v in model.config_dict().items()
@@ -271,6 +283,14 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, meta
 
 
+def _stored_shapes(kind: str, layer: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
+    """The tensors a layer's update of ``kind`` stores, by key, with their shapes."""
+    if kind == "cp":
+        return {str(k): (d, rank) for k, d in enumerate(layer.modes)}
+    shapes = {"weight": tuple(layer.base.weight.shape)}
+    return {**shapes, "score": ()} if kind == "gated" else shapes
+
+
 def _summarise(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -314,15 +334,22 @@ def load_task(model: nn.Module, path: str | Path, name: str | None = None, head:
 
     expected_keys: set[str] = set()
     ranks: dict[str, tuple[int, int]] = {}
+    updates: dict[str, dict[str, Any]] = {}
     for ln, layer in layers.items():
         rank = int(file_layers[ln]["rank"])
         ranks[ln] = (int(file_layers[ln].get("requested_rank", rank)), rank)
-        for k, d in enumerate(layer.modes if rank else ()):
-            key = f"delta.{ln}.{k}"
+        kind = file_layers[ln].get("kind", "cp")
+        if kind not in KINDS:
+            raise AdapterFileError(f"{path}: layer {ln} has an update of unknown kind {kind!r}; "
+                                   f"this ftn knows {sorted(KINDS)}: upgrade ftn")
+        if kind != "cp":
+            updates[ln] = {"kind": kind, **file_layers[ln].get("options", {})}
+        for key, shape in (_stored_shapes(kind, layer, rank) if rank else {}).items():
+            key = f"delta.{ln}.{key}"
             expected_keys.add(key)
-            if key not in tensors or tuple(tensors[key].shape) != (d, rank):
+            if key not in tensors or tuple(tensors[key].shape) != shape:
                 got = tuple(tensors[key].shape) if key in tensors else "missing"
-                raise AdapterFileError(f"{path}: factor {key} should have shape {(d, rank)}, got {got}")
+                raise AdapterFileError(f"{path}: {kind} update tensor {key} should have shape {shape}, got {got}")
     norm_states: dict[str, dict[str, Tensor]] = {}
     for ln, norm in norms.items():
         reference = norm.base.state_dict()
@@ -362,13 +389,13 @@ def load_task(model: nn.Module, path: str | Path, name: str | None = None, head:
                 f"pass check_fingerprint=False only if you know the difference is harmless")
 
     # All checks passed: now change the model, and undo everything if anything still fails.
-    model.add_task_with_ranks(name, ranks, head, spec=meta["task_spec"], info=meta["info"])
+    model.add_task_with_ranks(name, ranks, head, spec=meta["task_spec"], info=meta["info"], updates=updates)
     try:
         with torch.no_grad():
             for ln, layer in layers.items():
                 if name in layer.tasks:
-                    for k, factor in enumerate(layer.tasks[name].factors):
-                        factor.copy_(tensors[f"delta.{ln}.{k}"])
+                    for key, t in layer.tasks[name].parameters_by_key().items():
+                        t.copy_(tensors[f"delta.{ln}.{key}"])
             for ln, norm in norms.items():
                 norm.tasks[name].load_state_dict(norm_states[ln])
             model.heads[name].load_state_dict(head_state)

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true", help="dense multi-task demo on embedded indoor scenes")
     p.add_argument("--text", action="store_true", help="text multi-task demo with the offline MiniLM")
     p.add_argument("--output", default="outputs/demo", help="folder for results.json, table.md and the plot")
-    p.add_argument("--methods", nargs="*", help="methods to compare (default: ftn full linear norm_head lora)")
+    p.add_argument("--methods", nargs="*", help="methods to compare (default: ftn full linear norm_head lora; also taps, ftn_unfreeze)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every method's config")
     p.set_defaults(func=_cmd_demo)

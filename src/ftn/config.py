@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, TaskError
-from .layers import FactorInit
+from .updates import FactorInit
 
 __all__ = ["FTNConfig", "FUSED_QKV_MODES", "validate_task_name"]
 
@@ -37,6 +37,9 @@ class FTNConfig:
     fused_qkv: str = "plain"
     qkv_patterns: list[str] = field(default_factory=lambda: ["*.qkv", "*.qkv_proj", "*.Wqkv"])
     train_bias: bool = False  # each task also gets its own copy of every adapted Linear's bias
+    # Partial unfreezing: adapted layers matching these globs get a dense per-task update W + D
+    # (D zero at start: the same function and gradient as fine-tuning the layer) instead of CP ΔW.
+    unfreeze: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -44,7 +47,7 @@ class FTNConfig:
         for pattern, value in self.rank_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"rank_pattern[{pattern!r}] must be an integer >= 0, got {value!r}")
-        for key in ("include", "exclude", "qkv_patterns"):
+        for key in ("include", "exclude", "qkv_patterns", "unfreeze"):
             value = getattr(self, key)
             if value is None and key == "include":
                 continue

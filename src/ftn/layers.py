@@ -1,7 +1,7 @@
-"""FTN layers: a frozen Conv/Linear layer plus per-task CP factors of ΔW.
+"""FTN layers: a frozen Conv/Linear layer plus a per-task update of its weight.
 
-A wrapper keeps the original module untouched as ``.base`` and, for each task, a small set of
-factors. With task ``t`` active the layer computes ``base`` with weight ``W + ΔW_t``; with no task
+A wrapper keeps the original module untouched as ``.base`` and, for each task, one update
+(:mod:`ftn.updates`: CP factors of ΔW, a dense ΔW, or a gated dense ΔW). With task ``t`` active the layer computes ``base`` with weight ``W + ΔW_t``; with no task
 active (or a task that does not adapt this layer) it *is* the original layer.
 
 The weight is swapped rather than re-implemented: plain ``nn.Conv{1,2,3}d`` / ``nn.Linear`` go
@@ -13,8 +13,8 @@ through their own ``_conv_forward`` / ``F.linear``, and any subclass that overri
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .cache import CheckGroup, EvalCachedModule
-from .cp import cp_num_params, cp_to_tensor, weight_modes
+from .cp import weight_modes
 from .errors import ShapeError, TaskError
 from .functional import cp_conv, cp_linear, fast_backward_pays_off
+from .updates import CPFactors, FactorInit, GatedDelta, TaskUpdate, full_rank, make_update
 
 __all__ = [
     "TaskContext",
@@ -71,79 +72,6 @@ class MixedTasks:
             raise ShapeError(f"a mixed-task batch has {self.size} samples along dim 0, got a tensor "
                              f"of shape {tuple(x.shape)} (layers that move the batch dim are not supported)")
         return torch.cat([fn(task, x.narrow(0, start, length)) for task, start, length in self.segments])
-
-
-@dataclass(frozen=True)
-class FactorInit:
-    """How new factors start.
-
-    ``zero_mode`` selects the factor set to exactly zero (default 0: the output mode A), which
-    makes ΔW = 0 at initialisation, so a new task starts as the pretrained model. The other
-    factors are drawn with ``method``:
-
-    - ``"orthogonal"`` (default, as in the authors' earlier rank-update work): orthonormal columns
-      (or rows when d < R), times ``scale``. Each rank-1 term then has unit norm, so the zero
-      factor receives well-scaled gradients from the first step.
-    - ``"normal"``: N(0, scale² / d_k).
-    - ``"uniform"``: U(-scale·√(3/d_k), +scale·√(3/d_k)), the same variance as ``"normal"``.
-    """
-
-    method: str = "orthogonal"
-    scale: float = 1.0
-    zero_mode: int = 0
-
-    def __post_init__(self) -> None:
-        if self.method not in ("orthogonal", "normal", "uniform"):
-            raise ValueError(f"unknown factor init {self.method!r}; use orthogonal, normal or uniform")
-
-
-class CPFactors(nn.Module):
-    """Rank-R CP factors for one task at one layer: ``factors[k]`` has shape (d_k, R)."""
-
-    def __init__(self, modes: tuple[int, ...], rank: int, init: FactorInit = FactorInit(),
-                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
-        if not 0 <= init.zero_mode < len(modes):
-            raise ValueError(f"zero_mode {init.zero_mode} out of range for {len(modes)} modes")
-        self.modes = tuple(modes)
-        self.rank = int(rank)
-        self.factors = nn.ParameterList(
-            nn.Parameter(torch.empty(d, rank, device=device, dtype=dtype)) for d in self.modes
-        )
-        self.reset_parameters(init)
-
-    @torch.no_grad()
-    def reset_parameters(self, init: FactorInit = FactorInit()) -> None:
-        for k, factor in enumerate(self.factors):
-            if k == init.zero_mode:
-                factor.zero_()
-            elif init.method == "orthogonal":
-                # Drawn in float32 on CPU: orthogonal_ needs a QR that not every dtype/device has.
-                q = torch.empty(factor.shape, dtype=torch.float32)
-                nn.init.orthogonal_(q)
-                factor.copy_(q.mul_(init.scale))
-            elif init.method == "normal":
-                factor.normal_(0.0, init.scale / math.sqrt(factor.shape[0]))
-            else:
-                bound = init.scale * math.sqrt(3.0 / factor.shape[0])
-                factor.uniform_(-bound, bound)
-
-    def tensors(self) -> list[Tensor]:
-        """``list(self.factors)``, read from the registry directly: ParameterList's indexing costs
-        a few µs per factor, which the eval cache pays on every forward."""
-        return list(self.factors._parameters.values())
-
-    def delta(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
-        """Dense ΔW in the layer's weight shape."""
-        return cp_to_tensor(list(self.factors), shape)
-
-    def num_params(self) -> int:
-        return cp_num_params(self.modes, self.rank)
-
-    def extra_repr(self) -> str:
-        return f"modes={self.modes}, rank={self.rank}"
 
 
 class BaseWrapper(nn.Module):
@@ -231,11 +159,18 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
 
     # ---------------------------------------------------------------- tasks
     def add_task(self, task: str, rank: int, init: FactorInit = FactorInit(),
-                 requested_rank: int | None = None) -> None:
+                 requested_rank: int | None = None, update: Mapping[str, Any] | None = None) -> None:
+        """Add ``task``'s update: rank-``rank`` CP factors, or ``update = {"kind": "dense"}`` /
+        ``{"kind": "gated", "tau": ..}`` (:func:`ftn.updates.make_update`; rank is then ignored)."""
         if task in self.tasks:
             raise TaskError(f"layer {self.layer_name!r} already has task {task!r}")
         weight = self.base.weight
-        self.tasks[task] = CPFactors(self.modes, rank, init, device=weight.device, dtype=weight.dtype)
+        options = dict(update or {})
+        kind = options.pop("kind", "cp")
+        if kind != "cp":
+            rank = requested_rank = full_rank(self.modes)
+        self.tasks[task] = make_update(kind, tuple(weight.shape), self.modes, rank, init, device=weight.device,
+                                       dtype=weight.dtype, **options)
         self.requested_ranks[task] = requested_rank if requested_rank is not None else rank
 
     def remove_task(self, task: str) -> None:
@@ -274,15 +209,19 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
     def _forward_task(self, task: str | None, x: Tensor) -> Tensor:
         if task is None or task not in self.tasks:
             return self.base(x)
+        update = self.tasks[task]
+        if isinstance(update, GatedDelta) and not update.active and not torch.is_grad_enabled():
+            return self.base(x)  # gate off, nothing to learn: exactly the frozen layer
         self._check_input(x)
-        factors = self.tasks[task]
-        if self._use_fast_backward(factors):
-            return self._fast_forward(x, list(factors.factors))
+        if self._use_fast_backward(update):
+            return self._fast_forward(x, update.tensors())
         return self._forward_with_weight(x, self.task_weight(task))
 
-    def _use_fast_backward(self, factors: CPFactors) -> bool:
-        # Only where a backward will reach the factors (no point otherwise: eval then uses the
-        # cached W + ΔW) and the base is frozen (the custom backward gives W no gradient).
+    def _use_fast_backward(self, factors: TaskUpdate) -> bool:
+        # CP factors only, where a backward will reach them (no point otherwise: eval then uses
+        # the cached W + ΔW) and the base is frozen (the custom backward gives W no gradient).
+        if not isinstance(factors, CPFactors):
+            return False
         if not self._plain or self.fast_backward is False or not torch.is_grad_enabled():
             return False
         if self.base.weight.requires_grad or not any(f.requires_grad for f in factors.factors):
@@ -313,7 +252,7 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
         return merged
 
     def extra_repr(self) -> str:
-        ranks = {t: f.rank for t, f in self.tasks.items()}
+        ranks = {t: f.rank if f.kind == "cp" else f.kind for t, f in self.tasks.items()}
         return f"name={self.layer_name!r}, modes={self.modes}, ranks={ranks}"
 
 

@@ -108,23 +108,41 @@ class FTNModel(nn.Module):
 
     # ------------------------------------------------------------------ tasks
     def add_task(self, name: str, head: nn.Module | None = None, rank: int | None = None,
-                 rank_pattern: Mapping[str, int] | None = None) -> None:
+                 rank_pattern: Mapping[str, int] | None = None, *, unfreeze: Sequence[str] | None = None,
+                 gate: Mapping[str, Any] | None = None) -> None:
         """Add a task: ΔW factors on every adapted layer (ΔW = 0 at start), its own copy of every
         norm, and ``head`` (default ``nn.Identity``) applied to the backbone's output.
 
         ``rank`` defaults to the model's; ``rank_pattern`` (glob → rank) overrides it per layer
-        for this task, replacing the model-wide pattern.
+        for this task, replacing the model-wide pattern. Layers matching ``unfreeze`` (globs,
+        default the config's) get a dense update W + D instead (partial unfreezing); with
+        ``gate`` (``{"tau": τ, "init_score": s₀}``, both optional) every other layer gets TAPS's
+        gated dense update W + 1[s ≥ τ]·δW instead of CP factors (:mod:`ftn.updates`).
         """
         self._check_new_task(name)
         rank = self.config.rank if rank is None else rank
         if not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"rank must be an integer >= 0, got {rank!r}")
-        ranks = {}
+        unfreeze = list(self.config.unfreeze if unfreeze is None else unfreeze)
+        if isinstance(unfreeze, str) or not all(isinstance(p, str) for p in unfreeze):
+            raise ConfigError(f"unfreeze must be a list of glob strings, got {unfreeze!r}")
+        ranks, updates = {}, {}
         for layer_name, layer in self.adapted_layers().items():
-            requested = self.layer_rank(layer_name, rank, rank_pattern)
-            ranks[layer_name] = (requested, self._capped(layer, requested))
-        self.add_task_with_ranks(name, ranks, head, spec={
-            "rank": rank, "rank_pattern": dict(rank_pattern) if rank_pattern is not None else None})
+            if any(fnmatch.fnmatchcase(layer_name, p) for p in unfreeze):
+                updates[layer_name] = {"kind": "dense"}
+            elif gate is not None:
+                updates[layer_name] = {"kind": "gated", **gate}
+            else:
+                requested = self.layer_rank(layer_name, rank, rank_pattern)
+                ranks[layer_name] = (requested, self._capped(layer, requested))
+                continue
+            ranks[layer_name] = (1, 1)  # dense kinds: the layer sets its own (full) rank
+        spec: dict[str, Any] = {"rank": rank, "rank_pattern": dict(rank_pattern) if rank_pattern is not None else None}
+        if unfreeze:
+            spec["unfreeze"] = unfreeze
+        if gate is not None:
+            spec["gate"] = dict(gate)
+        self.add_task_with_ranks(name, ranks, head, spec=spec, updates=updates)
 
     def _check_new_task(self, name: Any) -> None:
         validate_task_name(name)
@@ -137,9 +155,12 @@ class FTNModel(nn.Module):
         return requested
 
     def add_task_with_ranks(self, name: str, ranks: Mapping[str, tuple[int, int]], head: nn.Module | None = None,
-                            *, spec: Mapping[str, Any] | None = None, info: Mapping[str, Any] | None = None) -> None:
+                            *, spec: Mapping[str, Any] | None = None, info: Mapping[str, Any] | None = None,
+                            updates: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         """Add a task whose per-layer ranks are already decided (an adapter file's task):
-        ``ranks[layer] = (requested, applied)``; layers not listed are not adapted. ``spec`` is
+        ``ranks[layer] = (requested, applied)``; layers not listed are not adapted; ``updates[layer]``
+        (``{"kind": "dense"}``, ``{"kind": "gated", "tau": ..}``) makes a listed layer's update
+        another kind than CP factors (:func:`ftn.updates.make_update`). ``spec`` is
         how the ranks were asked for (``{"rank": .., "rank_pattern": ..}``, see :meth:`task_spec`)
         and ``info`` the task's labels and input preparation (:meth:`set_task_info`). All or
         nothing: on any error the model is left without the task."""
@@ -152,7 +173,8 @@ class FTNModel(nn.Module):
             for layer_name, layer in self.adapted_layers().items():
                 requested, applied = ranks.get(layer_name, (0, 0))
                 if applied > 0:
-                    layer.add_task(name, applied, init, requested_rank=requested)
+                    layer.add_task(name, applied, init, requested_rank=requested,
+                                   update=(updates or {}).get(layer_name))
                 elif requested > 0:
                     layer.requested_ranks[name] = requested  # capped to zero: report it
             for norm in self.task_norm_layers().values():
@@ -287,8 +309,8 @@ class FTNModel(nn.Module):
 
     # ------------------------------------------------------------------ parameters
     def task_parameters(self, name: str) -> list[nn.Parameter]:
-        """Exactly the parameters an optimizer should see for ``name``: its factors, its norm
-        copies and its head."""
+        """Exactly the parameters an optimizer should see for ``name``: its weight updates (CP
+        factors, dense or gated dense ΔW with their scores), its norm copies and its head."""
         self.check_task(name)
         return [p for _, p in self.named_task_parameters(name)]
 
@@ -297,7 +319,7 @@ class FTNModel(nn.Module):
         params: list[tuple[str, nn.Parameter]] = []
         for layer_name, layer in self.adapted_layers().items():
             if name in layer.tasks:
-                params += [(f"delta.{layer_name}.{k}", p) for k, p in enumerate(layer.tasks[name].factors)]
+                params += [(f"delta.{layer_name}.{k}", p) for k, p in layer.tasks[name].parameters_by_key().items()]
         for layer_name, norm in self.task_norm_layers().items():
             params += [(f"norm.{layer_name}.{k}", p) for k, p in norm.tasks[name].named_parameters()]
         params += [(f"head.{k}", p) for k, p in self.heads[name].named_parameters()]
@@ -327,8 +349,11 @@ class FTNModel(nn.Module):
             caps = [LayerCap(ln, layer.requested_ranks[name], layer.rank(name), max_efficient_rank(layer.modes))
                     for ln, layer in layers.items()
                     if name in layer.requested_ranks and layer.requested_ranks[name] != layer.rank(name)]
+            updates = [layer.tasks[name] for layer in layers.values() if name in layer.tasks]
             per_task[name] = TaskParameters(
-                delta=sum(layer.tasks[name].num_params() for layer in layers.values() if name in layer.tasks),
+                delta=sum(u.num_params() for u in updates),
+                dense=sum(u.num_params() for u in updates if u.kind != "cp"),
+                layers=sum(1 for u in updates if u.num_params()),
                 norms=sum(p.numel() for n in norms.values() for p in n.tasks[name].parameters()),
                 norm_buffers=sum(b.numel() for n in norms.values() for b in n.tasks[name].buffers()),
                 head=sum(p.numel() for p in self.heads[name].parameters()),
@@ -399,8 +424,8 @@ class FTNModel(nn.Module):
         return copy.deepcopy(checked)
 
     def task_spec(self, name: str) -> dict[str, Any]:
-        """How the task's ranks were asked for: ``{"rank": R, "rank_pattern": {...} | None}``
-        (empty for tasks added with explicit per-layer ranks and no spec)."""
+        """How the task's ranks were asked for: ``{"rank": R, "rank_pattern": {...} | None}``, plus
+        ``unfreeze`` / ``gate`` where :meth:`add_task` got them (empty for tasks added with explicit per-layer ranks and no spec)."""
         self.check_task(name)
         return copy.deepcopy(self._task_specs.get(name, {}))
 
@@ -421,7 +446,7 @@ def _is_wrapper(module: nn.Module) -> bool:
 class TaskModel(nn.Module):
     """One task of an :class:`FTNModel`: ``forward(*inputs)`` is ``model(*inputs, task=name)``.
 
-    It registers only the task's own modules (its CP factors, norm copies and head; the very
+    It registers only the task's own modules (its weight updates, norm copies and head; the very
     same objects, nothing is copied), so ``parameters()`` and ``buffers()`` are exactly what one
     task trains and what a data-parallel wrapper must synchronise::
 

@@ -1,7 +1,9 @@
 """Parameter accounting, in our convention and in the paper's.
 
 - ``backbone``: every parameter of the shared, frozen backbone (stored once).
-- per task: ``delta`` (ΔW factors), ``norms`` (its norm copies' affine parameters), ``head``;
+- per task: ``delta`` (every weight update the task stores: CP factors, and the dense ΔW of
+  unfrozen layers and of TAPS layers switched on, with their scores; ``dense`` says how much of
+  ``delta`` is dense, ``layers`` on how many layers the task stores an update), ``norms`` (its norm copies' affine parameters), ``head``;
   ``norm_buffers`` (BatchNorm running statistics) are stored in adapter files but are not
   parameters, so they are reported apart and not added to totals.
 - ``paper_total`` = backbone + Σ_t delta_t: the paper's convention (shared convs + norms counted
@@ -36,6 +38,8 @@ class TaskParameters:
     norm_buffers: int = 0
     rank: int | None = None
     caps: list[LayerCap] = field(default_factory=list)
+    dense: int = 0  # of delta: dense updates (unfrozen layers, TAPS layers switched on)
+    layers: int = 0  # layers the task stores an update for
 
     @property
     def total(self) -> int:
@@ -83,12 +87,13 @@ class ParameterReport:
             f"shared backbone (frozen, stored once): {self.backbone:>14,}",
             f"adapted Conv/Linear layers: {self.adapted_layers}, task-specific norm layers: {self.norm_layers}",
             "",
-            f"{'task':<16}{'rank':>6}{'ΔW':>12}{'norms':>10}{'head':>10}{'total':>12}{'norm stats':>12}",
+            f"{'task':<16}{'rank':>6}{'ΔW':>12}{'norms':>10}{'head':>10}{'total':>12}{'norm stats':>12}"
+            f"{'layers':>8}{'dense ΔW':>12}",
         ]
         for name, t in self.tasks.items():
             rank = "-" if t.rank is None else str(t.rank)
             lines.append(f"{name:<16}{rank:>6}{t.delta:>12,}{t.norms:>10,}{t.head:>10,}{t.total:>12,}"
-                         f"{t.norm_buffers:>12,}")
+                         f"{t.norm_buffers:>12,}{t.layers:>8}{t.dense:>12,}")
         lines += [
             "",
             f"paper convention (backbone + Σ ΔW): {self.paper_total:>14,}",

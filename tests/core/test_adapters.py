@@ -145,7 +145,7 @@ def test_truncated_corrupt_and_foreign_files_refused(trained, tmp_path):
 def test_newer_format_refused(trained):
     _, path = trained
     rewrite(path, mutate_meta=lambda m: m.update(format_version=str(FORMAT_VERSION + 1)))
-    with pytest.raises(AdapterFileError, match="format v2.*upgrade"):
+    with pytest.raises(AdapterFileError, match=f"format v{FORMAT_VERSION + 1}.*upgrade"):
         fresh_model().load_task(path)
 
 

@@ -14,7 +14,7 @@ from conftest import SmallCNN, randomize_norms, tensor_hash
 from tiny import bn_head, run, tiny_method
 
 
-@pytest.mark.parametrize("name", ["ftn", "full", "linear", "norm_head", "lora"])
+@pytest.mark.parametrize("name", ["ftn", "full", "linear", "norm_head", "lora", "taps", "ftn_unfreeze"])
 def test_each_method_trains_only_its_parameters(tmp_path, name):
     method = tiny_method(name)
     task = method.add_task("d", torch.nn.Linear(16, 3))
@@ -37,7 +37,7 @@ def test_each_method_trains_only_its_parameters(tmp_path, name):
 
 def test_saved_task_loads_back_identically(tmp_path):
     """Every method's task file (FTN: an adapter file) restores the task on a fresh method."""
-    for name in ("ftn", "full", "lora", "linear"):
+    for name in ("ftn", "full", "lora", "linear", "taps", "ftn_unfreeze"):
         method, task, _ = run(tmp_path / name, method_name=name, train=TrainConfig(max_steps=2, lr=1e-2), head=bn_head)
         path = method.save_task("d", tmp_path / name)
         again = tiny_method(name).load_task("d", bn_head(), path)

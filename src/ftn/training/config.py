@@ -20,7 +20,7 @@ import yaml
 
 from ..errors import ConfigError, did_you_mean
 from ..model import FTNConfig
-from .methods import MethodConfig, method_class
+from .methods import MethodConfig, TAPSConfig, method_class
 
 __all__ = ["DataConfig", "ModelConfig", "MethodConfig", "TrainConfig", "ExperimentConfig", "SETTINGS",
            "setting_class", "load_config", "apply_overrides", "config_to_dict"]
@@ -110,6 +110,7 @@ class ExperimentConfig:
             FTNConfig(**dataclasses.asdict(self.method.ftn))
         except ConfigError as exc:
             raise ConfigError(f"method.ftn: {exc}") from None
+        TAPSConfig(**dataclasses.asdict(self.method.taps))  # validates method.taps.*
         if any(r < 0 for r in self.method.ranks.values()):
             raise ConfigError("method.ranks must be >= 0")
         for key in ("batch_size", "eval_batch_size"):

@@ -342,6 +342,8 @@ def train_task(model: TaskModel, data: TaskData, train_cfg: TrainConfig, data_cf
                     batch = data.augment(batch)
                 with autocast:
                     loss = objective.loss(model, batch)
+                    if model.regularizer is not None:  # e.g. TAPS's sparsity penalty
+                        loss = loss + model.regularizer()
                 # Every rank must take the same branch, so finiteness and batch size are agreed on.
                 local_n = _batch_len(batch)
                 finite = bool(dist.all_reduce_min(torch.isfinite(loss.detach()).float().reshape(1)).item()) \

@@ -13,6 +13,11 @@ text, DeepLabv3+ decoders for dense), so every method works in every setting.
 - ``norm_head``: per-task norms (BatchNorm or LayerNorm) + head (FTN with rank 0).
 - ``lora``: LoRA from Hugging Face PEFT on every non-grouped Conv/Linear, per-task norms and
   head through ``modules_to_save``; the rank is matched to FTN's ΔW budget unless given.
+- ``taps``: TAPS (Wallingford et al., CVPR 2022): every adapted layer W + 1[s ≥ τ]·δW with a
+  learned gate per layer and task, plus a penalty on the parameters of the layers switched on
+  (``method.taps.*``); per-task norms and head as FTN.
+- ``ftn_unfreeze``: FTN with partial unfreezing; ``method.ftn.unfreeze`` (the primary interface,
+  for ``ftn`` too) or, when empty, the last block of the backbone (:func:`last_block_patterns`).
 
 A new baseline is one class here with ``@register``; ``method.name=<its name>`` then works in
 every setting, ``ftn train``, ``ftn eval`` and the demos. :class:`MethodConfig` is the config's
@@ -38,16 +43,32 @@ from ..adapters import atomic_write_bytes
 from ..errors import ConfigError, did_you_mean
 from ..model import FTNConfig, FTNModel
 from ..norms import is_norm
+from ..updates import GatedDelta
 
-__all__ = ["MethodConfig", "TaskModel", "Method", "METHODS", "register", "method_class", "make_method", "WithHead",
+__all__ = ["MethodConfig", "TAPSConfig", "TaskModel", "Method", "METHODS", "register", "method_class", "make_method", "WithHead",
            "ftn_delta_budget", "lora_targets", "lora_delta_params", "matched_lora_rank"]
+
+
+@dataclass
+class TAPSConfig:
+    """``method.taps``: TAPS's gate threshold τ, penalty weight λ and initial score (None: 2τ)."""
+
+    tau: float = 0.1
+    penalty: float = 1.0  # λ in λ·Σ_l (n_l / N)·1[s_l ≥ τ]
+    init_score: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tau > 0:
+            raise ConfigError(f"method.taps.tau must be > 0, got {self.tau!r}")
+        if not self.penalty >= 0:
+            raise ConfigError(f"method.taps.penalty must be >= 0, got {self.penalty!r}")
 
 
 @dataclass
 class MethodConfig:
     """The ``method`` section of an experiment config."""
 
-    name: str = "ftn"  # a key of METHODS: ftn | full | linear | norm_head | lora
+    name: str = "ftn"  # a key of METHODS: ftn | full | linear | norm_head | lora | taps | ftn_unfreeze
     # FTN's options as the core declares them (rank, rank_pattern, include, exclude, init, ...);
     # ftn.rank is also the budget LoRA is matched to.
     ftn: FTNConfig = field(default_factory=FTNConfig)
@@ -55,18 +76,20 @@ class MethodConfig:
     lora_rank: int | None = None  # None: matched to FTN's ΔW budget at ftn.rank
     lora_alpha: float | None = None  # None: equal to the LoRA rank (scale 1)
     load_adapters: list[str] = field(default_factory=list)  # tasks trained earlier (FTN adapter files)
+    taps: TAPSConfig = field(default_factory=TAPSConfig)
 
     def rank_of(self, task: str) -> int:
         return self.ranks.get(task, self.ftn.rank)
 
 
 class TaskModel:
-    """One task's model as the engine sees it."""
+    """One task's model as the engine sees it. ``regularizer``, when set, is a term the engine
+    adds to every training loss (TAPS's sparsity penalty)."""
 
     def __init__(self, name: str, forward: Callable[..., Any], module: nn.Module,
                  body_params: list[nn.Parameter], head_params: list[nn.Parameter],
                  live_state: Callable[[], dict[str, Tensor]], batchnorms: Callable[[], list[_BatchNorm]],
-                 frozen_modules: Iterable[nn.Module] = ()) -> None:
+                 frozen_modules: Iterable[nn.Module] = (), regularizer: Callable[[], Tensor] | None = None) -> None:
         self.name = name
         self.forward = forward
         self.module = module
@@ -75,6 +98,7 @@ class TaskModel:
         self._live_state = live_state
         self.batchnorms = batchnorms
         self._frozen_modules = list(frozen_modules)
+        self.regularizer = regularizer
 
     def __call__(self, *inputs: Any) -> Any:
         return self.forward(*inputs)
@@ -243,7 +267,10 @@ class FTNMethod(Method):
         return task
 
     def info(self) -> dict[str, Any]:
-        return {"rank": self.rank if self.rank is not None else self.cfg.ftn.rank, "ranks": dict(self.cfg.ranks)}
+        info = {"rank": self.rank if self.rank is not None else self.cfg.ftn.rank, "ranks": dict(self.cfg.ranks)}
+        if self.model.config.unfreeze:
+            info["unfreeze"] = list(self.model.config.unfreeze)
+        return info
 
     def shared_parameters(self) -> int:
         return self.model.parameter_report().backbone
@@ -261,6 +288,82 @@ class NormHeadMethod(FTNMethod):
 
     name = "norm_head"
     rank = 0
+
+
+def last_block_patterns(model: FTNModel) -> list[str]:
+    """Globs for the adapted layers of the backbone's last block: from the root, go down while
+    only one child holds adapted layers, then take the last child that does (ResNet: ``layer4``;
+    torchvision MobileNetV2: ``features.18``; a plain Sequential of convs: its last conv)."""
+    names = list(model.adapted_layers())
+
+    def holds(prefix: str) -> bool:
+        return any(n == prefix or n.startswith(prefix + ".") for n in names)
+
+    module, prefix, children = model.backbone, "", []
+    while True:
+        children = [(c, m) for c, m in module.named_children() if holds(prefix + c)]
+        if len(children) != 1:
+            break
+        module, prefix = children[0][1], f"{prefix}{children[0][0]}."
+    last = prefix + children[-1][0] if children else prefix.rstrip(".")
+    return [last, f"{last}.*"]
+
+
+@register
+class FTNUnfreezeMethod(FTNMethod):
+    """FTN with partial unfreezing: dense per-task updates on ``method.ftn.unfreeze``, or on the
+    backbone's last block (:func:`last_block_patterns`) when that is empty; CP ΔW elsewhere."""
+
+    name = "ftn_unfreeze"
+
+    def __init__(self, backbone, cfg, device):
+        super().__init__(backbone, cfg, device)
+        self.unfreeze = list(cfg.ftn.unfreeze) or last_block_patterns(self.model)
+        self.model.config.unfreeze = self.unfreeze
+
+
+@register
+class TAPSMethod(FTNMethod):
+    """TAPS (Wallingford et al., CVPR 2022) on the FTN machinery: every adapted layer is
+    W + 1[s ≥ τ]·δW (:class:`ftn.updates.GatedDelta`, δW dense and zero at start, s one learned
+    score per layer and task, straight-through gradient), per-task norms and head as FTN, and
+    the training loss gets λ·Σ_l (n_l / N)·1[s_l ≥ τ] (n_l: the layer's weight size, N: their
+    sum), whose straight-through gradient λ·n_l/N pushes every score down, most for the largest
+    layers. Layers matching ``method.ftn.unfreeze`` are dense and always on. Only the layers
+    switched on are stored (adapter file, parameter report)."""
+
+    name = "taps"
+
+    def add_task(self, name: str, head: nn.Module) -> TaskModel:
+        taps = self.cfg.taps
+        self.model.add_task(name, head=head.to(self.device), gate={"tau": taps.tau, "init_score": taps.init_score})
+        task = self._task_model(name)
+        task.regularizer = lambda: taps.penalty * self.gated_fraction(name)
+        return task
+
+    def gates(self, name: str) -> dict[str, GatedDelta]:
+        return {ln: layer.tasks[name] for ln, layer in self.model.adapted_layers().items()
+                if name in layer.tasks and isinstance(layer.tasks[name], GatedDelta)}
+
+    def gated_fraction(self, name: str) -> Tensor:
+        """Σ_l (n_l / N)·1[s_l ≥ τ] over the task's gated layers: the fraction of their weights
+        switched on, with the straight-through gradient n_l / N for each score."""
+        gates = list(self.gates(name).values())
+        total = sum(g.weight.numel() for g in gates)
+        if not total:
+            return torch.zeros((), device=self.device)
+        return sum(g.gate() * (g.weight.numel() / total) for g in gates)
+
+    def info(self) -> dict[str, Any]:
+        report = self.model.parameter_report()
+        tasks = {}
+        for name in self.tasks:
+            gates = self.gates(name)
+            on = [ln for ln, g in gates.items() if g.active]
+            tasks[name] = {"adapted_layers": len(on), "gated_layers": len(gates),
+                           "adapted_parameters": sum(gates[ln].num_params() for ln in on),
+                           "delta_parameters": report.tasks[name].delta}
+        return {"tau": self.cfg.taps.tau, "penalty": self.cfg.taps.penalty, "tasks": tasks}
 
 
 @register

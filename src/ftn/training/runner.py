@@ -86,6 +86,14 @@ def _train_tasks(cfg: ExperimentConfig, setting: Setting, method: Method, names:
             "method_info": method.info()}
 
 
+def _method_info(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The method's info; per-task entries (``tasks``, e.g. TAPS's adapted layers) from every part."""
+    info = dict(parts[0]["method_info"]) if parts else {}
+    if "tasks" in info:
+        info["tasks"] = {t: v for part in parts for t, v in part["method_info"].get("tasks", {}).items()}
+    return info
+
+
 def _summary(cfg: ExperimentConfig, setting: Setting, parts: Sequence[dict[str, Any]], loaded: list[str],
              world_size: int, wall_seconds: float) -> dict[str, Any]:
     merged = {t: r for part in parts for t, r in part["results"].items()}
@@ -95,7 +103,7 @@ def _summary(cfg: ExperimentConfig, setting: Setting, parts: Sequence[dict[str, 
     return {
         "setting": cfg.setting,
         "method": cfg.method.name,
-        "method_info": parts[0]["method_info"] if parts else {},
+        "method_info": _method_info(parts),
         "backbone": cfg.model.backbone,
         "backbone_parameters": parts[0]["backbone_parameters"] if parts else None,
         "tasks": results,

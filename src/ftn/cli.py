@@ -158,6 +158,45 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from .errors import ConfigError
+    from .sweep_sources import config_base, demo_base
+    from .training.sweep import DEFAULT_LR_FACTORS, QUICK, SweepSpec, parse_axis, parse_lr_grid, run_sweep
+
+    # Trailing key=value overrides may follow --methods / --seeds (argparse would take them there).
+    overrides = [*args.overrides, *(m for m in args.methods if "=" in m), *(s for s in args.seeds if "=" in s)]
+    methods = [m for m in args.methods if "=" not in m]
+    try:
+        seeds = [int(s) for s in args.seeds if "=" not in s]
+    except ValueError:
+        raise ConfigError(f"--seeds must be integers, got {args.seeds}") from None
+    if bool(args.config) == bool(args.demo):
+        raise ConfigError("give one of --config FILE.yaml and --demo multidomain|dense|text")
+    if args.quick:
+        overrides = [*QUICK, *overrides]
+    output = Path(args.output)
+    base = config_base(args.config, overrides) if args.config else demo_base(args.demo, output, args.quick, overrides)
+    try:
+        factors = tuple(float(f) for f in args.lr_factors.split(",") if f.strip())
+    except ValueError:
+        raise ConfigError(f"--lr-factors must be numbers, got {args.lr_factors!r}") from None
+    _setup_logging()
+    import logging
+
+    logging.getLogger("ftn.train").setLevel(logging.WARNING)
+    spec = SweepSpec(base=base, methods=methods, output=output, axes=[parse_axis(a) for a in args.grid],
+                     seeds=seeds, lr_grid=parse_lr_grid(args.lr_grid), lr_factors=factors or DEFAULT_LR_FACTORS,
+                     workers=args.workers, reference=args.reference, progress=not args.no_progress,
+                     command="ftn sweep " + shlex.join(args.argv))
+    results = run_sweep(spec)
+    print(f"\n{len(results['rows'])} runs ({len(results['trained'])} trained now); results.csv, results.json, "
+          f"table.md and accuracy_vs_parameters.png in {output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -199,6 +238,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every method's config")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("sweep", help="a grid of runs: methods × grid axes × seeds, learning rates chosen on "
+                                     "validation, paired intervals, results.csv and a plot (docs/sweep.md)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--config", help="YAML config every run starts from (any setting)")
+    source.add_argument("--demo", choices=["multidomain", "dense", "text"], help="an embedded demo's configs")
+    p.add_argument("--methods", nargs="+", default=["ftn", "full"], help="methods of the registry (default ftn full)")
+    p.add_argument("--grid", action="append", default=[], metavar="[METHODS:]KEY=V1,V2",
+                   help="a grid axis of config overrides, repeatable; 'ftn,lora:method.ftn.rank=1,2,4' applies "
+                        "to those methods only")
+    p.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="seeds (default 0 1 2); the first one "
+                                                                     "chooses the learning rate")
+    p.add_argument("--lr-grid", nargs="+", default=[], metavar="METHOD=LR1,LR2",
+                   help="learning rates of a method (default: its own rate × --lr-factors)")
+    p.add_argument("--lr-factors", default=",".join(f"{f:g}" for f in (0.5, 2.0)),
+                   help="default LR grid: each method's own rate times these (default 0.5,2)")
+    p.add_argument("--reference", help="the method compared with every other one (default ftn)")
+    p.add_argument("--output", default="outputs/sweep", help="folder of the runs and the results")
+    p.add_argument("--workers", type=int, default=1, help="training processes (one torch thread each if > 1)")
+    p.add_argument("--quick", action="store_true", help="two steps per task on a small slice (CI)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    p.set_defaults(func=_cmd_sweep)
+
     from .serving import server
 
     p = sub.add_parser("predict", help="top-k labels (or dense prediction images) for image files")
@@ -214,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     try:
         return args.func(args)
     except FTNError as exc:

@@ -17,13 +17,14 @@ from .adapters import atomic_write_bytes
 from .training.config import ExperimentConfig, apply_overrides, new_config
 from .training.runner import run_experiment
 
-__all__ = ["DEMO_METHODS", "demo_config", "run_demo", "format_table", "plot_results"]
+__all__ = ["DEMO_METHODS", "METHOD_LR", "demo_config", "run_demo", "format_table", "plot_results"]
 
 DEMO_METHODS = ("ftn", "full", "linear", "norm_head", "lora")
-# TAPS's updates are dense like full fine-tuning's, so it gets full fine-tuning's rate; FTN with
-# its last block unfrozen (`ftn_unfreeze`) keeps FTN's. `--methods taps ftn_unfreeze` adds them.
-_METHOD_LR = {"ftn": 3e-3, "full": 5e-4, "linear": 1e-2, "norm_head": 3e-3, "lora": 3e-3, "taps": 5e-4,
-              "ftn_unfreeze": 3e-3}
+# Hand-set learning rates per method (``ftn sweep`` centres its default LR grid on them). TAPS's
+# updates are dense like full fine-tuning's, so it gets full fine-tuning's rate; FTN with its last
+# block unfrozen (`ftn_unfreeze`) keeps FTN's. `--methods taps ftn_unfreeze` adds them.
+METHOD_LR = _METHOD_LR = {"ftn": 3e-3, "full": 5e-4, "linear": 1e-2, "norm_head": 3e-3, "lora": 3e-3,
+                          "taps": 5e-4, "ftn_unfreeze": 3e-3}
 _LABELS = {"ftn": "FTN", "full": "full fine-tuning", "linear": "linear probe", "norm_head": "BN + head",
            "lora": "LoRA (PEFT)", "taps": "TAPS", "ftn_unfreeze": "FTN + last block unfrozen"}
 

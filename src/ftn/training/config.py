@@ -75,6 +75,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # stop | skip
     distributed: str = "data"  # under torchrun: data (split each batch) | tasks (one rank per task)
     log_every: int = 10
+    # False: the test split is not scored after training (``ftn sweep``'s learning-rate search
+    # runs; the chosen run's test split is scored once afterwards from its saved tasks).
+    evaluate_test: bool = True
 
 
 @dataclass

@@ -43,7 +43,7 @@ from .config import DataConfig, TrainConfig
 from .methods import TaskModel
 from .setting import TaskData
 
-__all__ = ["TaskResult", "train_task", "evaluate", "resolve_device", "seed_everything", "NonFiniteLossError",
+__all__ = ["TaskResult", "train_task", "evaluate", "evaluate_examples", "resolve_device", "seed_everything", "NonFiniteLossError",
            "EpochBatchSampler", "recalibration_loader", "to_device", "load_checkpoint", "save_checkpoint"]
 
 log = logging.getLogger("ftn.train")
@@ -64,6 +64,7 @@ class TaskResult:
     trainable_params: int
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped_batches: int = 0
+    val_score: float | None = None  # the objective's score of ``val`` (model selection, LR choice)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -187,6 +188,28 @@ def evaluate(model: TaskModel, data: TaskData, split: str, batch_size: int, devi
     context, _ = _autocast(amp, device)
     with context:
         return data.objective.metrics(model, (to_device(b, device) for b in loader))
+
+
+@torch.no_grad()
+def evaluate_examples(model: TaskModel, data: TaskData, split: str, batch_size: int, device: torch.device,
+                      amp: str = "off", num_workers: int = 0) -> tuple[dict[str, float], np.ndarray | None] | None:
+    """``(metrics, per-example statistics)`` of ``data.<split>`` in one pass, in the split's order
+    (None if the split is absent or empty). The statistics are the objective's
+    :meth:`~ftn.training.setting.Objective.example_stats` (rows sum back to the metrics); when the
+    objective has none, they are None and the metrics come from :meth:`Objective.metrics`.
+    One process (not sharded over torchrun ranks)."""
+    dataset = getattr(data, split)
+    if dataset is None or len(dataset) == 0:  # type: ignore[arg-type]
+        return None
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=data.collate)
+    context, _ = _autocast(amp, device)
+    with context:
+        stats = data.objective.example_stats(model, (to_device(b, device) for b in loader))
+        if stats is None:
+            return data.objective.metrics(model, (to_device(b, device) for b in loader)), None
+    return data.objective.metrics_from_stats(stats.sum(0)), stats
 
 
 def recalibration_loader(dataset: Dataset, batch_size: int, max_batches: int | None, seed: int,
@@ -420,9 +443,11 @@ def train_task(model: TaskModel, data: TaskData, train_cfg: TrainConfig, data_cf
                               model.batchnorms(), loader, input_fn=lambda batch: batch)
         if info.enabled:
             dist.average_tensors(b for bn in model.batchnorms() for b in bn.buffers())
-    result = TaskResult(task=data.name, val=metrics_on("val"), test=metrics_on("test"), best_epoch=best["epoch"],
-                        steps=step, train_seconds=round(train_seconds, 3), trainable_params=model.num_trainable(),
-                        history=history, skipped_batches=skipped)
+    val = metrics_on("val")
+    result = TaskResult(task=data.name, val=val, test=metrics_on("test") if train_cfg.evaluate_test else None,
+                        best_epoch=best["epoch"], steps=step, train_seconds=round(train_seconds, 3),
+                        trainable_params=model.num_trainable(), history=history, skipped_batches=skipped,
+                        val_score=None if val is None else float(objective.score(val)))
     if main:
         atomic_write_bytes(out_dir / "result.json", json.dumps(asdict(result), indent=2).encode())
     return result

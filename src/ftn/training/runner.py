@@ -23,11 +23,11 @@ from ..adapters import atomic_write_bytes
 from ..errors import ConfigError
 from . import distributed
 from .config import ExperimentConfig, config_to_dict, setting_class
-from .engine import evaluate, resolve_device, seed_everything, train_task
+from .engine import evaluate, evaluate_examples, resolve_device, seed_everything, train_task
 from .methods import Method, make_method
 from .setting import Setting, TaskData
 
-__all__ = ["build", "run_experiment", "run_experiments", "load_tasks", "evaluate_tasks"]
+__all__ = ["build", "run_experiment", "run_experiments", "load_tasks", "evaluate_tasks", "evaluate_task_examples"]
 
 log = logging.getLogger("ftn.train")
 
@@ -219,3 +219,22 @@ def evaluate_tasks(cfg: ExperimentConfig, files: Sequence[str | Path], split: st
         metrics[name] = evaluate(method.tasks[name], data, split, cfg.data.eval_batch_size, device, cfg.train.amp,
                                  cfg.data.num_workers)
     return metrics
+
+
+def evaluate_task_examples(cfg: ExperimentConfig, files: Sequence[str | Path], split: str = "test",
+                           threads: int | None = None) -> dict[str, dict[str, Any]]:
+    """As :func:`evaluate_tasks`, in one pass per task, with the objective's per-example
+    statistics: ``{task: {"metrics", "score", "stats" (array or None)}}`` (``ftn sweep``)."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = _device(cfg)
+    setting, method = build(cfg, device)
+    out: dict[str, dict[str, Any]] = {}
+    for name, data in load_tasks(setting, method, files).items():
+        found = evaluate_examples(method.tasks[name], data, split, cfg.data.eval_batch_size, device, cfg.train.amp,
+                                  cfg.data.num_workers)
+        if found is None:
+            raise ConfigError(f"task {name!r} has no {split} split to evaluate")
+        metrics, stats = found
+        out[name] = {"metrics": metrics, "score": float(data.objective.score(metrics)), "stats": stats}
+    return out

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,6 +51,17 @@ class Objective:
 
     def score(self, metrics: dict[str, float]) -> float:
         """Higher is better; the engine keeps the epoch with the best validation score."""
+        raise NotImplementedError
+
+    def example_stats(self, model: TaskModel, batches: Iterable[Any]) -> np.ndarray | None:
+        """Per-example statistics of a split, an ``(n_examples, k)`` array in the split's order
+        whose column sums give the metrics back (:meth:`metrics_from_stats`), so a bootstrap
+        can resample examples (``ftn sweep``'s paired intervals). None: not available (the
+        sweep then falls back to intervals over seeds)."""
+        return None
+
+    def metrics_from_stats(self, total: np.ndarray) -> dict[str, float]:
+        """The metrics of the examples whose :meth:`example_stats` rows sum to ``total``."""
         raise NotImplementedError
 
 
@@ -90,6 +102,19 @@ class Classify(Objective):
 
     def score(self, metrics: dict[str, float]) -> float:
         return metrics["acc"]
+
+    def example_stats(self, model: TaskModel, batches: Iterable[Any]) -> np.ndarray:
+        """One row per example: (correct 0/1, 1)."""
+        rows = []
+        for batch in batches:
+            y = batch[-1]
+            self._check(y, "evaluation")
+            correct = (model(*self.inputs(batch)).argmax(-1) == y).double().cpu().numpy()
+            rows.append(np.stack([correct, np.ones_like(correct)], axis=1))
+        return np.concatenate(rows) if rows else np.zeros((0, 2))
+
+    def metrics_from_stats(self, total: np.ndarray) -> dict[str, float]:
+        return {"acc": 100.0 * float(total[0]) / max(float(total[1]), 1.0)}
 
 
 def mean_accuracy(results: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,570 @@
+"""``ftn sweep``: a grid of runs over any config, learning rates chosen on validation, several
+seeds, paired intervals, one tidy results file and the accuracy-vs-stored-parameters plot.
+
+Protocol (``docs/sweep.md``), for each method and each point of its grid (the Cartesian product
+of the ``--grid`` axes that apply to it):
+
+1. train every learning rate of the method's grid with the first seed, the test split not
+   scored (``train.evaluate_test=false``);
+2. choose the learning rate with the best validation score (mean over tasks of the objective's
+   score: top-1 for classification and text, −weighted loss for dense); ties go to the first;
+3. train the other seeds at that learning rate, again without the test split;
+4. score the test split once for every chosen run (each seed), from its saved task files, with
+   per-example statistics kept (``test_examples.npz``) for the paired bootstrap.
+
+Every run is a folder ``<output>/runs/<method>/<grid point>/lr<lr>/seed<seed>/`` (a run of
+:func:`~ftn.training.runner.run_experiment`, ``train.resume=true``): a finished one (its
+``results.json`` exists) is skipped, a partial one resumes from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import itertools
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..adapters import atomic_write_bytes
+from ..errors import ConfigError
+from .config import ExperimentConfig, apply_overrides, config_to_dict, setting_class
+from .methods import method_class
+from .stats import Interval, mean_std, paired_bootstrap, paired_t_interval
+
+__all__ = ["Axis", "SweepSpec", "Run", "parse_axis", "parse_lr_grid", "lr_grids", "choose_lr", "plan", "run_sweep",
+           "DEFAULT_LR_FACTORS", "QUICK"]
+
+#: Default learning-rate grid: each method's own rate (from its base config) times these.
+DEFAULT_LR_FACTORS = (0.5, 2.0)
+#: ``--quick``: two steps per task on a small slice (CI).
+QUICK = ["train.max_steps=2", "train.epochs=1", "data.train_limit=32", "data.val_limit=16", "data.test_limit=32",
+         "train.recalibrate_batches=2", "train.warmup_steps=0"]
+#: Keys a grid axis may not set: the sweep sets them itself.
+_RESERVED = {"method.name": "--methods", "seed": "--seeds", "train.lr": "--lr-grid", "output_dir": "--output",
+             "train.resume": "the sweep (always true)", "train.evaluate_test": "the sweep"}
+
+
+# ----------------------------------------------------------------------------- the grid
+@dataclass(frozen=True)
+class Axis:
+    """One ``--grid`` axis: a config key, its values (override strings) and the methods it applies
+    to (None: every method)."""
+
+    key: str
+    values: tuple[str, ...]
+    methods: tuple[str, ...] | None = None
+
+    def applies(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside brackets (``data.crop=[48,48],[64,64]`` has two values)."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch in "[{(" and 1 or (-1 if ch in "]})" else 0)
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_axis(text: str) -> Axis:
+    """``[method,method:]key=v1,v2,...``: e.g. ``ftn:method.ftn.rank=1,2,4`` or ``train.epochs=3,5``."""
+    key, sep, values = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--grid {text!r} is not of the form [method,...:]key=v1,v2,...")
+    methods = None
+    if ":" in key:
+        names, _, key = key.partition(":")
+        methods = tuple(m.strip() for m in names.split(",") if m.strip())
+    key = key.strip()
+    if key in _RESERVED:
+        raise ConfigError(f"--grid {key}: set by {_RESERVED[key]}, not a grid axis")
+    vals = tuple(_split_top(values))
+    if not vals:
+        raise ConfigError(f"--grid {text!r} has no values")
+    if len(set(vals)) != len(vals):
+        raise ConfigError(f"--grid {key}: repeated values {list(vals)}")
+    return Axis(key, vals, methods)
+
+
+def _lr_text(lr: float) -> str:
+    return f"{lr:.3g}"
+
+
+def parse_lr_grid(items: Sequence[str]) -> dict[str, list[float]]:
+    """``method=lr1,lr2,...`` items → {method: rates}."""
+    grids: dict[str, list[float]] = {}
+    for item in items:
+        method, sep, values = item.partition("=")
+        try:
+            rates = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            rates = []
+        if not sep or not method.strip() or not rates or any(r <= 0 for r in rates):
+            raise ConfigError(f"--lr-grid {item!r} is not of the form method=lr1,lr2,... (positive numbers)")
+        grids[method.strip()] = [float(_lr_text(r)) for r in rates]
+    return grids
+
+
+def lr_grids(methods: Sequence[str], base_lr: dict[str, float], given: dict[str, list[float]] | None = None,
+             factors: Sequence[float] = DEFAULT_LR_FACTORS) -> dict[str, list[float]]:
+    """Each method's learning rates: the given ones, else its base rate × ``factors``. Every
+    method gets the same number of rates (a fair search)."""
+    given = given or {}
+    unknown = sorted(set(given) - set(methods))
+    if unknown:
+        raise ConfigError(f"--lr-grid names method(s) {unknown} that are not in --methods {list(methods)}")
+    grids = {m: given.get(m) or sorted({float(_lr_text(base_lr[m] * f)) for f in factors}) for m in methods}
+    sizes = {m: len(g) for m, g in grids.items()}
+    if len(set(sizes.values())) > 1:
+        raise ConfigError(f"every method needs the same number of learning rates, got {sizes}")
+    return grids
+
+
+def choose_lr(candidates: Sequence[tuple[float, float | None]]) -> float:
+    """The learning rate with the best validation score of ``(lr, score)`` pairs (ties: the
+    first). One candidate needs no score; several need a validation split."""
+    if len(candidates) == 1:
+        return candidates[0][0]
+    missing = [lr for lr, s in candidates if s is None or math.isnan(s)]
+    if missing:
+        raise ConfigError("choosing the learning rate needs a validation split (no validation score for "
+                          f"lr {', '.join(map(_lr_text, missing))}); set one (data.val_limit, data.val_split, "
+                          "...) or give one rate per method")
+    best = max(s for _, s in candidates)  # type: ignore[type-var]
+    return next(lr for lr, s in candidates if s == best)
+
+
+# ----------------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    method: str
+    point: tuple[tuple[str, str], ...]  # (key, value) of each axis that applies to the method
+    lr: float
+    seed: int
+    cfg: ExperimentConfig
+    folder: Path
+
+    @property
+    def point_name(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.point) or "default"
+
+    @property
+    def group(self) -> tuple[str, str]:
+        return self.method, self.point_name
+
+
+def _folder_name(point: tuple[tuple[str, str], ...]) -> str:
+    return "__".join(re.sub(r"[^A-Za-z0-9._=-]+", "_", f"{k}={v}") for k, v in point) or "default"
+
+
+@dataclass
+class SweepSpec:
+    """What :func:`run_sweep` runs. ``base(method)`` is the method's config (any setting, the
+    trailing overrides applied) and its own learning rate the default grid is centred on."""
+
+    base: Callable[[str], ExperimentConfig]
+    methods: list[str]
+    output: Path
+    axes: list[Axis] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    lr_grid: dict[str, list[float]] = field(default_factory=dict)  # given rates (others: factors)
+    lr_factors: tuple[float, ...] = DEFAULT_LR_FACTORS
+    workers: int = 1
+    reference: str | None = None  # compared against every other method (default: ftn, else the first)
+    progress: bool = True
+    command: str = ""
+    bootstrap: int = 2000
+
+
+def _check(spec: SweepSpec) -> dict[str, ExperimentConfig]:
+    """Validate names and every axis value against each method's config (errors name the key)."""
+    if not spec.methods:
+        raise ConfigError("--methods is empty")
+    if len(set(spec.methods)) != len(spec.methods):
+        raise ConfigError(f"--methods lists a method twice: {spec.methods}")
+    if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
+        raise ConfigError(f"--seeds must be distinct and non-empty, got {spec.seeds}")
+    for m in spec.methods:
+        try:
+            method_class(m)  # unknown names fail with the registry's names
+        except ConfigError as exc:
+            raise ConfigError(f"--methods: {exc}") from None
+    keys = [a.key for a in spec.axes]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"a --grid key is given twice: {keys}")
+    for axis in spec.axes:
+        for m in axis.methods or ():
+            if m not in spec.methods:
+                raise ConfigError(f"--grid {m}:{axis.key}: method {m!r} is not in --methods {spec.methods}")
+    if spec.reference is not None and spec.reference not in spec.methods:
+        raise ConfigError(f"--reference {spec.reference!r} is not in --methods {spec.methods}")
+    bases = {m: spec.base(m) for m in spec.methods}
+    for m, cfg in bases.items():
+        for axis in spec.axes:
+            if axis.applies(m):
+                for value in axis.values:
+                    try:
+                        apply_overrides(copy.deepcopy(cfg), [f"{axis.key}={value}"])
+                    except ConfigError as exc:
+                        raise ConfigError(f"--grid {axis.key}={value} (method {m}): {exc}") from None
+    return bases
+
+
+def _run_config(base: ExperimentConfig, point: tuple[tuple[str, str], ...], lr: float, seed: int,
+                folder: Path) -> ExperimentConfig:
+    """The base config at a grid point, learning rate and seed. ``train.head_lr`` (when set)
+    moves with ``train.lr`` by the same factor, keeping the base config's ratio (so the linear
+    probe, whose only parameters are its head, is searched too)."""
+    cfg = apply_overrides(copy.deepcopy(base), [f"{k}={v}" for k, v in point])
+    overrides = [f"train.lr={lr!r}", f"seed={seed}", f"output_dir={folder}", "train.resume=true",
+                 "train.evaluate_test=false", f"name={base.method.name}-{_folder_name(point)}-lr{_lr_text(lr)}-s{seed}"]
+    if cfg.train.head_lr is not None:
+        overrides.append(f"train.head_lr={cfg.train.head_lr * lr / cfg.train.lr!r}")
+    return apply_overrides(cfg, overrides)
+
+
+def plan(spec: SweepSpec, bases: dict[str, ExperimentConfig], grids: dict[str, list[float]]
+         ) -> dict[tuple[str, str], dict[str, Any]]:
+    """The groups (method, grid point): the point, the LR-search runs (first seed) and a maker of
+    the runs of the other seeds at a chosen rate."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for m in spec.methods:
+        axes = [a for a in spec.axes if a.applies(m)]
+        for values in itertools.product(*(a.values for a in axes)):
+            point = tuple((a.key, v) for a, v in zip(axes, values))
+            root = spec.output / "runs" / m / _folder_name(point)
+
+            def make(lr: float, seed: int, m: str = m, point=point, root: Path = root) -> Run:
+                folder = root / f"lr{_lr_text(lr)}" / f"seed{seed}"
+                return Run(m, point, lr, seed, _run_config(bases[m], point, lr, seed, folder), folder)
+
+            search = [make(lr, spec.seeds[0]) for lr in grids[m]]
+            groups[search[0].group] = {"method": m, "point": point, "search": search, "make": make}
+    return groups
+
+
+def _same_config(run: Run) -> None:
+    """A run folder must hold the run of this config (else resuming would mix two experiments)."""
+    path = run.folder / "config.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        new = json.loads(json.dumps(config_to_dict(run.cfg), default=float))
+        if old != new:
+            diff = sorted(_diff(old, new))[:5]
+            raise ConfigError(f"{run.folder} holds a run of another config (differs in {', '.join(diff)}); "
+                              "use another --output or remove that folder")
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in set(a) | set(b) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _train(runs: Sequence[Run], spec: SweepSpec) -> list[Run]:
+    """Train the runs not finished yet (resuming partial ones); returns those trained."""
+    from .runner import run_experiments
+
+    for r in runs:
+        _same_config(r)
+    todo = [r for r in runs if not (r.folder / "results.json").is_file()]
+    if todo:
+        run_experiments([r.cfg for r in todo], progress=spec.progress, workers=spec.workers,
+                        threads=1 if spec.workers > 1 else None)
+    return todo
+
+
+def _val_score(run: Run) -> float | None:
+    tasks = _results(run)["tasks"]
+    scores = [t.get("val_score") for t in tasks.values()]
+    return None if not scores or any(s is None for s in scores) else float(np.mean(scores))
+
+
+def _results(run: Run) -> dict[str, Any]:
+    return json.loads((run.folder / "results.json").read_text())
+
+
+def _eval_job(args: tuple[ExperimentConfig, list[Path], int | None]) -> dict[str, dict[str, Any]]:
+    from .runner import evaluate_task_examples
+
+    cfg, files, threads = args
+    return evaluate_task_examples(cfg, files, "test", threads=threads)
+
+
+def _evaluate(runs: Sequence[Run], spec: SweepSpec) -> list[Run]:
+    """Score the test split of chosen runs not scored yet (``test.json``, ``test_examples.npz``)."""
+    todo = [r for r in runs if not (r.folder / "test.json").is_file()]
+    jobs = [(r.cfg, [r.folder / "adapters" / f"{t}.safetensors" for t in _results(r)["tasks"]],
+             1 if spec.workers > 1 else None) for r in todo]
+    if spec.workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(spec.workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+            outs = list(pool.map(_eval_job, jobs))
+    else:
+        outs = [_eval_job(j) for j in jobs]
+    for run, out in zip(todo, outs):
+        stats = {t: o["stats"] for t, o in out.items() if o["stats"] is not None}
+        if stats:
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, **stats)
+            atomic_write_bytes(run.folder / "test_examples.npz", buffer.getvalue())
+        payload = {t: {"metrics": o["metrics"], "score": o["score"]} for t, o in out.items()}
+        atomic_write_bytes(run.folder / "test.json", json.dumps(payload, indent=2).encode())
+    return todo
+
+
+def _say(spec: SweepSpec, text: str) -> None:
+    if spec.progress:
+        print(text, flush=True)
+
+
+# ----------------------------------------------------------------------------- the sweep
+def run_sweep(spec: SweepSpec) -> dict[str, Any]:
+    """Run (or resume) the sweep; write ``results.csv``, ``results.json``, ``table.md`` and
+    ``accuracy_vs_parameters.png`` under ``spec.output``. Returns ``results.json``'s content plus
+    ``"trained"`` / ``"evaluated"``: the run folders trained and test-scored by this call."""
+    started = time.perf_counter()
+    bases = _check(spec)
+    grids = lr_grids(spec.methods, {m: c.train.lr for m, c in bases.items()}, spec.lr_grid, spec.lr_factors)
+    groups = plan(spec, bases, grids)
+    spec.output.mkdir(parents=True, exist_ok=True)
+    n_runs = sum(len(g["search"]) for g in groups.values()) + len(groups) * (len(spec.seeds) - 1)
+    _say(spec, f"sweep: {len(groups)} (method, grid point) group(s), {n_runs} runs, {spec.workers} worker(s)")
+
+    # 1. LR search on the first seed, 2. choice on validation
+    trained = _train([r for g in groups.values() for r in g["search"]], spec)
+    for key, g in groups.items():
+        scores = [(r.lr, _val_score(r)) for r in g["search"]]
+        g["val_scores"] = dict(scores)
+        g["lr"] = choose_lr(scores)
+        g["chosen"] = [next(r for r in g["search"] if r.lr == g["lr"])]
+        g["chosen"] += [g["make"](g["lr"], s) for s in spec.seeds[1:]]
+        _say(spec, f"{key[0]} [{key[1]}]: validation " +
+             ", ".join(f"lr {_lr_text(lr)} → {s:.4g}" if s is not None else f"lr {_lr_text(lr)}" for lr, s in scores) +
+             f"; chosen {_lr_text(g['lr'])}")
+    # 3. the other seeds at the chosen rate, 4. the test split once per chosen run
+    trained += _train([r for g in groups.values() for r in g["chosen"][1:]], spec)
+    evaluated = _evaluate([r for g in groups.values() for r in g["chosen"]], spec)
+
+    rows = _rows(groups)
+    summary = _summarize(groups, spec)
+    results = {"command": spec.command, "methods": spec.methods, "seeds": spec.seeds,
+               "axes": [{"key": a.key, "values": list(a.values), "methods": a.methods} for a in spec.axes],
+               "lr_grid": {m: grids[m] for m in spec.methods}, "setting": next(iter(bases.values())).setting,
+               "groups": summary["groups"], "comparisons": summary["comparisons"], "rows": rows,
+               "wall_seconds": round(time.perf_counter() - started, 1)}
+    atomic_write_bytes(spec.output / "results.json", json.dumps(results, indent=2, default=float).encode())
+    _write_csv(spec.output / "results.csv", rows)
+    table = format_table(results)
+    atomic_write_bytes(spec.output / "table.md", (table + "\n").encode())
+    plot(results, spec.output / "accuracy_vs_parameters.png")
+    _say(spec, "\n" + table)
+    return {**results, "trained": [str(r.folder) for r in trained], "evaluated": [str(r.folder) for r in evaluated]}
+
+
+def _rows(groups: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run: its grid values, rate, seed, whether it is a chosen run, per-task metrics,
+    scores, parameters and time."""
+    keys = sorted({k for g in groups.values() for k, _ in g["point"]})
+    rows = []
+    for g in groups.values():
+        chosen = {id(r) for r in g["chosen"]}
+        for run in [*g["search"], *g["chosen"][1:]]:
+            res = _results(run)
+            row: dict[str, Any] = {"method": run.method, "grid_point": run.point_name}
+            row.update({k: dict(run.point).get(k, "") for k in keys})
+            row.update({"lr": run.lr, "head_lr": run.cfg.train.head_lr, "seed": run.seed, "chosen": id(run) in chosen,
+                        "val_score": _val_score(run)})
+            test = json.loads((run.folder / "test.json").read_text()) if id(run) in chosen else None
+            row["test_score"] = float(np.mean([t["score"] for t in test.values()])) if test else None
+            for task, r in res["tasks"].items():
+                for k, v in (r["val"] or {}).items():
+                    row[f"val/{task}/{k}"] = v
+                for k, v in (test[task]["metrics"] if test else {}).items():
+                    row[f"test/{task}/{k}"] = v
+            row.update({"trainable_params": sum(res["trainable_per_task"].values()),
+                        "stored_params": res["stored_parameters"], "train_seconds": res["train_seconds"],
+                        "method_info": json.dumps(res.get("method_info", {})), "output": str(run.folder)})
+            rows.append(row)
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def _test_stats(run: Run) -> dict[str, np.ndarray] | None:
+    path = run.folder / "test_examples.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as f:
+        stats = {t: f[t] for t in _results(run)["tasks"] if t in f.files}
+    return stats if len(stats) == len(_results(run)["tasks"]) else None
+
+
+def _objectives(cfg: ExperimentConfig, tasks: Sequence[str]) -> dict[str, Any]:
+    setting = setting_class(cfg.setting)(cfg)
+    return {t: setting.data(t).objective for t in tasks}
+
+
+def _compare(ref: dict[str, Any], other: dict[str, Any], replicates: int) -> Interval:
+    """Paired interval of ref − other over their common seeds: bootstrap over seeds and test
+    examples where both have per-example statistics of the same examples, else t over seeds."""
+    seeds = [s for s in ref["by_seed"] if s in other["by_seed"]]
+    a = [ref["by_seed"][s] for s in seeds]
+    b = [other["by_seed"][s] for s in seeds]
+    sa, sb = [_test_stats(r) for r in a], [_test_stats(r) for r in b]
+    usable = seeds and all(x is not None for x in sa + sb) and all(
+        list(x) == list(y) and all(x[t].shape == y[t].shape for t in x) for x, y in zip(sa, sb))
+    if usable:
+        objectives = _objectives(a[0].cfg, list(sa[0]))
+
+        def score(task: str, total: np.ndarray) -> float:
+            return float(objectives[task].score(objectives[task].metrics_from_stats(total)))
+
+        return paired_bootstrap(sa, sb, score, replicates=replicates)  # type: ignore[arg-type]
+    return paired_t_interval([ref["scores"][s] for s in seeds], [other["scores"][s] for s in seeds])
+
+
+def _summarize(groups: dict[tuple[str, str], dict[str, Any]], spec: SweepSpec) -> dict[str, Any]:
+    out_groups = []
+    info = {}
+    for (m, name), g in groups.items():
+        by_seed = {r.seed: r for r in g["chosen"]}
+        scores = {s: float(np.mean([t["score"] for t in json.loads((r.folder / "test.json").read_text()).values()]))
+                  for s, r in by_seed.items()}
+        per_task: dict[str, list[float]] = {}
+        for r in by_seed.values():
+            for t, v in json.loads((r.folder / "test.json").read_text()).items():
+                per_task.setdefault(t, []).append(v["score"])
+        mean, std, n = mean_std(list(scores.values()))
+        first = _results(g["chosen"][0])
+        entry = {"method": m, "grid_point": name, "point": dict(g["point"]), "lr": g["lr"],
+                 "lr_grid": {_lr_text(k): v for k, v in g["val_scores"].items()}, "mean": mean, "std": std, "seeds": n,
+                 "scores": {str(s): v for s, v in scores.items()},
+                 "per_task": {t: mean_std(v)[0] for t, v in per_task.items()},
+                 "stored_params": first["stored_parameters"], "method_info": first.get("method_info", {}),
+                 "train_seconds": float(np.mean([_results(r)["train_seconds"] for r in by_seed.values()]))}
+        out_groups.append(entry)
+        info[(m, name)] = {"by_seed": by_seed, "scores": scores}
+    reference = spec.reference or ("ftn" if "ftn" in spec.methods else spec.methods[0])
+    comparisons = []
+    for (m_ref, p_ref), ref in info.items():
+        if m_ref != reference:
+            continue
+        for (m, p), other in info.items():
+            if m == reference:
+                continue
+            interval = _compare(ref, other, spec.bootstrap)
+            comparisons.append({"reference": m_ref, "reference_point": p_ref, "method": m, "grid_point": p,
+                                **interval.to_dict()})
+    return {"groups": out_groups, "comparisons": comparisons}
+
+
+# ----------------------------------------------------------------------------- table and plot
+_SCORE = {"classification": "top-1 accuracy (%), mean over tasks", "text": "accuracy (%), mean over tasks",
+          "dense": "−weighted test loss, mean over tasks (higher is better)"}
+
+
+def _params(n: float) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k" if n >= 1e3 else f"{int(n)}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown: the command, one row per (method, grid point), then the paired differences."""
+    lines = []
+    if results.get("command"):
+        lines += [f"Regenerate: `{results['command']}`", ""]
+    lines += [f"Score: {_SCORE.get(results['setting'], 'the objective score, mean over tasks')} on the test "
+              f"split; mean ± std over seeds {results['seeds']}. Learning rate chosen on the validation split "
+              "with the first seed among the method's grid (validation score of each rate in brackets).", ""]
+    header = ["method", "grid point", "LR grid (val)", "chosen LR", "test score", "stored params", "train s / run"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for g in results["groups"]:
+        grid = ", ".join(f"{lr} ({v:.2f})" if v is not None else lr for lr, v in g["lr_grid"].items())
+        lines.append("| " + " | ".join([g["method"], g["grid_point"], grid, _lr_text(g["lr"]),
+                                        f"**{g['mean']:.2f}** ± {g['std']:.2f} (n={g['seeds']})",
+                                        _params(g["stored_params"]), f"{g['train_seconds']:.0f}"]) + " |")
+    if results["comparisons"]:
+        lines += ["", "Paired difference (reference − method) with its 95 % interval; * = significant (the "
+                  "interval excludes 0). Bootstrap: seeds and test examples resampled, the same examples for "
+                  "both; t over seeds: where per-example statistics are not available.", "",
+                  "| reference | method | difference | 95 % interval | interval | significant |",
+                  "|---|---|---|---|---|---|"]
+        for c in results["comparisons"]:
+            ref = c["reference"] + ("" if c["reference_point"] == "default" else f" [{c['reference_point']}]")
+            other = c["method"] + ("" if c["grid_point"] == "default" else f" [{c['grid_point']}]")
+            span = "—" if c["low"] is None else f"[{c['low']:+.2f}, {c['high']:+.2f}]"
+            lines.append(f"| {ref} | {other} | {c['diff']:+.2f} | {span} | {c['kind']} (seeds={c['seeds']}) | "
+                         f"{'*' if c['significant'] else ''} |")
+    return "\n".join(lines)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats with fewer (or as many) parameters and a higher score."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def plot(results: dict[str, Any], path: Path) -> Path:
+    """Mean test score against stored parameters (log scale), error bars = std over seeds, grid
+    points of a method connected, the Pareto front dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    points = []
+    for i, method in enumerate(dict.fromkeys(g["method"] for g in results["groups"])):
+        gs = sorted((g for g in results["groups"] if g["method"] == method), key=lambda g: g["stored_params"])
+        xs, ys, es = [g["stored_params"] for g in gs], [g["mean"] for g in gs], [g["std"] for g in gs]
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=colours[i % len(colours)], label=method,
+                    linestyle="-" if len(gs) > 1 else "none")
+        for g in gs:
+            if g["grid_point"] != "default":
+                ax.annotate(g["grid_point"].split(".")[-1], (g["stored_params"], g["mean"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+        points += list(zip(xs, ys))
+    front = pareto_front([p for p in points if not math.isnan(p[1])])
+    if len(front) > 1:
+        ax.plot(*zip(*front), linestyle="--", color="black", alpha=0.5, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters stored for all tasks (log scale)")
+    ax.set_ylabel(_SCORE.get(results["setting"], "test score").split(",")[0])
+    ax.set_title(f"{results['setting']}: mean ± std over seeds {results['seeds']}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,223 @@
+"""`ftn sweep`: the protocol (LR chosen on validation with the first seed, the other seeds at that
+rate, the test split scored once per chosen run), resume, the tidy results, the plot, the
+statistics and the errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ftn.cli import main
+from ftn.errors import ConfigError
+from ftn.training.config import apply_overrides, load_config, new_config
+from ftn.training.runner import evaluate_tasks
+from ftn.training.setting import Classify
+from ftn.training.stats import mean_std, paired_bootstrap, paired_t_interval
+from ftn.training.sweep import SweepSpec, choose_lr, lr_grids, pareto_front, parse_axis, run_sweep
+
+TINY = ["model.backbone=tiny_convnet", "model.pretrained=false", "data.image_size=16", "data.domains=[mnist,fashion]"]
+
+
+def _sweep(out: Path, *extra: str) -> int:
+    return main(["sweep", "--demo", "multidomain", "--quick", "--methods", "ftn", "full", "--seeds", "0", "1",
+                 "--output", str(out), "--no-progress", *extra, *TINY])
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_quick_sweep_protocol_rows_resume_and_plot(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert _sweep(out) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    # 2 methods × (2 rates on seed 0 + seed 1 at the chosen rate): one row per run.
+    assert len(rows) == 6
+    with (out / "results.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 6
+    for method in ("ftn", "full"):
+        mine = [r for r in rows if r["method"] == method]
+        search = [r for r in mine if r["seed"] == 0]
+        assert len(search) == 2 and len({r["lr"] for r in search}) == 2
+        best = max(search, key=lambda r: r["val_score"])
+        assert best["chosen"] and [r["lr"] for r in search if r["chosen"]] == [best["lr"]]  # ties: first rate
+        other = [r for r in mine if r["seed"] == 1]
+        assert len(other) == 1 and other[0]["lr"] == best["lr"] and other[0]["chosen"]
+        # Test metrics only for the chosen runs; the search runs never scored their test split.
+        for r in mine:
+            assert (r["test_score"] is not None) == r["chosen"]
+            assert any(k.startswith("test/") for k in r) == r["chosen"]
+            task = json.loads((Path(r["output"]) / "results.json").read_text())["tasks"]["mnist"]
+            assert task["test"] is None and task["val_score"] is not None
+    # The chosen run's test score from its saved tasks equals what `ftn eval` computes.
+    chosen = next(r for r in rows if r["method"] == "ftn" and r["chosen"] and r["seed"] == 0)
+    cfg = load_config(Path(chosen["output"]) / "config.json")  # JSON is YAML
+    files = [Path(chosen["output"]) / "adapters" / f"{t}.safetensors" for t in ("mnist", "fashion")]
+    assert evaluate_tasks(cfg, files)["mnist"]["acc"] == pytest.approx(chosen["test/mnist/acc"])
+    stats = np.load(Path(chosen["output"]) / "test_examples.npz")
+    assert stats["mnist"].shape == (32, 2)
+    assert results["comparisons"][0]["kind"] == "bootstrap"
+    assert (out / "accuracy_vs_parameters.png").stat().st_size > 1000
+    table = (out / "table.md").read_text()
+    assert table.startswith("Regenerate: `ftn sweep --demo multidomain --quick") and "| ftn | full |" in table
+    # Resume: the same command trains nothing again.
+    import ftn.training.runner as runner
+
+    calls = []
+    original = runner.run_experiment
+    runner.run_experiment = lambda cfg, *a, **k: calls.append(cfg) or original(cfg, *a, **k)
+    try:
+        assert _sweep(out) == 0
+        assert calls == []
+        # A lost results file (a run interrupted after training) is re-run; the others are skipped.
+        Path(rows[0]["output"], "results.json").unlink()
+        assert _sweep(out) == 0
+        assert [c.output_dir for c in calls] == [rows[0]["output"]]
+    finally:
+        runner.run_experiment = original
+    # Another config in the same folder is refused rather than mixed in.
+    capsys.readouterr()
+    assert main(["sweep", "--demo", "multidomain", "--quick", "--methods", "ftn", "full", "--seeds", "0", "1",
+                 "--output", str(out), "--no-progress", *TINY, "train.weight_decay=0.5"]) == 2
+    assert "another config" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_grid_axis_for_one_method_and_forced_lr_choice(tmp_path):
+    out = tmp_path / "grid"
+    bases = {}
+
+    def base(method):
+        return apply_overrides(new_config("classification"), [
+            f"method.name={method}", "train.max_steps=1", "train.epochs=1", "data.train_limit=16",
+            "data.val_limit=8", "data.test_limit=8", "data.batch_size=8", "train.recalibrate_batches=1", *TINY])
+
+    spec = SweepSpec(base=lambda m: bases.setdefault(m, base(m)), methods=["ftn", "linear"], output=out,
+                     axes=[parse_axis("ftn:method.ftn.rank=1,2")], seeds=[0],
+                     lr_grid={"ftn": [1e-3, 1e-2], "linear": [1e-3, 1e-2]}, progress=False)
+    # Force the choice: a fake validation score that prefers the larger rate for ftn.
+    import ftn.training.sweep as sweep
+
+    real = sweep._val_score
+    sweep._val_score = lambda run: 1.0 if run.lr == 1e-2 else 0.0
+    try:
+        results = run_sweep(spec)
+    finally:
+        sweep._val_score = real
+    groups = {(g["method"], g["grid_point"]): g for g in results["groups"]}
+    assert set(groups) == {("ftn", "method.ftn.rank=1"), ("ftn", "method.ftn.rank=2"), ("linear", "default")}
+    assert all(g["lr"] == 1e-2 for g in groups.values())
+    assert groups[("ftn", "method.ftn.rank=1")]["stored_params"] < groups[("ftn", "method.ftn.rank=2")]["stored_params"]
+    assert len(results["rows"]) == 6 and len(results["trained"]) == 6
+    assert {(c["reference_point"], c["method"]) for c in results["comparisons"]} == {
+        ("method.ftn.rank=1", "linear"), ("method.ftn.rank=2", "linear")}
+    assert (out / "runs" / "ftn" / "method.ftn.rank=2" / "lr0.01" / "seed0" / "test.json").is_file()
+
+
+# ----------------------------------------------------------------------------- pieces
+def test_choose_lr_takes_the_best_validation_score_first_on_ties():
+    assert choose_lr([(1e-3, 50.0), (3e-3, 70.0), (1e-2, 60.0)]) == 3e-3
+    assert choose_lr([(1e-3, 70.0), (3e-3, 70.0)]) == 1e-3
+    assert choose_lr([(1e-3, None)]) == 1e-3  # one rate: nothing to choose
+    with pytest.raises(ConfigError, match="validation split"):
+        choose_lr([(1e-3, None), (3e-3, None)])
+
+
+def test_lr_grids_are_centred_on_each_method_and_the_same_size():
+    grids = lr_grids(["ftn", "full"], {"ftn": 3e-3, "full": 5e-4})
+    assert grids == {"ftn": [0.0015, 0.006], "full": [0.00025, 0.001]}
+    assert lr_grids(["ftn", "full"], {"ftn": 3e-3, "full": 5e-4}, {"full": [1e-4, 2e-4]})["full"] == [1e-4, 2e-4]
+    with pytest.raises(ConfigError, match="same number"):
+        lr_grids(["ftn", "full"], {"ftn": 3e-3, "full": 5e-4}, {"full": [1e-4]})
+    with pytest.raises(ConfigError, match="not in --methods"):
+        lr_grids(["ftn"], {"ftn": 3e-3}, {"lora": [1e-4, 1e-3]})
+
+
+def test_parse_axis_forms():
+    assert parse_axis("method.ftn.rank=1,2,4") == parse_axis(" method.ftn.rank = 1,2,4".replace(" = ", "="))
+    a = parse_axis("ftn,lora:method.ftn.rank=1,2")
+    assert a.methods == ("ftn", "lora") and a.values == ("1", "2") and a.applies("lora") and not a.applies("full")
+    assert parse_axis("data.crop=[48,48],[64,64]").values == ("[48,48]", "[64,64]")
+    for bad, match in [("method.ftn.rank", "form"), ("train.lr=1,2", "--lr-grid"), ("seed=1,2", "--seeds"),
+                       ("method.ftn.rank=1,1", "repeated")]:
+        with pytest.raises(ConfigError, match=match):
+            parse_axis(bad)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "ftn", "fulll"], "did you mean 'full'"),
+    (["--grid", "ftn:method.rank=1,2"], "method.ftn.rank"),
+    (["--grid", "lora:method.ftn.rank=1,2"], "'lora' is not in --methods"),
+    (["--grid", "train.bogus=1,2"], "unknown config key 'train.bogus'"),
+])
+def test_errors_name_the_problem(tmp_path, capsys, args, message):
+    assert main(["sweep", "--demo", "multidomain", "--quick", "--methods", "ftn", "full", "--output",
+                 str(tmp_path), *args, *TINY]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_pareto_front():
+    assert pareto_front([(1, 50), (2, 40), (3, 60), (3, 55), (10, 60), (20, 70)]) == [(1, 50), (3, 60), (20, 70)]
+
+
+# ----------------------------------------------------------------------------- statistics
+def _runs(p: float, seeds: int, n: int, rng) -> list[dict[str, np.ndarray]]:
+    out = []
+    for _ in range(seeds):
+        correct = (rng.random(n) < p).astype(float)
+        out.append({"t": np.stack([correct, np.ones(n)], 1)})
+    return out
+
+
+def _acc(task, total):
+    return Classify(2).metrics_from_stats(total)["acc"]
+
+
+def test_classify_example_stats_sum_to_its_metrics():
+    import torch
+
+    obj = Classify(3)
+    x = torch.randn(20, 3)
+    y = torch.randint(0, 3, (20,))
+    batches = [(x[:7], y[:7]), (x[7:], y[7:])]
+    stats = obj.example_stats(lambda t: t, batches)
+    assert stats.shape == (20, 2)
+    assert obj.metrics_from_stats(stats.sum(0)) == pytest.approx(obj.metrics(lambda t: t, batches))
+
+
+def test_bootstrap_interval_covers_the_truth_and_flags_only_real_differences():
+    rng = np.random.default_rng(0)
+    a, b = _runs(0.80, 3, 2000, rng), _runs(0.70, 3, 2000, rng)
+    clear = paired_bootstrap(a, b, _acc, replicates=500)
+    assert clear.significant and clear.low < 10.0 < clear.high  # the true difference is 10 points
+    same = paired_bootstrap(a, a, _acc, replicates=200)
+    assert not same.significant and same.diff == 0.0
+    # Two methods of equal true accuracy: mostly not significant (5 % false positives allowed).
+    hits = [paired_bootstrap(_runs(0.75, 3, 500, rng), _runs(0.75, 3, 500, rng), _acc, replicates=300, seed=i)
+            .significant for i in range(20)]
+    assert sum(hits) <= 3
+
+
+def test_bootstrap_is_paired_over_examples():
+    # b is a with 2 % of the examples flipped to wrong: a tiny but consistent difference that only
+    # a paired resampling (the same examples for both) can resolve.
+    rng = np.random.default_rng(1)
+    a = _runs(0.7, 2, 5000, rng)
+    b = []
+    for run in a:
+        s = run["t"].copy()
+        flip = np.flatnonzero(s[:, 0] == 1)[:70]
+        s[flip, 0] = 0
+        b.append({"t": s})
+    assert paired_bootstrap(a, b, _acc, replicates=300).significant
+
+
+def test_t_interval_over_seeds_and_mean_std():
+    iv = paired_t_interval([80.0, 81.0, 82.0], [70.0, 70.5, 71.5])
+    assert iv.kind == "t over seeds" and iv.significant and iv.low < iv.diff < iv.high
+    assert not paired_t_interval([80.0, 70.0, 75.0], [75.0, 74.0, 76.0]).significant
+    assert paired_t_interval([80.0], [70.0]).low is None
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5), 2)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import adapters
+from . import adapters, allocation
 from .cache import eval_pass
 from .config import FTNConfig, validate_task_name
 from .cp import max_efficient_rank
@@ -108,14 +108,38 @@ class FTNModel(nn.Module):
 
     # ------------------------------------------------------------------ tasks
     def add_task(self, name: str, head: nn.Module | None = None, rank: int | None = None,
-                 rank_pattern: Mapping[str, int] | None = None) -> None:
+                 rank_pattern: Mapping[str, int] | None = None, *, budget: int | float | None = None,
+                 scores: Mapping[str, Tensor] | None = None) -> None:
         """Add a task: ΔW factors on every adapted layer (ΔW = 0 at start), its own copy of every
         norm, and ``head`` (default ``nn.Identity``) applied to the backbone's output.
 
         ``rank`` defaults to the model's; ``rank_pattern`` (glob → rank) overrides it per layer
         for this task, replacing the model-wide pattern.
+
+        ``budget`` instead of a rank: a number of ΔW parameters (int) or a fraction in (0, 1) of
+        the backbone's parameters; the per-layer ranks (0 allowed) are then chosen to fit it
+        (:mod:`ftn.allocation`): from per-component importance ``scores`` (``{layer: tensor}``,
+        e.g. an :class:`~ftn.allocation.ImportanceTracker` of a warm-up task) by a greedy
+        knapsack, or, without scores, the largest uniform rank that fits.
         """
+        if budget is not None:
+            if rank is not None or rank_pattern is not None:
+                raise ConfigError("give either budget= or rank= / rank_pattern=, not both")
+            self._check_new_task(name)
+            count = allocation.resolve_budget(self, budget)
+            if scores is None:
+                chosen = allocation.uniform_ranks(self, count)
+                spec = {"rank": allocation.uniform_rank_for_budget(self, count), "rank_pattern": None,
+                        "budget": count, "budget_request": budget, "allocation": "uniform"}
+            else:
+                chosen = allocation.allocate_ranks(self, None, scores, count)
+                spec = {"rank": None, "rank_pattern": None, "budget": count, "budget_request": budget,
+                        "allocation": "auto"}
+            self.add_task_with_ranks(name, {n: (r, r) for n, r in chosen.items()}, head, spec=spec)
+            return
         self._check_new_task(name)
+        if scores is not None:
+            raise ConfigError("scores= is only used with budget=")
         rank = self.config.rank if rank is None else rank
         if not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"rank must be an integer >= 0, got {rank!r}")
@@ -334,6 +358,9 @@ class FTNModel(nn.Module):
                 head=sum(p.numel() for p in self.heads[name].parameters()),
                 rank=self._task_specs.get(name, {}).get("rank"),
                 caps=caps,
+                budget=self._task_specs.get(name, {}).get("budget"),
+                layer_ranks=({ln: layer.rank(name) for ln, layer in layers.items()}
+                             if self._task_specs.get(name, {}).get("budget") is not None else None),
             )
         return ParameterReport(backbone=backbone, adapted_layers=len(layers), norm_layers=len(norms),
                                tasks=per_task)
@@ -399,8 +426,10 @@ class FTNModel(nn.Module):
         return copy.deepcopy(checked)
 
     def task_spec(self, name: str) -> dict[str, Any]:
-        """How the task's ranks were asked for: ``{"rank": R, "rank_pattern": {...} | None}``
-        (empty for tasks added with explicit per-layer ranks and no spec)."""
+        """How the task's ranks were asked for: ``{"rank": R, "rank_pattern": {...} | None}``, plus
+        ``budget`` (ΔW parameters), ``budget_request`` (as given) and ``allocation``
+        (``auto`` | ``uniform``) for a task added with a budget (empty for tasks added with
+        explicit per-layer ranks and no spec)."""
         self.check_task(name)
         return copy.deepcopy(self._task_specs.get(name, {}))
 

@@ -36,6 +36,8 @@ class TaskParameters:
     norm_buffers: int = 0
     rank: int | None = None
     caps: list[LayerCap] = field(default_factory=list)
+    budget: int | None = None  # ΔW parameter budget the ranks were chosen for (None: a rank was given)
+    layer_ranks: dict[str, int] | None = None  # per-layer ranks of a budgeted task (0: not adapted)
 
     @property
     def total(self) -> int:
@@ -86,7 +88,7 @@ class ParameterReport:
             f"{'task':<16}{'rank':>6}{'ΔW':>12}{'norms':>10}{'head':>10}{'total':>12}{'norm stats':>12}",
         ]
         for name, t in self.tasks.items():
-            rank = "-" if t.rank is None else str(t.rank)
+            rank = ("auto" if t.budget is not None else "-") if t.rank is None else str(t.rank)
             lines.append(f"{name:<16}{rank:>6}{t.delta:>12,}{t.norms:>10,}{t.head:>10,}{t.total:>12,}"
                          f"{t.norm_buffers:>12,}")
         lines += [
@@ -95,6 +97,11 @@ class ParameterReport:
             f"total stored (backbone + Σ task totals): {self.total_stored:>9,}",
         ]
         for name, t in self.tasks.items():
+            if t.budget is not None and t.layer_ranks is not None:
+                used = sum(1 for r in t.layer_ranks.values() if r)
+                ranks = ", ".join(f"{ln}={r}" for ln, r in t.layer_ranks.items())
+                lines.append(f"budget [{name}]: {t.budget:,} ΔW parameters, {t.delta:,} used, "
+                             f"{used}/{len(t.layer_ranks)} layers adapted; ranks: {ranks}")
             for cap in t.caps:
                 lines.append(f"rank cap [{name}] {cap.layer}: requested {cap.requested}, applied {cap.applied} "
                              f"(dense ΔW is smaller above rank {cap.max_efficient})")

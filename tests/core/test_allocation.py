@@ -218,3 +218,36 @@ def test_budgeted_adapter_round_trip_keeps_ranks_and_outputs(make, tmp_path):
     x = torch.randn(2, 3, 16, 16) if make is convnet else torch.randn(2, 5, 16)
     with torch.no_grad():
         assert torch.equal(model(x, task="t"), other(x, task="t"))
+
+
+def test_user_loop_of_the_docs_step_equals_hooks():
+    """docs/allocation.md's loop: tracker.step() after backward gives what attach()'s hooks give,
+    and the scores turn into a budgeted task with the same ranks as allocate_ranks."""
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    results = []
+    for hooks in (False, True):
+        model = convnet()
+        budget = al.resolve_budget(model, 0.05)
+        model.add_task("probe", head=nn.Linear(64, 3), rank=3 * al.uniform_rank_for_budget(model, budget))
+        tracker = al.ImportanceTracker(model, "probe", uncertainty=True)
+        if hooks:
+            tracker.attach()
+        opt = torch.optim.AdamW(model.task_parameters("probe"), lr=1e-2)
+        model.train()
+        for step in range(4):
+            loss = model(x, task="probe").logsumexp(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            if not hooks:
+                tracker.step()
+            opt.step()
+        tracker.detach()
+        scores = tracker.scores()
+        ranks = al.allocate_ranks(model, "probe", scores, budget)
+        model.remove_task("probe")
+        model.add_task("mine", head=nn.Linear(64, 3), budget=budget, scores=scores)
+        assert {n: layer.rank("mine") for n, layer in model.adapted_layers().items()} == ranks
+        assert model.task_spec("mine")["allocation"] == "auto"
+        results.append(scores)
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name])

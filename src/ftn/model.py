@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import adapters
+from . import adapters, allocation
 from .cache import eval_pass
 from .config import FTNConfig, validate_task_name
 from .cp import max_efficient_rank
@@ -109,7 +109,8 @@ class FTNModel(nn.Module):
     # ------------------------------------------------------------------ tasks
     def add_task(self, name: str, head: nn.Module | None = None, rank: int | None = None,
                  rank_pattern: Mapping[str, int] | None = None, *, unfreeze: Sequence[str] | None = None,
-                 gate: Mapping[str, Any] | None = None) -> None:
+                 gate: Mapping[str, Any] | None = None, budget: int | float | None = None,
+                 scores: Mapping[str, Tensor] | None = None) -> None:
         """Add a task: ΔW factors on every adapted layer (ΔW = 0 at start), its own copy of every
         norm, and ``head`` (default ``nn.Identity``) applied to the backbone's output.
 
@@ -118,8 +119,33 @@ class FTNModel(nn.Module):
         default the config's) get a dense update W + D instead (partial unfreezing); with
         ``gate`` (``{"tau": τ, "init_score": s₀}``, both optional) every other layer gets TAPS's
         gated dense update W + 1[s ≥ τ]·δW instead of CP factors (:mod:`ftn.updates`).
+
+        ``budget`` instead of a rank: a number of ΔW parameters (int) or a fraction in (0, 1) of
+        the backbone's parameters; the per-layer ranks (0 allowed) are then chosen to fit it
+        (:mod:`ftn.allocation`): from per-component importance ``scores`` (``{layer: tensor}``,
+        e.g. an :class:`~ftn.allocation.ImportanceTracker` of a warm-up task) by a greedy
+        knapsack, or, without scores, the largest uniform rank that fits.
         """
+        if budget is not None:
+            if rank is not None or rank_pattern is not None:
+                raise ConfigError("give either budget= or rank= / rank_pattern=, not both")
+            if unfreeze or gate is not None or self.config.unfreeze:
+                raise ConfigError("budget= allocates CP ranks only; it cannot be combined with unfreeze or gate")
+            self._check_new_task(name)
+            count = allocation.resolve_budget(self, budget)
+            if scores is None:
+                chosen = allocation.uniform_ranks(self, count)
+                spec = {"rank": allocation.uniform_rank_for_budget(self, count), "rank_pattern": None,
+                        "budget": count, "budget_request": budget, "allocation": "uniform"}
+            else:
+                chosen = allocation.allocate_ranks(self, None, scores, count)
+                spec = {"rank": None, "rank_pattern": None, "budget": count, "budget_request": budget,
+                        "allocation": "auto"}
+            self.add_task_with_ranks(name, {n: (r, r) for n, r in chosen.items()}, head, spec=spec)
+            return
         self._check_new_task(name)
+        if scores is not None:
+            raise ConfigError("scores= is only used with budget=")
         rank = self.config.rank if rank is None else rank
         if not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"rank must be an integer >= 0, got {rank!r}")
@@ -359,6 +385,9 @@ class FTNModel(nn.Module):
                 head=sum(p.numel() for p in self.heads[name].parameters()),
                 rank=self._task_specs.get(name, {}).get("rank"),
                 caps=caps,
+                budget=self._task_specs.get(name, {}).get("budget"),
+                layer_ranks=({ln: layer.rank(name) for ln, layer in layers.items()}
+                             if self._task_specs.get(name, {}).get("budget") is not None else None),
             )
         return ParameterReport(backbone=backbone, adapted_layers=len(layers), norm_layers=len(norms),
                                tasks=per_task)
@@ -425,7 +454,9 @@ class FTNModel(nn.Module):
 
     def task_spec(self, name: str) -> dict[str, Any]:
         """How the task's ranks were asked for: ``{"rank": R, "rank_pattern": {...} | None}``, plus
-        ``unfreeze`` / ``gate`` where :meth:`add_task` got them (empty for tasks added with explicit per-layer ranks and no spec)."""
+        ``unfreeze`` / ``gate`` where :meth:`add_task` got them, and ``budget`` (ΔW parameters),
+        ``budget_request`` (as given) and ``allocation`` (``auto`` | ``uniform``) for a task added
+        with a budget (empty for tasks added with explicit per-layer ranks and no spec)."""
         self.check_task(name)
         return copy.deepcopy(self._task_specs.get(name, {}))
 

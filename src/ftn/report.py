@@ -40,6 +40,8 @@ class TaskParameters:
     caps: list[LayerCap] = field(default_factory=list)
     dense: int = 0  # of delta: dense updates (unfrozen layers, TAPS layers switched on)
     layers: int = 0  # layers the task stores an update for
+    budget: int | None = None  # ΔW parameter budget the ranks were chosen for (None: a rank was given)
+    layer_ranks: dict[str, int] | None = None  # per-layer ranks of a budgeted task (0: not adapted)
 
     @property
     def total(self) -> int:
@@ -91,7 +93,7 @@ class ParameterReport:
             f"{'layers':>8}{'dense ΔW':>12}",
         ]
         for name, t in self.tasks.items():
-            rank = "-" if t.rank is None else str(t.rank)
+            rank = ("auto" if t.budget is not None else "-") if t.rank is None else str(t.rank)
             lines.append(f"{name:<16}{rank:>6}{t.delta:>12,}{t.norms:>10,}{t.head:>10,}{t.total:>12,}"
                          f"{t.norm_buffers:>12,}{t.layers:>8}{t.dense:>12,}")
         lines += [
@@ -100,6 +102,11 @@ class ParameterReport:
             f"total stored (backbone + Σ task totals): {self.total_stored:>9,}",
         ]
         for name, t in self.tasks.items():
+            if t.budget is not None and t.layer_ranks is not None:
+                used = sum(1 for r in t.layer_ranks.values() if r)
+                ranks = ", ".join(f"{ln}={r}" for ln, r in t.layer_ranks.items())
+                lines.append(f"budget [{name}]: {t.budget:,} ΔW parameters, {t.delta:,} used, "
+                             f"{used}/{len(t.layer_ranks)} layers adapted; ranks: {ranks}")
             for cap in t.caps:
                 lines.append(f"rank cap [{name}] {cap.layer}: requested {cap.requested}, applied {cap.applied} "
                              f"(dense ΔW is smaller above rank {cap.max_efficient})")

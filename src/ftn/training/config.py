@@ -114,6 +114,21 @@ class ExperimentConfig:
         except ConfigError as exc:
             raise ConfigError(f"method.ftn: {exc}") from None
         TAPSConfig(**dataclasses.asdict(self.method.taps))  # validates method.taps.*
+        _choice("method.budget_allocation", self.method.budget_allocation, ("auto", "uniform"))
+        _choice("method.budget_score", self.method.budget_score, ("taylor", "magnitude"))
+        _choice("method.budget_init", self.method.budget_init, ("probe", "fresh"))
+        budget = self.method.budget
+        if budget is not None:
+            if not method_class(self.method.name).supports_budget:
+                raise ConfigError(f"method.budget is not supported by method {self.method.name!r} "
+                                  f"(ftn, lora); set method.budget=null")
+            if budget <= 0 or (isinstance(budget, float) and budget >= 1 and not budget.is_integer()):
+                raise ConfigError(f"method.budget must be a number of ΔW parameters (>= 1) or a fraction in "
+                                  f"(0, 1), got {budget!r}")
+        if not 1.0 <= self.method.budget_warm <= 64:
+            raise ConfigError(f"method.budget_warm must be in [1, 64], got {self.method.budget_warm!r}")
+        if not 0.0 < self.method.budget_probe <= 1.0:
+            raise ConfigError(f"method.budget_probe must be in (0, 1], got {self.method.budget_probe!r}")
         if any(r < 0 for r in self.method.ranks.values()):
             raise ConfigError("method.ranks must be >= 0")
         for key in ("batch_size", "eval_batch_size"):

@@ -77,6 +77,14 @@ class MethodConfig:
     lora_alpha: float | None = None  # None: equal to the LoRA rank (scale 1)
     load_adapters: list[str] = field(default_factory=list)  # tasks trained earlier (FTN adapter files)
     taps: TAPSConfig = field(default_factory=TAPSConfig)
+    # A ΔW parameter budget per task instead of a rank (docs/allocation.md): a number of
+    # parameters, or a fraction in (0, 1) of the backbone's; None = use the rank.
+    budget: int | float | None = None
+    budget_allocation: str = "auto"  # auto (importance probe + knapsack) | uniform (largest single rank)
+    budget_warm: float = 3.0  # the probe's rank: this many times the uniform rank of the budget (capped)
+    budget_probe: float = 0.25  # the probe trains this fraction of the task's steps
+    budget_score: str = "taylor"  # taylor (EMA of |a_r·∂L/∂a_r|) | magnitude (‖a‖‖b‖‖c‖/‖W‖)
+    budget_init: str = "probe"  # probe (start from the kept components, norms, head) | fresh
 
     def rank_of(self, task: str) -> int:
         return self.ranks.get(task, self.ftn.rank)
@@ -176,6 +184,7 @@ def make_method(cfg: MethodConfig, backbone: nn.Module, device: torch.device) ->
 
 class Method:
     name: ClassVar[str] = "base"
+    supports_budget: ClassVar[bool] = False  # method.budget chooses its ranks (ftn, lora)
 
     def __init__(self, backbone: nn.Module, cfg: MethodConfig, device: torch.device) -> None:
         self.pretrained = backbone
@@ -231,16 +240,29 @@ def ftn_delta_budget(backbone: nn.Module, config: FTNConfig | None = None, rank:
 @register
 class FTNMethod(Method):
     name = "ftn"
+    supports_budget = True
     rank: int | None = None  # None: method.ranks / method.ftn.rank
 
     def __init__(self, backbone, cfg, device):
         super().__init__(backbone, cfg, device)
         self.model = FTNModel(backbone, config=ftn_options(cfg)).to(device)
 
-    def add_task(self, name: str, head: nn.Module) -> TaskModel:
-        rank = self.cfg.rank_of(name) if self.rank is None else self.rank
+    def add_task(self, name: str, head: nn.Module, rank: int | None = None,
+                 ranks: dict[str, int] | None = None, spec: dict[str, Any] | None = None) -> TaskModel:
+        """The task at ``rank`` (default: the config's), or at per-layer ``ranks`` chosen for a
+        budget (``spec`` records how, see ``FTNModel.task_spec``)."""
+        if ranks is not None:
+            self.model.add_task_with_ranks(name, {n: (r, r) for n, r in ranks.items()}, head.to(self.device),
+                                           spec=spec)
+            return self._task_model(name)
+        if rank is None:
+            rank = self.cfg.rank_of(name) if self.rank is None else self.rank
         self.model.add_task(name, head=head.to(self.device), rank=rank)
         return self._task_model(name)
+
+    def remove_task(self, name: str) -> None:
+        self.model.remove_task(name)
+        self.tasks.pop(name, None)
 
     def load_task(self, name: str, head: nn.Module, path: str | Path) -> TaskModel:
         self.model.load_task(path, name=name, head=head.to(self.device))
@@ -287,6 +309,7 @@ class NormHeadMethod(FTNMethod):
     """Per-task norms (BatchNorm, LayerNorm, GroupNorm) and head only: FTN with rank 0."""
 
     name = "norm_head"
+    supports_budget = False
     rank = 0
 
 
@@ -425,6 +448,7 @@ def matched_lora_rank(backbone: nn.Module, budget: int) -> int:
 @register
 class LoRAMethod(Method):
     name = "lora"
+    supports_budget = True  # the LoRA rank closest to the budget (uniform only)
 
     def __init__(self, backbone, cfg, device):
         super().__init__(backbone, cfg, device)
@@ -432,7 +456,10 @@ class LoRAMethod(Method):
             import peft  # noqa: F401
         except ImportError:
             raise ConfigError("method 'lora' needs Hugging Face PEFT: pip install 'factorized-tensor-networks[peft]'") from None
-        if cfg.lora_rank is None:
+        if cfg.lora_rank is None and cfg.budget is not None:  # the same ΔW budget as FTN's
+            count = cfg.budget if cfg.budget >= 1 else int(cfg.budget * self.backbone_params)
+            self.lora_rank = matched_lora_rank(backbone, int(count))
+        elif cfg.lora_rank is None:
             self.lora_rank = matched_lora_rank(backbone, ftn_delta_budget(backbone, ftn_options(cfg)))
         else:
             self.lora_rank = cfg.lora_rank

@@ -21,7 +21,7 @@ import torch
 
 from ..adapters import atomic_write_bytes
 from ..errors import ConfigError
-from . import distributed
+from . import budget, distributed
 from .config import ExperimentConfig, config_to_dict, setting_class
 from .engine import evaluate, evaluate_examples, resolve_device, seed_everything, train_task
 from .methods import Method, make_method
@@ -71,12 +71,23 @@ def _train_tasks(cfg: ExperimentConfig, setting: Setting, method: Method, names:
             raise ConfigError(f"task {name!r} is already in the model (loaded from a file)")
         data = setting.data(name)
         seed = setting.task_seed(order.index(name))
+        plan = budget.plan_task(cfg, method, name, data, lambda: setting.head(data), out / name, seed, device,
+                                sync=sync)
         seed_everything(seed)
-        model = method.add_task(name, setting.head(data))
+        if plan is None:
+            model = method.add_task(name, setting.head(data))
+        else:
+            model = method.add_task(name, setting.head(data), ranks=plan.ranks, spec=plan.spec)  # type: ignore[call-arg]
+            if plan.init is not None:
+                model.load_state_dict(plan.init)
         result = asdict(train_task(model, data, cfg.train, cfg.data, out / name, seed=seed, device=device,
                                    progress=progress, stop_after_steps=stop_after_steps, sync=sync))
         if distributed.current().is_main or not sync:
             method.save_task(name, out / "adapters", info=data.info)
+        if plan is not None:
+            result["allocation"] = {k: plan.record.get(k) for k in
+                                    ("budget", "allocation", "uniform_rank", "warm_rank", "probe_steps", "probe_seconds",
+                                     "delta", "ranks")}
         log.info("%s/%s: test %s", method.name, name, result["test"])
         results[name] = result
         if on_result is not None:
@@ -114,6 +125,9 @@ def _summary(cfg: ExperimentConfig, setting: Setting, parts: Sequence[dict[str, 
         "stored_parameters": shared + sum(per_task.values()),
         "world_size": world_size,
         "train_seconds": round(sum(r["train_seconds"] for r in results.values()), 2),
+        # method.budget=... with auto allocation: the probes' time, on top of train_seconds
+        "probe_seconds": round(sum((r.get("allocation") or {}).get("probe_seconds") or 0.0
+                                   for r in results.values()), 2),
         "wall_seconds": round(wall_seconds, 2),
     }
 

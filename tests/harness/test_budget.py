@@ -1,0 +1,70 @@
+"""``method.budget``: `ftn train` chooses per-layer ranks with a probe, records them, resumes
+without probing again; config errors for bad budgets."""
+
+import json
+
+import pytest
+import torch
+
+from ftn import ConfigError
+from ftn.adapters import read_adapter
+from ftn.cli import main
+from ftn.training import budget
+from ftn.training.config import load_config
+from ftn.training.runner import run_experiment
+
+from test_train_configs import EMBEDDED, TINY
+
+ARGS = [*TINY[:-1], "data.domains=[mnist]", "train.max_steps=2", "method.budget=0.01", "train.checkpoint_every=1"]
+
+
+def _ranks(path):
+    return {n: v["rank"] for n, v in read_adapter(path)[1]["layers"].items()}
+
+
+def test_train_with_a_budget_records_the_allocation_and_resumes_without_probing(tmp_path, monkeypatch):
+    assert main(["train", "--no-progress", "--config", str(EMBEDDED), *ARGS, f"output_dir={tmp_path / 'full'}"]) == 0
+    record = json.loads((tmp_path / "full" / "mnist" / "allocation.json").read_text())
+    adapter = tmp_path / "full" / "adapters" / "mnist.safetensors"
+    _, meta = read_adapter(adapter)
+    assert _ranks(adapter) == record["ranks"] and record["delta"] <= record["budget"]
+    assert meta["task_spec"]["budget"] == record["budget"] and meta["task_spec"]["allocation"] == "auto"
+    assert record["probe_steps"] == 2 and set(record["scores"]) == set(record["ranks"])
+    results = json.loads((tmp_path / "full" / "results.json").read_text())
+    assert results["tasks"]["mnist"]["allocation"]["ranks"] == record["ranks"] and results["probe_seconds"] > 0
+
+    # Interrupted after one step, then resumed: the allocation is read back, never probed again,
+    # and the run ends where the uninterrupted one did.
+    cfg = load_config(EMBEDDED, [*ARGS, f"output_dir={tmp_path / 'killed'}"])
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, progress=False, stop_after_steps=1)
+    monkeypatch.setattr(budget, "_probe", lambda *a, **k: pytest.fail("probed again on resume"))
+    run_experiment(load_config(EMBEDDED, [*ARGS, f"output_dir={tmp_path / 'killed'}"]), progress=False)
+    resumed = tmp_path / "killed" / "adapters" / "mnist.safetensors"
+    a, b = read_adapter(adapter)[0], read_adapter(resumed)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_uniform_allocation_is_the_largest_rank_that_fits(tmp_path):
+    cfg = load_config(EMBEDDED, [*ARGS, "method.budget_allocation=uniform", f"output_dir={tmp_path}"])
+    result = run_experiment(cfg, progress=False)["tasks"]["mnist"]["allocation"]
+    assert result["probe_seconds"] == 0 and set(result["ranks"].values()) == {result["uniform_rank"]}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.budget=0", "method.budget must be"), ("method.budget=-3", "method.budget must be"),
+    ("method.budget=2.5", "method.budget must be"), ("method.budget_allocation=greedy", "budget_allocation"),
+    ("method.budget_probe=0", "budget_probe")])
+def test_bad_budget_config(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(EMBEDDED, [*ARGS, override])
+    with pytest.raises(ConfigError, match="not supported by method 'linear'"):
+        load_config(EMBEDDED, [*ARGS, "method.name=linear"])
+
+
+@pytest.mark.parametrize("value, message", [("100000000", "exceeds the backbone"), ("5", "smaller than the cheapest")])
+def test_budget_that_does_not_fit_the_backbone_fails_before_training(tmp_path, value, message):
+    cfg = load_config(EMBEDDED, [*ARGS, f"method.budget={value}", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(cfg, progress=False)
+    assert not (tmp_path / "mnist" / "log.csv").exists()

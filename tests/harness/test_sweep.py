@@ -63,6 +63,11 @@ def test_quick_sweep_protocol_rows_resume_and_plot(tmp_path, capsys):
     assert (out / "accuracy_vs_parameters.png").stat().st_size > 1000
     table = (out / "table.md").read_text()
     assert table.startswith("Regenerate: `ftn sweep --demo multidomain --quick") and "| ftn | full |" in table
+    # Per-task table: each domain's test accuracy, mean ± std over the seeds of the chosen runs.
+    ftn_group = next(g for g in results["groups"] if g["method"] == "ftn")
+    accs = [r["test/mnist/acc"] for r in rows if r["method"] == "ftn" and r["chosen"]]
+    assert ftn_group["per_task_metrics"]["mnist"]["acc"][0] == pytest.approx(np.mean(accs))
+    assert "| method | grid point | mnist | fashion |" in table
     # Resume: the same command trains nothing again.
     import ftn.training.runner as runner
 

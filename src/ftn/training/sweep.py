@@ -458,15 +458,20 @@ def _summarize(groups: dict[tuple[str, str], dict[str, Any]], spec: SweepSpec) -
         scores = {s: float(np.mean([t["score"] for t in json.loads((r.folder / "test.json").read_text()).values()]))
                   for s, r in by_seed.items()}
         per_task: dict[str, list[float]] = {}
+        per_metric: dict[str, dict[str, list[float]]] = {}  # task → metric → one value per seed
         for r in by_seed.values():
             for t, v in json.loads((r.folder / "test.json").read_text()).items():
                 per_task.setdefault(t, []).append(v["score"])
+                for k, x in v["metrics"].items():
+                    if isinstance(x, (int, float)):
+                        per_metric.setdefault(t, {}).setdefault(k, []).append(float(x))
         mean, std, n = mean_std(list(scores.values()))
         first = _results(g["chosen"][0])
         entry = {"method": m, "grid_point": name, "point": dict(g["point"]), "lr": g["lr"],
                  "lr_grid": {_lr_text(k): v for k, v in g["val_scores"].items()}, "mean": mean, "std": std, "seeds": n,
                  "scores": {str(s): v for s, v in scores.items()},
                  "per_task": {t: mean_std(v)[0] for t, v in per_task.items()},
+                 "per_task_metrics": {t: {k: mean_std(v)[:2] for k, v in ms.items()} for t, ms in per_metric.items()},
                  "stored_params": first["stored_parameters"], "method_info": first.get("method_info", {}),
                  "train_seconds": float(np.mean([_results(r)["train_seconds"] for r in by_seed.values()]))}
         out_groups.append(entry)
@@ -509,6 +514,7 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([g["method"], g["grid_point"], grid, _lr_text(g["lr"]),
                                         f"**{g['mean']:.2f}** ± {g['std']:.2f} (n={g['seeds']})",
                                         _params(g["stored_params"]), f"{g['train_seconds']:.0f}"]) + " |")
+    lines += _per_task_table(results["groups"])
     if results["comparisons"]:
         lines += ["", "Paired difference (reference − method) with its 95 % interval; * = significant (the "
                   "interval excludes 0). Bootstrap: seeds and test examples resampled, the same examples for "
@@ -522,6 +528,28 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"| {ref} | {other} | {c['diff']:+.2f} | {span} | {c['kind']} (seeds={c['seeds']}) | "
                          f"{'*' if c['significant'] else ''} |")
     return "\n".join(lines)
+
+
+def _per_task_table(groups: Sequence[dict[str, Any]], max_columns: int = 12) -> list[str]:
+    """Each task's test metrics, mean ± std over seeds (a task with one metric: one column)."""
+    columns: list[tuple[str, str]] = []
+    for g in groups:
+        for task, metrics in g.get("per_task_metrics", {}).items():
+            columns += [(task, k) for k in metrics if (task, k) not in columns and k != "loss"]
+    if not columns:
+        return []
+    columns = columns[:max_columns]
+    single = {t for t, _ in columns if sum(1 for c in columns if c[0] == t) == 1}
+    header = ["method", "grid point", *(t if t in single else f"{t} {k}" for t, k in columns)]
+    lines = ["", "Per task, test split (mean ± std over seeds):", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for g in groups:
+        cells = []
+        for t, k in columns:
+            value = g.get("per_task_metrics", {}).get(t, {}).get(k)
+            cells.append("—" if value is None else f"{value[0]:.2f} ± {value[1]:.2f}")
+        lines.append("| " + " | ".join([g["method"], g["grid_point"], *cells]) + " |")
+    return lines
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:

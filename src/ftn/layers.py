@@ -276,25 +276,35 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
             return self.base(x)
         self._check_input(x)
         factors = self.tasks[task]
-        if self._use_fast_backward(factors):
-            return self._fast_forward(x, list(factors.factors))
+        kind = self._backward_kind(factors)
+        if kind is not None:
+            return self._fast_forward(x, factors.tensors(), thin=kind == "thin")
         return self._forward_with_weight(x, self.task_weight(task))
 
     def _use_fast_backward(self, factors: CPFactors) -> bool:
+        """Whether a training forward takes the thin-contraction backward."""
+        return self._backward_kind(factors) == "thin"
+
+    def _backward_kind(self, factors: CPFactors) -> str | None:
+        """How a training forward back-propagates into the factors: ``"thin"`` (thin
+        contractions), ``"dense"`` (the dense weight gradient contracted onto the factors, in the
+        same custom Function: W + ΔW is rebuilt in the backward instead of being kept), or None
+        (plain autograd through W + ΔW: ``fast_backward = False``, non-plain bases, eval)."""
         # Only where a backward will reach the factors (no point otherwise: eval then uses the
         # cached W + ΔW) and the base is frozen (the custom backward gives W no gradient).
         if not self._plain or self.fast_backward is False or not torch.is_grad_enabled():
-            return False
+            return None
         if self.base.weight.requires_grad or not any(f.requires_grad for f in factors.factors):
-            return False
+            return None
         if self.fast_backward is None:
-            return fast_backward_pays_off(self.base.weight.shape, factors.rank, self._groups())
-        return True
+            pays = fast_backward_pays_off(self.base.weight.shape, factors.rank, self._groups())
+            return "thin" if pays else "dense"
+        return "thin"
 
     def _groups(self) -> int:
         return 1
 
-    def _fast_forward(self, x: Tensor, factors: list[Tensor]) -> Tensor:
+    def _fast_forward(self, x: Tensor, factors: list[Tensor], thin: bool = True) -> Tensor:
         raise NotImplementedError
 
     def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -338,7 +348,7 @@ class FTNConv(FTNLayer):
     def _groups(self) -> int:
         return self.base.groups
 
-    def _fast_forward(self, x: Tensor, factors: list[Tensor]) -> Tensor:
+    def _fast_forward(self, x: Tensor, factors: list[Tensor], thin: bool = True) -> Tensor:
         base = self.base
         nd = len(base.kernel_size)
         padding = base.padding
@@ -354,7 +364,8 @@ class FTNConv(FTNLayer):
         unbatched = x.dim() == nd + 1
         if unbatched:
             x = x.unsqueeze(0)
-        y = cp_conv(x, base.weight, base.bias, factors, base.stride, padding, base.dilation, base.groups)
+        y = cp_conv(x, base.weight, base.bias, factors, base.stride, padding, base.dilation, base.groups,
+                    thin=thin)
         return y.squeeze(0) if unbatched else y
 
 
@@ -373,6 +384,6 @@ class FTNLinear(FTNLayer):
             return F.linear(x, weight, self.base.bias)
         return super()._forward_with_weight(x, weight)
 
-    def _fast_forward(self, x: Tensor, factors: list[Tensor]) -> Tensor:
-        return cp_linear(x, self.base.weight, self.base.bias, factors)
+    def _fast_forward(self, x: Tensor, factors: list[Tensor], thin: bool = True) -> Tensor:
+        return cp_linear(x, self.base.weight, self.base.bias, factors, thin=thin)
 

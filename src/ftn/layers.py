@@ -133,7 +133,7 @@ class CPFactors(nn.Module):
     def tensors(self) -> list[Tensor]:
         """``list(self.factors)``, read from the registry directly: ParameterList's indexing costs
         a few µs per factor, which the eval cache pays on every forward."""
-        return list(self.factors._parameters.values())
+        return list(self._modules["factors"]._parameters.values())
 
     def delta(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
         """Dense ΔW in the layer's weight shape."""
@@ -267,9 +267,26 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         active = self.context.active
+        if type(active) is str and not (self.training or torch.is_grad_enabled()
+                                        or torch.compiler.is_compiling()):
+            # Eval fast path: a valid cached W + ΔW goes straight to the conv / linear.
+            weight = self._cached_weight(active)
+            if weight is not None:
+                self._check_input(x)
+                return self._forward_with_weight(x, weight)
         if isinstance(active, MixedTasks):
             return active.apply(x, self._forward_task)
         return self._forward_task(active, x)
+
+    def _cached_weight(self, task: str) -> Tensor | None:
+        """The cached W + ΔW of ``task`` if the eval cache may serve it now (every check of
+        :meth:`task_weight`), else None (not built here). Reads the submodules through
+        ``_modules``: ``nn.Module.__getattr__`` costs a few µs per forward each."""
+        factors = self._modules["tasks"]._modules.get(task)
+        if factors is None:
+            return None
+        return self._eval_cache.lookup(task, factors.tensors(), [self._modules["base"].weight],
+                                       self.context.checks)
 
     def _forward_task(self, task: str | None, x: Tensor) -> Tensor:
         if task is None or task not in self.tasks:
@@ -332,8 +349,9 @@ class FTNConv(FTNLayer):
     (C_out, C_in/groups, prod(kernel)); any stride, dilation, padding, padding_mode and groups."""
 
     def _check_input(self, x: Tensor) -> None:
-        nd = len(self.base.kernel_size)
-        if x.dim() not in (nd + 1, nd + 2) or x.shape[-(nd + 1)] != self.base.in_channels:
+        base = self._modules["base"]
+        nd = len(base.kernel_size)
+        if x.dim() not in (nd + 1, nd + 2) or x.shape[-(nd + 1)] != base.in_channels:
             spatial = ", ".join("HWD"[i] for i in range(nd)) if nd > 1 else "L"
             raise ShapeError(
                 f"layer {self.layer_name!r} ({type(self.base).__name__}) expects input of shape "
@@ -342,7 +360,8 @@ class FTNConv(FTNLayer):
 
     def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         if self._plain:
-            return self.base._conv_forward(x, weight, self.base.bias)
+            base = self._modules["base"]
+            return base._conv_forward(x, weight, base.bias)
         return super()._forward_with_weight(x, weight)
 
     def _groups(self) -> int:
@@ -373,7 +392,7 @@ class FTNLinear(FTNLayer):
     """FTN wrapper of ``nn.Linear`` (and subclasses): ΔW = A·Bᵀ."""
 
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() < 1 or x.shape[-1] != self.base.in_features:
+        if x.dim() < 1 or x.shape[-1] != self._modules["base"].in_features:
             raise ShapeError(
                 f"layer {self.layer_name!r} (Linear) expects input with last dimension "
                 f"{self.base.in_features}, got shape {tuple(x.shape)}"
@@ -381,7 +400,7 @@ class FTNLinear(FTNLayer):
 
     def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         if self._plain:
-            return F.linear(x, weight, self.base.bias)
+            return F.linear(x, weight, self._modules["base"].bias)
         return super()._forward_with_weight(x, weight)
 
     def _fast_forward(self, x: Tensor, factors: list[Tensor], thin: bool = True) -> Tensor:

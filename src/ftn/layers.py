@@ -191,7 +191,8 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
 
     - ``None`` (default): per layer, the custom thin-contraction backward where its estimated
       cost is well below the dense weight gradient (:func:`~ftn.functional.fast_backward_pays_off`),
-      else plain autograd through W + ΔW (e.g. depthwise convs);
+      else the same custom Function in its dense mode (e.g. depthwise convs); neither keeps
+      W + ΔW alive for the backward;
     - ``True``: always the custom backward; ``False``: always autograd (the "materialized" baseline).
 
     Set it on the class to change every layer, or on one instance.

@@ -108,7 +108,7 @@ class _Exact:
     and compared at once when there are more than ``_JOIN_ABOVE`` of them or they are batched
     (:func:`_batched`); otherwise each has its own copy."""
 
-    __slots__ = ("refs", "meta", "copies", "joined", "batched")
+    __slots__ = ("refs", "meta", "copies", "joined", "batched", "raw")
 
     def __init__(self, tensors: list[Tensor]) -> None:
         self.refs = [weakref.ref(t) for t in tensors]
@@ -121,6 +121,10 @@ class _Exact:
             else:
                 self.joined = None
                 self.copies = [t.detach().clone(memory_format=torch.contiguous_format) for t in tensors]
+        # Per copy, what a CPU memcmp needs (its address and size), or None where memcmp does not
+        # apply (no libc memcmp, off the CPU, complex): the lookup then skips re-deriving them.
+        self.raw = [(c.data_ptr(), c.nbytes) if _MEMCMP is not None and c.device.type == "cpu"
+                    and not c.is_complex() else None for c in self.copies]
 
     def same_tensors(self, tensors: list[Tensor]) -> bool:
         if len(tensors) != len(self.refs):
@@ -131,11 +135,18 @@ class _Exact:
         return True
 
     def same_values(self, tensors: list[Tensor]) -> bool:
+        """Whether ``tensors`` (already known to pass :meth:`same_tensors`) hold the copied values."""
         if not tensors:
             return True
         if self.joined is not None:
             return _same_bytes(_flat(tensors), self.joined)
-        return all(_same_bytes(t, c) for t, c in zip(tensors, self.copies))
+        for t, c, raw in zip(tensors, self.copies, self.raw):
+            if raw is not None and t.is_contiguous():  # the shape and dtype match: same nbytes
+                if raw[1] and _MEMCMP(t.data_ptr(), raw[0], raw[1]) != 0:
+                    return False
+            elif not _same_bytes(t, c):
+                return False
+        return True
 
     def live(self) -> list[Tensor] | None:
         """The tensors themselves, if all alive and of their recorded shape, dtype and device."""
@@ -166,10 +177,12 @@ class _Entry:
 
     def same_tensors(self, exact: list[Tensor], tracked: list[Tensor]) -> bool:
         """Everything but the values of ``exact``: no kernel, no device sync."""
-        return (self.generation == _generation
-                and len(tracked) == len(self.refs)
-                and all(r() is _owner(t) and _stamp(t) == s for t, r, s in zip(tracked, self.refs, self.stamps))
-                and self.exact.same_tensors(exact))
+        if self.generation != _generation or len(tracked) != len(self.refs):
+            return False
+        for t, r, s in zip(tracked, self.refs, self.stamps):
+            if r() is not _owner(t) or _stamp(t) != s:
+                return False
+        return self.exact.same_tensors(exact)
 
 
 class CheckGroup:
@@ -244,26 +257,37 @@ class EvalCache:
         if not caching_enabled(training):
             return build()
         exact, tracked = list(exact), list(tracked)
-        entry = self._entries.get(key)
-        in_pass = group is not None and group.depth > 0
-        if entry is not None and entry.same_tensors(exact, tracked):
-            if in_pass and entry.exact.batched:
-                if not group.checked:
-                    group.check()
-                if entry.trusted == group.scope:
-                    return entry.value
-            if entry.exact.same_values(exact):
-                if in_pass:
-                    entry.trusted = group.scope
-                return entry.value
+        value = self.lookup(key, exact, tracked, group)
+        if value is not None:
+            return value
         self._entries.pop(key, None)  # drop the stale value before building its replacement
         value = build()
         entry = self._entries[key] = _Entry(value, exact, tracked)
         if group is not None:
             group._caches.add(self)
-            if in_pass:
+            if group.depth > 0:
                 entry.trusted = group.scope
         return value
+
+    def lookup(self, key: Any, exact: list[Tensor], tracked: list[Tensor],
+               group: CheckGroup | None = None) -> Any:
+        """The entry's value if it may be served now (the same checks as :meth:`get`), else None;
+        never builds. The caller must already know that caching is enabled
+        (:func:`caching_enabled`): this is the eval fast path of the wrappers."""
+        entry = self._entries.get(key)
+        if entry is None or not entry.same_tensors(exact, tracked):
+            return None
+        in_pass = group is not None and group.depth > 0
+        if in_pass and entry.exact.batched:
+            if not group.checked:
+                group.check()
+            if entry.trusted == group.scope:
+                return entry.value
+        if entry.exact.same_values(exact):
+            if in_pass:
+                entry.trusted = group.scope
+            return entry.value
+        return None
 
     def pop(self, key: Any) -> None:
         self._entries.pop(key, None)

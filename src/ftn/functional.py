@@ -86,18 +86,26 @@ def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
 
 
 class _CPConv(torch.autograd.Function):
-    """y = conv(x, W + A∘B∘C, bias); see the module docstring for the backward."""
+    """y = conv(x, W + A∘B∘C, bias); see the module docstring for the backward.
+
+    Saves x, the frozen W (no copy) and the factors, never the materialized W + ΔW: the backward
+    rebuilds it (one small matmul per layer) for the input gradient. ``thin`` picks how the
+    factor gradients are computed: thin contractions, or (``thin=False``, where those do not pay
+    off, e.g. depthwise convs) the dense weight gradient contracted onto the factors — what
+    autograd through W + ΔW computes, without keeping W + ΔW alive until the backward.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, c, stride, padding, dilation, groups, dtype):
-        merged = weight + cp_to_tensor([a, b, c], weight.shape)
+    def forward(ctx, x, weight, bias, a, b, c, stride, padding, dilation, groups, dtype, thin):
+        merged = _merged(weight, (a, b, c), dtype)
         # Cast explicitly and run with autocast off, so forward and backward agree on dtypes.
-        x_c, w_c, b_c = _cast(x, dtype), _cast(merged, dtype), _cast(bias, dtype)
+        x_c, b_c = _cast(x, dtype), _cast(bias, dtype)
         nd = weight.dim() - 2
         with torch.autocast(x.device.type, enabled=False):
-            y = _aten.convolution(x_c, w_c, b_c, stride, padding, dilation, False, [0] * nd, groups)
-        ctx.save_for_backward(x_c, w_c, a, b, c)
+            y = _aten.convolution(x_c, merged, b_c, stride, padding, dilation, False, [0] * nd, groups)
+        ctx.save_for_backward(x_c, weight, a, b, c)
         ctx.conv = (stride, padding, dilation, groups)
+        ctx.dtype, ctx.thin = dtype, thin
         ctx.bias_shape = None if bias is None else list(bias.shape)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.x_dtype = x.dtype
@@ -105,23 +113,47 @@ class _CPConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        x, w, a, b, c = ctx.saved_tensors
+        x, weight, a, b, c = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         need_x, _, need_bias, need_a, need_b, need_c = ctx.needs_input_grad[:6]
-        nd = w.dim() - 2
+        need_factors = need_a or need_b or need_c
+        dense = need_factors and not ctx.thin
+        nd = weight.dim() - 2
         out_pad = [0] * nd
         gy = gy.to(x.dtype) if gy.dtype != x.dtype else gy
         gx = gbias = ga = gb = gc = None
         with torch.autocast(x.device.type, enabled=False):
-            if need_x or need_bias:
-                gx, _, gbias = _aten.convolution_backward(
+            if need_x or need_bias or dense:
+                w = _merged(weight, (a, b, c), ctx.dtype)
+                gx, gw, gbias = _aten.convolution_backward(
                     gy, x, w, ctx.bias_shape, stride, padding, dilation, False, out_pad, groups,
-                    [need_x, False, need_bias])
+                    [need_x, dense, need_bias])
+                del w
                 gx = gx.to(ctx.x_dtype) if gx is not None else None
                 gbias = gbias.to(ctx.bias_dtype) if gbias is not None else None
-            if need_a or need_b or need_c:
-                ga, gb, gc = _factor_grads(gy, x, a, b, c, w.shape, stride, padding, dilation, groups)
-        return gx, None, gbias, ga, gb, gc, None, None, None, None, None
+                if dense:
+                    ga, gb, gc = _dense_factor_grads(gw, a, b, c)
+            if need_factors and ctx.thin:
+                ga, gb, gc = _factor_grads(gy, x, a, b, c, weight.shape, stride, padding, dilation, groups)
+        return gx, None, gbias, ga, gb, gc, None, None, None, None, None, None
+
+
+def _merged(weight: Tensor, factors: Sequence[Tensor], dtype: torch.dtype | None) -> Tensor:
+    """W + ΔW, built in the factors' dtype, then cast to the compute dtype (autocast)."""
+    return _cast(weight + cp_to_tensor(list(factors), weight.shape), dtype)
+
+
+def _dense_factor_grads(gw: Tensor, a: Tensor, b: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Factor gradients from the dense weight gradient gW (C_out, C_in/g, *kernel), as autograd
+    through ΔW = A·KhatriRao(B, C)ᵀ computes them: dA = gW·KR, dKR = gWᵀ·A, then dB and dC."""
+    rank = a.shape[1]
+    gw2 = gw.to(a.dtype).reshape(a.shape[0], -1)  # (C_out, C_in/g · S)
+    kr = (b[:, None, :] * c[None, :, :]).reshape(-1, rank)  # (C_in/g · S, R)
+    ga = gw2 @ kr
+    gkr = (gw2.T @ a).reshape(b.shape[0], c.shape[0], rank)  # (C_in/g, S, R)
+    gb = (gkr * c[None, :, :]).sum(1)
+    gc = (gkr * b[:, None, :]).sum(0)
+    return ga, gb.to(b.dtype), gc.to(c.dtype)
 
 
 def _factor_grads(gy, x, a, b, c, w_shape, stride, padding, dilation, groups):
@@ -161,22 +193,24 @@ def _factor_grads(gy, x, a, b, c, w_shape, stride, padding, dilation, groups):
 
 
 class _CPLinear(torch.autograd.Function):
-    """y = x·(W + A·Bᵀ)ᵀ + bias without the dense weight gradient."""
+    """y = x·(W + A·Bᵀ)ᵀ + bias without the dense weight gradient (``thin``) or with it contracted
+    onto A and B; saves x, W and the factors, never W + A·Bᵀ."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, dtype):
-        merged = weight + a @ b.T
-        x_c, w_c, b_c = _cast(x, dtype), _cast(merged, dtype), _cast(bias, dtype)
+    def forward(ctx, x, weight, bias, a, b, dtype, thin):
+        merged = _cast(weight + a @ b.T, dtype)
+        x_c, b_c = _cast(x, dtype), _cast(bias, dtype)
         with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(x_c, w_c, b_c)
-        ctx.save_for_backward(x_c, w_c, a, b)
+            y = F.linear(x_c, merged, b_c)
+        ctx.save_for_backward(x_c, weight, a, b)
+        ctx.dtype, ctx.thin = dtype, thin
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, w, a, b = ctx.saved_tensors
+        x, weight, a, b = ctx.saved_tensors
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         gy = gy.to(x.dtype) if gy.dtype != x.dtype else gy
         g2 = gy.reshape(-1, gy.shape[-1])
@@ -184,20 +218,28 @@ class _CPLinear(torch.autograd.Function):
         gx = gbias = ga = gb = None
         with torch.autocast(x.device.type, enabled=False):
             if need_x:
-                gx = (gy @ w).to(ctx.x_dtype)
+                gx = (gy @ _cast(weight + a @ b.T, ctx.dtype)).to(ctx.x_dtype)
             if need_bias:
                 gbias = g2.sum(0).to(ctx.bias_dtype)
-            if need_a:
-                ga = (g2.T @ (x2 @ b.to(x.dtype))).to(a.dtype)
-            if need_b:
-                gb = (x2.T @ (g2 @ a.to(x.dtype))).to(b.dtype)
-        return gx, None, gbias, ga, gb, None
+            if (need_a or need_b) and not ctx.thin:
+                gw = (g2.T @ x2).to(a.dtype)  # the dense weight gradient (out, in)
+                ga, gb = gw @ b, gw.T @ a
+            else:
+                if need_a:
+                    ga = (g2.T @ (x2 @ b.to(x.dtype))).to(a.dtype)
+                if need_b:
+                    gb = (x2.T @ (g2 @ a.to(x.dtype))).to(b.dtype)
+        return gx, None, gbias, ga, gb, None, None
 
 
 def cp_conv(x: Tensor, weight: Tensor, bias: Tensor | None, factors: Sequence[Tensor],
             stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-            groups: int = 1) -> Tensor:
+            groups: int = 1, thin: bool = True) -> Tensor:
     """``conv(x, weight + cp_to_tensor(factors), bias)`` with the fast backward.
+
+    ``thin``: factor gradients by thin contractions (default); False: through the dense weight
+    gradient (cheaper where :func:`fast_backward_pays_off` says no). Either way only x, the
+    factors and the frozen weight are kept for the backward, not W + ΔW.
 
     ``padding`` must be numeric (pad explicitly first for "same" or non-zero padding modes).
     ``weight`` gets no gradient (it is the frozen base); pass a weight that requires grad and
@@ -207,12 +249,14 @@ def cp_conv(x: Tensor, weight: Tensor, bias: Tensor | None, factors: Sequence[Te
         raise ValueError("cp_conv treats the base weight as frozen; it must not require grad")
     a, b, c = factors
     return _CPConv.apply(x, weight, bias, a, b, c, list(stride), list(padding), list(dilation),
-                         int(groups), _compute_dtype(x))
+                         int(groups), _compute_dtype(x), bool(thin))
 
 
-def cp_linear(x: Tensor, weight: Tensor, bias: Tensor | None, factors: Sequence[Tensor]) -> Tensor:
-    """``F.linear(x, weight + A·Bᵀ, bias)`` with the fast backward (frozen ``weight``)."""
+def cp_linear(x: Tensor, weight: Tensor, bias: Tensor | None, factors: Sequence[Tensor],
+              thin: bool = True) -> Tensor:
+    """``F.linear(x, weight + A·Bᵀ, bias)`` with the fast backward (frozen ``weight``); ``thin``
+    as in :func:`cp_conv`."""
     if weight.requires_grad:
         raise ValueError("cp_linear treats the base weight as frozen; it must not require grad")
     a, b = factors
-    return _CPLinear.apply(x, weight, bias, a, b, _compute_dtype(x))
+    return _CPLinear.apply(x, weight, bias, a, b, _compute_dtype(x), bool(thin))

@@ -119,7 +119,8 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
 
     - ``None`` (default): per layer, the custom thin-contraction backward where its estimated
       cost is well below the dense weight gradient (:func:`~ftn.functional.fast_backward_pays_off`),
-      else plain autograd through W + ΔW (e.g. depthwise convs);
+      else the same custom Function in its dense mode (e.g. depthwise convs); neither keeps
+      W + ΔW alive for the backward;
     - ``True``: always the custom backward; ``False``: always autograd (the "materialized" baseline).
 
     Set it on the class to change every layer, or on one instance.
@@ -202,9 +203,26 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         active = self.context.active
+        if type(active) is str and not (self.training or torch.is_grad_enabled()
+                                        or torch.compiler.is_compiling()):
+            # Eval fast path: a valid cached W + ΔW goes straight to the conv / linear.
+            weight = self._cached_weight(active)
+            if weight is not None:
+                self._check_input(x)
+                return self._forward_with_weight(x, weight)
         if isinstance(active, MixedTasks):
             return active.apply(x, self._forward_task)
         return self._forward_task(active, x)
+
+    def _cached_weight(self, task: str) -> Tensor | None:
+        """The cached W + ΔW of ``task`` if the eval cache may serve it now (every check of
+        :meth:`task_weight`), else None (not built here). Reads the submodules through
+        ``_modules``: ``nn.Module.__getattr__`` costs a few µs per forward each."""
+        factors = self._modules["tasks"]._modules.get(task)
+        if factors is None:
+            return None
+        return self._eval_cache.lookup(task, factors.tensors(), [self._modules["base"].weight],
+                                       self.context.checks)
 
     def _forward_task(self, task: str | None, x: Tensor) -> Tensor:
         if task is None or task not in self.tasks:
@@ -213,27 +231,38 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
         if isinstance(update, GatedDelta) and not update.active and not torch.is_grad_enabled():
             return self.base(x)  # gate off, nothing to learn: exactly the frozen layer
         self._check_input(x)
-        if self._use_fast_backward(update):
-            return self._fast_forward(x, update.tensors())
+        kind = self._backward_kind(update)
+        if kind is not None:
+            return self._fast_forward(x, update.tensors(), thin=kind == "thin")
         return self._forward_with_weight(x, self.task_weight(task))
 
     def _use_fast_backward(self, factors: TaskUpdate) -> bool:
+        """Whether a training forward takes the thin-contraction backward."""
+        return self._backward_kind(factors) == "thin"
+
+    def _backward_kind(self, factors: TaskUpdate) -> str | None:
+        """How a training forward back-propagates into CP factors: ``"thin"`` (thin
+        contractions), ``"dense"`` (the dense weight gradient contracted onto the factors, in the
+        same custom Function: W + ΔW is rebuilt in the backward instead of being kept), or None
+        (plain autograd through W + ΔW: dense and gated updates, ``fast_backward = False``,
+        non-plain bases, eval)."""
         # CP factors only, where a backward will reach them (no point otherwise: eval then uses
         # the cached W + ΔW) and the base is frozen (the custom backward gives W no gradient).
         if not isinstance(factors, CPFactors):
-            return False
+            return None
         if not self._plain or self.fast_backward is False or not torch.is_grad_enabled():
-            return False
+            return None
         if self.base.weight.requires_grad or not any(f.requires_grad for f in factors.factors):
-            return False
+            return None
         if self.fast_backward is None:
-            return fast_backward_pays_off(self.base.weight.shape, factors.rank, self._groups())
-        return True
+            pays = fast_backward_pays_off(self.base.weight.shape, factors.rank, self._groups())
+            return "thin" if pays else "dense"
+        return "thin"
 
     def _groups(self) -> int:
         return 1
 
-    def _fast_forward(self, x: Tensor, factors: list[Tensor]) -> Tensor:
+    def _fast_forward(self, x: Tensor, factors: list[Tensor], thin: bool = True) -> Tensor:
         raise NotImplementedError
 
     def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -261,8 +290,9 @@ class FTNConv(FTNLayer):
     (C_out, C_in/groups, prod(kernel)); any stride, dilation, padding, padding_mode and groups."""
 
     def _check_input(self, x: Tensor) -> None:
-        nd = len(self.base.kernel_size)
-        if x.dim() not in (nd + 1, nd + 2) or x.shape[-(nd + 1)] != self.base.in_channels:
+        base = self._modules["base"]
+        nd = len(base.kernel_size)
+        if x.dim() not in (nd + 1, nd + 2) or x.shape[-(nd + 1)] != base.in_channels:
             spatial = ", ".join("HWD"[i] for i in range(nd)) if nd > 1 else "L"
             raise ShapeError(
                 f"layer {self.layer_name!r} ({type(self.base).__name__}) expects input of shape "
@@ -271,13 +301,14 @@ class FTNConv(FTNLayer):
 
     def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         if self._plain:
-            return self.base._conv_forward(x, weight, self.base.bias)
+            base = self._modules["base"]
+            return base._conv_forward(x, weight, base.bias)
         return super()._forward_with_weight(x, weight)
 
     def _groups(self) -> int:
         return self.base.groups
 
-    def _fast_forward(self, x: Tensor, factors: list[Tensor]) -> Tensor:
+    def _fast_forward(self, x: Tensor, factors: list[Tensor], thin: bool = True) -> Tensor:
         base = self.base
         nd = len(base.kernel_size)
         padding = base.padding
@@ -293,7 +324,8 @@ class FTNConv(FTNLayer):
         unbatched = x.dim() == nd + 1
         if unbatched:
             x = x.unsqueeze(0)
-        y = cp_conv(x, base.weight, base.bias, factors, base.stride, padding, base.dilation, base.groups)
+        y = cp_conv(x, base.weight, base.bias, factors, base.stride, padding, base.dilation, base.groups,
+                    thin=thin)
         return y.squeeze(0) if unbatched else y
 
 
@@ -301,7 +333,7 @@ class FTNLinear(FTNLayer):
     """FTN wrapper of ``nn.Linear`` (and subclasses): ΔW = A·Bᵀ."""
 
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() < 1 or x.shape[-1] != self.base.in_features:
+        if x.dim() < 1 or x.shape[-1] != self._modules["base"].in_features:
             raise ShapeError(
                 f"layer {self.layer_name!r} (Linear) expects input with last dimension "
                 f"{self.base.in_features}, got shape {tuple(x.shape)}"
@@ -309,9 +341,9 @@ class FTNLinear(FTNLayer):
 
     def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
         if self._plain:
-            return F.linear(x, weight, self.base.bias)
+            return F.linear(x, weight, self._modules["base"].bias)
         return super()._forward_with_weight(x, weight)
 
-    def _fast_forward(self, x: Tensor, factors: list[Tensor]) -> Tensor:
-        return cp_linear(x, self.base.weight, self.base.bias, factors)
+    def _fast_forward(self, x: Tensor, factors: list[Tensor], thin: bool = True) -> Tensor:
+        return cp_linear(x, self.base.weight, self.base.bias, factors, thin=thin)
 

@@ -60,6 +60,9 @@ class TaskNorm(BaseWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         active = self.context.active
+        if type(active) is str:  # the common case, without the submodule lookups of task_module
+            norm = self._modules["tasks"]._modules.get(active)
+            return (norm if norm is not None else self._modules["base"])(x)
         if isinstance(active, MixedTasks):
             return active.apply(x, lambda task, part: self.task_module(task)(part))
         return self.task_module(active)(x)

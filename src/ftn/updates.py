@@ -134,7 +134,7 @@ class CPFactors(TaskUpdate):
     def tensors(self) -> list[Tensor]:
         """``list(self.factors)``, read from the registry directly: ParameterList's indexing costs
         a few µs per factor, which the eval cache pays on every forward."""
-        return list(self.factors._parameters.values())
+        return list(self._modules["factors"]._parameters.values())
 
     def stored(self) -> dict[str, Tensor]:
         return {str(k): f for k, f in enumerate(self.tensors())}  # delta.<layer>.0, .1, ... (format v1)

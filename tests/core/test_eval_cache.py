@@ -308,3 +308,24 @@ def test_batched_checks_run_once_per_pass(monkeypatch):
     assert calls == [1, 1] and compared  # the batch differed: each entry compared on its own
     for t in tasks:
         torch.testing.assert_close(got[t], expected[t], rtol=1e-5, atol=1e-5)
+
+
+def test_eval_fast_path_serves_the_cache_without_rebuilding(monkeypatch):
+    # Issue 15 (unmerged inference): a hit goes from the wrapper's forward straight to the conv,
+    # with every check of the entry, and gives the output of the uncached forward.
+    from ftn.layers import FTNLayer
+
+    model, inputs, tasks = _cnn_model()
+    first = _loop(model, inputs, tasks)  # builds
+    calls = []
+    task_weight = FTNLayer.task_weight
+    monkeypatch.setattr(FTNLayer, "task_weight", lambda self, t: calls.append((self.layer_name, t)) or task_weight(self, t))
+    again = _loop(model, inputs, tasks)
+    assert calls == []  # every adapted layer was served by the fast path
+    torch.testing.assert_close(again["a"], first["a"], rtol=0, atol=0)
+    torch.testing.assert_close(again["a"], _per_task(model, inputs, tasks)["a"], rtol=1e-5, atol=1e-5)
+    layer = next(iter(model.adapted_layers().values()))
+    layer.tasks["a"].factors[0].data.mul_(2.0)  # no version bump: only the value check sees it
+    calls.clear()  # (the reference forward under autograd called it for the non-plain layer)
+    _loop(model, inputs, tasks)
+    assert calls == [(layer.layer_name, "a")]  # that layer missed and rebuilt; the others hit

@@ -33,8 +33,9 @@ GRADCHECK_CASES = {
 }
 
 
+@pytest.mark.parametrize("thin", [True, False], ids=["thin", "dense"])
 @pytest.mark.parametrize("case", sorted(GRADCHECK_CASES))
-def test_cp_conv_gradcheck_float64(case):
+def test_cp_conv_gradcheck_float64(case, thin):
     c_in, c_out, k, stride, pad, dil, groups, bias, nd = GRADCHECK_CASES[case]
     g = torch.Generator().manual_seed(0)
     size = 4 if nd == 3 else 6  # gradcheck is O(inputs × outputs): keep 3-D small
@@ -46,7 +47,7 @@ def test_cp_conv_gradcheck_float64(case):
     args = ([nd * [stride], nd * [pad], nd * [dil], groups])
 
     def fast(x, b, *fs):
-        return cp_conv(x, weight, b, fs, *args)
+        return cp_conv(x, weight, b, fs, *args, thin=thin)
 
     assert torch.autograd.gradcheck(fast, (x, b, *factors))
     # And the same function as the plain formula (gradcheck alone would pass a wrong forward).
@@ -55,14 +56,39 @@ def test_cp_conv_gradcheck_float64(case):
     torch.testing.assert_close(fast(x, b, *factors), expected)
 
 
-def test_cp_linear_gradcheck_float64():
+@pytest.mark.parametrize("thin", [True, False], ids=["thin", "dense"])
+def test_cp_linear_gradcheck_float64(thin):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 4, dtype=F64, generator=g, requires_grad=True)  # extra leading dim
     weight = torch.randn(6, 4, dtype=F64, generator=g)
     b = torch.randn(6, dtype=F64, generator=g, requires_grad=True)
     a, bb = (torch.randn(d, 2, dtype=F64, generator=g, requires_grad=True) for d in (6, 4))
-    assert torch.autograd.gradcheck(lambda x, b, a, bb: cp_linear(x, weight, b, (a, bb)), (x, b, a, bb))
+    assert torch.autograd.gradcheck(lambda x, b, a, bb: cp_linear(x, weight, b, (a, bb), thin=thin),
+                                    (x, b, a, bb))
     torch.testing.assert_close(cp_linear(x, weight, b, (a, bb)), F.linear(x, weight + a @ bb.T, b))
+
+
+@pytest.mark.parametrize("thin", [True, False], ids=["thin", "dense"])
+@pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
+def test_backward_keeps_no_materialized_weight(linear, thin):
+    # Only x, the frozen W (the same tensor, no copy) and the factors are saved: W + ΔW is
+    # rebuilt in the backward (issue 15, memory).
+    g = torch.Generator().manual_seed(0)
+    shape = (6, 4) if linear else (6, 1, 3, 3)
+    weight = torch.randn(shape, dtype=F64, generator=g)
+    factors = [torch.randn(d, 2, dtype=F64, generator=g, requires_grad=True)
+               for d in ((6, 4) if linear else (6, 1, 9))]
+    x = torch.randn((3, 4) if linear else (2, 6, 5, 5), dtype=F64, generator=g, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        if linear:
+            y = cp_linear(x, weight, None, factors, thin=thin)
+        else:
+            y = cp_conv(x, weight, None, factors, [1, 1], [1, 1], [1, 1], groups=6, thin=thin)
+    big = [t for t in saved if t.shape == weight.shape]
+    assert len(big) == 1 and big[0].data_ptr() == weight.data_ptr()
+    y.square().sum().backward()  # and the backward still runs from what was saved
+    assert all(f.grad is not None for f in factors) and x.grad is not None
 
 
 def test_frozen_weight_that_requires_grad_is_refused():
@@ -146,6 +172,15 @@ def test_automatic_choice_follows_cost_estimate():
     assert fast_backward_pays_off((512, 512, 3, 3), 8)
     assert not fast_backward_pays_off((16, 32, 1, 1), 8)
     assert FTNLayer.fast_backward is None  # automatic by default
+    # Where the thin contractions do not pay off the layer still uses the custom Function, with
+    # the dense weight gradient (nothing materialized is kept for the backward).
+    layer = wrap_layer(nn.Conv2d(144, 144, 3, padding=1, groups=144, bias=False))
+    layer.add_task("t", rank=8)
+    assert layer._backward_kind(layer.tasks["t"]) == "dense"
+    layer.fast_backward = False
+    assert layer._backward_kind(layer.tasks["t"]) is None
+    with torch.no_grad():
+        assert wrap_layer(nn.Conv2d(512, 512, 3))._backward_kind(layer.tasks["t"]) is None
 
 
 def _small_model(seed=0):
@@ -162,14 +197,15 @@ def test_whole_model_training_step_same_gradients_with_and_without_custom_backwa
     model = _small_model()
     model.train()
     grads = {}
-    for mode in (False, True):
+    for mode in (False, None, True):
         for layer in model.adapted_layers().values():
             layer.fast_backward = mode
         model.zero_grad()
         model(images, task="a").square().mean().backward()
         grads[mode] = [p.grad.clone() for p in model.task_parameters("a")]
-    for got, ref in zip(grads[True], grads[False]):
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    for mode in (None, True):
+        for got, ref in zip(grads[mode], grads[False]):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_autocast_bf16_training_step_uses_custom_backward(images):

@@ -1,0 +1,72 @@
+"""Unmerged-inference overhead: plain backbone vs FTN merged vs FTN unmerged (cached W + ΔW).
+
+Interleaves the three models round by round in one process (``no_grad``, eval) and prints the
+medians, the ratios to the plain backbone and the absolute per-forward overhead of the wrappers
+(unmerged − merged). With a tiny input (``--size 32 --batch 1``) the convs cost almost nothing,
+so that difference is the Python dispatch of the wrappers and task norms, which a benchmark batch
+then divides by its forward time.
+
+    python benchmarks/bench_eval.py --threads 1 --rounds 300 --configs mobilenet_v2@32:1
+    python benchmarks/bench_eval.py --threads 1 --rounds 40     # the bench_training.py configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import bench_training as bt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+",
+                        default=["mobilenet_v2@64", "mobilenet_v2@224", "resnet18@224", "resnet34@224"],
+                        help="arch@size[:batch]; arch@size of bench_training.py takes its batch")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for config in args.configs:
+        name, _, batch = config.partition(":")
+        if name in bt.CONFIGS:
+            arch, size, default_batch = bt.CONFIGS[name]
+        else:
+            arch, size, default_batch = name.split("@")[0], int(name.split("@")[1]), 1
+        batch = int(batch) if batch else default_batch
+        backbone, dim = bt.make_backbone(arch)
+        m = bt.build("ftn", backbone, dim)
+        models = {"backbone": bt.Net(copy.deepcopy(backbone), nn.Linear(dim, bt.NUM_CLASSES)),
+                  "merged": bt.merged_eval_model(m), "unmerged": m.train_model}
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        times = {k: [] for k in models}
+        with torch.no_grad():
+            for model in models.values():
+                model.eval()
+                model(x)
+                model(x)
+            for _ in range(args.rounds):
+                for k, model in models.items():
+                    t0 = time.perf_counter()
+                    model(x)
+                    times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        # Spread: the ratio of each round's unmerged time to the backbone's in the same round.
+        per_round = sorted(u / b for u, b in zip(times["unmerged"], times["backbone"]))
+        q1, q3 = per_round[len(per_round) // 4], per_round[(3 * len(per_round)) // 4]
+        print(f"{arch}@{size} b{batch} ({args.rounds} rounds): backbone {med['backbone']:.2f} ms, "
+              f"merged {med['merged']:.2f} ms (× {med['merged'] / med['backbone']:.3f}), "
+              f"unmerged {med['unmerged']:.2f} ms (× {med['unmerged'] / med['backbone']:.3f}; "
+              f"per-round IQR {q1:.3f}–{q3:.3f}); wrapper overhead unmerged − merged "
+              f"{med['unmerged'] - med['merged']:.3f} ms over {len(m.train_model.adapted_layers())} "
+              f"adapted layers", flush=True)
+
+
+if __name__ == "__main__":
+    main()

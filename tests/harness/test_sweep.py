@@ -121,6 +121,20 @@ def test_grid_axis_for_one_method_and_forced_lr_choice(tmp_path):
         ("method.ftn.rank=1", "linear"), ("method.ftn.rank=2", "linear")}
     assert (out / "runs" / "ftn" / "method.ftn.rank=2" / "lr0.01" / "seed0" / "test.json").is_file()
 
+    # --compare-axis: grid points of one method that differ only in that axis, first value first.
+    spec.compare_axis = "method.ftn.rank"
+    sweep._val_score = lambda run: 1.0 if run.lr == 1e-2 else 0.0
+    try:
+        again = run_sweep(spec)
+    finally:
+        sweep._val_score = real
+    assert again["trained"] == []  # everything was there already
+    within = [c for c in again["comparisons"] if c["method"] == "ftn"]
+    assert [(c["reference_point"], c["grid_point"]) for c in within] == [("method.ftn.rank=1", "method.ftn.rank=2")]
+    spec.compare_axis = "method.ftn.init"
+    with pytest.raises(ConfigError, match="not a --grid axis"):
+        run_sweep(spec)
+
 
 # ----------------------------------------------------------------------------- pieces
 def test_choose_lr_takes_the_best_validation_score_first_on_ties():

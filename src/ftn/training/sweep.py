@@ -186,6 +186,9 @@ class SweepSpec:
     lr_factors: tuple[float, ...] = DEFAULT_LR_FACTORS
     workers: int = 1
     reference: str | None = None  # compared against every other method (default: ftn, else the first)
+    # Also compare, within each method, grid points that differ only in this axis: its first
+    # value (the reference) against each other value, e.g. budget allocation auto vs uniform.
+    compare_axis: str | None = None
     progress: bool = True
     command: str = ""
     bootstrap: int = 2000
@@ -213,6 +216,9 @@ def _check(spec: SweepSpec) -> dict[str, ExperimentConfig]:
                 raise ConfigError(f"--grid {m}:{axis.key}: method {m!r} is not in --methods {spec.methods}")
     if spec.reference is not None and spec.reference not in spec.methods:
         raise ConfigError(f"--reference {spec.reference!r} is not in --methods {spec.methods}")
+    if spec.compare_axis is not None and spec.compare_axis not in {a.key for a in spec.axes}:
+        raise ConfigError(f"--compare-axis {spec.compare_axis!r} is not a --grid axis "
+                          f"({sorted(a.key for a in spec.axes) or 'none given'})")
     bases = {m: spec.base(m) for m in spec.methods}
     for m, cfg in bases.items():
         for axis in spec.axes:
@@ -487,7 +493,31 @@ def _summarize(groups: dict[tuple[str, str], dict[str, Any]], spec: SweepSpec) -
             interval = _compare(ref, other, spec.bootstrap)
             comparisons.append({"reference": m_ref, "reference_point": p_ref, "method": m, "grid_point": p,
                                 **interval.to_dict()})
+    if spec.compare_axis is not None:
+        comparisons += _axis_comparisons(groups, info, spec)
     return {"groups": out_groups, "comparisons": comparisons}
+
+
+def _axis_comparisons(groups: dict[tuple[str, str], dict[str, Any]], info: dict[tuple[str, str], Any],
+                      spec: SweepSpec) -> list[dict[str, Any]]:
+    """Paired intervals between grid points of the same method that differ only in
+    ``spec.compare_axis``: the axis's first value against each other value."""
+    key = spec.compare_axis
+    first = next(a.values[0] for a in spec.axes if a.key == key)
+    out = []
+    for (m, p_ref), g_ref in groups.items():
+        point = dict(g_ref["point"])
+        if point.get(key) != first:
+            continue
+        for (m2, p), g in groups.items():
+            other = dict(g["point"])
+            if m2 != m or p == p_ref or key not in other:
+                continue
+            if {k: v for k, v in other.items() if k != key} != {k: v for k, v in point.items() if k != key}:
+                continue
+            interval = _compare(info[(m, p_ref)], info[(m, p)], spec.bootstrap)
+            out.append({"reference": m, "reference_point": p_ref, "method": m, "grid_point": p, **interval.to_dict()})
+    return out
 
 
 # ----------------------------------------------------------------------------- table and plot

@@ -46,9 +46,22 @@ def test_train_with_a_budget_records_the_allocation_and_resumes_without_probing(
 
 
 def test_uniform_allocation_is_the_largest_rank_that_fits(tmp_path):
-    cfg = load_config(EMBEDDED, [*ARGS, "method.budget_allocation=uniform", f"output_dir={tmp_path}"])
+    cfg = load_config(EMBEDDED, [*ARGS, "method.budget_allocation=uniform", "method.budget_init=fresh",
+                                 f"output_dir={tmp_path}"])
     result = run_experiment(cfg, progress=False)["tasks"]["mnist"]["allocation"]
     assert result["probe_seconds"] == 0 and set(result["ranks"].values()) == {result["uniform_rank"]}
+
+
+def test_uniform_with_probe_init_gets_the_same_head_start_as_auto(tmp_path):
+    """The control for auto's probe: uniform ranks, the same probe steps, every component kept,
+    and the real task starts from the probe's state."""
+    cfg = load_config(EMBEDDED, [*ARGS, "method.budget_allocation=uniform", f"output_dir={tmp_path}"])
+    result = run_experiment(cfg, progress=False)["tasks"]["mnist"]["allocation"]
+    assert set(result["ranks"].values()) == {result["uniform_rank"]}
+    assert result["probe_steps"] == 2 and result["probe_seconds"] > 0 and result["warm_rank"] == result["uniform_rank"]
+    record = json.loads((tmp_path / "mnist" / "allocation.json").read_text())
+    assert {n: len(k) for n, k in record["kept"].items()} == {n: r for n, r in record["ranks"].items() if r}
+    assert (tmp_path / "mnist" / "allocation_init.safetensors").is_file()
 
 
 @pytest.mark.parametrize("override, message", [

@@ -1,6 +1,8 @@
 """``method.budget``: choose a task's per-layer ranks for a ΔW parameter budget before training it.
 
-- ``method.budget_allocation=uniform``: the largest single rank whose ΔW fits the budget.
+- ``method.budget_allocation=uniform``: the largest single rank whose ΔW fits the budget; with
+  ``budget_init=probe`` (the default) it gets the same probe as ``auto`` at those ranks and starts
+  from it, so the two differ only in where the ranks go (same steps, same head start).
 - ``auto``: a *probe* — the task at a warm rank (``budget_warm`` × the uniform rank, capped per
   layer), trained by the normal engine for ``budget_probe`` of the task's steps (no evaluation,
   no BatchNorm recalibration) while an :class:`~ftn.allocation.ImportanceTracker` scores every
@@ -92,6 +94,12 @@ def plan_task(cfg: ExperimentConfig, method: Method, name: str, data: TaskData, 
         ranks = allocation.uniform_ranks(model, count)
         spec["rank"] = uniform_rank
         record.update(probe_seconds=0.0)
+        if mcfg.budget_init == "probe":
+            # The control for auto's head start: the same probe (same steps), at the uniform ranks,
+            # keeping every component, so auto and uniform differ only in where the ranks go.
+            _, init, probe = _probe(cfg, method, name, data, make_head, out_dir, seed, device, count,
+                                    uniform_rank, sync, fixed=ranks)
+            record.update(probe)
     else:
         ranks, init, probe = _probe(cfg, method, name, data, make_head, out_dir, seed, device, count, uniform_rank,
                                     sync)
@@ -109,18 +117,21 @@ def plan_task(cfg: ExperimentConfig, method: Method, name: str, data: TaskData, 
 
 def _probe(cfg: ExperimentConfig, method: Method, name: str, data: TaskData, make_head: Callable[[], nn.Module],
            out_dir: Path, seed: int, device: torch.device, count: int, uniform_rank: int,
-           sync: bool) -> tuple[dict[str, int], dict[str, Tensor] | None, dict[str, Any]]:
+           sync: bool, fixed: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, Tensor] | None, dict[str, Any]]:
+    """Train the probe; returns (ranks, the real task's starting state, the record's entries).
+    ``fixed``: probe at these ranks and keep every component (no selection)."""
     mcfg = cfg.method
     model = method.model
     caps = allocation.layer_capacities(model)
-    warm = max(1, round(mcfg.budget_warm * uniform_rank))
+    warm = max(1, round(mcfg.budget_warm * uniform_rank)) if fixed is None else uniform_rank
+    probe_ranks = {n: min(warm, c) for n, c in caps.items()} if fixed is None else fixed
     probe_name = PROBE_PREFIX + name
     total = task_steps(cfg, data)
     steps = max(2, round(mcfg.budget_probe * total))  # the first step scores nothing (ΔW = 0 there)
     probe_dir = out_dir / "probe"
     shutil.rmtree(probe_dir, ignore_errors=True)  # an interrupted probe is re-run from its start
     seed_everything(seed)
-    task = method.add_task(probe_name, make_head(), ranks={n: min(warm, c) for n, c in caps.items()},  # type: ignore[call-arg]
+    task = method.add_task(probe_name, make_head(), ranks=probe_ranks,  # type: ignore[call-arg]
                            spec={"rank": warm, "rank_pattern": None})
     tracker = allocation.ImportanceTracker(model, probe_name).attach()
     started = time.perf_counter()
@@ -131,7 +142,8 @@ def _probe(cfg: ExperimentConfig, method: Method, name: str, data: TaskData, mak
         train_task(task, replace(data, val=None, test=None), train_cfg, cfg.data, probe_dir, seed=seed,
                    device=device, progress=False, sync=sync)
         scores = tracker.scores() if mcfg.budget_score == "taylor" else allocation.magnitude_scores(model, probe_name)
-        kept = allocation.select_components(model, scores, count)
+        kept = (allocation.select_components(model, scores, count) if fixed is None
+                else {n: list(range(r)) for n, r in fixed.items() if r})
         ranks = {n: len(idx) for n, idx in kept.items()}
         init = _kept_state(task.state_dict(), kept) if mcfg.budget_init == "probe" else None
     finally:

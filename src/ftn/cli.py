@@ -146,13 +146,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print("\n" + table(results))
         print(f"\nresults in {output}")
         return 0
-    methods = tuple(args.methods) if args.methods else DEMO_METHODS
+    # `--methods ftn method.ftn.rank=2`: argparse gives the trailing overrides to --methods.
+    overrides = [*args.overrides, *(m for m in args.methods or () if "=" in m)]
+    methods = tuple(m for m in args.methods or () if "=" not in m) or DEMO_METHODS
     from .training.methods import method_class
 
     for m in methods:
         method_class(m)  # an unknown name fails here, with the registry's names
     results = run_demo(args.output, quick=args.quick, methods=methods, progress=not args.no_progress,
-                       extra=args.overrides)
+                       extra=overrides)
     print("\n" + format_table(results))
     print(f"\nwall time {results['wall_seconds']:.0f} s; results, table and plot in {args.output}")
     return 0

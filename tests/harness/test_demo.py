@@ -24,3 +24,20 @@ def test_demo_quick_runs_every_method_and_writes_outputs(tmp_path, capsys):
     assert stored["linear"] < stored["norm_head"] < stored["ftn"] < stored["full"]
     assert (out / "accuracy_vs_parameters.png").stat().st_size > 1000
     assert "| FTN |" in (out / "table.md").read_text() and "| FTN |" in printed
+
+
+def test_demo_overrides_after_methods_are_overrides_not_methods(monkeypatch, tmp_path):
+    """`ftn demo --methods ftn method.ftn.rank=2`: argparse hands the override to --methods; the
+    demo must still run method ftn with the override (it used to fail as an unknown method)."""
+    import ftn.demo as demo
+
+    seen = {}
+
+    def fake_run_demo(output, quick, methods, progress, extra):
+        seen.update(methods=methods, extra=extra)
+        return {"wall_seconds": 0.0, "quick": quick, "methods": {}}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    monkeypatch.setattr(demo, "format_table", lambda results: "")
+    assert main(["demo", "--methods", "ftn", "method.ftn.rank=2", "--output", str(tmp_path)]) == 0
+    assert seen == {"methods": ("ftn",), "extra": ["method.ftn.rank=2"]}

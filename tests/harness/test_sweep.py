@@ -240,3 +240,18 @@ def test_t_interval_over_seeds_and_mean_std():
     assert not paired_t_interval([80.0, 70.0, 75.0], [75.0, 74.0, 76.0]).significant
     assert paired_t_interval([80.0], [70.0]).low is None
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5), 2)
+
+
+def test_a_key_added_to_the_schema_later_does_not_make_an_old_run_another_config():
+    """Resuming a sweep after the schema grew a key (at its default) must reuse the old runs;
+    a real difference, or the new key away from its default, still counts."""
+    from ftn.training.sweep import _diff
+
+    old = {"method": {"name": "ftn", "ftn": {"rank": 8}}, "train": {"lr": 0.1}}
+    default = {"method": {"name": "ftn", "ftn": {"rank": 8}, "budget": None}, "train": {"lr": 0.001}}
+    assert _diff(old, {"method": {"name": "ftn", "ftn": {"rank": 8}, "budget": None}, "train": {"lr": 0.1}},
+                 default) == []
+    assert _diff(old, {"method": {"name": "ftn", "ftn": {"rank": 8}, "budget": 0.01}, "train": {"lr": 0.1}},
+                 default) == ["method.budget"]
+    assert _diff(old, {"method": {"name": "ftn", "ftn": {"rank": 4}}, "train": {"lr": 0.1}}, default) == \
+        ["method.ftn.rank"]

@@ -270,15 +270,25 @@ def _same_config(run: Run) -> None:
     if path.is_file():
         old = json.loads(path.read_text())
         new = json.loads(json.dumps(config_to_dict(run.cfg), default=float))
-        if old != new:
-            diff = sorted(_diff(old, new))[:5]
+        # A key added to the schema after the run was made counts as the same when this run
+        # leaves it at its default (the old run had that behaviour).
+        default = json.loads(json.dumps(config_to_dict(ExperimentConfig(setting=run.cfg.setting)), default=float))
+        diff = sorted(_diff(old, new, default))[:5]
+        if diff:
             raise ConfigError(f"{run.folder} holds a run of another config (differs in {', '.join(diff)}); "
                               "use another --output or remove that folder")
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+_MISSING = object()
+
+
+def _diff(a: Any, b: Any, default: Any = _MISSING, prefix: str = "") -> list[str]:
+    """Keys where ``a`` (the stored config) and ``b`` differ; a key ``a`` lacks is no difference
+    when ``b`` holds ``default``'s value there."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in set(a) | set(b) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+        d = default if isinstance(default, dict) else {}
+        return [x for k in set(a) | set(b) if not (k not in a and k in d and b.get(k) == d[k])
+                for x in _diff(a.get(k), b.get(k), d.get(k, _MISSING), f"{prefix}{k}.")]
     return [] if a == b else [prefix.rstrip(".")]
 
 

@@ -80,6 +80,7 @@ def test_image_stats_sum_back_to_every_meter(scenes: Path) -> None:
             assert again[key] == pytest.approx(value, abs=NORMALS_STATS_RESOLUTION / 2 + 0.01)
         else:
             assert again[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert objective.score_from_stats(stats.sum(0)) == pytest.approx(objective.score(metrics), rel=1e-9)
     assert 0 < metrics["semseg/mIoU"] < 1 and 0 < metrics["edge/odsF"] < 1 and metrics["depth/rmse"] > 0
     # The loss is the mean of the per-image losses: the same for any evaluation batch size.
     assert objective.metrics(model, _batches(test, 1))["loss"] == pytest.approx(metrics["loss"], rel=1e-9)

@@ -224,6 +224,10 @@ class DenseObjective(Objective):
         """−weighted loss (model selection on validation, and ``ftn sweep``'s dense score)."""
         return -metrics["loss"]
 
+    def score_from_stats(self, total: np.ndarray) -> float:
+        # The loss columns only: the bootstrap need not recompute every meter (BSDS's ODS search).
+        return -float(total[0]) / max(float(total[1]), 1.0)
+
 
 def _head_kwargs(m: DenseModelConfig) -> dict[str, int]:
     return {"aspp_channels": m.aspp_channels, "low_channels": m.low_channels, "decoder_channels": m.decoder_channels}

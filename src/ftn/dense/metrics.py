@@ -10,6 +10,12 @@ dataset* (never a mean of per-image values), as the reference evaluation code do
 returned as fractions in [0, 1] (multiply by 100 for the usual tables); angles in degrees.
 Accumulators keep their sums on the CPU in float64/int64, so long evaluations do not lose
 precision, and accept tensors on any device.
+
+Per-image statistics: every meter's ``image_stats(pred, target)`` returns one row per image
+(``stats_width()`` columns) whose column sums are exactly what ``update`` adds to the meter (it
+is implemented through them), and ``from_stats(total)`` gives ``compute()``'s result for the
+images whose rows sum to ``total``. So a bootstrap can resample images and recompute the
+dataset-level metrics (``ftn sweep``'s paired intervals).
 """
 
 from __future__ import annotations
@@ -200,8 +206,12 @@ class SegmentationMeter:
     def reset(self) -> None:
         self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
 
+    def stats_width(self) -> int:
+        return self.num_classes * self.num_classes
+
     @torch.no_grad()
-    def update(self, pred: Tensor, target: Tensor) -> None:
+    def image_stats(self, pred: Tensor, target: Tensor) -> np.ndarray:
+        """Each image's confusion matrix, flattened: an int64 array (N, C²)."""
         t = _map_shape(target, "target")
         p, c = pred, self.num_classes
         # Scores carry a class axis of length C: (N, C, H, W), or (C, H, W) for one image.
@@ -213,13 +223,26 @@ class SegmentationMeter:
         if p.shape != t.shape:
             raise ShapeError(f"prediction {tuple(pred.shape)} does not match target {tuple(target.shape)}")
         t = t.long()
+        n = t.shape[0]
         valid = t != self.ignore_index
+        image = torch.arange(n, device=t.device).view(n, 1, 1).expand_as(t)[valid]
         t, p = t[valid], p[valid].long()
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c):
             raise DataError(f"target label outside 0..{c - 1} (and not {self.ignore_index}): {int(t.max())}")
         if p.numel() and (int(p.min()) < 0 or int(p.max()) >= c):
             raise DataError(f"predicted label outside 0..{c - 1}")
-        self.confusion += torch.bincount(t * c + p, minlength=c * c).reshape(c, c).cpu()
+        return torch.bincount((image * c + t) * c + p, minlength=n * c * c).reshape(n, c * c).cpu().numpy()
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        c = self.num_classes
+        self.confusion += torch.from_numpy(self.image_stats(pred, target).sum(0)).reshape(c, c)
+
+    def from_stats(self, total: np.ndarray) -> dict[str, float | list[float]]:
+        """:meth:`compute` of the images whose :meth:`image_stats` rows sum to ``total``."""
+        meter = SegmentationMeter(self.num_classes, self.ignore_index, self.average)
+        meter.confusion = torch.from_numpy(np.rint(np.asarray(total, dtype=np.float64)).astype(np.int64)).reshape(
+            self.num_classes, self.num_classes)
+        return meter.compute()
 
     def compute(self) -> dict[str, float | list[float]]:
         """``{"mIoU", "pixel_acc", "iou": per-class list (NaN where undefined)}``."""
@@ -264,19 +287,46 @@ class DepthMeter:
         self.sq = self.abs = self.rel = self.log_sq = 0.0
         self.delta1 = 0
 
+    #: Columns of :meth:`image_stats`.
+    STATS = ("n", "sq", "abs", "rel", "log_sq", "delta1")
+
+    def stats_width(self) -> int:
+        return len(self.STATS)
+
     @torch.no_grad()
-    def update(self, pred: Tensor, target: Tensor) -> None:
+    def image_stats(self, pred: Tensor, target: Tensor) -> np.ndarray:
+        """Per image (float64, N × 6): valid pixels, Σ err², Σ |err|, Σ |err|/d*, Σ (log d − log d*)²
+        and the count with ``max(d/d*, d*/d) < 1.25``, over the image's valid pixels."""
         p, t = _same_maps(pred, target)
+        p, t = p.double(), t.double()
         valid = (t > 0) & torch.isfinite(t)
-        p, t = p[valid].double(), t[valid].double()
+        one = torch.ones((), dtype=torch.float64, device=t.device)
+        t = torch.where(valid, t, one)  # invalid pixels: prediction = target = 1, no error
+        p = torch.where(valid, p, one)
         err = p - t
         pc = p.clamp_min(1e-9)
-        self.n += int(t.numel())
-        self.sq += float((err * err).sum())
-        self.abs += float(err.abs().sum())
-        self.rel += float((err.abs() / t).sum())
-        self.log_sq += float(((pc.log() - t.log()) ** 2).sum())
-        self.delta1 += int((torch.maximum(pc / t, t / pc) < 1.25).sum())
+        dims = (1, 2)
+        rows = torch.stack([valid.sum(dims).double(), (err * err).sum(dims), err.abs().sum(dims),
+                            (err.abs() / t).sum(dims), ((pc.log() - t.log()) ** 2).sum(dims),
+                            ((torch.maximum(pc / t, t / pc) < 1.25) & valid).sum(dims).double()], dim=1)
+        return rows.cpu().numpy()
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        self._add(self.image_stats(pred, target).sum(0))
+
+    def _add(self, total: np.ndarray) -> None:
+        self.n += int(round(float(total[0])))
+        self.sq += float(total[1])
+        self.abs += float(total[2])
+        self.rel += float(total[3])
+        self.log_sq += float(total[4])
+        self.delta1 += int(round(float(total[5])))
+
+    def from_stats(self, total: np.ndarray) -> dict[str, float]:
+        """:meth:`compute` of the images whose :meth:`image_stats` rows sum to ``total``."""
+        meter = DepthMeter()
+        meter._add(np.asarray(total, dtype=np.float64))
+        return meter.compute()
 
     def compute(self) -> dict[str, float]:
         """``{"rmse", "abs_rel", "mae", "log_rmse", "delta1", "n_valid"}``."""
@@ -332,24 +382,65 @@ class NormalsMeter:
         self.hist = torch.zeros(self.n_bins, dtype=torch.int64)
         self.angles: list[Tensor] = []
 
+    def stats_width(self) -> int:
+        return 3 + len(self.THRESHOLDS) + (self.n_bins if self.median_mode == "histogram" else 0)
+
     @torch.no_grad()
-    def update(self, pred: Tensor, target: Tensor) -> None:
+    def _angles(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Angles (N, H, W) in degrees and the valid mask."""
         p, t = _vector_maps(pred, target)
         valid = t.norm(dim=1) > 0
         cos = (F.normalize(p.double(), dim=1, eps=1e-12) * F.normalize(t.double(), dim=1, eps=1e-12)).sum(dim=1)
-        ang = torch.rad2deg(torch.acos(cos[valid].clamp(-1.0, 1.0)))
-        self.n += int(ang.numel())
-        self.sum += float(ang.sum())
-        self.sum_sq += float((ang * ang).sum())
-        for i, thr in enumerate(self.THRESHOLDS):
-            self.within[i] += int((ang < thr).sum())
+        return torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0))), valid
+
+    def _stats(self, ang: Tensor, valid: Tensor) -> np.ndarray:
+        n = ang.shape[0]
+        a = torch.where(valid, ang, torch.zeros((), dtype=ang.dtype, device=ang.device))
+        dims = (1, 2)
+        cols = [valid.sum(dims).double(), a.sum(dims), (a * a).sum(dims)]
+        cols += [((ang < thr) & valid).sum(dims).double() for thr in self.THRESHOLDS]
+        rows = torch.stack(cols, dim=1).cpu().numpy()
         if self.median_mode == "exact":
-            self.angles.append(ang.cpu())
-        else:
-            idx = (ang / self.resolution).long().clamp_(0, self.n_bins - 1)
-            self.hist += torch.bincount(idx, minlength=self.n_bins).cpu()
+            return rows
+        image = torch.arange(n, device=ang.device).view(n, 1, 1).expand_as(ang)[valid]
+        idx = (ang[valid] / self.resolution).long().clamp_(0, self.n_bins - 1)
+        hist = torch.bincount(image * self.n_bins + idx, minlength=n * self.n_bins).reshape(n, self.n_bins)
+        return np.concatenate([rows, hist.double().cpu().numpy()], axis=1)
+
+    def image_stats(self, pred: Tensor, target: Tensor) -> np.ndarray:
+        """Per image (float64): valid pixels, Σ θ, Σ θ², the count under each threshold and, with
+        ``median="histogram"``, the image's histogram of θ in ``resolution_deg`` bins (the
+        median of the summed histogram is the meter's). ``median="exact"`` has no histogram
+        columns: :meth:`from_stats` then gives NaN for the median."""
+        return self._stats(*self._angles(pred, target))
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        ang, valid = self._angles(pred, target)
+        self._add(self._stats(ang, valid).sum(0))
+        if self.median_mode == "exact":
+            self.angles.append(ang[valid].cpu())
+
+    def _add(self, total: np.ndarray) -> None:
+        k = len(self.THRESHOLDS)
+        self.n += int(round(float(total[0])))
+        self.sum += float(total[1])
+        self.sum_sq += float(total[2])
+        for i in range(k):
+            self.within[i] += int(round(float(total[3 + i])))
+        if self.median_mode == "histogram":
+            self.hist += torch.from_numpy(np.rint(total[3 + k:]).astype(np.int64))
+
+    def from_stats(self, total: np.ndarray) -> dict[str, float]:
+        """:meth:`compute` of the images whose :meth:`image_stats` rows sum to ``total``."""
+        meter = NormalsMeter("histogram", self.resolution)
+        if self.median_mode == "exact":
+            meter.median_mode = "unknown"  # no histogram in the statistics: the median is NaN
+        meter._add(np.asarray(total, dtype=np.float64))
+        return meter.compute()
 
     def _median(self) -> float:
+        if self.median_mode == "unknown":
+            return float("nan")
         if self.median_mode == "exact":
             return float(np.median(torch.cat(self.angles).numpy()))
         cum = self.hist.cumsum(0)
@@ -763,8 +854,14 @@ class EdgeMeter:
             n_match[:live] = _match_counts(map_id, pix, live, gt, self.radius(h, w))
         return n_match, n_pred, int(gt.sum())
 
+    def stats_width(self) -> int:
+        return 2 * self.thresholds.size + 4
+
     @torch.no_grad()
-    def update(self, pred: Tensor, target: Tensor) -> None:
+    def image_stats(self, pred: Tensor, target: Tensor) -> np.ndarray:
+        """Per image (float64, N × (2K + 4)): ``M_t`` and ``|E_t|`` at each of the K thresholds,
+        ``|G|``, then ``M``, ``|E|``, ``|G|`` at the image's own best threshold (oisF's counts:
+        per image, so they sum like the others)."""
         p, t = _same_maps(pred, target)
         p = p.detach().float().cpu()
         t = t.detach().cpu()
@@ -772,15 +869,32 @@ class EdgeMeter:
             raise DataError("edge predictions must be probabilities in [0, 1] (apply sigmoid to logits)")
         if self.nms:
             p = edge_nms(p)
+        rows = np.zeros((p.shape[0], self.stats_width()), dtype=np.float64)
         for i in range(p.shape[0]):
             n_match, n_pred, n_gt = self.image_counts(p[i].double(), t[i])
-            self.n_match += n_match
-            self.n_pred += n_pred
-            self.n_gt += n_gt
             f = _f_measure(_ratio(n_match, n_pred), _ratio(n_match, np.full_like(n_match, n_gt)))
             b = int(np.flatnonzero(f == f.max())[-1])  # BSDS: ff = find(F == max(F)); ff(end)
-            self.ois += np.array([n_match[b], n_pred[b], n_gt])
-            self.n_images += 1
+            rows[i] = np.concatenate([n_match, n_pred, [n_gt, n_match[b], n_pred[b], n_gt]])
+        return rows
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        rows = self.image_stats(pred, target)
+        self._add(rows.sum(0))
+        self.n_images += rows.shape[0]
+
+    def _add(self, total: np.ndarray) -> None:
+        k = self.thresholds.size
+        counts = np.rint(np.asarray(total, dtype=np.float64)).astype(np.int64)
+        self.n_match += counts[:k]
+        self.n_pred += counts[k:2 * k]
+        self.n_gt += int(counts[2 * k])
+        self.ois += counts[2 * k + 1:]
+
+    def from_stats(self, total: np.ndarray) -> dict[str, float | list[float]]:
+        """:meth:`compute` of the images whose :meth:`image_stats` rows sum to ``total``."""
+        meter = EdgeMeter(self.thresholds, self.max_dist, self.tolerance_px, self.ignore_index, self.nms, self.thin)
+        meter._add(total)
+        return meter.compute()
 
     def _interpolated_best(self, p: np.ndarray, r: np.ndarray) -> tuple[float, float, float, float]:
         """BSDS's ``maxF``: the first maximum of F over the thresholds and 100 linear steps

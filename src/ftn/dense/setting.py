@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
@@ -47,10 +48,13 @@ from .model import DenseHeads, build_encoder, build_head
 from .nyud import IMAGENET_MEAN, IMAGENET_STD, TASKS, JointCompose, NYUDMultiTask, RandomCrop, RandomHorizontalFlip, RandomScale, Resize
 
 __all__ = ["DenseDataConfig", "DenseModelConfig", "DenseSetting", "DenseObjective", "DenseTask", "TASK_SPECS",
-           "MAIN_METRICS", "JOINT", "compare", "task_loss", "dense_adapter_info"]
+           "MAIN_METRICS", "JOINT", "NORMALS_STATS_RESOLUTION", "compare", "task_loss", "dense_adapter_info"]
 
 #: The name of the one training task of ``data.joint=true``.
 JOINT = "all"
+#: Bin width (degrees) of the per-image normals histograms of :meth:`DenseObjective.example_stats`:
+#: the median angle recomputed from them is within 0.25° of the exact one (the other metrics exact).
+NORMALS_STATS_RESOLUTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,9 @@ class DenseTask:
     reported: tuple[str, ...]  # metrics kept in results (curves and per-class lists are dropped)
     main: str  # the headline metric, the one Δm averages over
     probabilities: bool = False  # the meter wants sigmoid(output), not logits
+    # The meter whose per-image statistics ``ftn sweep`` keeps (None: ``meter``); the normals
+    # meter's 0.01° median histogram would be 18,000 columns per image, so it keeps 0.5° bins.
+    stats_meter: Callable[[int, Any], Any] | None = None
 
 
 TASK_SPECS: dict[str, DenseTask] = {
@@ -71,7 +78,8 @@ TASK_SPECS: dict[str, DenseTask] = {
                         ("mIoU", "pixel_acc"), "mIoU"),
     "depth": DenseTask(lambda p, t, d: depth_loss(p, t), lambda c, d: DepthMeter(), ("rmse", "abs_rel"), "rmse"),
     "normals": DenseTask(lambda p, t, d: normals_loss(p, t, kind=d.normals_loss), lambda c, d: NormalsMeter(),
-                         ("mean_angle", "median_angle", "within_11.25", "within_22.5", "within_30"), "mean_angle"),
+                         ("mean_angle", "median_angle", "within_11.25", "within_22.5", "within_30"), "mean_angle",
+                         stats_meter=lambda c, d: NormalsMeter(resolution_deg=NORMALS_STATS_RESOLUTION)),
     "edge": DenseTask(lambda p, t, d: edge_loss(p, t, pos_weight=d.edge_pos_weight),
                       lambda c, d: EdgeMeter(d.edge_thresholds, d.edge_max_dist, d.edge_tolerance_px,
                                              nms=d.edge_nms),
@@ -124,7 +132,14 @@ def task_loss(task: str, pred: Tensor, batch: Mapping[str, Tensor], d: DenseData
 
 
 class DenseObjective(Objective):
-    """Batches are NYUD sample dicts; the model returns ``{task: map}`` for its ``tasks``."""
+    """Batches are NYUD sample dicts; the model returns ``{task: map}`` for its ``tasks``.
+
+    The reported ``loss`` is the mean over images of each image's weighted loss Σ_t w_t L_t (the
+    same for any evaluation batch size); the other metrics are the meters' dataset-level ones.
+    :meth:`example_stats` keeps, per image, its weighted loss and every meter's per-image
+    statistics (:mod:`ftn.dense.metrics`), so the metrics can be recomputed for any resample of
+    the images: exactly, except the median normal angle (0.5° histogram bins there).
+    """
 
     def __init__(self, tasks: Iterable[str], num_classes: int, d: DenseDataConfig) -> None:
         self.tasks = tuple(tasks)
@@ -138,27 +153,80 @@ class DenseObjective(Objective):
         return sum(float(self.d.loss_weights.get(t, 1.0)) * task_loss(t, out[t].float(), batch, self.d)
                    for t in self.tasks)  # type: ignore[return-value]
 
+    def _image_losses(self, out: Mapping[str, Tensor], batch: Any) -> np.ndarray:
+        """Each image's weighted loss (its own valid pixels only)."""
+        return np.array([float(self._loss({t: out[t][i:i + 1] for t in self.tasks},
+                                          {t: batch[t][i:i + 1] for t in self.tasks}))
+                         for i in range(len(batch["image"]))], dtype=np.float64)
+
     def loss(self, model: TaskModel, batch: Any) -> Tensor:
         return self._loss(model(batch["image"]), batch)
 
-    def metrics(self, model: TaskModel, batches: Iterable[Any]) -> dict[str, float]:
-        meters = {t: TASK_SPECS[t].meter(self.num_classes, self.d) for t in self.tasks}
-        loss, n = 0.0, 0
+    def _meters(self, stats: bool = False) -> dict[str, Any]:
+        specs = {t: TASK_SPECS[t] for t in self.tasks}
+        return {t: ((s.stats_meter if stats and s.stats_meter else s.meter)(self.num_classes, self.d))
+                for t, s in specs.items()}
+
+    def _evaluate(self, model: TaskModel, batches: Iterable[Any],
+                  each: Callable[[np.ndarray, dict[str, tuple[Tensor, Tensor]]], None]) -> None:
+        """For each batch: ``each(per-image losses, {task: (meter input, target)})``."""
         for batch in batches:
             out = model(batch["image"])
-            loss += float(self._loss(out, batch)) * len(batch["image"])
-            n += len(batch["image"])
+            pairs = {}
             for t in self.tasks:
                 pred = out[t].float()
-                meters[t].update((torch.sigmoid(pred) if TASK_SPECS[t].probabilities else pred).cpu(), batch[t].cpu())
-        result = {"loss": loss / max(n, 1)}
+                pairs[t] = ((torch.sigmoid(pred) if TASK_SPECS[t].probabilities else pred).cpu(), batch[t].cpu())
+            each(self._image_losses(out, batch), pairs)
+
+    def _result(self, loss: float, values: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+        result = {"loss": loss}
         for t in self.tasks:
-            values = meters[t].compute()
-            result.update({f"{t}/{k}": float(values[k]) for k in TASK_SPECS[t].reported})
+            result.update({f"{t}/{k}": float(values[t][k]) for k in TASK_SPECS[t].reported})
         return result
 
+    def metrics(self, model: TaskModel, batches: Iterable[Any]) -> dict[str, float]:
+        meters = self._meters()
+        losses: list[np.ndarray] = []
+
+        def each(loss: np.ndarray, pairs: dict[str, tuple[Tensor, Tensor]]) -> None:
+            losses.append(loss)
+            for t, (pred, target) in pairs.items():
+                meters[t].update(pred, target)
+
+        self._evaluate(model, batches, each)
+        loss = np.concatenate(losses) if losses else np.zeros(0)
+        return self._result(float(loss.sum()) / max(loss.size, 1), {t: m.compute() for t, m in meters.items()})
+
+    def example_stats(self, model: TaskModel, batches: Iterable[Any]) -> np.ndarray:
+        """One row per image: (weighted loss, 1), then each task's meter statistics in
+        ``tasks`` order (semseg: the C × C confusion matrix; depth: 6 sums; normals: 6 sums and
+        a 0.5° angle histogram; edge: BSDS counts at every threshold and at the image's best)."""
+        meters = self._meters(stats=True)
+        rows: list[np.ndarray] = []
+
+        def each(loss: np.ndarray, pairs: dict[str, tuple[Tensor, Tensor]]) -> None:
+            cols = [loss[:, None], np.ones((loss.size, 1))]
+            cols += [np.asarray(meters[t].image_stats(p, y), dtype=np.float64) for t, (p, y) in pairs.items()]
+            rows.append(np.concatenate(cols, axis=1))
+
+        self._evaluate(model, batches, each)
+        return np.concatenate(rows) if rows else np.zeros((0, 2 + sum(m.stats_width() for m in meters.values())))
+
+    def metrics_from_stats(self, total: np.ndarray) -> dict[str, float]:
+        meters = self._meters(stats=True)
+        values, start = {}, 2
+        for t, m in meters.items():
+            values[t] = m.from_stats(total[start:start + m.stats_width()])
+            start += m.stats_width()
+        return self._result(float(total[0]) / max(float(total[1]), 1.0), values)
+
     def score(self, metrics: dict[str, float]) -> float:
+        """−weighted loss (model selection on validation, and ``ftn sweep``'s dense score)."""
         return -metrics["loss"]
+
+    def score_from_stats(self, total: np.ndarray) -> float:
+        # The loss columns only: the bootstrap need not recompute every meter (BSDS's ODS search).
+        return -float(total[0]) / max(float(total[1]), 1.0)
 
 
 def _head_kwargs(m: DenseModelConfig) -> dict[str, int]:

@@ -64,6 +64,11 @@ class Objective:
         """The metrics of the examples whose :meth:`example_stats` rows sum to ``total``."""
         raise NotImplementedError
 
+    def score_from_stats(self, total: np.ndarray) -> float:
+        """``score(metrics_from_stats(total))`` (what a bootstrap replicate needs); an objective
+        may override it with a shortcut that gives the same value."""
+        return float(self.score(self.metrics_from_stats(total)))
+
 
 class Classify(Objective):
     """Batches ``(*inputs, labels)``: cross-entropy, top-1 accuracy in %."""

@@ -460,7 +460,7 @@ def _compare(ref: dict[str, Any], other: dict[str, Any], replicates: int) -> Int
         objectives = _objectives(a[0].cfg, list(sa[0]))
 
         def score(task: str, total: np.ndarray) -> float:
-            return float(objectives[task].score(objectives[task].metrics_from_stats(total)))
+            return objectives[task].score_from_stats(total)
 
         return paired_bootstrap(sa, sb, score, replicates=replicates)  # type: ignore[arg-type]
     return paired_t_interval([ref["scores"][s] for s in seeds], [other["scores"][s] for s in seeds])
@@ -532,7 +532,7 @@ def _axis_comparisons(groups: dict[tuple[str, str], dict[str, Any]], info: dict[
 
 # ----------------------------------------------------------------------------- table and plot
 _SCORE = {"classification": "top-1 accuracy (%), mean over tasks", "text": "accuracy (%), mean over tasks",
-          "dense": "−weighted test loss, mean over tasks (higher is better)"}
+          "dense": "−weighted test loss (mean over images), mean over tasks (higher is better)"}
 
 
 def _params(n: float) -> str:

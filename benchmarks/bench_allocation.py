@@ -30,8 +30,14 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.01, 0.05])
     parser.add_argument("--allocations", nargs="+", default=["uniform", "auto"])
     parser.add_argument("--image", default=None, help="where to write the rank-by-depth picture")
+    parser.add_argument("--from-sweep", default=None,
+                        help="draw the picture from a budget sweep's runs (its seed-0 allocation.json files) "
+                             "instead of training: the folder given to `ftn sweep --output`")
     parser.add_argument("overrides", nargs="*", help="more key=value overrides")
     args = parser.parse_args()
+    if args.from_sweep:
+        plot(sweep_rows(Path(args.from_sweep)), Path(args.image or "allocation.png"))
+        return
     out = Path(args.out)
     rows = []
     for budget in args.budgets:
@@ -55,6 +61,20 @@ def main() -> None:
                                                             indent=1))
     if args.image:
         plot(rows, Path(args.image))
+
+
+def sweep_rows(folder: Path, seed: int = 0) -> list[dict]:
+    """Rows for :func:`plot` from a ``ftn sweep --grid method.budget=... --grid
+    method.budget_allocation=...`` output: each grid point's run of ``seed``, every task's
+    ``allocation.json``."""
+    rows = []
+    for run in sorted((folder / "runs").glob(f"*/*/lr*/seed{seed}")):
+        config = json.loads((run / "config.json").read_text())
+        alloc = {t.parent.name: json.loads(t.read_text()) for t in sorted(run.glob("*/allocation.json"))}
+        if alloc:
+            rows.append({"budget": config["method"]["budget"], "allocation": config["method"]["budget_allocation"],
+                         "alloc": alloc})
+    return rows
 
 
 def plot(rows: list[dict], path: Path) -> None:

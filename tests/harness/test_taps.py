@@ -107,3 +107,23 @@ def test_demo_runs_taps_and_partial_unfreezing(tmp_path):
     assert set(results["methods"]["taps"]["method_info"]["tasks"]) == {"mnist", "fashion", "animal", "optdigits"}
     table = (out / "table.md").read_text()
     assert "| TAPS |" in table and "| FTN + last block unfrozen |" in table
+
+
+def test_score_lr_gives_the_scores_their_own_adamw_group_so_gates_can_close_in_a_short_run(tmp_path):
+    """Under AdamW a score moves by about its learning rate per step: at a fine-tuning rate no gate
+    closes in a short run; with `method.taps.score_lr` the scores get their own rate and do."""
+    adamw = dict(optimizer="adamw", lr=1e-3, grad_clip=None, weight_decay=0.0, max_steps=10)
+    slow = tiny_method("taps", taps=TAPSConfig(penalty=1.0))
+    run(tmp_path / "slow", method=slow, train=TrainConfig(**adamw))
+    assert all(g.active for g in gates(slow).values())  # 10 steps × ~1e-3 cannot reach τ from 2τ
+
+    fast = tiny_method("taps", taps=TAPSConfig(penalty=1.0, score_lr=0.05))
+    task = fast.add_task("d", torch.nn.Linear(16, 3))
+    scores = {id(g.score) for g in gates(fast).values()}
+    assert [{id(p) for p in g["params"]} for g in task.extra_groups] == [scores]
+    assert not scores & {id(p) for p in task.body_params} and scores <= {id(p) for p in task.parameters}
+    run(tmp_path / "fast", method=fast, train=TrainConfig(**adamw))  # trains the task "d" added above
+    assert not all(g.active for g in gates(fast).values())  # the penalty closed some gates
+    assert fast.info()["score_lr"] == 0.05
+    with pytest.raises(ConfigError, match="score_lr"):
+        TAPSConfig(score_lr=0.0)

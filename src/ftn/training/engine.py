@@ -164,9 +164,11 @@ def _lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 
 def _optimizer(model: TaskModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Two parameter groups: the body at ``lr``, the head at ``head_lr``."""
+    """Parameter groups: the body at ``lr``, the head at ``head_lr``, and the task model's
+    ``extra_groups`` at their own rates (all follow the same schedule)."""
     groups = [g for g in ({"params": model.body_params, "lr": cfg.lr},
-                          {"params": model.head_params, "lr": cfg.head_lr or cfg.lr}) if g["params"]]
+                          {"params": model.head_params, "lr": cfg.head_lr or cfg.lr},
+                          *({"params": g["params"], "lr": g["lr"]} for g in model.extra_groups)) if g["params"]]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -56,10 +56,16 @@ class TAPSConfig:
     tau: float = 0.1
     penalty: float = 1.0  # λ in λ·Σ_l (n_l / N)·1[s_l ≥ τ]
     init_score: float | None = None
+    # The scores' own learning rate (None: train.lr, as the weights). Under AdamW a score moves by
+    # about its learning rate per step, so with s₀ = 2τ a gate can only close after ~τ / lr steps:
+    # a short schedule at a fine-tuning rate closes none (the embedded sweep's TAPS kept 52/52 on).
+    score_lr: float | None = None
 
     def __post_init__(self) -> None:
         if not self.tau > 0:
             raise ConfigError(f"method.taps.tau must be > 0, got {self.tau!r}")
+        if self.score_lr is not None and not self.score_lr > 0:
+            raise ConfigError(f"method.taps.score_lr must be > 0 (or null), got {self.score_lr!r}")
         if not self.penalty >= 0:
             raise ConfigError(f"method.taps.penalty must be >= 0, got {self.penalty!r}")
 
@@ -92,7 +98,9 @@ class MethodConfig:
 
 class TaskModel:
     """One task's model as the engine sees it. ``regularizer``, when set, is a term the engine
-    adds to every training loss (TAPS's sparsity penalty)."""
+    adds to every training loss (TAPS's sparsity penalty). ``extra_groups`` are optimizer groups
+    of their own (``{"params": [...], "lr": float}``, e.g. TAPS's scores), beside the body and
+    head groups; their parameters are in neither of those lists."""
 
     def __init__(self, name: str, forward: Callable[..., Any], module: nn.Module,
                  body_params: list[nn.Parameter], head_params: list[nn.Parameter],
@@ -107,6 +115,7 @@ class TaskModel:
         self.batchnorms = batchnorms
         self._frozen_modules = list(frozen_modules)
         self.regularizer = regularizer
+        self.extra_groups: list[dict[str, Any]] = []
 
     def __call__(self, *inputs: Any) -> Any:
         return self.forward(*inputs)
@@ -121,7 +130,7 @@ class TaskModel:
 
     @property
     def parameters(self) -> list[nn.Parameter]:
-        return self.body_params + self.head_params
+        return self.body_params + self.head_params + [p for g in self.extra_groups for p in g["params"]]
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters)
@@ -362,6 +371,10 @@ class TAPSMethod(FTNMethod):
         self.model.add_task(name, head=head.to(self.device), gate={"tau": taps.tau, "init_score": taps.init_score})
         task = self._task_model(name)
         task.regularizer = lambda: taps.penalty * self.gated_fraction(name)
+        if taps.score_lr is not None:
+            scores = {id(g.score) for g in self.gates(name).values()}
+            task.extra_groups.append({"params": [p for p in task.body_params if id(p) in scores], "lr": taps.score_lr})
+            task.body_params = [p for p in task.body_params if id(p) not in scores]
         return task
 
     def gates(self, name: str) -> dict[str, GatedDelta]:
@@ -386,7 +399,8 @@ class TAPSMethod(FTNMethod):
             tasks[name] = {"adapted_layers": len(on), "gated_layers": len(gates),
                            "adapted_parameters": sum(gates[ln].num_params() for ln in on),
                            "delta_parameters": report.tasks[name].delta}
-        return {"tau": self.cfg.taps.tau, "penalty": self.cfg.taps.penalty, "tasks": tasks}
+        return {"tau": self.cfg.taps.tau, "penalty": self.cfg.taps.penalty, "score_lr": self.cfg.taps.score_lr,
+                "tasks": tasks}
 
 
 @register

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .cp import max_efficient_rank
+from .cp import cp_num_params, max_efficient_rank
 from .errors import ConfigError
 
 __all__ = [
@@ -65,7 +65,8 @@ def layer_capacities(model: Any) -> dict[str, int]:
 
 
 def _costs(model: Any) -> dict[str, int]:
-    return {name: int(sum(layer.modes)) for name, layer in model.adapted_layers().items()}
+    """What keeping one rank-1 component costs per layer: Σ_k d_k."""
+    return {name: cp_num_params(layer.modes, 1) for name, layer in model.adapted_layers().items()}
 
 
 def delta_parameters(model: Any, ranks: Mapping[str, int]) -> int:

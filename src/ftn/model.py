@@ -367,7 +367,7 @@ class FTNModel(nn.Module):
 
     def parameter_report(self) -> ParameterReport:
         """Parameter accounting: shared backbone, per-task ΔW / norms / head, and the paper's total."""
-        backbone = sum(t.numel() for t in self.frozen_tensors().values() if isinstance(t, nn.Parameter))
+        backbone = allocation.backbone_parameters(self)
         layers = self.adapted_layers()
         norms = self.task_norm_layers()
         per_task = {}

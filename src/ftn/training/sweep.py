@@ -471,12 +471,12 @@ def _summarize(groups: dict[tuple[str, str], dict[str, Any]], spec: SweepSpec) -
     info = {}
     for (m, name), g in groups.items():
         by_seed = {r.seed: r for r in g["chosen"]}
-        scores = {s: float(np.mean([t["score"] for t in json.loads((r.folder / "test.json").read_text()).values()]))
-                  for s, r in by_seed.items()}
+        tests = {s: json.loads((r.folder / "test.json").read_text()) for s, r in by_seed.items()}
+        scores = {s: float(np.mean([t["score"] for t in test.values()])) for s, test in tests.items()}
         per_task: dict[str, list[float]] = {}
         per_metric: dict[str, dict[str, list[float]]] = {}  # task → metric → one value per seed
-        for r in by_seed.values():
-            for t, v in json.loads((r.folder / "test.json").read_text()).items():
+        for test in tests.values():
+            for t, v in test.items():
                 per_task.setdefault(t, []).append(v["score"])
                 for k, x in v["metrics"].items():
                     if isinstance(x, (int, float)):

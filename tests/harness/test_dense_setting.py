@@ -114,6 +114,23 @@ def test_full_fine_tuning_per_task_and_joint(scenes: Path, tmp_path: Path) -> No
     assert method.stored_parameters() == sum(p.numel() for p in task.module.parameters())
 
 
+def test_lora_trains_the_dense_decoders_and_saves_their_buffers(scenes: Path, tmp_path: Path) -> None:
+    """PEFT refuses a ModuleDict in ``modules_to_save``: the dense head (one decoder per task) is
+    left trainable instead, and its BatchNorm statistics go into the task's state."""
+    pytest.importorskip("peft")
+    cfg = _tiny(scenes, tmp_path, "method.name=lora")
+    setting, method = build(cfg, torch.device("cpu"))
+    task, result = _train(cfg, setting, method, "semseg", tmp_path)
+    assert result.steps == 2 and task.head_params and all(p.requires_grad for p in task.head_params)
+    backbone = {n for n, p in task.module.named_parameters() if p.requires_grad and ".head." not in n}
+    assert backbone and all("lora_" in n or "modules_to_save" in n for n in backbone)
+    state = task.state_dict()
+    assert any(".head." in k and k.endswith("running_mean") for k in state)  # decoder BN statistics
+    head = task.module.get_base_model().head
+    assert any(not torch.equal(v, head.state_dict()[k]) for k, v in setting.head(setting.data("semseg")).state_dict().items()
+               if v.is_floating_point())  # the decoder moved
+
+
 def test_three_methods_delta_m_and_parameters(scenes: Path, tmp_path: Path) -> None:
     variants = {"single": ["method.name=full"], "mtl": ["method.name=full", "data.joint=true"],
                 "ftn": ["method.name=ftn"]}

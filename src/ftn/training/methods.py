@@ -487,15 +487,22 @@ class LoRAMethod(Method):
 
         module = WithHead(copy.deepcopy(self.pretrained), head)
         norms = [n for n, m in module.backbone.named_modules(prefix="backbone") if is_norm(m)]
+        # PEFT's modules_to_save refuses containers (the dense setting's head is a ModuleDict of
+        # decoders). The head is this task's own module anyway, so a container is simply left
+        # trainable, and its buffers (decoder BatchNorms) are saved with the task.
+        own_head = isinstance(head, (nn.ModuleDict, nn.ModuleList))
         config = peft.LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha,
                                  target_modules=lora_targets(module.backbone, "backbone."),
-                                 modules_to_save=norms + ["head"])
+                                 modules_to_save=norms + ([] if own_head else ["head"]))
         model = peft.get_peft_model(module, config).to(self.device)
+        if own_head:
+            model.get_base_model().head.requires_grad_(True)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
         def live_state() -> dict[str, Tensor]:
             state = {n: p for n, p in model.named_parameters() if p.requires_grad}
-            state.update({n: b for n, b in model.named_buffers() if "modules_to_save" in n})
+            state.update({n: b for n, b in model.named_buffers()
+                          if "modules_to_save" in n or (own_head and ".head." in n)})
             return state
 
         task = TaskModel(

@@ -5,9 +5,11 @@ validation split for choosing the learning rate).
 - ``multidomain``: :func:`ftn.demo.demo_config` (the embedded benchmark has a validation split).
 - ``dense``: :func:`ftn.dense.demo.dense_demo_config` on the demo's rendered scenes; the last
   20 % of the training scenes are held out as the validation split (``sweep_val``), the demo's
-  test split (NYUD's ``val``) stays the test split. ``full`` uses the single-task variant's rate.
+  test split (NYUD's ``val``) stays the test split. ``full`` and ``taps`` use the single-task
+  variant's rate.
 - ``text``: :func:`ftn.text.demo.text_demo_config` with the file's validation split
-  (``data.val_limit``: 200 examples per task, 32 with ``--quick``).
+  (``data.val_limit``: 200 examples per task, 32 with ``--quick``); ``taps`` uses full
+  fine-tuning's rate.
 
 Each method starts from its own learning rate (the demos' hand-set rates; for a YAML file,
 :data:`ftn.demo.METHOD_LR` for the methods it lists, else the file's ``train.lr``), which the
@@ -25,6 +27,9 @@ __all__ = ["DEMOS", "demo_base", "config_base", "prepare_dense_scenes"]
 
 DEMOS = ("multidomain", "dense", "text")
 _VAL_FRACTION = 0.2  # dense: training scenes held out for validation
+# Methods whose per-task update is a full-size weight (TAPS's gated δW): they start from full
+# fine-tuning's learning rate, as in :data:`ftn.demo.METHOD_LR`, not from FTN's.
+_DENSE_UPDATES = ("full", "taps")
 
 
 def config_base(path: str | Path, overrides: Sequence[str]) -> Callable[[str], ExperimentConfig]:
@@ -72,13 +77,14 @@ def demo_base(name: str, output: str | Path, quick: bool, overrides: Sequence[st
 
         prepare_dense_scenes(output, quick)
         split = ["data.train_split=sweep_train", "data.val_split=sweep_val"]
-        return lambda method: dense_demo_config(output, "single" if method == "full" else "ftn", quick,
+        return lambda method: dense_demo_config(output, "single" if method in _DENSE_UPDATES else "ftn", quick,
                                                 [f"method.name={method}", *split, *extra])
     if name == "text":
         from .text.demo import VARIANTS, text_demo_config
 
         val = [f"data.val_limit={32 if quick else 200}"]
-        return lambda method: text_demo_config(output, method if method in VARIANTS else "ftn", quick,
+        return lambda method: text_demo_config(output, method if method in VARIANTS else
+                                               "full" if method in _DENSE_UPDATES else "ftn", quick,
                                                [f"method.name={method}", *val, *extra])
     from .errors import ConfigError, did_you_mean
 

@@ -77,6 +77,10 @@ def test_quick_sweep_protocol_rows_resume_and_plot(tmp_path, capsys):
     try:
         assert _sweep(out) == 0
         assert calls == []
+        # Where the runs train is not part of the experiment: a sweep begun on a GPU is finished
+        # on the CPU with its runs reused.
+        assert _sweep(out, "train.device=cpu") == 0
+        assert calls == []
         # A lost results file (a run interrupted after training) is re-run; the others are skipped.
         Path(rows[0]["output"], "results.json").unlink()
         assert _sweep(out) == 0
@@ -255,3 +259,15 @@ def test_a_key_added_to_the_schema_later_does_not_make_an_old_run_another_config
                  default) == ["method.budget"]
     assert _diff(old, {"method": {"name": "ftn", "ftn": {"rank": 4}}, "train": {"lr": 0.1}}, default) == \
         ["method.ftn.rank"]
+
+
+def test_taps_starts_from_full_fine_tunings_rate_in_every_demo(tmp_path, monkeypatch):
+    """TAPS learns a full-size δW per layer, so its LR grid is centred on full fine-tuning's rate
+    (a rate made for rank-8 factors diverges on a transformer's dense updates)."""
+    import ftn.sweep_sources as sources
+
+    monkeypatch.setattr(sources, "prepare_dense_scenes", lambda output, quick: output)
+    for demo in ("multidomain", "dense", "text"):
+        base = sources.demo_base(demo, tmp_path / demo, True, [])
+        assert base("taps").train.lr == base("full").train.lr != base("ftn").train.lr, demo
+        assert base("taps").method.name == "taps"

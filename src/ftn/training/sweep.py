@@ -273,13 +273,16 @@ def _same_config(run: Run) -> None:
         # A key added to the schema after the run was made counts as the same when this run
         # leaves it at its default (the old run had that behaviour).
         default = json.loads(json.dumps(config_to_dict(ExperimentConfig(setting=run.cfg.setting)), default=float))
-        diff = sorted(_diff(old, new, default))[:5]
+        # Where a run trains is not part of the experiment: a sweep started on a GPU can be
+        # finished on the CPU (and the other way round).
+        diff = sorted(d for d in _diff(old, new, default) if d not in _PLACEMENT)[:5]
         if diff:
             raise ConfigError(f"{run.folder} holds a run of another config (differs in {', '.join(diff)}); "
                               "use another --output or remove that folder")
 
 
 _MISSING = object()
+_PLACEMENT = {"train.device"}
 
 
 def _diff(a: Any, b: Any, default: Any = _MISSING, prefix: str = "") -> list[str]:

@@ -191,7 +191,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     logging.getLogger("ftn.train").setLevel(logging.WARNING)
     spec = SweepSpec(base=base, methods=methods, output=output, axes=[parse_axis(a) for a in args.grid],
                      seeds=seeds, lr_grid=parse_lr_grid(args.lr_grid), lr_factors=factors or DEFAULT_LR_FACTORS,
-                     workers=args.workers, reference=args.reference, compare_axis=args.compare_axis, progress=not args.no_progress,
+                     workers=args.workers, reference=args.reference, compare_axis=args.compare_axis,
+                     gain_reference=args.gain_reference, progress=not args.no_progress,
                      command="ftn sweep " + shlex.join(args.argv))
     results = run_sweep(spec)
     print(f"\n{len(results['rows'])} runs ({len(results['trained'])} trained now); results.csv, results.json, "
@@ -258,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="the method compared with every other one (default ftn)")
     p.add_argument("--compare-axis", help="also compare, per method, grid points differing only in this --grid "
                    "axis: its first value against each other value (e.g. method.budget_allocation)")
+    p.add_argument("--gain-reference", metavar="METHOD[POINT]",
+                   help="also report the multi-task gain Δm against this group, e.g. 'full[data.joint=false]' "
+                        "(the single-task networks; dense setting)")
     p.add_argument("--output", default="outputs/sweep", help="folder of the runs and the results")
     p.add_argument("--workers", type=int, default=1, help="training processes (one torch thread each if > 1)")
     p.add_argument("--quick", action="store_true", help="two steps per task on a small slice (CI)")

@@ -111,6 +111,25 @@ def test_resampled_images_give_the_metrics_of_the_resample(scenes: Path) -> None
     assert np.array_equal(seg.confusion.numpy().ravel(), weights @ stats[:, 2:2 + objective.num_classes ** 2])
 
 
+def test_joint_stats_split_into_each_tasks_own_layout(scenes: Path) -> None:
+    """A joint model's rows, split per task, are what each task's own objective gives (the loss
+    column aside), so a joint model and per-task models can be compared image by image."""
+    objective, test, model = _setup(scenes)
+    batches = _batches(test, 2)
+    joint = objective.example_stats(model, batches)
+    metrics = objective.metrics_from_stats(joint.sum(0))
+    split = DenseSetting(apply_overrides(new_config("dense"), [f"data.root={scenes}", "data.edge_tolerance_px=1",
+                                                               "data.joint=true"])).split_example_stats(JOINT, joint)
+    assert list(split) == ["semseg", "depth", "normals", "edge"]
+    for t, rows in split.items():
+        own = DenseObjective((t,), objective.num_classes, objective.d)
+        assert np.isnan(rows[:, 0]).all() and np.array_equal(rows[:, 1:], own.example_stats(model, batches)[:, 1:])
+        for k, v in own.metrics_from_stats(rows.sum(0)).items():
+            if k != "loss":
+                assert v == pytest.approx(metrics[k], rel=1e-12, abs=1e-12), k
+    assert DenseSetting(new_config("dense")).split_example_stats("depth", joint)["depth"] is joint
+
+
 def test_meter_image_stats_edge_cases() -> None:
     """Images with no valid pixel add nothing; an exact-median normals meter has no histogram
     columns (its median from statistics is NaN, the rest exact)."""
@@ -136,11 +155,28 @@ def test_quick_dense_sweep_uses_the_bootstrap(tmp_path: Path) -> None:
     from ftn.cli import main
 
     out = tmp_path / "sweep"
-    assert main(["sweep", "--demo", "dense", "--quick", "--methods", "ftn", "linear", "--seeds", "0", "1",
-                 "--lr-grid", "ftn=1e-3", "linear=1e-3", "--output", str(out), "--no-progress"]) == 0
+    assert main(["sweep", "--demo", "dense", "--quick", "--methods", "ftn", "full", "--seeds", "0", "1",
+                 "--grid", "full:data.joint=false,true", "--gain-reference", "full[data.joint=false]",
+                 "--lr-grid", "ftn=1e-3", "full=1e-3", "--output", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert [c["kind"] for c in results["comparisons"]] == ["bootstrap"]
+    # −loss per task: per-task models compare image by image; the joint model's tasks differ
+    # (one training task), so over seeds.
+    assert [c["kind"] for c in results["comparisons"]] == ["bootstrap", "t over seeds"]
     assert all(c["low"] <= c["high"] for c in results["comparisons"])
+    # Δm against the single-task networks: the reference averages 0 over its seeds; the joint
+    # model's statistics split per task, so every Δm comparison is a bootstrap over images.
+    groups = {g["grid_point"] if g["method"] == "full" else "ftn": g for g in results["groups"]}
+    assert groups["data.joint=false"]["gain"]["mean"] == pytest.approx(0, abs=1e-9)
+    gain = results["gain"]
+    assert gain["reference"] == "full[data.joint=false]" and set(gain["metrics"]) == {"semseg", "depth", "normals", "edge"}
+    assert [c["kind"] for c in gain["comparisons"]] == ["bootstrap", "bootstrap"]
+    for c in gain["comparisons"]:  # the observed difference is the difference of the groups' mean Δm
+        assert c["diff"] == pytest.approx(groups["ftn"]["gain"]["mean"] - groups[c["grid_point"]]["gain"]["mean"],
+                                          abs=0.05)  # the median angle is not in Δm; mean angle exact
+        assert c["low"] <= c["diff"] <= c["high"]
+    # The joint model's metrics appear under each task in the per-task columns.
+    assert set(groups["data.joint=true"]["per_task_metrics"]) >= {"semseg", "depth", "normals", "edge"}
+    assert "Multi-task gain" in (out / "table.md").read_text()
     chosen = next(r for r in results["rows"] if r["chosen"])
     stats = np.load(Path(chosen["output"]) / "test_examples.npz")
     assert set(stats.files) == set(json.loads((Path(chosen["output"]) / "results.json").read_text())["tasks"])

@@ -81,6 +81,13 @@ def test_quick_sweep_protocol_rows_resume_and_plot(tmp_path, capsys):
         # on the CPU with its runs reused.
         assert _sweep(out, "train.device=cpu") == 0
         assert calls == []
+        # A sweep folder moved elsewhere resumes too (its runs' output_dir is the old place).
+        import shutil
+
+        moved = tmp_path / "moved"
+        shutil.copytree(out, moved)
+        assert _sweep(moved) == 0
+        assert calls == []
         # A lost results file (a run interrupted after training) is re-run; the others are skipped.
         Path(rows[0]["output"], "results.json").unlink()
         assert _sweep(out) == 0
@@ -271,3 +278,23 @@ def test_taps_starts_from_full_fine_tunings_rate_in_every_demo(tmp_path, monkeyp
         base = sources.demo_base(demo, tmp_path / demo, True, [])
         assert base("taps").train.lr == base("full").train.lr != base("ftn").train.lr, demo
         assert base("taps").method.name == "taps"
+
+
+def test_bootstrap_with_shared_examples_resamples_the_tasks_together():
+    """Dense tasks are scored on the same images: one resample serves every task. Two tasks
+    with identical statistics then give exactly the one-task interval; resampled apart, the
+    mean over the two tasks averages two draws and the interval narrows."""
+    rng = np.random.default_rng(0)
+    n = 60
+    a = [{"x": np.stack([rng.random(n) < p, np.ones(n)], 1).astype(float)} for p in (0.7, 0.72)]
+    b = [{"x": np.stack([rng.random(n) < p, np.ones(n)], 1).astype(float)} for p in (0.6, 0.62)]
+    twice = lambda runs: [{"x": r["x"], "y": r["x"]} for r in runs]  # noqa: E731
+    score = lambda task, total: 100 * total[0] / total[1]  # noqa: E731
+    one = paired_bootstrap(a, b, score, replicates=400)
+    shared = paired_bootstrap(twice(a), twice(b), score, replicates=400, shared_examples=True)
+    apart = paired_bootstrap(twice(a), twice(b), score, replicates=400)
+    assert (shared.low, shared.high) == (one.low, one.high) and shared.diff == one.diff
+    assert apart.high - apart.low < shared.high - shared.low
+    with pytest.raises(ValueError, match="same number of examples"):
+        paired_bootstrap([{"x": a[0]["x"], "y": a[0]["x"][:10]}], [{"x": b[0]["x"], "y": b[0]["x"][:10]}], score,
+                         shared_examples=True)

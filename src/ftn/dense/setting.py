@@ -34,6 +34,7 @@ from ..training.config import DataConfig, ExperimentConfig, ModelConfig, _choice
 from ..training.methods import TaskModel
 from ..training.setting import Objective, Setting, TaskData
 from .metrics import (
+    DEFAULT_DIRECTIONS,
     DepthMeter,
     EdgeMeter,
     NormalsMeter,
@@ -221,12 +222,24 @@ class DenseObjective(Objective):
         return self._result(float(total[0]) / max(float(total[1]), 1.0), values)
 
     def score(self, metrics: dict[str, float]) -> float:
-        """−weighted loss (model selection on validation, and ``ftn sweep``'s dense score)."""
-        return -metrics["loss"]
+        """−weighted loss per task (model selection on validation, and ``ftn sweep``'s dense
+        score): divided by the number of tasks, so that a joint model's score is on the scale of
+        the mean over per-task models' scores."""
+        return -metrics["loss"] / len(self.tasks)
 
     def score_from_stats(self, total: np.ndarray) -> float:
         # The loss columns only: the bootstrap need not recompute every meter (BSDS's ODS search).
-        return -float(total[0]) / max(float(total[1]), 1.0)
+        return -float(total[0]) / max(float(total[1]), 1.0) / len(self.tasks)
+
+    def split_stats(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`example_stats` rows of several tasks → per task, the rows its own objective
+        would give; the loss column is NaN (a joint model's weighted loss does not split)."""
+        out, start = {}, 2
+        for t, m in self._meters(stats=True).items():
+            width = m.stats_width()
+            out[t] = np.concatenate([np.full((len(rows), 1), np.nan), rows[:, 1:2], rows[:, start:start + width]], axis=1)
+            start += width
+        return out
 
 
 def _head_kwargs(m: DenseModelConfig) -> dict[str, int]:
@@ -339,6 +352,16 @@ class DenseSetting(Setting):
             torch.manual_seed(self.cfg.seed * 1000 + TASKS.index(t))
             heads[t] = build_head(self.encoder, t, data.objective.num_classes, **_head_kwargs(m))
         return DenseHeads(heads)
+
+    shared_examples = True  # every task is scored on the same test images
+
+    def gain_metrics(self) -> dict[str, tuple[str, int]]:
+        return {t: (f"{t}/{MAIN_METRICS[t]}", DEFAULT_DIRECTIONS[MAIN_METRICS[t]]) for t in self.cfg.data.tasks}
+
+    def split_example_stats(self, task: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+        if task != JOINT:
+            return {task: rows}
+        return self.data(JOINT).objective.split_stats(rows)  # type: ignore[attr-defined]
 
     def summarize(self, results: dict[str, Any]) -> dict[str, Any]:
         metrics: dict[str, dict[str, float]] = {}

@@ -185,3 +185,18 @@ class Setting:
     def summarize(self, results: dict[str, Any]) -> dict[str, Any]:
         """Setting-specific entries of ``results.json`` from each task's result (as dicts)."""
         return {}
+
+    #: Whether every task is scored on the same test examples (the dense tasks share their
+    #: images), so that a bootstrap resamples the examples of all tasks together.
+    shared_examples: ClassVar[bool] = False
+
+    def gain_metrics(self) -> dict[str, tuple[str, int]]:
+        """Per task predicted: the headline metric (its key in the test metrics) and its
+        direction (+1: higher is better) that ``ftn sweep --gain-reference`` averages into the
+        multi-task gain Δm. Empty: the setting has no Δm."""
+        return {}
+
+    def split_example_stats(self, task: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The per-example statistics of training task ``task`` by the tasks it predicts, each
+        in the layout of that task's own objective (a joint model predicts several)."""
+        return {task: rows}

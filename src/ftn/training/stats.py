@@ -85,12 +85,15 @@ def _run_score(stats: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray
 
 
 def paired_bootstrap(a: Sequence[Mapping[str, np.ndarray]], b: Sequence[Mapping[str, np.ndarray]], score: ScoreFn,
-                     replicates: int = 2000, seed: int = 0, level: float = 0.95) -> Interval:
+                     replicates: int = 2000, seed: int = 0, level: float = 0.95,
+                     shared_examples: bool = False) -> Interval:
     """Bootstrap interval of score(a) − score(b) over seeds and test examples.
 
     ``a[i]`` and ``b[i]`` are the per-example statistics (task → ``(n_examples, k)``) of the two
     methods' runs with the same seed, on the same test examples in the same order. A run's score
-    is the mean over tasks of ``score(task, column sums)``."""
+    is the mean over tasks of ``score(task, column sums)``. ``shared_examples``: every task's row
+    i is the same example (dense tasks on one image), so one resample of the examples serves
+    all tasks; otherwise each task's examples are resampled on their own."""
     if len(a) != len(b) or not a:
         raise ValueError("paired bootstrap needs the same (non-empty) list of seeds for both methods")
     tasks = list(a[0])
@@ -105,10 +108,18 @@ def paired_bootstrap(a: Sequence[Mapping[str, np.ndarray]], b: Sequence[Mapping[
     rng = np.random.default_rng(seed)
     n_seeds = len(a)
     sizes = {t: a[0][t].shape[0] for t in tasks}
+    if shared_examples and len(set(sizes.values())) > 1:
+        raise ValueError("shared_examples needs the same number of examples in every task")
     values = np.empty(replicates)
     for r in range(replicates):
         seeds = rng.integers(0, n_seeds, n_seeds)
-        weights = {t: np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64) for t, n in sizes.items()}
+        if shared_examples:
+            n = sizes[tasks[0]]
+            one = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+            weights = {t: one for t in tasks}
+        else:
+            weights = {t: np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+                       for t, n in sizes.items()}
         values[r] = np.mean([_run_score(a[i], weights, score) - _run_score(b[i], weights, score) for i in seeds])
     tail = (1 - level) / 2
     low, high = np.quantile(values, [tail, 1 - tail])

@@ -189,6 +189,9 @@ class SweepSpec:
     # Also compare, within each method, grid points that differ only in this axis: its first
     # value (the reference) against each other value, e.g. budget allocation auto vs uniform.
     compare_axis: str | None = None
+    # The group the multi-task gain Δm is measured against ("full[data.joint=false]": method
+    # and grid point), for settings with headline metrics per task (dense); None: no Δm.
+    gain_reference: str | None = None
     progress: bool = True
     command: str = ""
     bootstrap: int = 2000
@@ -273,8 +276,8 @@ def _same_config(run: Run) -> None:
         # A key added to the schema after the run was made counts as the same when this run
         # leaves it at its default (the old run had that behaviour).
         default = json.loads(json.dumps(config_to_dict(ExperimentConfig(setting=run.cfg.setting)), default=float))
-        # Where a run trains is not part of the experiment: a sweep started on a GPU can be
-        # finished on the CPU (and the other way round).
+        # Where a run trains and writes is not part of the experiment: a sweep started on a GPU
+        # can be finished on the CPU, and a sweep folder moved elsewhere resumes.
         diff = sorted(d for d in _diff(old, new, default) if d not in _PLACEMENT)[:5]
         if diff:
             raise ConfigError(f"{run.folder} holds a run of another config (differs in {', '.join(diff)}); "
@@ -282,7 +285,7 @@ def _same_config(run: Run) -> None:
 
 
 _MISSING = object()
-_PLACEMENT = {"train.device"}
+_PLACEMENT = {"train.device", "output_dir"}
 
 
 def _diff(a: Any, b: Any, default: Any = _MISSING, prefix: str = "") -> list[str]:
@@ -387,7 +390,7 @@ def run_sweep(spec: SweepSpec) -> dict[str, Any]:
     results = {"command": spec.command, "methods": spec.methods, "seeds": spec.seeds,
                "axes": [{"key": a.key, "values": list(a.values), "methods": a.methods} for a in spec.axes],
                "lr_grid": {m: grids[m] for m in spec.methods}, "setting": next(iter(bases.values())).setting,
-               "groups": summary["groups"], "comparisons": summary["comparisons"], "rows": rows,
+               "groups": summary["groups"], "comparisons": summary["comparisons"], "gain": summary["gain"], "rows": rows,
                "wall_seconds": round(time.perf_counter() - started, 1)}
     atomic_write_bytes(spec.output / "results.json", json.dumps(results, indent=2, default=float).encode())
     _write_csv(spec.output / "results.csv", rows)
@@ -465,7 +468,8 @@ def _compare(ref: dict[str, Any], other: dict[str, Any], replicates: int) -> Int
         def score(task: str, total: np.ndarray) -> float:
             return objectives[task].score_from_stats(total)
 
-        return paired_bootstrap(sa, sb, score, replicates=replicates)  # type: ignore[arg-type]
+        return paired_bootstrap(sa, sb, score, replicates=replicates,  # type: ignore[arg-type]
+                                shared_examples=setting_class(a[0].cfg.setting).shared_examples)
     return paired_t_interval([ref["scores"][s] for s in seeds], [other["scores"][s] for s in seeds])
 
 
@@ -483,7 +487,9 @@ def _summarize(groups: dict[tuple[str, str], dict[str, Any]], spec: SweepSpec) -
                 per_task.setdefault(t, []).append(v["score"])
                 for k, x in v["metrics"].items():
                     if isinstance(x, (int, float)):
-                        per_metric.setdefault(t, {}).setdefault(k, []).append(float(x))
+                        # "semseg/mIoU" belongs to semseg, also in a joint model's results
+                        owner, metric = k.split("/", 1) if "/" in k else (t, k)
+                        per_metric.setdefault(owner, {}).setdefault(metric, []).append(float(x))
         mean, std, n = mean_std(list(scores.values()))
         first = _results(g["chosen"][0])
         entry = {"method": m, "grid_point": name, "point": dict(g["point"]), "lr": g["lr"],
@@ -497,18 +503,97 @@ def _summarize(groups: dict[tuple[str, str], dict[str, Any]], spec: SweepSpec) -
         info[(m, name)] = {"by_seed": by_seed, "scores": scores}
     reference = spec.reference or ("ftn" if "ftn" in spec.methods else spec.methods[0])
     comparisons = []
-    for (m_ref, p_ref), ref in info.items():
-        if m_ref != reference:
-            continue
-        for (m, p), other in info.items():
-            if m == reference:
-                continue
-            interval = _compare(ref, other, spec.bootstrap)
-            comparisons.append({"reference": m_ref, "reference_point": p_ref, "method": m, "grid_point": p,
-                                **interval.to_dict()})
+    for (m_ref, p_ref), ref, (m, p), other in _against_reference(info, reference):
+        interval = _compare(ref, other, spec.bootstrap)
+        comparisons.append({"reference": m_ref, "reference_point": p_ref, "method": m, "grid_point": p,
+                            **interval.to_dict()})
     if spec.compare_axis is not None:
         comparisons += _axis_comparisons(groups, info, spec)
-    return {"groups": out_groups, "comparisons": comparisons}
+    gain = _gain(out_groups, info, spec, reference) if spec.gain_reference else None
+    return {"groups": out_groups, "comparisons": comparisons, "gain": gain}
+
+
+def _against_reference(info: dict[tuple[str, str], Any], reference: str):
+    """(reference key, its info, other key, its info) for every group of the reference method
+    and every group of another method."""
+    for key_ref, ref in info.items():
+        if key_ref[0] != reference:
+            continue
+        for key, other in info.items():
+            if key[0] != reference:
+                yield key_ref, ref, key, other
+
+
+def _label(method: str, point: str) -> str:
+    return method if point == "default" else f"{method}[{point}]"
+
+
+def _flat_test_metrics(run: Run) -> dict[str, float]:
+    """Every test metric of a run by its key ("semseg/mIoU"), across its training tasks."""
+    test = json.loads((run.folder / "test.json").read_text())
+    return {k: float(x) for v in test.values() for k, x in v["metrics"].items() if isinstance(x, (int, float))}
+
+
+def _gain(out_groups: list[dict[str, Any]], info: dict[tuple[str, str], Any], spec: SweepSpec,
+          reference: str) -> dict[str, Any]:
+    """The multi-task gain Δm (%) of every group against ``spec.gain_reference``: per seed,
+    (1/T) Σ_t s_t (M_t − R_t) / R_t over the setting's headline metrics, with R_t the reference
+    group's mean over its seeds (so every group is measured against the same numbers); and the
+    paired difference of Δm between the reference method's groups and every other group,
+    bootstrapped over seeds and test images (which, with R fixed, is the mean over tasks of
+    s_t (M_t(a) − M_t(b)) / R_t)."""
+    labels = {_label(m, p): (m, p) for m, p in info}
+    key = labels.get(spec.gain_reference.replace(" ", ""))  # type: ignore[union-attr]
+    if key is None:
+        raise ConfigError(f"--gain-reference {spec.gain_reference!r} is not a group of this sweep; "
+                          f"its groups: {sorted(labels)}")
+    runs = info[key]["by_seed"]
+    cfg = next(iter(runs.values())).cfg
+    setting = setting_class(cfg.setting)(cfg)
+    heads = setting.gain_metrics()
+    if not heads:
+        raise ConfigError(f"the {cfg.setting} setting has no headline metric per task, so no Δm (--gain-reference)")
+    ref_metrics = [_flat_test_metrics(r) for r in runs.values()]
+    base = {t: float(np.mean([m[k] for m in ref_metrics])) for t, (k, _) in heads.items()}
+
+    def gain_of(metrics: dict[str, float]) -> float:
+        return 100 * float(np.mean([s * (metrics[k] - base[t]) / base[t] for t, (k, s) in heads.items()]))
+
+    for entry in out_groups:
+        by_seed = info[(entry["method"], entry["grid_point"])]["by_seed"]
+        values = [gain_of(_flat_test_metrics(r)) for r in by_seed.values()]
+        mean, std, n = mean_std(values)
+        entry["gain"] = {"mean": mean, "std": std, "seeds": n, "by_seed": dict(zip(map(str, by_seed), values))}
+
+    objectives = {t: setting.data(t).objective for t in heads}
+
+    def score(task: str, total: np.ndarray) -> float:
+        k, s = heads[task]
+        return 100 * s * (objectives[task].metrics_from_stats(total)[k] - base[task]) / base[task]
+
+    def task_stats(run: Run) -> dict[str, np.ndarray] | None:
+        stats = _test_stats(run)
+        if stats is None:
+            return None
+        split = {k: v for t, rows in stats.items() for k, v in setting.split_example_stats(t, rows).items()}
+        return {t: split[t] for t in heads} if all(t in split for t in heads) else None
+
+    gains = {(g["method"], g["grid_point"]): g["gain"]["by_seed"] for g in out_groups}
+    comparisons = []
+    for (m_ref, p_ref), ref, (m, p), other in _against_reference(info, reference):
+        seeds = [s for s in ref["by_seed"] if s in other["by_seed"]]
+        sa = [task_stats(ref["by_seed"][s]) for s in seeds]
+        sb = [task_stats(other["by_seed"][s]) for s in seeds]
+        if seeds and all(x is not None for x in sa + sb):
+            interval = paired_bootstrap(sa, sb, score, replicates=spec.bootstrap,  # type: ignore[arg-type]
+                                        shared_examples=setting.shared_examples)
+        else:
+            interval = paired_t_interval([gains[(m_ref, p_ref)][str(s)] for s in seeds],
+                                         [gains[(m, p)][str(s)] for s in seeds])
+        comparisons.append({"reference": m_ref, "reference_point": p_ref, "method": m, "grid_point": p,
+                            **interval.to_dict()})
+    return {"reference": _label(*key), "metrics": {t: k for t, (k, _) in heads.items()},
+            "reference_values": base, "comparisons": comparisons}
 
 
 def _axis_comparisons(groups: dict[tuple[str, str], dict[str, Any]], info: dict[tuple[str, str], Any],
@@ -535,7 +620,8 @@ def _axis_comparisons(groups: dict[tuple[str, str], dict[str, Any]], info: dict[
 
 # ----------------------------------------------------------------------------- table and plot
 _SCORE = {"classification": "top-1 accuracy (%), mean over tasks", "text": "accuracy (%), mean over tasks",
-          "dense": "−weighted test loss (mean over images), mean over tasks (higher is better)"}
+          "dense": "−weighted test loss per task (mean over images), mean over tasks (higher is better; "
+                   "the multi-task gain Δm below, with --gain-reference, is the headline)"}
 
 
 def _params(n: float) -> str:
@@ -558,19 +644,42 @@ def format_table(results: dict[str, Any]) -> str:
                                         f"**{g['mean']:.2f}** ± {g['std']:.2f} (n={g['seeds']})",
                                         _params(g["stored_params"]), f"{g['train_seconds']:.0f}"]) + " |")
     lines += _per_task_table(results["groups"])
+    if results.get("gain"):
+        lines += _gain_table(results)
     if results["comparisons"]:
         lines += ["", "Paired difference (reference − method) with its 95 % interval; * = significant (the "
                   "interval excludes 0). Bootstrap: seeds and test examples resampled, the same examples for "
                   "both; t over seeds: where per-example statistics are not available.", "",
                   "| reference | method | difference | 95 % interval | interval | significant |",
                   "|---|---|---|---|---|---|"]
-        for c in results["comparisons"]:
-            ref = c["reference"] + ("" if c["reference_point"] == "default" else f" [{c['reference_point']}]")
-            other = c["method"] + ("" if c["grid_point"] == "default" else f" [{c['grid_point']}]")
-            span = "—" if c["low"] is None else f"[{c['low']:+.2f}, {c['high']:+.2f}]"
-            lines.append(f"| {ref} | {other} | {c['diff']:+.2f} | {span} | {c['kind']} (seeds={c['seeds']}) | "
-                         f"{'*' if c['significant'] else ''} |")
+        lines += [_comparison_row(c) for c in results["comparisons"]]
     return "\n".join(lines)
+
+
+def _gain_table(results: dict[str, Any]) -> list[str]:
+    gain = results["gain"]
+    metrics = ", ".join(gain["metrics"].values())
+    lines = ["", f"Multi-task gain Δm (%) against {gain['reference']} (its mean over seeds: "
+             + ", ".join(f"{gain['metrics'][t]} {v:.4g}" for t, v in gain["reference_values"].items())
+             + f"), averaged over {metrics}; higher is better. Mean ± std over seeds:", "",
+             "| method | grid point | Δm (%) | stored params |", "|---|---|---|---|"]
+    for g in results["groups"]:
+        d = g["gain"]
+        lines.append(f"| {g['method']} | {g['grid_point']} | **{d['mean']:+.2f}** ± {d['std']:.2f} (n={d['seeds']}) "
+                     f"| {_params(g['stored_params'])} |")
+    lines += ["", "Paired difference of Δm (reference − method), 95 % interval (bootstrap over seeds and test "
+              "images, the same images for both):", "",
+              "| reference | method | Δm difference | 95 % interval | interval | significant |", "|---|---|---|---|---|---|"]
+    lines += [_comparison_row(c) for c in gain["comparisons"]]
+    return lines
+
+
+def _comparison_row(c: dict[str, Any]) -> str:
+    ref = c["reference"] + ("" if c["reference_point"] == "default" else f" [{c['reference_point']}]")
+    other = c["method"] + ("" if c["grid_point"] == "default" else f" [{c['grid_point']}]")
+    span = "—" if c["low"] is None else f"[{c['low']:+.2f}, {c['high']:+.2f}]"
+    return (f"| {ref} | {other} | {c['diff']:+.2f} | {span} | {c['kind']} (seeds={c['seeds']}) | "
+            f"{'*' if c['significant'] else ''} |")
 
 
 def _per_task_table(groups: Sequence[dict[str, Any]], max_columns: int = 12) -> list[str]:

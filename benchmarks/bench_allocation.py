@@ -73,7 +73,7 @@ def sweep_rows(folder: Path, seed: int = 0) -> list[dict]:
         alloc = {t.parent.name: json.loads(t.read_text()) for t in sorted(run.glob("*/allocation.json"))}
         if alloc:
             rows.append({"budget": config["method"]["budget"], "allocation": config["method"]["budget_allocation"],
-                         "alloc": alloc})
+                         "alloc": alloc, "backbone": config["model"].get("backbone", "")})
     return rows
 
 
@@ -96,7 +96,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 else:
                     ax.plot(ranks, marker=".", lw=1, label=f"auto: {task}")
         ax.set_title(f"budget {budget:g} of the backbone per task")
-        ax.set_xlabel("adapted layer (input → output, MobileNetV2)")
+        backbone = next((r.get("backbone") for r in rows if r.get("backbone")), "mobilenet_v2")
+        ax.set_xlabel(f"adapted layer (input → output, {backbone})")
         ax.set_ylabel("rank")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

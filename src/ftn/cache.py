@@ -195,15 +195,18 @@ class CheckGroup:
         self._caches: weakref.WeakSet[EvalCache] = weakref.WeakSet()
         self.depth = 0  # open eval_pass blocks
         self.scope = 0  # the current (or last) eval pass
-        self.checked = False  # whether this pass ran its batched check
+        self.checked: set[Any] = set()  # the keys whose entries this pass compared
 
-    def check(self) -> None:
-        """Compare the values of every batched entry of the group in one ``torch.equal`` per
-        dtype and device (one device sync); if they all match, trust them for this pass."""
-        self.checked = True
+    def check(self, key: Any) -> None:
+        """Compare the values of every batched entry of the group under ``key`` (one task's
+        weights in every layer) in one ``torch.equal`` per dtype and device (one device sync);
+        if they all match, trust them for this pass. Per key, so a pass over one task does not
+        pay for comparing every other task's entries too."""
+        self.checked.add(key)
         batches: dict[tuple, list[tuple[_Entry, list[Tensor]]]] = {}
         for cache in list(self._caches):
-            for entry in cache._entries.values():
+            entry = cache._entries.get(key)
+            if entry is not None:
                 tensors = entry.exact.live() if entry.exact.batched else None
                 if tensors and entry.generation == _generation:
                     joined = entry.exact.joined
@@ -232,7 +235,7 @@ def eval_pass(group: CheckGroup | None) -> Iterator[None]:
         return
     if group.depth == 0:
         group.scope += 1
-        group.checked = False
+        group.checked = set()
     group.depth += 1
     try:
         yield
@@ -281,8 +284,8 @@ class EvalCache:
             return None
         in_pass = group is not None and group.depth > 0
         if in_pass and entry.exact.batched:
-            if not group.checked:
-                group.check()
+            if key not in group.checked:
+                group.check(key)
             if entry.trusted == group.scope:
                 return entry.value
         if entry.exact.same_values(exact):

@@ -294,20 +294,49 @@ def test_batched_checks_run_once_per_pass(monkeypatch):
     group = model.context.checks
     calls = []
     check = ftn.cache.CheckGroup.check
-    monkeypatch.setattr(ftn.cache.CheckGroup, "check", lambda self: calls.append(1) or check(self))
+    monkeypatch.setattr(ftn.cache.CheckGroup, "check", lambda self, key: calls.append(key) or check(self, key))
     compared = []
     same = ftn.cache._Exact.same_values
     monkeypatch.setattr(ftn.cache._Exact, "same_values",
                         lambda self, ts: (ts and compared.append(1)) or same(self, ts))
     _all_tasks(model, inputs, tasks)
-    assert calls == [1] and compared == []  # one batched comparison, none per lookup
+    # one batched comparison per cache key in the pass, none per lookup
+    assert calls and len(calls) == len(set(calls)) and compared == []
+    per_pass = len(calls)
     assert len(group._caches) > 0
     for p in model.task_parameters("t1"):
         p.data.mul_(1.5)
     got, expected = _all_tasks(model, inputs, tasks), _per_task(model, inputs, tasks)
-    assert calls == [1, 1] and compared  # the batch differed: each entry compared on its own
+    assert len(calls) == 2 * per_pass and compared  # the batch differed: each entry compared on its own
     for t in tasks:
         torch.testing.assert_close(got[t], expected[t], rtol=1e-5, atol=1e-5)
+
+
+def test_a_pass_over_one_task_compares_only_that_tasks_entries(monkeypatch):
+    """Issue 15 (GPU: the per-task loop got slower as T grew): the batched check of a pass with
+    task a compares task a's entries only, not every task's, so a loop over T tasks costs T
+    checks of one task each instead of T checks of T tasks."""
+    monkeypatch.setattr(ftn.cache, "_batched", lambda device: True)
+    torch.manual_seed(0)
+    model = FTNModel(randomize_norms(SmallCNN()), rank=2)
+    tasks = ["a", "b", "c"]
+    for i, t in enumerate(tasks):
+        model.add_task(t)
+        _perturb(model, t, i + 1)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    first = _loop(model, ((x,), {}), tasks)  # builds every task's entries
+    calls = []
+    check = ftn.cache.CheckGroup.check
+    monkeypatch.setattr(ftn.cache.CheckGroup, "check", lambda self, key: calls.append(key) or check(self, key))
+    group = model.context.checks
+    with torch.no_grad():
+        out = model(x, task="b")
+    assert calls == ["b"]
+    entries = [e for c in group._caches for e in c._entries.values()]
+    trusted = [e for c in group._caches for k, e in c._entries.items() if e.trusted == group.scope]
+    assert trusted and len(trusted) == sum(1 for c in group._caches if "b" in c._entries) < len(entries)
+    torch.testing.assert_close(out, first["b"], rtol=0, atol=0)
 
 
 def test_eval_fast_path_serves_the_cache_without_rebuilding(monkeypatch):

@@ -25,20 +25,24 @@ over=(train.device=$device train.amp=off)
 budget=(--methods ftn --grid method.budget=0.01,0.05 --grid method.budget_allocation=auto,uniform
         --compare-axis method.budget_allocation --lr-grid ftn=0.003)
 
-sweep() {  # sweep NAME ARGS...: one sweep in the background, logged to DIR/NAME.log
-    local name=$1; shift
+sweep() {  # sweep NAME "OVERRIDES" OPTIONS...: one sweep in the background, logged to DIR/NAME.log
+    local name=$1 extra=$2; shift 2
     case " $only " in *" $name "*) ;; *) return ;; esac
     local limit=()
     [ -n "${GPU_SWEEPS_LIMIT:-}" ] && limit=(timeout -k 10 "$GPU_SWEEPS_LIMIT")
-    echo "== $(date +%T) $name: ftn sweep $* --output $dir/$name ${common[*]} ${over[*]}"
-    "${limit[@]}" "$py" -m ftn sweep "$@" --output "$dir/$name" "${common[@]}" "${over[@]}" \
+    # overrides last: argparse takes the trailing key=value list only after every option
+    # shellcheck disable=SC2086
+    echo "== $(date +%T) $name: ftn sweep $* --output $dir/$name ${common[*]} $extra ${over[*]}"
+    # shellcheck disable=SC2086
+    "${limit[@]}" "$py" -m ftn sweep "$@" --output "$dir/$name" "${common[@]}" $extra "${over[@]}" \
         > "$dir/$name.log" 2>&1 &
 }
 
-sweep text --demo text --methods ftn full linear norm_head lora taps ftn_unfreeze
-sweep dense --demo dense --methods ftn full taps ftn_unfreeze lora norm_head --grid full:data.joint=false,true
-sweep text_budget --demo text "${budget[@]}"
-sweep dense_budget --demo dense "${budget[@]}"
+sweep text "" --demo text --methods ftn full linear norm_head lora taps ftn_unfreeze
+sweep dense train.epochs=2 --demo dense --methods ftn full taps ftn_unfreeze lora norm_head \
+    --grid full:data.joint=false,true --gain-reference "full[data.joint=false]"
+sweep text_budget "" --demo text "${budget[@]}"
+sweep dense_budget train.epochs=2 --demo dense "${budget[@]}"
 wait
 for name in $only; do
     echo "== $name: $(grep -c . "$dir/$name/results.csv" 2>/dev/null || echo no) results.csv lines"

@@ -713,9 +713,16 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
+def _y(group: dict[str, Any], results: dict[str, Any]) -> tuple[float, float]:
+    """What the plot shows of a group: its Δm where the sweep measured one, else its score."""
+    source = group["gain"] if results.get("gain") else group
+    return source["mean"], source["std"]
+
+
 def plot(results: dict[str, Any], path: Path) -> Path:
-    """Mean test score against stored parameters (log scale), error bars = std over seeds, grid
-    points of a method connected, the Pareto front dashed."""
+    """Mean test score (Δm where the sweep has a gain reference) against stored parameters (log
+    scale), error bars = std over seeds, grid points of a method connected, the Pareto front
+    dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -726,12 +733,13 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     points = []
     for i, method in enumerate(dict.fromkeys(g["method"] for g in results["groups"])):
         gs = sorted((g for g in results["groups"] if g["method"] == method), key=lambda g: g["stored_params"])
-        xs, ys, es = [g["stored_params"] for g in gs], [g["mean"] for g in gs], [g["std"] for g in gs]
+        ys, es = [_y(g, results)[0] for g in gs], [_y(g, results)[1] for g in gs]
+        xs = [g["stored_params"] for g in gs]
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=colours[i % len(colours)], label=method,
                     linestyle="-" if len(gs) > 1 else "none")
         for g in gs:
             if g["grid_point"] != "default":
-                ax.annotate(g["grid_point"].split(".")[-1], (g["stored_params"], g["mean"]),
+                ax.annotate(g["grid_point"].split(".")[-1], (g["stored_params"], _y(g, results)[0]),
                             textcoords="offset points", xytext=(4, 4), fontsize=7)
         points += list(zip(xs, ys))
     front = pareto_front([p for p in points if not math.isnan(p[1])])
@@ -739,7 +747,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         ax.plot(*zip(*front), linestyle="--", color="black", alpha=0.5, label="Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel("parameters stored for all tasks (log scale)")
-    ax.set_ylabel(_SCORE.get(results["setting"], "test score").split(",")[0])
+    ax.set_ylabel(f"Δm (%) against {results['gain']['reference']}" if results.get("gain")
+                  else _SCORE.get(results["setting"], "test score").split(",")[0])
     ax.set_title(f"{results['setting']}: mean ± std over seeds {results['seeds']}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

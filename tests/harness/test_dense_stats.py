@@ -156,12 +156,14 @@ def test_quick_dense_sweep_uses_the_bootstrap(tmp_path: Path) -> None:
 
     out = tmp_path / "sweep"
     assert main(["sweep", "--demo", "dense", "--quick", "--methods", "ftn", "full", "--seeds", "0", "1",
-                 "--grid", "full:data.joint=false,true", "--gain-reference", "full[data.joint=false]",
+                 "--grid", "full:data.joint=false,true", "--gain-reference", "full[data.joint = false]",
+                 "--compare-axis", "data.joint",
                  "--lr-grid", "ftn=1e-3", "full=1e-3", "--output", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     # −loss per task: per-task models compare image by image; the joint model's tasks differ
     # (one training task), so over seeds.
-    assert [c["kind"] for c in results["comparisons"]] == ["bootstrap", "t over seeds"]
+    # (the last one: --compare-axis, single-task against joint)
+    assert [c["kind"] for c in results["comparisons"]] == ["bootstrap", "t over seeds", "t over seeds"]
     assert all(c["low"] <= c["high"] for c in results["comparisons"])
     # Δm against the single-task networks: the reference averages 0 over its seeds; the joint
     # model's statistics split per task, so every Δm comparison is a bootstrap over images.
@@ -169,9 +171,12 @@ def test_quick_dense_sweep_uses_the_bootstrap(tmp_path: Path) -> None:
     assert groups["data.joint=false"]["gain"]["mean"] == pytest.approx(0, abs=1e-9)
     gain = results["gain"]
     assert gain["reference"] == "full[data.joint=false]" and set(gain["metrics"]) == {"semseg", "depth", "normals", "edge"}
-    assert [c["kind"] for c in gain["comparisons"]] == ["bootstrap", "bootstrap"]
+    assert [c["kind"] for c in gain["comparisons"]] == ["bootstrap", "bootstrap", "bootstrap"]
+    assert [(c["reference_point"], c["grid_point"]) for c in gain["comparisons"]][2] == \
+        ("data.joint=false", "data.joint=true")  # the --compare-axis pair, in Δm too
     for c in gain["comparisons"]:  # the observed difference is the difference of the groups' mean Δm
-        assert c["diff"] == pytest.approx(groups["ftn"]["gain"]["mean"] - groups[c["grid_point"]]["gain"]["mean"],
+        ref = groups["ftn" if c["reference"] == "ftn" else c["reference_point"]]
+        assert c["diff"] == pytest.approx(ref["gain"]["mean"] - groups[c["grid_point"]]["gain"]["mean"],
                                           abs=0.05)  # the median angle is not in Δm; mean angle exact
         assert c["low"] <= c["diff"] <= c["high"]
     # The joint model's metrics appear under each task in the per-task columns.

@@ -509,7 +509,8 @@ def _summarize(groups: dict[tuple[str, str], dict[str, Any]], spec: SweepSpec) -
                             **interval.to_dict()})
     if spec.compare_axis is not None:
         comparisons += _axis_comparisons(groups, info, spec)
-    gain = _gain(out_groups, info, spec, reference) if spec.gain_reference else None
+    pairs = [(k_ref, k) for k_ref, _, k, _ in _against_reference(info, reference)] + list(_axis_pairs(groups, spec))
+    gain = _gain(out_groups, info, spec, pairs) if spec.gain_reference else None
     return {"groups": out_groups, "comparisons": comparisons, "gain": gain}
 
 
@@ -535,18 +536,18 @@ def _flat_test_metrics(run: Run) -> dict[str, float]:
 
 
 def _gain(out_groups: list[dict[str, Any]], info: dict[tuple[str, str], Any], spec: SweepSpec,
-          reference: str) -> dict[str, Any]:
+          pairs: list[tuple[tuple[str, str], tuple[str, str]]]) -> dict[str, Any]:
     """The multi-task gain Δm (%) of every group against ``spec.gain_reference``: per seed,
     (1/T) Σ_t s_t (M_t − R_t) / R_t over the setting's headline metrics, with R_t the reference
     group's mean over its seeds (so every group is measured against the same numbers); and the
-    paired difference of Δm between the reference method's groups and every other group,
-    bootstrapped over seeds and test images (which, with R fixed, is the mean over tasks of
+    paired difference of Δm for each of ``pairs`` (the reference method's groups against every
+    other method's, and the ``--compare-axis`` pairs), bootstrapped over seeds and test images (which, with R fixed, is the mean over tasks of
     s_t (M_t(a) − M_t(b)) / R_t)."""
-    labels = {_label(m, p): (m, p) for m, p in info}
+    labels = {_label(m, p).replace(" ", ""): (m, p) for m, p in info}
     key = labels.get(spec.gain_reference.replace(" ", ""))  # type: ignore[union-attr]
     if key is None:
         raise ConfigError(f"--gain-reference {spec.gain_reference!r} is not a group of this sweep; "
-                          f"its groups: {sorted(labels)}")
+                          f"its groups: {sorted(_label(m, p) for m, p in info)}")
     runs = info[key]["by_seed"]
     cfg = next(iter(runs.values())).cfg
     setting = setting_class(cfg.setting)(cfg)
@@ -580,7 +581,8 @@ def _gain(out_groups: list[dict[str, Any]], info: dict[tuple[str, str], Any], sp
 
     gains = {(g["method"], g["grid_point"]): g["gain"]["by_seed"] for g in out_groups}
     comparisons = []
-    for (m_ref, p_ref), ref, (m, p), other in _against_reference(info, reference):
+    for (m_ref, p_ref), (m, p) in pairs:
+        ref, other = info[(m_ref, p_ref)], info[(m, p)]
         seeds = [s for s in ref["by_seed"] if s in other["by_seed"]]
         sa = [task_stats(ref["by_seed"][s]) for s in seeds]
         sb = [task_stats(other["by_seed"][s]) for s in seeds]
@@ -600,9 +602,20 @@ def _axis_comparisons(groups: dict[tuple[str, str], dict[str, Any]], info: dict[
                       spec: SweepSpec) -> list[dict[str, Any]]:
     """Paired intervals between grid points of the same method that differ only in
     ``spec.compare_axis``: the axis's first value against each other value."""
-    key = spec.compare_axis
-    first = next(a.values[0] for a in spec.axes if a.key == key)
     out = []
+    for (m, p_ref), (_, p) in _axis_pairs(groups, spec):
+        interval = _compare(info[(m, p_ref)], info[(m, p)], spec.bootstrap)
+        out.append({"reference": m, "reference_point": p_ref, "method": m, "grid_point": p, **interval.to_dict()})
+    return out
+
+
+def _axis_pairs(groups: dict[tuple[str, str], dict[str, Any]], spec: SweepSpec):
+    """(reference group, other group): grid points of one method that differ only in
+    ``spec.compare_axis``, the axis's first value first."""
+    key = spec.compare_axis
+    if key is None:
+        return
+    first = next(a.values[0] for a in spec.axes if a.key == key)
     for (m, p_ref), g_ref in groups.items():
         point = dict(g_ref["point"])
         if point.get(key) != first:
@@ -611,11 +624,8 @@ def _axis_comparisons(groups: dict[tuple[str, str], dict[str, Any]], info: dict[
             other = dict(g["point"])
             if m2 != m or p == p_ref or key not in other:
                 continue
-            if {k: v for k, v in other.items() if k != key} != {k: v for k, v in point.items() if k != key}:
-                continue
-            interval = _compare(info[(m, p_ref)], info[(m, p)], spec.bootstrap)
-            out.append({"reference": m, "reference_point": p_ref, "method": m, "grid_point": p, **interval.to_dict()})
-    return out
+            if {k: v for k, v in other.items() if k != key} == {k: v for k, v in point.items() if k != key}:
+                yield (m, p_ref), (m2, p)
 
 
 # ----------------------------------------------------------------------------- table and plot

@@ -29,7 +29,7 @@ DEMOS = ("multidomain", "dense", "text")
 _VAL_FRACTION = 0.2  # dense: training scenes held out for validation
 # Methods whose per-task update is a full-size weight (TAPS's gated δW): they start from full
 # fine-tuning's learning rate, as in :data:`ftn.demo.METHOD_LR`, not from FTN's.
-_DENSE_UPDATES = ("full", "taps")
+_FULL_SIZE_UPDATES = ("full", "taps")
 
 
 def config_base(path: str | Path, overrides: Sequence[str]) -> Callable[[str], ExperimentConfig]:
@@ -77,14 +77,14 @@ def demo_base(name: str, output: str | Path, quick: bool, overrides: Sequence[st
 
         prepare_dense_scenes(output, quick)
         split = ["data.train_split=sweep_train", "data.val_split=sweep_val"]
-        return lambda method: dense_demo_config(output, "single" if method in _DENSE_UPDATES else "ftn", quick,
+        return lambda method: dense_demo_config(output, "single" if method in _FULL_SIZE_UPDATES else "ftn", quick,
                                                 [f"method.name={method}", *split, *extra])
     if name == "text":
         from .text.demo import VARIANTS, text_demo_config
 
         val = [f"data.val_limit={32 if quick else 200}"]
         return lambda method: text_demo_config(output, method if method in VARIANTS else
-                                               "full" if method in _DENSE_UPDATES else "ftn", quick,
+                                               "full" if method in _FULL_SIZE_UPDATES else "ftn", quick,
                                                [f"method.name={method}", *val, *extra])
     from .errors import ConfigError, did_you_mean
 

@@ -146,6 +146,7 @@ class DenseObjective(Objective):
         self.tasks = tuple(tasks)
         self.num_classes = num_classes
         self.d = d
+        self._stat_columns: list[tuple[str, Any, slice]] | None = None  # see _columns
 
     def inputs(self, batch: Any) -> tuple[Any, ...]:
         return (batch["image"],)
@@ -213,12 +214,18 @@ class DenseObjective(Objective):
         self._evaluate(model, batches, each)
         return np.concatenate(rows) if rows else np.zeros((0, 2 + sum(m.stats_width() for m in meters.values())))
 
+    def _columns(self) -> list[tuple[str, Any, slice]]:
+        """Per task: its statistics meter and its columns in an :meth:`example_stats` row (after
+        the loss and count). Built once: a bootstrap asks for it in every replicate."""
+        if self._stat_columns is None:
+            self._stat_columns, start = [], 2
+            for t, m in self._meters(stats=True).items():
+                self._stat_columns.append((t, m, slice(start, start + m.stats_width())))
+                start += m.stats_width()
+        return self._stat_columns
+
     def metrics_from_stats(self, total: np.ndarray) -> dict[str, float]:
-        meters = self._meters(stats=True)
-        values, start = {}, 2
-        for t, m in meters.items():
-            values[t] = m.from_stats(total[start:start + m.stats_width()])
-            start += m.stats_width()
+        values = {t: m.from_stats(total[cols]) for t, m, cols in self._columns()}
         return self._result(float(total[0]) / max(float(total[1]), 1.0), values)
 
     def score(self, metrics: dict[str, float]) -> float:
@@ -234,12 +241,8 @@ class DenseObjective(Objective):
     def split_stats(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """:meth:`example_stats` rows of several tasks → per task, the rows its own objective
         would give; the loss column is NaN (a joint model's weighted loss does not split)."""
-        out, start = {}, 2
-        for t, m in self._meters(stats=True).items():
-            width = m.stats_width()
-            out[t] = np.concatenate([np.full((len(rows), 1), np.nan), rows[:, 1:2], rows[:, start:start + width]], axis=1)
-            start += width
-        return out
+        nan = np.full((len(rows), 1), np.nan)
+        return {t: np.concatenate([nan, rows[:, 1:2], rows[:, cols]], axis=1) for t, _, cols in self._columns()}
 
 
 def _head_kwargs(m: DenseModelConfig) -> dict[str, int]:

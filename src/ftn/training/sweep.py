@@ -500,38 +500,27 @@ def _summarize(groups: dict[tuple[str, str], dict[str, Any]], spec: SweepSpec) -
                  "stored_params": first["stored_parameters"], "method_info": first.get("method_info", {}),
                  "train_seconds": float(np.mean([_results(r)["train_seconds"] for r in by_seed.values()]))}
         out_groups.append(entry)
-        info[(m, name)] = {"by_seed": by_seed, "scores": scores}
+        info[(m, name)] = {"by_seed": by_seed, "scores": scores, "tests": tests}
+    # What is compared: every group of the reference method against every group of another
+    # method, then the --compare-axis pairs within a method.
     reference = spec.reference or ("ftn" if "ftn" in spec.methods else spec.methods[0])
-    comparisons = []
-    for (m_ref, p_ref), ref, (m, p), other in _against_reference(info, reference):
-        interval = _compare(ref, other, spec.bootstrap)
-        comparisons.append({"reference": m_ref, "reference_point": p_ref, "method": m, "grid_point": p,
-                            **interval.to_dict()})
-    if spec.compare_axis is not None:
-        comparisons += _axis_comparisons(groups, info, spec)
-    pairs = [(k_ref, k) for k_ref, _, k, _ in _against_reference(info, reference)] + list(_axis_pairs(groups, spec))
+    pairs = [(a, b) for a in info if a[0] == reference for b in info if b[0] != reference]
+    pairs += _axis_pairs(groups, spec)
+    comparisons = [_comparison(a, b, _compare(info[a], info[b], spec.bootstrap)) for a, b in pairs]
     gain = _gain(out_groups, info, spec, pairs) if spec.gain_reference else None
     return {"groups": out_groups, "comparisons": comparisons, "gain": gain}
 
 
-def _against_reference(info: dict[tuple[str, str], Any], reference: str):
-    """(reference key, its info, other key, its info) for every group of the reference method
-    and every group of another method."""
-    for key_ref, ref in info.items():
-        if key_ref[0] != reference:
-            continue
-        for key, other in info.items():
-            if key[0] != reference:
-                yield key_ref, ref, key, other
+def _comparison(a: tuple[str, str], b: tuple[str, str], interval: Interval) -> dict[str, Any]:
+    return {"reference": a[0], "reference_point": a[1], "method": b[0], "grid_point": b[1], **interval.to_dict()}
 
 
 def _label(method: str, point: str) -> str:
     return method if point == "default" else f"{method}[{point}]"
 
 
-def _flat_test_metrics(run: Run) -> dict[str, float]:
-    """Every test metric of a run by its key ("semseg/mIoU"), across its training tasks."""
-    test = json.loads((run.folder / "test.json").read_text())
+def _flat_test_metrics(test: dict[str, Any]) -> dict[str, float]:
+    """Every metric of a run's ``test.json`` by its key ("semseg/mIoU"), across its training tasks."""
     return {k: float(x) for v in test.values() for k, x in v["metrics"].items() if isinstance(x, (int, float))}
 
 
@@ -541,81 +530,71 @@ def _gain(out_groups: list[dict[str, Any]], info: dict[tuple[str, str], Any], sp
     (1/T) Σ_t s_t (M_t − R_t) / R_t over the setting's headline metrics, with R_t the reference
     group's mean over its seeds (so every group is measured against the same numbers); and the
     paired difference of Δm for each of ``pairs`` (the reference method's groups against every
-    other method's, and the ``--compare-axis`` pairs), bootstrapped over seeds and test images (which, with R fixed, is the mean over tasks of
-    s_t (M_t(a) − M_t(b)) / R_t)."""
+    other method's, and the ``--compare-axis`` pairs), bootstrapped over seeds and test images
+    (with R fixed, the mean over tasks of s_t (M_t(a) − M_t(b)) / R_t)."""
     labels = {_label(m, p).replace(" ", ""): (m, p) for m, p in info}
     key = labels.get(spec.gain_reference.replace(" ", ""))  # type: ignore[union-attr]
     if key is None:
         raise ConfigError(f"--gain-reference {spec.gain_reference!r} is not a group of this sweep; "
                           f"its groups: {sorted(_label(m, p) for m, p in info)}")
-    runs = info[key]["by_seed"]
-    cfg = next(iter(runs.values())).cfg
+    cfg = next(iter(info[key]["by_seed"].values())).cfg
     setting = setting_class(cfg.setting)(cfg)
     heads = setting.gain_metrics()
     if not heads:
         raise ConfigError(f"the {cfg.setting} setting has no headline metric per task, so no Δm (--gain-reference)")
-    ref_metrics = [_flat_test_metrics(r) for r in runs.values()]
+    ref_metrics = [_flat_test_metrics(t) for t in info[key]["tests"].values()]
     base = {t: float(np.mean([m[k] for m in ref_metrics])) for t, (k, _) in heads.items()}
 
-    def gain_of(metrics: dict[str, float]) -> float:
-        return 100 * float(np.mean([s * (metrics[k] - base[t]) / base[t] for t, (k, s) in heads.items()]))
+    def term(task: str, value: float) -> float:  # one task's share of Δm (%), before the mean
+        return 100 * heads[task][1] * (value - base[task]) / base[task]
 
+    gains = {}
     for entry in out_groups:
-        by_seed = info[(entry["method"], entry["grid_point"])]["by_seed"]
-        values = [gain_of(_flat_test_metrics(r)) for r in by_seed.values()]
+        tests = info[(entry["method"], entry["grid_point"])]["tests"]
+        values = [float(np.mean([term(t, m[k]) for t, (k, _) in heads.items()]))
+                  for m in map(_flat_test_metrics, tests.values())]
         mean, std, n = mean_std(values)
-        entry["gain"] = {"mean": mean, "std": std, "seeds": n, "by_seed": dict(zip(map(str, by_seed), values))}
+        entry["gain"] = {"mean": mean, "std": std, "seeds": n, "by_seed": dict(zip(map(str, tests), values))}
+        gains[(entry["method"], entry["grid_point"])] = dict(zip(tests, values))
 
     objectives = {t: setting.data(t).objective for t in heads}
 
     def score(task: str, total: np.ndarray) -> float:
-        k, s = heads[task]
-        return 100 * s * (objectives[task].metrics_from_stats(total)[k] - base[task]) / base[task]
+        return term(task, objectives[task].metrics_from_stats(total)[heads[task][0]])
+
+    split: dict[Path, dict[str, np.ndarray] | None] = {}  # a run's statistics per task, loaded once
 
     def task_stats(run: Run) -> dict[str, np.ndarray] | None:
-        stats = _test_stats(run)
-        if stats is None:
-            return None
-        split = {k: v for t, rows in stats.items() for k, v in setting.split_example_stats(t, rows).items()}
-        return {t: split[t] for t in heads} if all(t in split for t in heads) else None
+        if run.folder not in split:
+            stats = _test_stats(run)
+            parts = {} if stats is None else {
+                k: v for t, rows in stats.items() for k, v in setting.split_example_stats(t, rows).items()}
+            split[run.folder] = {t: parts[t] for t in heads} if all(t in parts for t in heads) else None
+        return split[run.folder]
 
-    gains = {(g["method"], g["grid_point"]): g["gain"]["by_seed"] for g in out_groups}
     comparisons = []
-    for (m_ref, p_ref), (m, p) in pairs:
-        ref, other = info[(m_ref, p_ref)], info[(m, p)]
-        seeds = [s for s in ref["by_seed"] if s in other["by_seed"]]
-        sa = [task_stats(ref["by_seed"][s]) for s in seeds]
-        sb = [task_stats(other["by_seed"][s]) for s in seeds]
+    for a, b in pairs:
+        seeds = [s for s in info[a]["by_seed"] if s in info[b]["by_seed"]]
+        sa = [task_stats(info[a]["by_seed"][s]) for s in seeds]
+        sb = [task_stats(info[b]["by_seed"][s]) for s in seeds]
         if seeds and all(x is not None for x in sa + sb):
             interval = paired_bootstrap(sa, sb, score, replicates=spec.bootstrap,  # type: ignore[arg-type]
                                         shared_examples=setting.shared_examples)
         else:
-            interval = paired_t_interval([gains[(m_ref, p_ref)][str(s)] for s in seeds],
-                                         [gains[(m, p)][str(s)] for s in seeds])
-        comparisons.append({"reference": m_ref, "reference_point": p_ref, "method": m, "grid_point": p,
-                            **interval.to_dict()})
+            interval = paired_t_interval([gains[a][s] for s in seeds], [gains[b][s] for s in seeds])
+        comparisons.append(_comparison(a, b, interval))
     return {"reference": _label(*key), "metrics": {t: k for t, (k, _) in heads.items()},
             "reference_values": base, "comparisons": comparisons}
 
 
-def _axis_comparisons(groups: dict[tuple[str, str], dict[str, Any]], info: dict[tuple[str, str], Any],
-                      spec: SweepSpec) -> list[dict[str, Any]]:
-    """Paired intervals between grid points of the same method that differ only in
-    ``spec.compare_axis``: the axis's first value against each other value."""
-    out = []
-    for (m, p_ref), (_, p) in _axis_pairs(groups, spec):
-        interval = _compare(info[(m, p_ref)], info[(m, p)], spec.bootstrap)
-        out.append({"reference": m, "reference_point": p_ref, "method": m, "grid_point": p, **interval.to_dict()})
-    return out
-
-
-def _axis_pairs(groups: dict[tuple[str, str], dict[str, Any]], spec: SweepSpec):
+def _axis_pairs(groups: dict[tuple[str, str], dict[str, Any]], spec: SweepSpec) -> list[tuple[tuple[str, str], ...]]:
     """(reference group, other group): grid points of one method that differ only in
     ``spec.compare_axis``, the axis's first value first."""
     key = spec.compare_axis
     if key is None:
-        return
+        return []
     first = next(a.values[0] for a in spec.axes if a.key == key)
+    out = []
     for (m, p_ref), g_ref in groups.items():
         point = dict(g_ref["point"])
         if point.get(key) != first:
@@ -625,7 +604,8 @@ def _axis_pairs(groups: dict[tuple[str, str], dict[str, Any]], spec: SweepSpec):
             if m2 != m or p == p_ref or key not in other:
                 continue
             if {k: v for k, v in other.items() if k != key} == {k: v for k, v in point.items() if k != key}:
-                yield (m, p_ref), (m2, p)
+                out.append(((m, p_ref), (m2, p)))
+    return out
 
 
 # ----------------------------------------------------------------------------- table and plot

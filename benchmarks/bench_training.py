@@ -7,7 +7,7 @@ ratio to full fine-tuning. Backbones use random weights (speed does not depend o
 
     python benchmarks/bench_training.py                 # all models, ~10 min on 2 cores
     python benchmarks/bench_training.py --quick         # one small config, ~1 min
-    python benchmarks/bench_training.py --memory        # + peak RSS per method, one fresh process each
+    python benchmarks/bench_training.py --memory        # + peak RSS and tensor peak per method, fresh processes
     python benchmarks/bench_training.py --device cuda --amp bf16 --memory --configs resnet18@224:32
 
 A configuration may carry its own batch size (``resnet18@224:32``). On CUDA, ``--memory``
@@ -51,7 +51,9 @@ from ftn.backbones import strip_classifier
 from ftn.training.methods import ftn_delta_budget, lora_targets
 
 METHODS = ["full", "linear", "bn_head", "ftn_autograd", "ftn", "lora", "loha", "lokr"]
-ALL_METHODS = [*METHODS, "ftn_custom"]  # ftn_custom (depthwise included) is slow: opt-in
+# ftn_custom (thin contractions on depthwise convs too) is slow: opt-in; ftn_recompute: FTN with
+# FTNModel.recompute_depthwise (less memory, one more depthwise conv per layer in the backward).
+ALL_METHODS = [*METHODS, "ftn_custom", "ftn_recompute"]
 CONFIGS = {  # name: (torchvision model, image size, batch)
     "mobilenet_v2@64": ("mobilenet_v2", 64, 64),
     "mobilenet_v2@224": ("mobilenet_v2", 224, 16),
@@ -60,6 +62,8 @@ CONFIGS = {  # name: (torchvision model, image size, batch)
 }
 DEVICE = torch.device("cpu")
 AMP: torch.dtype | None = None  # autocast dtype for training and eval steps (--amp)
+# --channels-last: backbones and batches in NHWC, the faster layout for every method on the CPU.
+MEMORY_FORMAT = torch.contiguous_format
 
 
 def autocast():
@@ -97,7 +101,7 @@ class Method:
 def make_backbone(arch: str) -> tuple[nn.Module, int]:
     torch.manual_seed(0)
     backbone, dim = strip_classifier(getattr(torchvision.models, arch)(weights=None))
-    return backbone.to(DEVICE), dim
+    return backbone.to(DEVICE, memory_format=MEMORY_FORMAT), dim
 
 
 def peft_targets(backbone: nn.Module) -> list[str]:
@@ -162,7 +166,9 @@ def build(method: str, backbone: nn.Module, dim: int, ftn_budget: int | None = N
             for layer in model.adapted_layers().values():
                 if "t" in layer.tasks:
                     layer.tasks["t"].factors[0].normal_(0, 1e-3)
-        mode = {"ftn_autograd": False, "ftn": None, "ftn_custom": True}[method]
+        mode = {"ftn_autograd": False, "ftn": None, "ftn_custom": True, "ftn_recompute": None}[method]
+        if method == "ftn_recompute":  # depthwise outputs rebuilt in the backward (memory)
+            model.recompute_depthwise()
         for layer in model.adapted_layers().values():
             layer.fast_backward = mode
         model.set_task("t")
@@ -226,7 +232,7 @@ def eval_latency(models: dict[str, nn.Module], x, rounds: int) -> dict[str, floa
 
 def make_batch(size: int, batch: int):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=g).to(DEVICE)
+    x = torch.randn(batch, 3, size, size, generator=g).to(DEVICE, memory_format=MEMORY_FORMAT)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(DEVICE)
     return x, y
 
@@ -282,7 +288,7 @@ def child_memory(config: str, method: str, steps: int) -> dict:
     budget = ftn_delta_budget(backbone, rank=FTN_RANK) if method in ("lora", "loha", "lokr") else None
     m = build(method, backbone, dim, budget)
     del backbone
-    x = torch.randn(batch, 3, size, size)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=MEMORY_FORMAT)
     y = torch.randint(0, NUM_CLASSES, (batch,))
     opt = torch.optim.AdamW(m.params, lr=1e-3)
     m.train_model.train()
@@ -292,6 +298,36 @@ def child_memory(config: str, method: str, steps: int) -> dict:
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec, so
     # every child would report the (larger) benchmark parent's peak.
     return {"peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": before}
+
+
+def child_tensor_memory(config: str, method: str, steps: int) -> dict:
+    """Runs in a fresh process: the peak of live tensor bytes while building + ``steps`` training
+    steps of one method, above what was allocated before (the CPU counterpart of
+    :func:`cuda_memory`). Counted from the allocator's events under ``torch.profiler``
+    (``profile_memory``): unlike the process RSS it leaves out the interpreter, the libraries and
+    the allocator's retained pages (about 700 MB that no method changes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    arch, size, batch = CONFIGS[config]
+    backbone, dim = make_backbone(arch)
+    rank = None
+    if method in ("lora", "loha", "lokr"):  # the rank search builds models: keep it outside
+        rank, _ = matched_rank(method, backbone, dim, ftn_delta_budget(backbone, rank=FTN_RANK))
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=MEMORY_FORMAT)
+    y = torch.randint(0, NUM_CLASSES, (batch,))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        m = build(method, backbone, dim, peft_rank=rank)
+        opt = torch.optim.AdamW(m.params, lr=1e-3)
+        m.train_model.train()
+        for _ in range(steps):
+            train_step(m, opt, x, y, nn.CrossEntropyLoss())
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return {"tensor_peak_mb": round(peak / 2**20, 1)}
 
 
 def cuda_memory(config: str, method: str, steps: int, peft_rank: int | None) -> dict:
@@ -351,15 +387,16 @@ def summary(res: dict) -> dict:
     if "full" in rows and "bn_head" in rows:
         f = rows["bn_head"]["ratio_vs_full"]
         out["floor"] = round(f, 3)
-        for k in ("ftn", "ftn_autograd", "ftn_custom", "lora", "loha", "lokr"):
+        for k in ("ftn", "ftn_autograd", "ftn_custom", "ftn_recompute", "lora", "loha", "lokr"):
             if k in rows:
                 out[f"overhead_{k}"] = round((rows[k]["ratio_vs_full"] - f) / (1 - f), 3)
     if "ftn" in rows and "lora" in rows:
         out["ftn_over_lora"] = round(rows["ftn"]["step_ms"] / rows["lora"]["step_ms"], 3)
     mem = res.get("memory", {})
-    key = "gpu_peak_mb" if "gpu_peak_mb" in mem.get("full", {}) else "peak_rss_mb"
-    if "full" in mem:
-        out["memory_vs_full"] = {k: round(v[key] / mem["full"][key], 3) for k, v in mem.items()}
+    for key in ("gpu_peak_mb", "tensor_peak_mb", "peak_rss_mb"):
+        if key in mem.get("full", {}):
+            name = {"peak_rss_mb": "memory_vs_full"}.get(key, f"{key.removesuffix('_mb')}_vs_full")
+            out[name] = {k: round(v[key] / mem["full"][key], 3) for k, v in mem.items()}
     if "ftn:unmerged" in res["eval_ratio_vs_backbone"]:
         out["ftn_unmerged_eval_vs_backbone"] = round(res["eval_ratio_vs_backbone"]["ftn:unmerged"], 3)
     return out
@@ -391,11 +428,16 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true",
                         help="peak RSS per method in a fresh process (CUDA: peak GPU memory, in-process)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--channels-last", action="store_true",
+                        help="backbones and batches in channels-last (NHWC) memory format")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-tensors", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global DEVICE, AMP
+    global DEVICE, AMP, MEMORY_FORMAT
     DEVICE = torch.device(args.device)
+    if args.channels_last:
+        MEMORY_FORMAT = torch.channels_last
     AMP = {"off": None, "bf16": torch.bfloat16}[args.amp]
     if args.batch:
         for name, (arch, size, _) in list(CONFIGS.items()):
@@ -405,14 +447,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(child_memory(parse_config(args.child[0]), args.child[1], steps=3)))
+        measure = child_tensor_memory if args.child_tensors else child_memory
+        print(json.dumps(measure(parse_config(args.child[0]), args.child[1], steps=3)))
         return
     if args.quick:
         args.configs, args.rounds, args.eval_rounds = ["mobilenet_v2@64"], 5, 5
     header = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "amp": args.amp,
+              "cpus": os.cpu_count(), "amp": args.amp, "channels_last": args.channels_last,
               "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
               "command": " ".join(sys.argv)}
     print(json.dumps(header))
@@ -428,16 +471,21 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--child", config, method, "--amp", args.amp]
                 if args.threads:
                     cmd += ["--threads", str(args.threads)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                res["memory"][method] = json.loads(out.strip().splitlines()[-1])
+                if args.channels_last:
+                    cmd += ["--channels-last"]
+                res["memory"][method] = {}
+                for extra in ([], ["--child-tensors"]):  # RSS and tensor peak, a process each
+                    out = subprocess.run(cmd + extra, capture_output=True, text=True, check=True).stdout
+                    res["memory"][method].update(json.loads(out.strip().splitlines()[-1]))
         print_config(res)
         if args.memory:
-            key = "gpu_peak_mb" if DEVICE.type == "cuda" else "peak_rss_mb"
-            full = res["memory"].get("full", {}).get(key)
-            for method, mem in res["memory"].items():
-                ratio = f"{mem[key] / full:.3f}" if full else "-"
-                print(f"memory {method:14s} peak {'GPU' if key == 'gpu_peak_mb' else 'RSS'} "
-                      f"{mem[key]:8.0f} MB  (× full {ratio})")
+            keys = ["gpu_peak_mb"] if DEVICE.type == "cuda" else ["tensor_peak_mb", "peak_rss_mb"]
+            label = {"gpu_peak_mb": "GPU", "tensor_peak_mb": "tensors", "peak_rss_mb": "RSS"}
+            for key in keys:
+                full = res["memory"].get("full", {}).get(key)
+                for method, mem in res["memory"].items():
+                    ratio = f"{mem[key] / full:.3f}" if full else "-"
+                    print(f"memory {method:14s} peak {label[key]:7s} {mem[key]:8.0f} MB  (× full {ratio})")
         res["summary"] = summary(res)
         print(f"summary {res['config']} (amp {args.amp}): {json.dumps(res['summary'])}")
         results.append(res)

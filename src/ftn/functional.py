@@ -38,10 +38,12 @@ from .cp import cp_to_tensor
 
 __all__ = [
     "cp_conv",
+    "cp_conv_recompute",
     "cp_linear",
     "fast_backward_cost_ratio",
     "fast_backward_pays_off",
     "AUTO_MAX_COST_RATIO",
+    "AUTO_MAX_COST_RATIO_POINTWISE",
 ]
 
 # Per-layer automatic choice: use the custom backward when its estimated cost is at most this
@@ -49,7 +51,14 @@ __all__ = [
 # memory-bound (they re-read X and dY, in several small batched matmuls) while the dense weight
 # gradient is one compute-bound GEMM. Set from benchmarks/bench_layers.py on a 2-core CPU:
 # custom wins clearly at estimates <= 0.15, breaks even around 0.3, loses 10-20% at 0.6-1.2.
-AUTO_MAX_COST_RATIO = 0.25
+# Rechecked whole-layer (forward + backward, issue 15): ResNet-18's 64-channel 3×3 convs at 56 px
+# (0.28) take 16.6 ms over the frozen layer thin against 20.3 dense; the 7×7 stem (0.36) ties.
+AUTO_MAX_COST_RATIO = 0.3
+# Pointwise kernels (1×1 convs, Linear: S = 1) go through plain matmuls instead of thin convs, and
+# their dense weight gradient is a narrow GEMM that oneDNN runs far below peak when a side is
+# 16-144 channels wide (MobileNetV2's early 1×1 layers): there the thin matmuls won at estimates
+# up to 0.83 and lost at 1.17-1.5 (issue 15; docs/performance.md, "Pointwise layers").
+AUTO_MAX_COST_RATIO_POINTWISE = 0.9
 
 _aten = torch.ops.aten
 
@@ -69,8 +78,13 @@ def fast_backward_cost_ratio(weight_shape: Sequence[int], rank: int, groups: int
     return custom / dense
 
 
-def fast_backward_pays_off(weight_shape: Sequence[int], rank: int, groups: int = 1) -> bool:
-    return fast_backward_cost_ratio(weight_shape, rank, groups) <= AUTO_MAX_COST_RATIO
+def fast_backward_pays_off(weight_shape: Sequence[int], rank: int, groups: int = 1,
+                           stride: Sequence[int] = ()) -> bool:
+    """Whether the thin contractions should replace the dense weight gradient for this layer
+    (``stride``: the conv's, for the pointwise rule; a strided 1×1 conv runs the thin convs)."""
+    pointwise = math.prod(weight_shape[2:]) == 1 and all(s == 1 for s in stride)
+    limit = AUTO_MAX_COST_RATIO_POINTWISE if pointwise else AUTO_MAX_COST_RATIO
+    return fast_backward_cost_ratio(weight_shape, rank, groups) <= limit
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype | None:
@@ -97,12 +111,7 @@ class _CPConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, c, stride, padding, dilation, groups, dtype, thin):
-        merged = _merged(weight, (a, b, c), dtype)
-        # Cast explicitly and run with autocast off, so forward and backward agree on dtypes.
-        x_c, b_c = _cast(x, dtype), _cast(bias, dtype)
-        nd = weight.dim() - 2
-        with torch.autocast(x.device.type, enabled=False):
-            y = _aten.convolution(x_c, merged, b_c, stride, padding, dilation, False, [0] * nd, groups)
+        y, x_c = _cp_conv_value(x, weight, bias, (a, b, c), stride, padding, dilation, groups, dtype)
         ctx.save_for_backward(x_c, weight, a, b, c)
         ctx.conv = (stride, padding, dilation, groups)
         ctx.dtype, ctx.thin = dtype, thin
@@ -125,9 +134,12 @@ class _CPConv(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             if need_x or need_bias or dense:
                 w = _merged(weight, (a, b, c), ctx.dtype)
+                prepad = dense and _slow_depthwise_weight_grad(x, w, stride, padding, dilation, groups)
                 gx, gw, gbias = _aten.convolution_backward(
                     gy, x, w, ctx.bias_shape, stride, padding, dilation, False, out_pad, groups,
-                    [need_x, dense, need_bias])
+                    [need_x, dense and not prepad, need_bias])
+                if prepad:
+                    gw = _depthwise_weight_grad_prepadded(gy, x, w, stride, padding, dilation, groups)
                 del w
                 gx = gx.to(ctx.x_dtype) if gx is not None else None
                 gbias = gbias.to(ctx.bias_dtype) if gbias is not None else None
@@ -136,6 +148,52 @@ class _CPConv(torch.autograd.Function):
             if need_factors and ctx.thin:
                 ga, gb, gc = _factor_grads(gy, x, a, b, c, weight.shape, stride, padding, dilation, groups)
         return gx, None, gbias, ga, gb, gc, None, None, None, None, None, None
+
+
+def _slow_depthwise_weight_grad(x: Tensor, weight: Tensor, stride, padding, dilation, groups) -> bool:
+    """Whether the CPU backend would take its slow path for this depthwise weight gradient.
+
+    Measured on torch 2.14 CPU (oneDNN): a 2-d depthwise conv's weight gradient runs 10-30× its
+    forward when the input's height is below kernel + stride - 1 (MobileNetV2's last stage at
+    64 px: 960 channels at 2×2, 11-16 ms against 0.4 ms forward; full fine-tuning pays that too).
+    The same gradient on the zero-padded input with padding 0 takes the fast path (0.5 ms).
+    Where the rule does not hold, padding first is slower, so it is applied only here.
+    """
+    if x.device.type != "cpu" or x.dim() != 4 or weight.shape[1] != 1 or groups != x.shape[1]:
+        return False
+    if not any(padding) or any(d != 1 for d in dilation):
+        return False
+    return x.shape[2] < weight.shape[2] + stride[0] - 1
+
+
+def _depthwise_weight_grad_prepadded(gy, x, weight, stride, padding, dilation, groups) -> Tensor:
+    """The weight gradient of conv(x, padding) as that of conv(zero-padded x, padding 0)."""
+    ph, pw = padding
+    xp = F.pad(x, (pw, pw, ph, ph))
+    return _aten.convolution_backward(gy, xp, weight, None, stride, [0, 0], dilation, False, [0, 0], groups,
+                                      [False, True, False])[1]
+
+
+def _cp_conv_value(x, weight, bias, factors, stride, padding, dilation, groups, dtype):
+    """The forward's value and the (cast) input it saves: shared by :class:`_CPConv` and
+    :func:`cp_conv_recompute`, so a recomputed output is bit-for-bit the original."""
+    merged = _merged(weight, factors, dtype)
+    # Cast explicitly and run with autocast off, so forward and backward agree on dtypes.
+    x_c, b_c = _cast(x, dtype), _cast(bias, dtype)
+    nd = weight.dim() - 2
+    with torch.autocast(x.device.type, enabled=False):
+        y = _aten.convolution(x_c, merged, b_c, stride, padding, dilation, False, [0] * nd, groups)
+    return y, x_c
+
+
+def cp_conv_recompute(x: Tensor, weight: Tensor, bias: Tensor | None, factors: Sequence[Tensor],
+                      stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                      groups: int = 1):
+    """A function that recomputes ``cp_conv(x, ...)``'s output with the autocast state of now
+    (for :class:`ftn.recompute.OutputRecompute`: it runs in the backward, outside autocast)."""
+    args = (list(stride), list(padding), list(dilation), int(groups), _compute_dtype(x))
+    factors = tuple(factors)
+    return lambda: _cp_conv_value(x, weight, bias, factors, *args)[0]
 
 
 def _merged(weight: Tensor, factors: Sequence[Tensor], dtype: torch.dtype | None) -> Tensor:
@@ -156,6 +214,10 @@ def _dense_factor_grads(gw: Tensor, a: Tensor, b: Tensor, c: Tensor) -> tuple[Te
     return ga, gb.to(b.dtype), gc.to(c.dtype)
 
 
+# Positions per sample up to which a pointwise layer's factor gradients use one GEMM over N·P.
+_FLAT_MAX_POSITIONS = 16
+
+
 def _factor_grads(gy, x, a, b, c, w_shape, stride, padding, dilation, groups):
     c_out, c_in_g, *kernel = w_shape
     nd = len(kernel)
@@ -163,10 +225,32 @@ def _factor_grads(gy, x, a, b, c, w_shape, stride, padding, dilation, groups):
     g = groups
     n = gy.shape[0]
     a_c, b_c, c_c = (f.to(x.dtype) for f in (a, b, c))
+    pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding)
+    if pointwise and g == 1 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        # Channels-last maps are (N·P, C) matrices already: every contraction is one GEMM on
+        # views, with no copy at any map size.
+        x2 = x.permute(0, 2, 3, 1).reshape(-1, c_in_g)  # (N·P, C_in)
+        gy2 = gy.permute(0, 2, 3, 1).reshape(-1, c_out)  # (N·P, C_out); a view when gy is channels-last too
+        # Each product written with the long N·P side where MKL runs it well (measured: the
+        # plain (N·P × C)·(C × R) forms were 3-10× slower on MobileNetV2's early layers).
+        ga = ((b_c * c_c).T @ x2.T @ gy2).T  # dA = dYᵀ·Z, Zᵀ = Kᵀ·Xᵀ: (C_out, R)
+        h = ((a_c.T @ gy2.T) @ x2)[:, :, None]  # H = (Aᵀ·dYᵀ)·X: (R, C_in, 1)
+        gb = (h * c_c.T[:, None, :]).sum(-1).T
+        gc = (h * b_c.T[:, :, None]).sum(1).T
+        return ga.to(a.dtype), gb.to(b.dtype), gc.to(c.dtype)
+    if pointwise and g == 1 and x[0, 0].numel() <= _FLAT_MAX_POSITIONS:
+        # Small maps: N batched (R × C)·(C × P) products are too small to run well; one copy of
+        # x and dY into (C, N·P) makes each contraction a single GEMM (2-4× faster at P ≤ 16).
+        x2 = x.reshape(n, c_in_g, -1).transpose(0, 1).reshape(c_in_g, -1)  # (C_in, N·P)
+        gy2 = gy.reshape(n, c_out, -1).transpose(0, 1).reshape(c_out, -1)  # (C_out, N·P)
+        ga = gy2 @ ((b_c * c_c).T @ x2).T  # dA = dY·Zᵀ, Z = Kᵀ·X
+        h = ((a_c.T @ gy2) @ x2.T)[:, :, None]  # H = (Aᵀ·dY)·Xᵀ: (R, C_in, 1)
+        gb = (h * c_c.T[:, None, :]).sum(-1).T
+        gc = (h * b_c.T[:, :, None]).sum(1).T
+        return ga.to(a.dtype), gb.to(b.dtype), gc.to(c.dtype)
     gy4 = gy.reshape(n, g, c_out // g, -1)  # (N, g, C_out/g, P)
     # Output gradient projected onto R channels per group: G[n, g, r, p] = Σ_o A[o, r]·dY[n, o, p].
     proj = torch.matmul(a_c.reshape(g, c_out // g, rank).transpose(-1, -2), gy4)
-    pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding)
     if pointwise:
         # A 1×1 conv is a matmul over channels: skip the conv machinery (and its weight
         # reorders), which dominates for thin R-channel convs on small maps.

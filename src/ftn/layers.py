@@ -24,7 +24,8 @@ from torch.func import functional_call
 from .cache import CheckGroup, EvalCachedModule
 from .cp import weight_modes
 from .errors import ShapeError, TaskError
-from .functional import cp_conv, cp_linear, fast_backward_pays_off
+from .functional import cp_conv, cp_conv_recompute, cp_linear, fast_backward_pays_off
+from .recompute import OutputRecompute
 from .updates import CPFactors, FactorInit, GatedDelta, TaskUpdate, full_rank, make_update
 
 __all__ = [
@@ -46,11 +47,12 @@ class TaskContext:
     task is a single assignment rather than a walk over all layers. ``checks`` groups the
     model's eval caches (:func:`ftn.cache.eval_pass`)."""
 
-    __slots__ = ("active", "checks")
+    __slots__ = ("active", "checks", "recompute")
 
     def __init__(self) -> None:
         self.active: str | MixedTasks | None = None
         self.checks = CheckGroup()
+        self.recompute: OutputRecompute | None = None  # FTNModel.recompute_depthwise
 
 
 class MixedTasks:
@@ -127,6 +129,10 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
     """
 
     fast_backward: bool | None = None
+    # Whether a training output is recomputed in the backward rather than kept by the op that
+    # consumes it (the BatchNorm after a depthwise conv); needs the model's OutputRecompute,
+    # see FTNModel.recompute_depthwise. Conv layers on the custom Function only.
+    recompute_output: bool = False
     mixed_batches = True  # forward runs each task of a MixedTasks batch on its slice
 
     def __init__(self, base: nn.Module, context: TaskContext | None = None, name: str = "") -> None:
@@ -255,7 +261,8 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
         if self.base.weight.requires_grad or not any(f.requires_grad for f in factors.factors):
             return None
         if self.fast_backward is None:
-            pays = fast_backward_pays_off(self.base.weight.shape, factors.rank, self._groups())
+            pays = fast_backward_pays_off(self.base.weight.shape, factors.rank, self._groups(),
+                                          getattr(self.base, "stride", ()))
             return "thin" if pays else "dense"
         return "thin"
 
@@ -326,6 +333,10 @@ class FTNConv(FTNLayer):
             x = x.unsqueeze(0)
         y = cp_conv(x, base.weight, base.bias, factors, base.stride, padding, base.dilation, base.groups,
                     thin=thin)
+        recompute = self.context.recompute
+        if self.recompute_output and recompute is not None and recompute.active and not unbatched:
+            recompute.mark(y, cp_conv_recompute(x, base.weight, base.bias, factors, base.stride, padding,
+                                                base.dilation, base.groups))
         return y.squeeze(0) if unbatched else y
 
 

@@ -16,7 +16,7 @@ import copy
 import fnmatch
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from .errors import ConfigError, ShapeError, TaskError
 from .injection import inject, replace_modules
 from .layers import FTNLayer, MixedTasks, TaskContext
 from .norms import TaskNorm, recalibrate_batchnorm
+from .recompute import OutputRecompute
 from .report import LayerCap, ParameterReport, TaskParameters
 
 __all__ = ["FTNConfig", "FTNModel", "TaskModel"]
@@ -269,11 +270,28 @@ class FTNModel(nn.Module):
         self.check_task(name)
         previous = self.context.active
         self.context.active = name
+        recompute = self.context.recompute
+        recomputing = recompute is not None and self.training and torch.is_grad_enabled()
         try:
-            with eval_pass(self.context.checks):  # one check of the cached weights per pass
+            # eval_pass: one check of the cached weights per pass
+            with recompute.forward() if recomputing else nullcontext(), eval_pass(self.context.checks):
                 return self.heads[name](self.backbone(*inputs, **kwargs))
         finally:
             self.context.active = previous
+
+    def recompute_depthwise(self, enabled: bool = True) -> int:
+        """Trade compute for memory in training: the output of every adapted depthwise conv is
+        rebuilt in the backward (one more depthwise conv each) instead of being kept by the
+        BatchNorm that follows it (:mod:`ftn.recompute`). Gradients are unchanged. Returns how
+        many layers it applies to; ``enabled=False`` turns it off."""
+        count = 0
+        for layer in self.adapted_layers().values():
+            base = layer.base
+            if isinstance(base, nn.Conv2d) and base.groups > 1 and base.groups == base.in_channels:
+                layer.recompute_output = enabled
+                count += enabled
+        self.context.recompute = OutputRecompute() if count else None
+        return count
 
     def forward_mixed(self, x: Tensor, tasks: Sequence[str]) -> dict[str, Any]:
         """One pass over a batch whose samples belong to different tasks: sample i runs under

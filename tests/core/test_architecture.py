@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 # The core, lowest first: a module may import only modules to its left. errors, cp and report
 # are leaves; adapters works on a model through its public methods and is imported by it.
-CORE = ["version", "errors", "cp", "functional", "cache", "report", "digest", "updates", "layers", "config", "norms",
+CORE = ["version", "errors", "cp", "functional", "recompute", "cache", "report", "digest", "updates", "layers", "config", "norms",
         "attention", "injection", "adapters", "allocation", "model", "multitask"]
 # What the core must never need (the `train` extra and other optional packages). NumPy is not
 # listed: safetensors.torch.save needs it, so it is a core dependency.

@@ -9,7 +9,8 @@ from torch import nn
 
 from ftn import FTNModel
 from ftn.cp import cp_to_tensor
-from ftn.functional import cp_conv, cp_linear, fast_backward_cost_ratio, fast_backward_pays_off
+from ftn.functional import (_FLAT_MAX_POSITIONS, _slow_depthwise_weight_grad, cp_conv, cp_linear,
+                            fast_backward_cost_ratio, fast_backward_pays_off)
 from ftn.injection import wrap_layer
 from ftn.layers import FTNLayer
 
@@ -30,7 +31,13 @@ GRADCHECK_CASES = {
     "depthwise_multiplier_5x5": (4, 8, 5, 2, 2, 1, 4, True, 2),
     "conv1d": (4, 6, 3, 1, 1, 1, 2, True, 1),
     "conv3d": (2, 3, 3, 2, 1, 1, 1, True, 3),
+    # Small maps take their own code paths: one GEMM over N·P for pointwise factor gradients,
+    # and the prepadded depthwise weight gradient (see the sizes below).
+    "pointwise_small_map": (4, 6, 1, 1, 0, 1, 1, True, 2),
+    "depthwise_small_map": (4, 4, 3, 1, 1, 1, 4, True, 2),
+    "depthwise_small_map_stride2": (4, 4, 3, 2, 1, 1, 4, False, 2),
 }
+MAP_SIZE = {"conv3d": 4, "pointwise_small_map": 3, "depthwise_small_map": 2, "depthwise_small_map_stride2": 3}
 
 
 @pytest.mark.parametrize("thin", [True, False], ids=["thin", "dense"])
@@ -38,7 +45,7 @@ GRADCHECK_CASES = {
 def test_cp_conv_gradcheck_float64(case, thin):
     c_in, c_out, k, stride, pad, dil, groups, bias, nd = GRADCHECK_CASES[case]
     g = torch.Generator().manual_seed(0)
-    size = 4 if nd == 3 else 6  # gradcheck is O(inputs × outputs): keep 3-D small
+    size = MAP_SIZE.get(case, 6)  # gradcheck is O(inputs × outputs): keep 3-D small
     x = torch.randn(2, c_in, *([size] * nd), dtype=F64, generator=g, requires_grad=True)
     weight = torch.randn(c_out, c_in // groups, *([k] * nd), dtype=F64, generator=g)
     b = torch.randn(c_out, dtype=F64, generator=g, requires_grad=True) if bias else None
@@ -165,12 +172,82 @@ def test_fast_path_is_taken_only_when_a_backward_reaches_the_factors(monkeypatch
     assert calls == [1]
 
 
+@pytest.mark.parametrize("size", [3, 6], ids=["small_map", "map"])
+def test_pointwise_channels_last_gradcheck_float64(size):
+    # Channels-last inputs take their own GEMMs on (N·P, C) views.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, size, size, dtype=F64, generator=g).contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight = torch.randn(6, 4, 1, 1, dtype=F64, generator=g)
+    factors = [torch.randn(d, 2, dtype=F64, generator=g, requires_grad=True) for d in (6, 4, 1)]
+
+    def fast(x, *fs):
+        return cp_conv(x, weight, None, fs, [1, 1], [0, 0], [1, 1], 1, thin=True)
+
+    assert torch.autograd.gradcheck(fast, (x, *factors))
+    torch.testing.assert_close(fast(x, *factors), F.conv2d(x, weight + cp_to_tensor(factors, weight.shape)))
+
+
+def test_whole_model_channels_last_same_gradients(images):
+    model = _small_model()
+    model.train()
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model.to(memory_format=fmt)
+        model.zero_grad()
+        model(images.contiguous(memory_format=fmt), task="a").square().mean().backward()
+        grads.append([p.grad.clone() for p in model.task_parameters("a")])
+    for got, ref in zip(*grads):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_small_map_paths_are_the_ones_taken():
+    # The gradchecks above cover these paths only if the shapes really select them.
+    x = torch.zeros(2, 4, 2, 2)
+    w = torch.zeros(4, 1, 3, 3)
+    assert _slow_depthwise_weight_grad(x, w, [1, 1], [1, 1], [1, 1], 4)
+    assert _slow_depthwise_weight_grad(torch.zeros(2, 4, 3, 3), w, [2, 2], [1, 1], [1, 1], 4)
+    assert not _slow_depthwise_weight_grad(torch.zeros(2, 4, 6, 6), w, [1, 1], [1, 1], [1, 1], 4)
+    assert not _slow_depthwise_weight_grad(torch.zeros(2, 4, 4, 4), w, [2, 2], [1, 1], [1, 1], 4)
+    assert not _slow_depthwise_weight_grad(x, torch.zeros(4, 2, 3, 3), [1, 1], [1, 1], [1, 1], 2)  # not depthwise
+    assert 3 * 3 <= _FLAT_MAX_POSITIONS < 6 * 6
+
+
+def test_small_map_paths_match_autograd_on_real_shapes():
+    # MobileNetV2's last stage at 64 px (2×2 maps) in float32: factor gradients as autograd
+    # through W + ΔW computes them.
+    g = torch.Generator().manual_seed(0)
+    cases = [((960, 1, 3, 3), 960, (16, 960, 2, 2), False), ((160, 960, 1, 1), 1, (16, 960, 2, 2), True)]
+    for shape, groups, x_shape, thin in cases:
+        x = torch.randn(x_shape, generator=g)
+        weight = torch.randn(shape, generator=g) * 0.1
+        factors = [(torch.randn(d, 8, generator=g) * 0.3).requires_grad_() for d in (shape[0], shape[1], 9 if shape[2] == 3 else 1)]
+        padding = [1, 1] if shape[2] == 3 else [0, 0]
+        gy = torch.randn_like(F.conv2d(x, weight, padding=padding, groups=groups))
+        cp_conv(x, weight, None, factors, [1, 1], padding, [1, 1], groups, thin=thin).backward(gy)
+        fast = [f.grad.clone() for f in factors]
+        for f in factors:
+            f.grad = None
+        F.conv2d(x, weight + cp_to_tensor(factors, weight.shape), None, 1, padding, 1, groups).backward(gy)
+        for got, want in zip(fast, (f.grad for f in factors)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
 def test_automatic_choice_follows_cost_estimate():
     # Depthwise: the thin convs need g·R channels, far more than the dense gradient.
     assert fast_backward_cost_ratio((144, 1, 3, 3), 8, groups=144) > 10
     assert not fast_backward_pays_off((144, 1, 3, 3), 8, groups=144)
     assert fast_backward_pays_off((512, 512, 3, 3), 8)
-    assert not fast_backward_pays_off((16, 32, 1, 1), 8)
+    assert not fast_backward_pays_off((16, 32, 1, 1), 8)  # estimate 1.5
+    # Pointwise layers have their own, higher limit (a narrow dense GEMM runs far below peak).
+    assert fast_backward_pays_off((24, 96, 1, 1), 8)  # estimate 0.83
+    assert not fast_backward_pays_off((24, 96, 3, 3), 8)  # 0.69, a 3×3 kernel: limit 0.25
+    assert not fast_backward_pays_off((96, 16, 1, 1), 8)  # estimate 1.17
+    # A strided 1×1 conv (a ResNet downsample) runs the thin convs, not matmuls: the 3×3 limit.
+    assert fast_backward_pays_off((128, 64, 1, 1), 8, stride=(1, 1))  # 0.38
+    assert not fast_backward_pays_off((128, 64, 1, 1), 8, stride=(2, 2))
+    assert fast_backward_pays_off((64, 64, 3, 3), 8)  # 0.28: ResNet's first stage
     assert FTNLayer.fast_backward is None  # automatic by default
     # Where the thin contractions do not pay off the layer still uses the custom Function, with
     # the dense weight gradient (nothing materialized is kept for the backward).

@@ -275,6 +275,10 @@ def run_config(name: str, methods: list[str], rounds: int, warmup: int, eval_rou
         rows[k] = {"step_ms": step[k] * 1e3, "step_min_ms": step_min[k] * 1e3,
                    "ratio_vs_full": step[k] / full if full else None,
                    "ratio_min_vs_full": step_min[k] / step_min["full"] if full else None,
+                   # Median over rounds of this round's step / full's step in the same round: the
+                   # paired ratio, less moved by slow drifts of the machine than a ratio of medians.
+                   "ratio_paired_vs_full": statistics.median(a / b for a, b in zip(times[k], times["full"]))
+                   if full else None,
                    "trainable": sum(p.numel() for p in m.params), "stored": m.stored, **m.info}
     return {"config": name, "arch": arch, "size": size, "batch": batch, "rounds": rounds,
             "methods": rows, "eval_ms": {k: v * 1e3 for k, v in latency.items()},
@@ -369,12 +373,13 @@ def rss_mb() -> float:
 
 def print_config(res: dict) -> None:
     print(f"\n## {res['config']} (batch {res['batch']}, {res['rounds']} interleaved rounds)")
-    print(f"{'method':14s} {'step ms':>9s} {'× full':>7s} {'× full(min)':>11s} {'trainable':>10s} {'stored':>10s}  info")
+    print(f"{'method':14s} {'step ms':>9s} {'× full':>7s} {'× full(min)':>11s} {'paired':>7s} {'trainable':>10s} "
+          f"{'stored':>10s}  info")
     for k, r in res["methods"].items():
-        info = {i: v for i, v in r.items() if i not in ("step_ms", "step_min_ms", "ratio_vs_full",
-                                                         "ratio_min_vs_full", "trainable", "stored")}
+        info = {i: v for i, v in r.items() if i not in ("step_ms", "step_min_ms", "ratio_vs_full", "ratio_min_vs_full",
+                                                         "ratio_paired_vs_full", "trainable", "stored")}
         print(f"{k:14s} {r['step_ms']:9.1f} {r['ratio_vs_full']:7.2f} {r['ratio_min_vs_full']:11.2f} "
-              f"{r['trainable']:10,d} {r['stored']:10,d}  {info or ''}")
+              f"{r['ratio_paired_vs_full']:7.2f} {r['trainable']:10,d} {r['stored']:10,d}  {info or ''}")
     print(f"{'eval':20s} {'ms':>8s} {'× backbone':>10s}")
     for k, v in res["eval_ms"].items():
         print(f"{k:20s} {v:8.2f} {res['eval_ratio_vs_backbone'][k]:10.2f}")
@@ -390,6 +395,12 @@ def summary(res: dict) -> dict:
         for k in ("ftn", "ftn_autograd", "ftn_custom", "ftn_recompute", "lora", "loha", "lokr"):
             if k in rows:
                 out[f"overhead_{k}"] = round((rows[k]["ratio_vs_full"] - f) / (1 - f), 3)
+        if rows["bn_head"].get("ratio_paired_vs_full") is not None:  # the same from paired ratios
+            fp = rows["bn_head"]["ratio_paired_vs_full"]
+            out["floor_paired"] = round(fp, 3)
+            for k in ("ftn", "ftn_recompute", "lora"):
+                if k in rows:
+                    out[f"overhead_paired_{k}"] = round((rows[k]["ratio_paired_vs_full"] - fp) / (1 - fp), 3)
     if "ftn" in rows and "lora" in rows:
         out["ftn_over_lora"] = round(rows["ftn"]["step_ms"] / rows["lora"]["step_ms"], 3)
     mem = res.get("memory", {})

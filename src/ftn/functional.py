@@ -16,7 +16,7 @@ position) and output gradient dY:
 The two thin convs cost about R/C_out of the dense weight gradient each. For a grouped conv
 (groups g) B spans C_in/g and the same K is applied to every group, so the thin convs get g·R
 output channels: cost ≈ g·R/C_out each. That is a loss for depthwise convs (g = C_out), so
-:func:`fast_backward_pays_off` keeps plain autograd there (they are cheap anyway).
+:func:`fast_backward_pays_off` takes the dense weight gradient there (in the same Function).
 
 Linear layers (ΔW = A·Bᵀ) are the 2-way case: ``dA = dYᵀ·(X·B)``, ``dB = Xᵀ·(dY·A)``.
 
@@ -56,8 +56,10 @@ __all__ = [
 AUTO_MAX_COST_RATIO = 0.3
 # Pointwise kernels (1×1 convs, Linear: S = 1) go through plain matmuls instead of thin convs, and
 # their dense weight gradient is a narrow GEMM that oneDNN runs far below peak when a side is
-# 16-144 channels wide (MobileNetV2's early 1×1 layers): there the thin matmuls won at estimates
-# up to 0.83 and lost at 1.17-1.5 (issue 15; docs/performance.md, "Pointwise layers").
+# 16-144 channels wide (MobileNetV2's early 1×1 layers). Measured per layer with
+# benchmarks/bench_backward_paths.py (docs/performance.md, "CPU, third round"): between estimates
+# 0.3 and 0.83 neither path wins consistently (each by up to 2× on some layers, ties on most);
+# above 1.1 dense wins on 64 px maps. So thin up to 0.9, where it is at least not the loser.
 AUTO_MAX_COST_RATIO_POINTWISE = 0.9
 
 _aten = torch.ops.aten

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ftn.dense.setting import JOINT, compare
+from ftn.errors import ConfigError
 from ftn.training.config import apply_overrides, new_config
 from ftn.training.engine import train_task
 from ftn.training.runner import build, run_experiments
@@ -151,3 +152,24 @@ def test_three_methods_delta_m_and_parameters(scenes: Path, tmp_path: Path) -> N
     assert mtl["stored_parameters"] == enc + sum(dec.values())  # same decoders, one encoder
     assert all(ftn["parameters"]["per_task"][t] > dec[t] for t in dec)  # decoder + ΔW + norms
     assert ftn["stored_parameters"] < single["stored_parameters"]
+
+
+def test_recompute_depthwise_option_trains_identically(scenes: Path, tmp_path: Path) -> None:
+    # train.recompute_depthwise changes what is kept for the backward, not the result.
+    states = []
+    for flag in ("false", "true"):
+        cfg = _tiny(scenes, tmp_path / flag, f"train.recompute_depthwise={flag}")
+        setting, method = build(cfg, torch.device("cpu"))
+        layers = [layer for layer in method.model.adapted_layers().values() if layer.recompute_output]
+        assert len(layers) == (17 if flag == "true" else 0)  # MobileNetV2's depthwise convs
+        task, _ = _train(cfg, setting, method, "semseg", tmp_path / flag)
+        states.append(task.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_recompute_depthwise_needs_an_ftn_method(scenes: Path, tmp_path: Path) -> None:
+    cfg = _tiny(scenes, tmp_path, "train.recompute_depthwise=true", "method.name=lora")
+    with pytest.raises(ConfigError, match="recompute_depthwise applies to FTN methods"):
+        build(cfg, torch.device("cpu"))

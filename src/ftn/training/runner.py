@@ -21,6 +21,7 @@ import torch
 
 from ..adapters import atomic_write_bytes
 from ..errors import ConfigError
+from ..model import FTNModel
 from . import budget, distributed
 from .config import ExperimentConfig, config_to_dict, setting_class
 from .engine import evaluate, evaluate_examples, resolve_device, seed_everything, train_task
@@ -37,7 +38,15 @@ def build(cfg: ExperimentConfig, device: torch.device) -> tuple[Setting, Method]
     and in ``ftn eval``, so adapter files fit it)."""
     setting = setting_class(cfg.setting)(cfg)
     seed_everything(cfg.seed)
-    return setting, make_method(cfg.method, setting.backbone().to(device), device)
+    method = make_method(cfg.method, setting.backbone().to(device), device)
+    if cfg.train.recompute_depthwise:
+        model = getattr(method, "model", None)
+        if not isinstance(model, FTNModel):
+            raise ConfigError(f"train.recompute_depthwise applies to FTN methods, not method.name="
+                              f"{cfg.method.name!r}")
+        if not model.recompute_depthwise():
+            log.warning("train.recompute_depthwise: the backbone has no adapted depthwise conv")
+    return setting, method
 
 
 def _device(cfg: ExperimentConfig) -> torch.device:

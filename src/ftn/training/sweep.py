@@ -277,7 +277,8 @@ def _same_config(run: Run) -> None:
         # leaves it at its default (the old run had that behaviour).
         default = json.loads(json.dumps(config_to_dict(ExperimentConfig(setting=run.cfg.setting)), default=float))
         # Where a run trains and writes is not part of the experiment: a sweep started on a GPU
-        # can be finished on the CPU, and a sweep folder moved elsewhere resumes.
+        # can be finished on the CPU, and a sweep folder moved elsewhere resumes. Nor is
+        # recomputing depthwise outputs, which changes memory, not results.
         diff = sorted(d for d in _diff(old, new, default) if d not in _PLACEMENT)[:5]
         if diff:
             raise ConfigError(f"{run.folder} holds a run of another config (differs in {', '.join(diff)}); "
@@ -285,7 +286,7 @@ def _same_config(run: Run) -> None:
 
 
 _MISSING = object()
-_PLACEMENT = {"train.device", "output_dir"}
+_PLACEMENT = {"train.device", "output_dir", "train.recompute_depthwise"}
 
 
 def _diff(a: Any, b: Any, default: Any = _MISSING, prefix: str = "") -> list[str]:

@@ -230,7 +230,10 @@ def eval_pass(group: CheckGroup | None) -> Iterator[None]:
     """One forward pass: on an accelerator, the entries of ``group`` are compared once (at the
     first lookup that needs it) instead of at every lookup. Changes made *inside* the block, e.g.
     by a forward hook, to inputs of entries already checked are not seen until the next pass."""
-    if group is None:
+    if group is None or torch.compiler.is_compiling():
+        # Compiled code never reads the eval cache (FTNLayer skips it), and counting passes on
+        # the group there would make every call a recompilation (an integer attribute of a
+        # module is a guard for torch.compile).
         yield
         return
     if group.depth == 0:

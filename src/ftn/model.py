@@ -271,7 +271,9 @@ class FTNModel(nn.Module):
         previous = self.context.active
         self.context.active = name
         recompute = self.context.recompute
-        recomputing = recompute is not None and self.training and torch.is_grad_enabled()
+        # Not under torch.compile: the compiled graph decides for itself what to keep.
+        recomputing = (recompute is not None and self.training and torch.is_grad_enabled()
+                       and not torch.compiler.is_compiling())
         try:
             # eval_pass: one check of the cached weights per pass
             with recompute.forward() if recomputing else nullcontext(), eval_pass(self.context.checks):

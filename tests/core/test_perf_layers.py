@@ -339,3 +339,26 @@ def test_torch_compile_training_step_with_custom_backward(images):
     compiled(images, task="a").square().mean().backward()
     for got, expected in zip((p.grad for p in model.task_parameters("a")), ref):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_compiles_once_for_repeated_steps_and_passes(images):
+    # A compiled model must not recompile at every call (the eval-pass counter on the model was
+    # a guard that changed each call: 8 recompilations, then a silent fall-back to eager).
+    torch._dynamo.reset()
+    model = _small_model()
+    model.recompute_depthwise()  # ignored under compile
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(model.task_parameters("a"), lr=1e-3)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        model.train()
+        for _ in range(3):
+            opt.zero_grad()
+            compiled(images, task="a").square().mean().backward()
+            opt.step()
+        torch._dynamo.reset()
+        model.eval()
+        with torch.no_grad():
+            outs = [compiled(images, task="a") for _ in range(3)]
+    torch.testing.assert_close(outs[0], outs[2])
+    with torch.no_grad():
+        torch.testing.assert_close(outs[0], model(images, task="a"), rtol=1e-5, atol=1e-5)

@@ -173,3 +173,31 @@ def test_recompute_depthwise_needs_an_ftn_method(scenes: Path, tmp_path: Path) -
     cfg = _tiny(scenes, tmp_path, "train.recompute_depthwise=true", "method.name=lora")
     with pytest.raises(ConfigError, match="recompute_depthwise applies to FTN methods"):
         build(cfg, torch.device("cpu"))
+
+
+def test_channels_last_option_trains_and_its_files_load_in_the_default_layout(scenes: Path, tmp_path: Path) -> None:
+    cfg = _tiny(scenes, tmp_path / "cl", "train.channels_last=true")
+    setting, method = build(cfg, torch.device("cpu"))
+    convs = [layer.base for layer in method.model.adapted_layers().values()]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    task, _ = _train(cfg, setting, method, "semseg", tmp_path / "cl")
+    (tmp_path / "files").mkdir()
+    path = method.save_task("semseg", tmp_path / "files")
+    # The same task loaded into a model built in the default layout computes the same outputs.
+    plain_cfg = _tiny(scenes, tmp_path / "plain")
+    _, plain = build(plain_cfg, torch.device("cpu"))
+    plain.load_task("semseg", setting.head(setting.data("semseg")), path)
+    x = torch.stack([setting.data("semseg").test[i]["image"] for i in range(2)])
+    method.model.eval()
+    plain.model.eval()
+    layouts = []  # the first adapted conv's output in each model: the layouts really differ
+    hooks = [next(iter(m.model.adapted_layers().values())).register_forward_hook(
+        lambda mod, i, o: layouts.append(o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous()))
+        for m in (plain, method)]
+    with torch.no_grad():
+        got = plain.model(x, task="semseg")["semseg"]
+        want = method.model(x, task="semseg")["semseg"]
+    for h in hooks:
+        h.remove()
+    assert layouts == [False, True]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -80,6 +80,10 @@ class TrainConfig:
     # 64 px: 0.86× full fine-tuning's tensor peak instead of 0.97×), one more depthwise conv per
     # layer in the backward (+0-2 % of a MobileNetV2 step at 64 px, +9 % at 224 px on the CPU).
     recompute_depthwise: bool = False
+    # Backbone weights in channels-last (NHWC) memory format; activations follow. Every method
+    # trains about 1.1-1.8× faster on the CPU (docs/performance.md, "CPU, third round"); results
+    # equal the default layout's up to float rounding, and files saved either way load either way.
+    channels_last: bool = False
     # False: the test split is not scored after training (``ftn sweep``'s learning-rate search
     # runs; the chosen run's test split is scored once afterwards from its saved tasks).
     evaluate_test: bool = True

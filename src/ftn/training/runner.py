@@ -38,7 +38,10 @@ def build(cfg: ExperimentConfig, device: torch.device) -> tuple[Setting, Method]
     and in ``ftn eval``, so adapter files fit it)."""
     setting = setting_class(cfg.setting)(cfg)
     seed_everything(cfg.seed)
-    method = make_method(cfg.method, setting.backbone().to(device), device)
+    backbone = setting.backbone().to(device)
+    if cfg.train.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)  # 4-d weights only
+    method = make_method(cfg.method, backbone, device)
     if cfg.train.recompute_depthwise:
         model = getattr(method, "model", None)
         if not isinstance(model, FTNModel):

@@ -96,6 +96,7 @@ class Method:
     eval_unmerged: nn.Module | None = None
     eval_merged: nn.Module | None = None
     info: dict = field(default_factory=dict)
+    compiled: nn.Module | None = None  # --compile: what train_step calls instead of train_model
 
 
 def make_backbone(arch: str) -> tuple[nn.Module, int]:
@@ -199,7 +200,7 @@ def params_count(module: nn.Module) -> int:
 def train_step(m: Method, opt, x, y, loss_fn) -> None:
     opt.zero_grad(set_to_none=True)
     with autocast():
-        loss = loss_fn(m.train_model(x), y)
+        loss = loss_fn((m.compiled if m.compiled is not None else m.train_model)(x), y)
     loss.backward()
     opt.step()
 
@@ -237,11 +238,16 @@ def make_batch(size: int, batch: int):
     return x, y
 
 
-def run_config(name: str, methods: list[str], rounds: int, warmup: int, eval_rounds: int) -> dict:
+def run_config(name: str, methods: list[str], rounds: int, warmup: int, eval_rounds: int,
+               compile_step: bool = False) -> dict:
     arch, size, batch = CONFIGS[name]
     backbone, dim = make_backbone(arch)
     budget = ftn_delta_budget(backbone, rank=FTN_RANK)
     built = {m: build(m, backbone, dim, budget) for m in methods}
+    if compile_step:  # --compile: each training model through torch.compile (inductor); eval stays eager
+        for m in built.values():
+            m.compiled = torch.compile(m.train_model)
+        warmup = max(warmup, 2)  # the first call compiles the forward, the first backward its graph
     x, y = make_batch(size, batch)
     loss_fn = nn.CrossEntropyLoss()
     opts = {k: torch.optim.AdamW(m.params, lr=1e-3) for k, m in built.items()}
@@ -439,6 +445,8 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true",
                         help="peak RSS per method in a fresh process (CUDA: peak GPU memory, in-process)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each method's training model (inductor); timing excludes compilation")
     parser.add_argument("--channels-last", action="store_true",
                         help="backbones and batches in channels-last (NHWC) memory format")
     parser.add_argument("--json", help="also write the results here")
@@ -466,13 +474,13 @@ def main() -> None:
     header = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "amp": args.amp, "channels_last": args.channels_last,
+              "cpus": os.cpu_count(), "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
               "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
               "command": " ".join(sys.argv)}
     print(json.dumps(header))
     results = []
     for config in args.configs:
-        res = run_config(config, args.methods, args.rounds, args.warmup, args.eval_rounds)
+        res = run_config(config, args.methods, args.rounds, args.warmup, args.eval_rounds, args.compile)
         if args.memory and DEVICE.type == "cuda":
             res["memory"] = {method: cuda_memory(config, method, 3, res["methods"][method].get("rank"))
                              for method in args.methods}

@@ -179,11 +179,13 @@ def _depthwise_weight_grad_prepadded(gy, x, weight, stride, padding, dilation, g
 def _cp_conv_value(x, weight, bias, factors, stride, padding, dilation, groups, dtype):
     """The forward's value and the (cast) input it saves: shared by :class:`_CPConv` and
     :func:`cp_conv_recompute`, so a recomputed output is bit-for-bit the original."""
-    merged = _merged(weight, factors, dtype)
-    # Cast explicitly and run with autocast off, so forward and backward agree on dtypes.
+    # Cast explicitly and run with autocast off, so forward and backward agree on dtypes: W + ΔW
+    # is built in the factors' dtype (under autocast its matmul would run in bf16, and differ
+    # from the rebuild in the backward, which runs outside autocast).
     x_c, b_c = _cast(x, dtype), _cast(bias, dtype)
     nd = weight.dim() - 2
     with torch.autocast(x.device.type, enabled=False):
+        merged = _merged(weight, factors, dtype)
         y = _aten.convolution(x_c, merged, b_c, stride, padding, dilation, False, [0] * nd, groups)
     return y, x_c
 
@@ -284,9 +286,9 @@ class _CPLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, dtype, thin):
-        merged = _cast(weight + a @ b.T, dtype)
         x_c, b_c = _cast(x, dtype), _cast(bias, dtype)
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):  # W + A·Bᵀ in fp32, as in the backward
+            merged = _cast(weight + a @ b.T, dtype)
             y = F.linear(x_c, merged, b_c)
         ctx.save_for_backward(x_c, weight, a, b)
         ctx.dtype, ctx.thin = dtype, thin

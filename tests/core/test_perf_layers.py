@@ -362,3 +362,21 @@ def test_torch_compile_compiles_once_for_repeated_steps_and_passes(images):
     torch.testing.assert_close(outs[0], outs[2])
     with torch.no_grad():
         torch.testing.assert_close(outs[0], model(images, task="a"), rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_forward_builds_w_plus_delta_in_float32():
+    # Under autocast the forward's W + ΔW must be the one the backward rebuilds (in the factors'
+    # dtype, then cast): a bf16 matmul for ΔW in the forward made the two differ.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, generator=g)
+    weight = torch.randn(16, 8, 3, 3, generator=g)
+    factors = [torch.randn(d, 4, generator=g, requires_grad=True) for d in (16, 8, 9)]
+    lin_w = torch.randn(16, 8, generator=g)
+    a, b = (torch.randn(d, 4, generator=g, requires_grad=True) for d in (16, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv_out = cp_conv(x, weight, None, factors, [1, 1], [1, 1], [1, 1], 1)
+        lin_out = cp_linear(x.mean((2, 3)), lin_w, None, (a, b))
+    with torch.no_grad():
+        merged = (weight + cp_to_tensor(factors, weight.shape)).bfloat16()
+        assert torch.equal(conv_out, F.conv2d(x.bfloat16(), merged, None, 1, 1))
+        assert torch.equal(lin_out, F.linear(x.mean((2, 3)).bfloat16(), (lin_w + a @ b.T).bfloat16()))

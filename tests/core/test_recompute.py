@@ -159,3 +159,25 @@ def _assert_same_gradients(plain: FTNModel, images, expected_layers: int) -> Non
         grads.append([p.grad for p in model.task_parameters("t")])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def test_recompute_under_bf16_autocast_gives_identical_gradients(images):
+    # The recipe rebuilds the output with the forward's autocast dtype, though it runs in the
+    # backward, outside autocast.
+    torch.manual_seed(0)
+    plain = _with_task(SmallCNN())
+    lean = copy.deepcopy(plain)
+    lean.recompute_depthwise()
+    calls = []
+    mark = lean.context.recompute.mark
+    lean.context.recompute.mark = lambda out, fn: mark(out, lambda: calls.append(out.dtype) or fn())
+    grads = []
+    for model in (plain, lean):
+        model.train().zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(images, task="t").float().square().mean()
+        out.backward()
+        grads.append([p.grad for p in model.task_parameters("t")])
+    assert calls == [torch.bfloat16]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

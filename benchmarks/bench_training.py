@@ -291,46 +291,36 @@ def run_config(name: str, methods: list[str], rounds: int, warmup: int, eval_rou
             "eval_ratio_vs_backbone": {k: v / latency["backbone"] for k, v in latency.items()}}
 
 
-def child_memory(config: str, method: str, steps: int) -> dict:
-    """Runs in a fresh process: peak RSS of building + ``steps`` training steps of one method."""
-    arch, size, batch = CONFIGS[config]
-    backbone, dim = make_backbone(arch)
-    budget = ftn_delta_budget(backbone, rank=FTN_RANK) if method in ("lora", "loha", "lokr") else None
-    m = build(method, backbone, dim, budget)
-    del backbone
-    x = torch.randn(batch, 3, size, size).contiguous(memory_format=MEMORY_FORMAT)
-    y = torch.randint(0, NUM_CLASSES, (batch,))
-    opt = torch.optim.AdamW(m.params, lr=1e-3)
-    m.train_model.train()
-    before = rss_mb()
-    for _ in range(steps):
-        train_step(m, opt, x, y, nn.CrossEntropyLoss())
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec, so
-    # every child would report the (larger) benchmark parent's peak.
-    return {"peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": before}
-
-
-def child_tensor_memory(config: str, method: str, steps: int) -> dict:
-    """Runs in a fresh process: the peak of live tensor bytes while building + ``steps`` training
-    steps of one method, above what was allocated before (the CPU counterpart of
-    :func:`cuda_memory`). Counted from the allocator's events under ``torch.profiler``
-    (``profile_memory``): unlike the process RSS it leaves out the interpreter, the libraries and
-    the allocator's retained pages (about 700 MB that no method changes)."""
+def child_memory(config: str, method: str, steps: int, tensors: bool = False) -> dict:
+    """Runs in a fresh process: the peak memory of building + ``steps`` training steps of one
+    method. Default: the process's peak RSS. ``tensors``: the peak of live tensor bytes above
+    what was allocated before (the CPU counterpart of :func:`cuda_memory`), counted from the
+    allocator's events under ``torch.profiler`` (``profile_memory``); unlike the RSS it leaves
+    out the interpreter, the libraries and the allocator's retained pages (about 700 MB that no
+    method changes)."""
     from torch.profiler import ProfilerActivity, profile
 
     arch, size, batch = CONFIGS[config]
     backbone, dim = make_backbone(arch)
     rank = None
-    if method in ("lora", "loha", "lokr"):  # the rank search builds models: keep it outside
+    if method in ("lora", "loha", "lokr"):  # the rank search builds models: before the measured part
         rank, _ = matched_rank(method, backbone, dim, ftn_delta_budget(backbone, rank=FTN_RANK))
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=MEMORY_FORMAT)
     y = torch.randint(0, NUM_CLASSES, (batch,))
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    measured = profile(activities=[ProfilerActivity.CPU], profile_memory=True) if tensors else contextlib.nullcontext()
+    with measured as prof:
         m = build(method, backbone, dim, peft_rank=rank)
+        if not tensors:  # the source copy is no part of the method's RSS (the tensor count
+            del backbone  # starts above it: freeing it there would only lower the baseline)
         opt = torch.optim.AdamW(m.params, lr=1e-3)
         m.train_model.train()
+        before = rss_mb()
         for _ in range(steps):
             train_step(m, opt, x, y, nn.CrossEntropyLoss())
+    if not tensors:
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec,
+        # so every child would report the (larger) benchmark parent's peak.
+        return {"peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": before}
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     live = peak = 0
@@ -398,15 +388,12 @@ def summary(res: dict) -> dict:
     if "full" in rows and "bn_head" in rows:
         f = rows["bn_head"]["ratio_vs_full"]
         out["floor"] = round(f, 3)
+        fp = rows["bn_head"]["ratio_paired_vs_full"]  # the same from paired per-round ratios
+        out["floor_paired"] = round(fp, 3)
         for k in ("ftn", "ftn_autograd", "ftn_custom", "ftn_recompute", "lora", "loha", "lokr"):
             if k in rows:
                 out[f"overhead_{k}"] = round((rows[k]["ratio_vs_full"] - f) / (1 - f), 3)
-        if rows["bn_head"].get("ratio_paired_vs_full") is not None:  # the same from paired ratios
-            fp = rows["bn_head"]["ratio_paired_vs_full"]
-            out["floor_paired"] = round(fp, 3)
-            for k in ("ftn", "ftn_recompute", "lora"):
-                if k in rows:
-                    out[f"overhead_paired_{k}"] = round((rows[k]["ratio_paired_vs_full"] - fp) / (1 - fp), 3)
+                out[f"overhead_paired_{k}"] = round((rows[k]["ratio_paired_vs_full"] - fp) / (1 - fp), 3)
     if "ftn" in rows and "lora" in rows:
         out["ftn_over_lora"] = round(rows["ftn"]["step_ms"] / rows["lora"]["step_ms"], 3)
     mem = res.get("memory", {})
@@ -466,8 +453,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        measure = child_tensor_memory if args.child_tensors else child_memory
-        print(json.dumps(measure(parse_config(args.child[0]), args.child[1], steps=3)))
+        print(json.dumps(child_memory(parse_config(args.child[0]), args.child[1], steps=3,
+                                      tensors=args.child_tensors)))
         return
     if args.quick:
         args.configs, args.rounds, args.eval_rounds = ["mobilenet_v2@64"], 5, 5

@@ -230,28 +230,17 @@ def _factor_grads(gy, x, a, b, c, w_shape, stride, padding, dilation, groups):
     n = gy.shape[0]
     a_c, b_c, c_c = (f.to(x.dtype) for f in (a, b, c))
     pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding)
-    if pointwise and g == 1 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        # Channels-last maps are (N·P, C) matrices already: every contraction is one GEMM on
-        # views, with no copy at any map size.
-        x2 = x.permute(0, 2, 3, 1).reshape(-1, c_in_g)  # (N·P, C_in)
-        gy2 = gy.permute(0, 2, 3, 1).reshape(-1, c_out)  # (N·P, C_out); a view when gy is channels-last too
-        # Each product written with the long N·P side where MKL runs it well (measured: the
-        # plain (N·P × C)·(C × R) forms were 3-10× slower on MobileNetV2's early layers).
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    if pointwise and g == 1 and (channels_last or x[0, 0].numel() <= _FLAT_MAX_POSITIONS):
+        # One GEMM per contraction over all N·P positions, on (N·P, C) matrices: views of
+        # channels-last maps (no copy at any size), one copy of small maps (N batched products
+        # of P ≤ 16 columns run far below peak). Each product is written with the long N·P side
+        # where MKL runs it well: the (N·P × C)·(C × R) forms were 3-10× slower on MobileNetV2.
+        x2 = x.movedim(1, -1).reshape(-1, c_in_g)  # (N·P, C_in)
+        gy2 = gy.movedim(1, -1).reshape(-1, c_out)  # (N·P, C_out)
         ga = ((b_c * c_c).T @ x2.T @ gy2).T  # dA = dYᵀ·Z, Zᵀ = Kᵀ·Xᵀ: (C_out, R)
         h = ((a_c.T @ gy2.T) @ x2)[:, :, None]  # H = (Aᵀ·dYᵀ)·X: (R, C_in, 1)
-        gb = (h * c_c.T[:, None, :]).sum(-1).T
-        gc = (h * b_c.T[:, :, None]).sum(1).T
-        return ga.to(a.dtype), gb.to(b.dtype), gc.to(c.dtype)
-    if pointwise and g == 1 and x[0, 0].numel() <= _FLAT_MAX_POSITIONS:
-        # Small maps: N batched (R × C)·(C × P) products are too small to run well; one copy of
-        # x and dY into (C, N·P) makes each contraction a single GEMM (2-4× faster at P ≤ 16).
-        x2 = x.reshape(n, c_in_g, -1).transpose(0, 1).reshape(c_in_g, -1)  # (C_in, N·P)
-        gy2 = gy.reshape(n, c_out, -1).transpose(0, 1).reshape(c_out, -1)  # (C_out, N·P)
-        ga = gy2 @ ((b_c * c_c).T @ x2).T  # dA = dY·Zᵀ, Z = Kᵀ·X
-        h = ((a_c.T @ gy2) @ x2.T)[:, :, None]  # H = (Aᵀ·dY)·Xᵀ: (R, C_in, 1)
-        gb = (h * c_c.T[:, None, :]).sum(-1).T
-        gc = (h * b_c.T[:, :, None]).sum(1).T
-        return ga.to(a.dtype), gb.to(b.dtype), gc.to(c.dtype)
+        return _factor_grads_from(ga, h, a, b, c, b_c, c_c)
     gy4 = gy.reshape(n, g, c_out // g, -1)  # (N, g, C_out/g, P)
     # Output gradient projected onto R channels per group: G[n, g, r, p] = Σ_o A[o, r]·dY[n, o, p].
     proj = torch.matmul(a_c.reshape(g, c_out // g, rank).transpose(-1, -2), gy4)
@@ -275,6 +264,11 @@ def _factor_grads(gy, x, a, b, c, w_shape, stride, padding, dilation, groups):
         h = h.reshape(g, rank, c_in_g, -1).sum(0)  # (R, C_in/g, S)
     # dA: batched over N (no copy of dY into a (C_out, N·P) layout), then summed over N.
     ga = torch.matmul(gy4, z4.transpose(-1, -2)).sum(0).reshape(c_out, rank)
+    return _factor_grads_from(ga, h, a, b, c, b_c, c_c)
+
+
+def _factor_grads_from(ga, h, a, b, c, b_c, c_c):
+    """dA as given; dB and dC from H (R, C_in/g, S), in the factors' dtypes."""
     gb = (h * c_c.T[:, None, :]).sum(-1).T  # Σ_s H[r, i, s]·C[s, r]
     gc = (h * b_c.T[:, :, None]).sum(1).T  # Σ_i H[r, i, s]·B[i, r]
     return ga.to(a.dtype), gb.to(b.dtype), gc.to(c.dtype)

@@ -197,6 +197,11 @@ def params_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def make_optimizer(params):
+    """AdamW as the engine builds it (``ftn.training.engine._optimizer``: multi-tensor updates)."""
+    return torch.optim.AdamW(params, lr=1e-3, foreach=True)
+
+
 def train_step(m: Method, opt, x, y, loss_fn) -> None:
     opt.zero_grad(set_to_none=True)
     with autocast():
@@ -250,7 +255,7 @@ def run_config(name: str, methods: list[str], rounds: int, warmup: int, eval_rou
         warmup = max(warmup, 2)  # the first call compiles the forward, the first backward its graph
     x, y = make_batch(size, batch)
     loss_fn = nn.CrossEntropyLoss()
-    opts = {k: torch.optim.AdamW(m.params, lr=1e-3) for k, m in built.items()}
+    opts = {k: make_optimizer(m.params) for k, m in built.items()}
     for m in built.values():
         m.train_model.train()
     for _ in range(warmup):
@@ -312,7 +317,7 @@ def child_memory(config: str, method: str, steps: int, tensors: bool = False) ->
         m = build(method, backbone, dim, peft_rank=rank)
         if not tensors:  # the source copy is no part of the method's RSS (the tensor count
             del backbone  # starts above it: freeing it there would only lower the baseline)
-        opt = torch.optim.AdamW(m.params, lr=1e-3)
+        opt = make_optimizer(m.params)
         m.train_model.train()
         before = rss_mb()
         for _ in range(steps):
@@ -342,7 +347,7 @@ def cuda_memory(config: str, method: str, steps: int, peft_rank: int | None) -> 
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     m = build(method, backbone, dim, peft_rank=peft_rank)
-    opt = torch.optim.AdamW(m.params, lr=1e-3)
+    opt = make_optimizer(m.params)
     m.train_model.train()
     for _ in range(steps):
         train_step(m, opt, x, y, nn.CrossEntropyLoss())

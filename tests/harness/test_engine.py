@@ -10,7 +10,8 @@ from torch.utils.data import TensorDataset
 
 from ftn import DataError, FTNError
 from ftn.training.config import DataConfig, TrainConfig
-from ftn.training.engine import EpochBatchSampler, NonFiniteLossError, _lr_factor, load_checkpoint, train_task
+from ftn.training.engine import (EpochBatchSampler, NonFiniteLossError, _lr_factor, _optimizer, load_checkpoint,
+                                 train_task)
 from ftn.training.setting import Classify, TaskData
 
 from tiny import bn_head, run, tiny_data, tiny_method
@@ -104,3 +105,27 @@ def test_schedules_warm_up_then_decay():
     assert cosine(12) == pytest.approx(0.1)
     linear = _lr_factor(TrainConfig(warmup_steps=2, schedule="poly", poly_power=1.0), 12)
     assert linear(7) == pytest.approx(0.5) and linear(12) == 0.0
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_optimizer_runs_multi_tensor_with_the_per_tensor_loops_updates(name):
+    """The engine asks for foreach updates (PyTorch's default only on accelerators); on the CPU
+    they must equal the per-tensor loop's bit for bit, over the task's real parameter groups
+    (body, head at its own rate), with weight decay and momentum."""
+    cfg = TrainConfig(optimizer=name, lr=1e-2, head_lr=3e-2, weight_decay=0.05, momentum=0.9)
+    finals = []
+    for foreach in (True, False):
+        task = tiny_method("ftn").add_task("d", bn_head())
+        opt = _optimizer(task, cfg)
+        assert opt.defaults["foreach"] is True
+        for group in opt.param_groups:
+            group["foreach"] = foreach
+        params = [p for g in opt.param_groups for p in g["params"]]
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        finals.append([p.detach().clone() for p in params])
+    assert len(finals[0]) > 10
+    assert all(torch.equal(a, b) for a, b in zip(*finals))

@@ -169,9 +169,14 @@ def _optimizer(model: TaskModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [g for g in ({"params": model.body_params, "lr": cfg.lr},
                           {"params": model.head_params, "lr": cfg.head_lr or cfg.lr},
                           *({"params": g["params"], "lr": g["lr"]} for g in model.extra_groups)) if g["params"]]
+    # foreach: one multi-tensor op per update term instead of a Python loop over the tensors.
+    # PyTorch takes it by default only on accelerators; on the CPU it gives bit-identical updates
+    # (tests/harness/test_engine.py) and halves the optimizer step of a task with hundreds of
+    # small factor tensors (MobileNetV2 FTN: 262 tensors, 6.5 → 3.6 ms per step, 1 thread).
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           foreach=True)
 
 
 @torch.no_grad()

@@ -17,12 +17,19 @@ gradient on small maps: the backend's own against the prepadded input (``ftn.fun
     python benchmarks/bench_backward_paths.py --threads 1 --model mobilenet_v2@64:64 --channels-last
     python benchmarks/bench_backward_paths.py --threads 1 --model resnet18@224:8
     python benchmarks/bench_backward_paths.py --threads 1 --depthwise
+    python benchmarks/bench_backward_paths.py --threads 1 --bound --model mobilenet_v2@64:64 resnet18@224:8
+
+``--bound`` times nothing of the network: it counts, over every conv call, the FLOPs and bytes of
+full fine-tuning's weight gradients and of FTN's cheapest factor gradients, and prices both on
+this machine's roofline (its measured GEMM peak and read bandwidth): the least FTN's overhead
+over the floor could be if its kernels were as efficient as the backend's.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import time
 
@@ -36,25 +43,30 @@ from ftn.functional import cp_conv, fast_backward_cost_ratio, fast_backward_pays
 MODES = ("frozen", "full", "dense", "thin")
 
 
-def conv_inputs(arch: str, size: int, batch: int) -> list[tuple[nn.Conv2d, torch.Size]]:
-    """Each distinct (weight shape, stride, input shape) conv of ``arch`` with its input shape."""
+def conv_calls(arch: str, size: int, batch: int) -> list[tuple[nn.Conv2d, torch.Size, torch.Size]]:
+    """Every conv call of ``arch`` in one forward, in order: (module, input shape, output shape)."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(weights=None)
-    seen, found, hooks = set(), [], []
-
-    def record(module, inputs, _):
-        key = (tuple(module.weight.shape), module.stride, tuple(inputs[0].shape))
-        if key not in seen:
-            seen.add(key)
-            found.append((module, inputs[0].shape))
-
+    calls, hooks = [], []
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
-            hooks.append(module.register_forward_hook(record))
+            hooks.append(module.register_forward_hook(
+                lambda mod, inputs, out: calls.append((mod, inputs[0].shape, out.shape))))
     with torch.no_grad():
         model.eval()(torch.zeros(batch, 3, size, size))
     for h in hooks:
         h.remove()
+    return calls
+
+
+def conv_inputs(arch: str, size: int, batch: int) -> list[tuple[nn.Conv2d, torch.Size]]:
+    """Each distinct (weight shape, stride, input shape) conv of ``arch`` with its input shape."""
+    seen, found = set(), []
+    for module, in_shape, _ in conv_calls(arch, size, batch):
+        key = (tuple(module.weight.shape), module.stride, tuple(in_shape))
+        if key not in seen:
+            seen.add(key)
+            found.append((module, in_shape))
     return found
 
 
@@ -123,6 +135,66 @@ def layers_report(model: str, rank: int, repeats: int, fmt) -> None:
         print(f"  {k:10s} n={v['n']:2d}  {v['full']:7.2f} | {v['auto']:7.2f} | {v['best']:7.2f}")
 
 
+def machine_roofline() -> tuple[float, float]:
+    """This machine's FLOP/s on a large float32 GEMM and its read bandwidth (B/s, a 256 MB sum),
+    at the current thread count: the two slopes of a roofline."""
+    def best(fn, repeats=5):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    flops = 2 * 2048 ** 3 / best(lambda: a @ b)
+    big = torch.randn(64 * 2 ** 20)
+    bandwidth = big.numel() * big.element_size() / best(lambda: big.sum())
+    return flops, bandwidth
+
+
+def bound_report(model: str, rank: int, peak: float, bandwidth: float) -> None:
+    """The least work FTN's factor gradients can cost, against full fine-tuning's weight
+    gradients, over every conv call of a forward (no timing of the network itself).
+
+    Per conv: full fine-tuning's weight gradient takes 2·N·P·C_out·(C_in/g)·S FLOPs; FTN's factor
+    gradients take the cheaper of that (the dense path also needs the whole weight gradient) and
+    the thin contractions (``fast_backward_cost_ratio`` × that). Either reads X and dY at least
+    once. A roofline time is max(FLOPs / peak, bytes / bandwidth). The ratio of the sums is what
+    FTN's overhead over the floor would be if its kernels ran as close to the roofline as the
+    backend's weight gradient does, and if nothing else (optimizer, rebuilding W + ΔW) counted:
+    a lower bound for the overhead, not a prediction.
+    """
+    name, _, rest = model.partition("@")
+    size, _, batch = rest.partition(":")
+    totals: dict[str, dict[str, float]] = {}
+    for conv, in_shape, out_shape in conv_calls(name, int(size), int(batch or 64)):
+        positions = out_shape[0] * out_shape[2] * out_shape[3]
+        dense = 2 * positions * conv.weight[0].numel() * conv.out_channels
+        ratio = fast_backward_cost_ratio(conv.weight.shape, rank, conv.groups)
+        auto = fast_backward_pays_off(conv.weight.shape, rank, conv.groups, conv.stride)
+        traffic = 4 * (math.prod(in_shape) + math.prod(out_shape))  # float32 X and dY, read once
+
+        def roof(flops):
+            return max(flops / peak, traffic / bandwidth)
+
+        row = {"full_flops": dense, "ftn_flops": min(dense, dense * ratio),
+               "auto_flops": dense * ratio if auto else dense,
+               "full_roof": roof(dense), "ftn_roof": roof(min(dense, dense * ratio)), "n": 1}
+        for key in (kind(conv), "all"):
+            total = totals.setdefault(key, dict.fromkeys(row, 0.0))
+            for k, v in row.items():
+                total[k] += v
+    print(f"\n## {model}, rank {rank}: lower bound of FTN's factor-gradient work ÷ full fine-tuning's "
+          f"weight gradients (all {int(totals['all']['n'])} conv calls)")
+    print(f"{'kind':10s} {'calls':>5s} {'full GFLOP':>10s} {'FLOPs: FTN min':>14s} {'FTN auto':>8s} "
+          f"{'full roofline ms':>16s} {'roofline: FTN min':>17s}")
+    for k, v in sorted(totals.items(), key=lambda kv: kv[0] == "all"):  # the total last
+        print(f"{k:10s} {int(v['n']):5d} {v['full_flops'] / 1e9:10.2f} {v['ftn_flops'] / v['full_flops']:14.3f} "
+              f"{v['auto_flops'] / v['full_flops']:8.3f} {v['full_roof'] * 1e3:16.1f} "
+              f"{v['ftn_roof'] / v['full_roof']:17.3f}")
+
+
 def depthwise_report(repeats: int) -> None:
     print("\n## depthwise 3x3 weight gradient on small maps (batch 64): backend vs prepadded input")
     print(f"{'channels @ map, stride':26s} {'backend ms':>10s} {'prepadded ms':>12s}  rule (H < k + s - 1)")
@@ -148,6 +220,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="*", default=[], help="arch@size:batch, e.g. mobilenet_v2@64:64")
     parser.add_argument("--depthwise", action="store_true")
+    parser.add_argument("--bound", action="store_true",
+                        help="for each --model, the FLOP and roofline lower bound of FTN's factor-gradient "
+                             "work against full fine-tuning's weight gradients, instead of timing its layers")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=9)
@@ -157,8 +232,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.bound:
+        peak, bandwidth = machine_roofline()
+        print(f"roofline of this machine: {peak / 1e9:.1f} GFLOP/s (2048² GEMM), {bandwidth / 1e9:.1f} GB/s read")
     for model in args.model:
-        layers_report(model, args.rank, args.repeats, fmt)
+        if args.bound:
+            bound_report(model, args.rank, peak, bandwidth)
+        else:
+            layers_report(model, args.rank, args.repeats, fmt)
     if args.depthwise:
         depthwise_report(args.repeats)
 

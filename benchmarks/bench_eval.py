@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 
@@ -30,7 +31,12 @@ def main() -> None:
                         help="arch@size[:batch]; arch@size of bench_training.py takes its batch")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                        help="as in bench_training.py: glibc's malloc keeps freed memory (no page-fault noise)")
     args = parser.parse_args()
+    if args.malloc == "tuned":
+        bt.restart_with_tuned_malloc()
+    print(f"malloc: {os.environ.get('GLIBC_TUNABLES', 'default')}, threads {args.threads or torch.get_num_threads()}")
     if args.threads:
         torch.set_num_threads(args.threads)
     for config in args.configs:

@@ -10,6 +10,10 @@ ratio to full fine-tuning. Backbones use random weights (speed does not depend o
     python benchmarks/bench_training.py --memory        # + peak RSS and tensor peak per method, fresh processes
     python benchmarks/bench_training.py --device cuda --amp bf16 --memory --configs resnet18@224:32
 
+On the CPU the steps are timed with glibc's malloc told to keep freed memory (``--malloc tuned``,
+the default; see ``MALLOC_TUNABLES``), which removes page-fault noise; memory is measured in
+children with the allocator as it is.
+
 A configuration may carry its own batch size (``resnet18@224:32``). On CUDA, ``--memory``
 measures the peak GPU memory of building + 3 training steps of each method in-process
 (``torch.cuda.max_memory_allocated`` above what was allocated before, empty cache in between);
@@ -197,6 +201,22 @@ def params_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+# Timing on the CPU: glibc returns freed blocks of 128 KB to 32 MB to the kernel (its mmap and
+# trim thresholds adapt), so a step may allocate fresh pages again and pay their page faults: on
+# MobileNetV2 64 px b64 we counted 0 to 37,000 minor faults and 0 to 68 ms of system time per
+# step of the same method, at random. Keeping freed memory (what PyTorch's caching allocator does
+# on a GPU) removes that noise: 0 faults per step. --malloc default measures without it.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736"
+
+
+def restart_with_tuned_malloc() -> None:
+    """Re-executes this script with MALLOC_TUNABLES (glibc reads them only at start-up); does
+    nothing off Linux or where GLIBC_TUNABLES is already set (the header reports what ran)."""
+    if sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ:
+        env = {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES, "FTN_BENCH_MALLOC_SET": "1"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def make_optimizer(params):
     """AdamW as the engine builds it (``ftn.training.engine._optimizer``: multi-tensor updates)."""
     return torch.optim.AdamW(params, lr=1e-3, foreach=True)
@@ -294,6 +314,15 @@ def run_config(name: str, methods: list[str], rounds: int, warmup: int, eval_rou
     return {"config": name, "arch": arch, "size": size, "batch": batch, "rounds": rounds,
             "methods": rows, "eval_ms": {k: v * 1e3 for k, v in latency.items()},
             "eval_ratio_vs_backbone": {k: v / latency["backbone"] for k, v in latency.items()}}
+
+
+def memory_child_env() -> dict[str, str]:
+    """The environment of a memory-measuring child: the tunables this script set for timing are
+    dropped, so peaks are those of the allocator as users run it."""
+    env = dict(os.environ)
+    if env.pop("FTN_BENCH_MALLOC_SET", None):
+        env.pop("GLIBC_TUNABLES", None)
+    return env
 
 
 def child_memory(config: str, method: str, steps: int, tensors: bool = False) -> dict:
@@ -441,12 +470,17 @@ def main() -> None:
                         help="torch.compile each method's training model (inductor); timing excludes compilation")
     parser.add_argument("--channels-last", action="store_true",
                         help="backbones and batches in channels-last (NHWC) memory format")
+    parser.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                        help="tuned (CPU, glibc): time the steps with glibc's malloc keeping freed memory "
+                             "(see MALLOC_TUNABLES); default: the process's allocator as it is")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--child-tensors", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global DEVICE, AMP, MEMORY_FORMAT
     DEVICE = torch.device(args.device)
+    if args.malloc == "tuned" and DEVICE.type == "cpu" and not args.child:
+        restart_with_tuned_malloc()
     if args.channels_last:
         MEMORY_FORMAT = torch.channels_last
     AMP = {"off": None, "bf16": torch.bfloat16}[args.amp]
@@ -466,7 +500,7 @@ def main() -> None:
     header = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+              "cpus": os.cpu_count(), "malloc": os.environ.get("GLIBC_TUNABLES", "default"), "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
               "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
               "command": " ".join(sys.argv)}
     print(json.dumps(header))
@@ -486,7 +520,8 @@ def main() -> None:
                     cmd += ["--channels-last"]
                 res["memory"][method] = {}
                 for extra in ([], ["--child-tensors"]):  # RSS and tensor peak, a process each
-                    out = subprocess.run(cmd + extra, capture_output=True, text=True, check=True).stdout
+                    out = subprocess.run(cmd + extra, capture_output=True, text=True, check=True,
+                                         env=memory_child_env()).stdout
                     res["memory"][method].update(json.loads(out.strip().splitlines()[-1]))
         print_config(res)
         if args.memory:

@@ -27,6 +27,7 @@ factor gradients in the factors' dtype.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cp import cp_to_tensor
+from .cp import cp_add
 
 __all__ = [
     "cp_conv",
@@ -101,6 +102,14 @@ def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
 
 
+def _autocast_off(device_type: str):
+    """A context with autocast off; a no-op where it is off already (entering and leaving
+    ``torch.autocast`` costs microseconds of Python per call, twice per layer and step)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _CPConv(torch.autograd.Function):
     """y = conv(x, W + A∘B∘C, bias); see the module docstring for the backward.
 
@@ -131,9 +140,9 @@ class _CPConv(torch.autograd.Function):
         dense = need_factors and not ctx.thin
         nd = weight.dim() - 2
         out_pad = [0] * nd
-        gy = gy.to(x.dtype) if gy.dtype != x.dtype else gy
+        gy = _cast(gy, x.dtype)
         gx = gbias = ga = gb = gc = None
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             if need_x or need_bias or dense:
                 w = _merged(weight, (a, b, c), ctx.dtype)
                 prepad = dense and _slow_depthwise_weight_grad(x, w, stride, padding, dilation, groups)
@@ -184,7 +193,7 @@ def _cp_conv_value(x, weight, bias, factors, stride, padding, dilation, groups, 
     # from the rebuild in the backward, which runs outside autocast).
     x_c, b_c = _cast(x, dtype), _cast(bias, dtype)
     nd = weight.dim() - 2
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x.device.type):
         merged = _merged(weight, factors, dtype)
         y = _aten.convolution(x_c, merged, b_c, stride, padding, dilation, False, [0] * nd, groups)
     return y, x_c
@@ -201,8 +210,8 @@ def cp_conv_recompute(x: Tensor, weight: Tensor, bias: Tensor | None, factors: S
 
 
 def _merged(weight: Tensor, factors: Sequence[Tensor], dtype: torch.dtype | None) -> Tensor:
-    """W + ΔW, built in the factors' dtype, then cast to the compute dtype (autocast)."""
-    return _cast(weight + cp_to_tensor(list(factors), weight.shape), dtype)
+    """W + ΔW, built in the factors' dtype (one GEMM onto W), then cast to the compute dtype (autocast)."""
+    return _cast(cp_add(weight, factors), dtype)
 
 
 def _dense_factor_grads(gw: Tensor, a: Tensor, b: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -228,10 +237,10 @@ def _factor_grads(gy, x, a, b, c, w_shape, stride, padding, dilation, groups):
     rank = a.shape[1]
     g = groups
     n = gy.shape[0]
-    a_c, b_c, c_c = (f.to(x.dtype) for f in (a, b, c))
+    a_c, b_c, c_c = _cast(a, x.dtype), _cast(b, x.dtype), _cast(c, x.dtype)
     pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding)
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    if pointwise and g == 1 and (channels_last or x[0, 0].numel() <= _FLAT_MAX_POSITIONS):
+    if pointwise and g == 1 and (channels_last or math.prod(x.shape[2:]) <= _FLAT_MAX_POSITIONS):
         # One GEMM per contraction over all N·P positions, on (N·P, C) matrices: views of
         # channels-last maps (no copy at any size), one copy of small maps (N batched products
         # of P ≤ 16 columns run far below peak). Each product is written with the long N·P side
@@ -281,8 +290,8 @@ class _CPLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, dtype, thin):
         x_c, b_c = _cast(x, dtype), _cast(bias, dtype)
-        with torch.autocast(x.device.type, enabled=False):  # W + A·Bᵀ in fp32, as in the backward
-            merged = _cast(weight + a @ b.T, dtype)
+        with _autocast_off(x.device.type):  # W + A·Bᵀ in fp32, as in the backward
+            merged = _cast(cp_add(weight, (a, b)), dtype)
             y = F.linear(x_c, merged, b_c)
         ctx.save_for_backward(x_c, weight, a, b)
         ctx.dtype, ctx.thin = dtype, thin
@@ -294,13 +303,13 @@ class _CPLinear(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight, a, b = ctx.saved_tensors
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        gy = gy.to(x.dtype) if gy.dtype != x.dtype else gy
+        gy = _cast(gy, x.dtype)
         g2 = gy.reshape(-1, gy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         gx = gbias = ga = gb = None
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             if need_x:
-                gx = (gy @ _cast(weight + a @ b.T, ctx.dtype)).to(ctx.x_dtype)
+                gx = (gy @ _cast(cp_add(weight, (a, b)), ctx.dtype)).to(ctx.x_dtype)
             if need_bias:
                 gbias = g2.sum(0).to(ctx.bias_dtype)
             if (need_a or need_b) and not ctx.thin:

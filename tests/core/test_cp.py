@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from ftn.cp import (conv_modes, cp_num_params, cp_to_tensor, khatri_rao, linear_modes,
+from ftn.cp import (conv_modes, cp_add, cp_num_params, cp_to_tensor, khatri_rao, linear_modes,
                     max_efficient_rank, weight_modes)
 
 
@@ -35,6 +35,36 @@ def test_cp_to_tensor_reshapes_to_conv_weight_layout():
     for o, i, kh, kw in itertools.product(range(4), range(3), range(2), range(3)):
         expected = (a[o] * b[i] * c[kh * 3 + kw]).sum()
         assert torch.isclose(dense[o, i, kh, kw], expected)
+
+
+@pytest.mark.parametrize("shape", [(96, 16, 1, 1), (960, 1, 3, 3), (64, 64, 3, 3), (1280, 320, 1, 1), (384, 64)])
+def test_cp_add_is_the_two_step_sum_bit_for_bit_on_cpu(shape):
+    """W + ΔW accumulated inside the GEMM (the fast path's rebuild) equals W + cp_to_tensor
+    exactly in float32 on the CPU, for conv (3 factors) and Linear (2) weights; gradients reach
+    every factor as through the sum."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=g)
+    modes = (shape[0], shape[1], *([shape[2] * shape[3]] if len(shape) == 4 else []))
+    factors = [torch.randn(d, 8, generator=g).requires_grad_() for d in modes]
+    two_step = weight + cp_to_tensor(factors, shape)
+    one_gemm = cp_add(weight, factors)
+    assert one_gemm.shape == weight.shape and torch.equal(one_gemm, two_step)
+    upstream = torch.randn(shape, generator=g)
+    grads_two = torch.autograd.grad(two_step, factors, upstream)
+    grads_one = torch.autograd.grad(one_gemm, factors, upstream)
+    for a, b in zip(grads_two, grads_one):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+
+
+def test_cp_add_keeps_type_promotion_across_dtypes():
+    """A float16 base with float32 factors (addmm takes one dtype) sums as ``+`` would."""
+    weight = torch.randn(6, 4, 3, 3).half()
+    factors = [torch.randn(d, 2) for d in (6, 4, 9)]
+    out = cp_add(weight, factors)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, weight.float() + cp_to_tensor(factors, weight.shape))
+    with pytest.raises(ValueError, match="two factors"):
+        cp_add(weight, factors[:1])
 
 
 def test_khatri_rao_is_columnwise_kronecker():

@@ -22,7 +22,8 @@ measures the peak GPU memory of building + 3 training steps of each method in-pr
 Methods: ``full`` (all weights), ``linear`` (head only), ``bn_head`` (BatchNorm affine + head),
 ``ftn_autograd`` (FTN, W + ΔW built per step, autograd backward), ``ftn`` (FTN, default
 per-layer choice of the custom thin-contraction backward), ``ftn_custom`` (opt-in: custom
-backward forced on every plain layer, depthwise included), and PEFT ``lora`` / ``loha`` / ``lokr`` with
+backward forced on every plain layer, depthwise included), ``ftn_lora_layers`` (FTN on PEFT
+LoRA's targets only, depthwise convs left frozen: the same placement as ``lora``), and PEFT ``lora`` / ``loha`` / ``lokr`` with
 their rank chosen so that their adapter parameters are closest to FTN's ΔW parameters. PEFT
 requires the rank to be divisible by the groups of a conv, so grouped / depthwise convs are
 left out of its targets (FTN adapts them). All methods use AdamW and cross-entropy on random
@@ -50,14 +51,15 @@ import torch
 import torchvision
 from torch import nn
 
-from ftn import FTNModel
+from ftn import FTNConfig, FTNModel
 from ftn.backbones import strip_classifier
 from ftn.training.methods import ftn_delta_budget, lora_targets
 
 METHODS = ["full", "linear", "bn_head", "ftn_autograd", "ftn", "lora", "loha", "lokr"]
 # ftn_custom (thin contractions on depthwise convs too) is slow: opt-in; ftn_recompute: FTN with
-# FTNModel.recompute_depthwise (less memory, one more depthwise conv per layer in the backward).
-ALL_METHODS = [*METHODS, "ftn_custom", "ftn_recompute"]
+# FTNModel.recompute_depthwise (less memory, one more depthwise conv per layer in the backward);
+# ftn_lora_layers: FTN on PEFT LoRA's targets only (placement matched to lora).
+ALL_METHODS = [*METHODS, "ftn_custom", "ftn_recompute", "ftn_lora_layers"]
 CONFIGS = {  # name: (torchvision model, image size, batch)
     "mobilenet_v2@64": ("mobilenet_v2", 64, 64),
     "mobilenet_v2@224": ("mobilenet_v2", 224, 16),
@@ -165,13 +167,17 @@ def build(method: str, backbone: nn.Module, dim: int, ftn_budget: int | None = N
                               for b in m.buffers())
         return Method(method, net, params, stored, eval_unmerged=net, eval_merged=net)
     if method.startswith("ftn"):
-        model = FTNModel(copy.deepcopy(backbone), rank=FTN_RANK)
+        # ftn_lora_layers: FTN on exactly PEFT LoRA's targets (no depthwise convs), to compare
+        # the two methods' costs at the same placement.
+        include = peft_targets(backbone) if method == "ftn_lora_layers" else None
+        model = FTNModel(copy.deepcopy(backbone), config=FTNConfig(rank=FTN_RANK, include=include))
         model.add_task("t", head=nn.Linear(dim, NUM_CLASSES))
         with torch.no_grad():  # a trained-looking ΔW (A = 0 at init would make merge trivial)
             for layer in model.adapted_layers().values():
                 if "t" in layer.tasks:
                     layer.tasks["t"].factors[0].normal_(0, 1e-3)
-        mode = {"ftn_autograd": False, "ftn": None, "ftn_custom": True, "ftn_recompute": None}[method]
+        mode = {"ftn_autograd": False, "ftn": None, "ftn_custom": True, "ftn_recompute": None,
+                "ftn_lora_layers": None}[method]
         if method == "ftn_recompute":  # depthwise outputs rebuilt in the backward (memory)
             model.recompute_depthwise()
         for layer in model.adapted_layers().values():
@@ -424,12 +430,14 @@ def summary(res: dict) -> dict:
         out["floor"] = round(f, 3)
         fp = rows["bn_head"]["ratio_paired_vs_full"]  # the same from paired per-round ratios
         out["floor_paired"] = round(fp, 3)
-        for k in ("ftn", "ftn_autograd", "ftn_custom", "ftn_recompute", "lora", "loha", "lokr"):
+        for k in ("ftn", "ftn_autograd", "ftn_custom", "ftn_recompute", "ftn_lora_layers", "lora", "loha", "lokr"):
             if k in rows:
                 out[f"overhead_{k}"] = round((rows[k]["ratio_vs_full"] - f) / (1 - f), 3)
                 out[f"overhead_paired_{k}"] = round((rows[k]["ratio_paired_vs_full"] - fp) / (1 - fp), 3)
     if "ftn" in rows and "lora" in rows:
         out["ftn_over_lora"] = round(rows["ftn"]["step_ms"] / rows["lora"]["step_ms"], 3)
+    if "ftn_lora_layers" in rows and "lora" in rows:
+        out["ftn_lora_layers_over_lora"] = round(rows["ftn_lora_layers"]["step_ms"] / rows["lora"]["step_ms"], 3)
     mem = res.get("memory", {})
     for key in ("gpu_peak_mb", "tensor_peak_mb", "peak_rss_mb"):
         if key in mem.get("full", {}):

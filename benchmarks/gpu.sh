@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU figures for docs/performance.md, as ONE prepared run on one CUDA GPU (~8 minutes at most,
+# GPU figures for docs/performance.md, as ONE prepared run on one CUDA GPU (~11 minutes at most,
 # every step bounded by `timeout`). Needs only the PyTorch / torchvision (and PEFT, if present)
 # already installed on the machine plus this repository, used from src/ (no pip install, no
 # network):
@@ -7,8 +7,8 @@
 #   GPU_SH_QUICK=1 bash benchmarks/gpu.sh  tiny settings, falls back to the CPU: a dry run of every step
 # Steps: (a) training step fp32 + peak GPU memory + eval / unmerged inference latency on ResNet-34,
 # ResNet-18, MobileNetV2 at 224 px (batch 32) and MobileNetV2 at 64 px (batch 64); (b) the same
-# under bf16 autocast; (c) all tasks in one pass vs the loop at batch 1, T = 2, 4, 8;
-# (d) mixed-task batches. A failed or timed-out step is reported and the next one still runs.
+# under bf16 autocast; (e) the training step under torch.compile (ResNet-18, MobileNetV2 64 px);
+# (c) all tasks in one pass vs the loop at batch 1, T = 2, 4, 8; (d) mixed-task batches. A failed or timed-out step is reported and the next one still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -42,8 +42,10 @@ if [ "$quick" = 1 ]; then
     t_train=300; t_multi=200; t_mixed=120
     multi=(--configs "mobilenet_v2@64 b16" --tasks 2 --rounds 1 --threads 1)
     mixed=(--size 32 --batch 8 --tasks 2 --rounds 1 --threads 1)
+    compile_configs="mobilenet_v2@64:4"; compile_train=(--rounds 2 --warmup 2 --eval-rounds 1 --threads 1); t_compile=400
 else
-    # GPU_SH_* shrink the run when less device time is left (defaults: the full ~8-minute run).
+    # GPU_SH_* shrink the run when less device time is left (defaults: the full ~11-minute run;
+    # GPU_SH_T_COMPILE=0 drops the compiled step, back to ~8 minutes).
     configs="${GPU_SH_CONFIGS:-resnet34@224:32 resnet18@224:32 mobilenet_v2@224:32 mobilenet_v2@64:64}"
     r="${GPU_SH_ROUNDS:-30}"
     train=(--rounds "$r" --warmup 3 --eval-rounds "$r")
@@ -51,7 +53,12 @@ else
     IFS=, read -r -a mconfigs <<< "${GPU_SH_MULTI_CONFIGS:-resnet18@224 b1,resnet34@224 b1,mobilenet_v2@224 b1}"
     multi=(--configs "${mconfigs[@]}" --tasks 2 4 8 --rounds "${GPU_SH_MULTI_ROUNDS:-50}")
     mixed=(--rounds 20)
+    compile_configs="${GPU_SH_COMPILE_CONFIGS:-resnet18@224:32 mobilenet_v2@64:64}"
+    compile_train=(--rounds "$r" --warmup 3 --eval-rounds 5)
+    t_compile="${GPU_SH_T_COMPILE:-200}"
 fi
+compile_methods="full bn_head ftn"
+"$py" -c "import peft" 2>/dev/null && compile_methods="$compile_methods lora"
 
 # (a) + (b): step time, peak GPU memory (--memory), eval latency unmerged / merged vs the backbone.
 # shellcheck disable=SC2086
@@ -60,6 +67,14 @@ step $t_train "$py" benchmarks/bench_training.py --device $device --configs $con
 # shellcheck disable=SC2086
 step $t_train "$py" benchmarks/bench_training.py --device $device --amp bf16 --configs $configs --methods $methods \
     "${train[@]}" --memory --json "$out/results_gpu_train_bf16.json"
+# (e, first of the rest) the training step under torch.compile (inductor; compilation excluded): on a GPU
+# these steps are bound by kernel launches, which compiling is the way to cut.
+# GPU_SH_T_COMPILE=0 skips it.
+if [ "$t_compile" != 0 ]; then
+    # shellcheck disable=SC2086
+    step $t_compile "$py" benchmarks/bench_training.py --device $device --compile --configs $compile_configs \
+        --methods $compile_methods "${compile_train[@]}" --json "$out/results_gpu_train_compile.json"
+fi
 # (c) all tasks in one pass vs the per-task loop, batch 1.
 step $t_multi "$py" benchmarks/bench_multitask.py --device $device "${multi[@]}"
 # (d) mixed-task batches.
@@ -68,7 +83,7 @@ step $t_mixed "$py" benchmarks/bench_mixed.py --device $device "${mixed[@]}"
 echo; echo "== summary (targets: overhead over the floor <= 0.5, FTN <= LoRA, memory <= 0.95x full, unmerged eval <= 1.02x)"
 "$py" - "$out" <<'EOF'
 import json, os, sys
-for amp in ("fp32", "bf16"):
+for amp in ("fp32", "bf16", "compile"):
     path = os.path.join(sys.argv[1], f"results_gpu_train_{amp}.json")
     if not os.path.exists(path):
         print(amp, "missing"); continue

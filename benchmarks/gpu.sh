@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU figures for docs/performance.md, as ONE prepared run on one CUDA GPU (~11 minutes at most,
+# GPU figures for docs/performance.md, as ONE prepared run on one CUDA GPU (~12 minutes at most,
 # every step bounded by `timeout`). Needs only the PyTorch / torchvision (and PEFT, if present)
 # already installed on the machine plus this repository, used from src/ (no pip install, no
 # network):
@@ -7,7 +7,8 @@
 #   GPU_SH_QUICK=1 bash benchmarks/gpu.sh  tiny settings, falls back to the CPU: a dry run of every step
 # Steps: (a) training step fp32 + peak GPU memory + eval / unmerged inference latency on ResNet-34,
 # ResNet-18, MobileNetV2 at 224 px (batch 32) and MobileNetV2 at 64 px (batch 64); (b) the same
-# under bf16 autocast; (e) the training step under torch.compile (ResNet-18, MobileNetV2 64 px);
+# under bf16 autocast; (e) the training step under torch.compile (MobileNetV2 64 px; FTN also at
+# LoRA's placement);
 # (c) all tasks in one pass vs the loop at batch 1, T = 2, 4, 8; (d) mixed-task batches. A failed or timed-out step is reported and the next one still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +45,7 @@ if [ "$quick" = 1 ]; then
     mixed=(--size 32 --batch 8 --tasks 2 --rounds 1 --threads 1)
     compile_configs="mobilenet_v2@64:4"; compile_train=(--rounds 2 --warmup 2 --eval-rounds 1 --threads 1); t_compile=400
 else
-    # GPU_SH_* shrink the run when less device time is left (defaults: the full ~11-minute run;
+    # GPU_SH_* shrink the run when less device time is left (defaults: the full ~12-minute run;
     # GPU_SH_T_COMPILE=0 drops the compiled step, back to ~8 minutes).
     configs="${GPU_SH_CONFIGS:-resnet34@224:32 resnet18@224:32 mobilenet_v2@224:32 mobilenet_v2@64:64}"
     r="${GPU_SH_ROUNDS:-30}"
@@ -53,11 +54,12 @@ else
     IFS=, read -r -a mconfigs <<< "${GPU_SH_MULTI_CONFIGS:-resnet18@224 b1,resnet34@224 b1,mobilenet_v2@224 b1}"
     multi=(--configs "${mconfigs[@]}" --tasks 2 4 8 --rounds "${GPU_SH_MULTI_ROUNDS:-50}")
     mixed=(--rounds 20)
-    compile_configs="${GPU_SH_COMPILE_CONFIGS:-resnet18@224:32 mobilenet_v2@64:64}"
+    # One config: compiling takes ~30-60 s per method; the JSON is written once the config is done.
+    compile_configs="${GPU_SH_COMPILE_CONFIGS:-mobilenet_v2@64:64}"
     compile_train=(--rounds "$r" --warmup 3 --eval-rounds 5)
-    t_compile="${GPU_SH_T_COMPILE:-200}"
+    t_compile="${GPU_SH_T_COMPILE:-240}"
 fi
-compile_methods="full bn_head ftn"
+compile_methods="full bn_head ftn ftn_lora_layers"
 "$py" -c "import peft" 2>/dev/null && compile_methods="$compile_methods lora"
 
 # (a) + (b): step time, peak GPU memory (--memory), eval latency unmerged / merged vs the backbone.
@@ -67,8 +69,8 @@ step $t_train "$py" benchmarks/bench_training.py --device $device --configs $con
 # shellcheck disable=SC2086
 step $t_train "$py" benchmarks/bench_training.py --device $device --amp bf16 --configs $configs --methods $methods \
     "${train[@]}" --memory --json "$out/results_gpu_train_bf16.json"
-# (e, first of the rest) the training step under torch.compile (inductor; compilation excluded): on a GPU
-# these steps are bound by kernel launches, which compiling is the way to cut.
+# (e, before the rest) the training step under torch.compile (inductor; compilation excluded): on a
+# GPU these steps are bound by kernel launches, which compiling is the way to cut.
 # GPU_SH_T_COMPILE=0 skips it.
 if [ "$t_compile" != 0 ]; then
     # shellcheck disable=SC2086

@@ -79,9 +79,9 @@ def khatri_rao(factors: Sequence[Tensor]) -> Tensor:
 
 def cp_add(base: Tensor, factors: Sequence[Tensor]) -> Tensor:
     """``base + cp_to_tensor(factors, base.shape)`` as one GEMM that accumulates onto ``base``
-    (``addmm``): no ΔW-sized intermediate is written and read back. On the CPU it is bit-for-bit
-    the two-step sum (tests/core/test_cp.py) and 1.1-1.6× faster (a 512×512×3×3 weight at
-    rank 8: 2.0 → 1.3 ms, 1 thread)."""
+    (``addmm``): no ΔW-sized intermediate is written and read back. It equals the two-step sum
+    to float rounding (bit for bit with the development machine's MKL; tests/core/test_cp.py)
+    and is 1.1-1.6× faster there (a 512×512×3×3 weight at rank 8: 2.0 → 1.3 ms, 1 thread)."""
     if len(factors) < 2:
         raise ValueError("a CP tensor needs at least two factors")
     first, rest = factors[0], factors[1:]

@@ -38,17 +38,19 @@ def test_cp_to_tensor_reshapes_to_conv_weight_layout():
 
 
 @pytest.mark.parametrize("shape", [(96, 16, 1, 1), (960, 1, 3, 3), (64, 64, 3, 3), (1280, 320, 1, 1), (384, 64)])
-def test_cp_add_is_the_two_step_sum_bit_for_bit_on_cpu(shape):
-    """W + ΔW accumulated inside the GEMM (the fast path's rebuild) equals W + cp_to_tensor
-    exactly in float32 on the CPU, for conv (3 factors) and Linear (2) weights; gradients reach
-    every factor as through the sum."""
+def test_cp_add_is_the_two_step_sum(shape):
+    """W + ΔW accumulated inside the GEMM (the fast path's rebuild) equals W + cp_to_tensor to
+    float rounding, for conv (3 factors) and Linear (2) weights (bit for bit with the MKL of the
+    development machine; a BLAS that fuses the add into its FMAs may differ in the last bit);
+    gradients reach every factor as through the sum."""
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(shape, generator=g)
     modes = (shape[0], shape[1], *([shape[2] * shape[3]] if len(shape) == 4 else []))
     factors = [torch.randn(d, 8, generator=g).requires_grad_() for d in modes]
     two_step = weight + cp_to_tensor(factors, shape)
     one_gemm = cp_add(weight, factors)
-    assert one_gemm.shape == weight.shape and torch.equal(one_gemm, two_step)
+    assert one_gemm.shape == weight.shape and one_gemm.is_contiguous()
+    torch.testing.assert_close(one_gemm, two_step, rtol=1e-6, atol=1e-6)
     upstream = torch.randn(shape, generator=g)
     grads_two = torch.autograd.grad(two_step, factors, upstream)
     grads_one = torch.autograd.grad(one_gemm, factors, upstream)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftn import FTNModel
-from ftn.cp import cp_to_tensor
+from ftn.cp import cp_add, cp_to_tensor
 from ftn.functional import (_FLAT_MAX_POSITIONS, _slow_depthwise_weight_grad, cp_conv, cp_linear,
                             fast_backward_cost_ratio, fast_backward_pays_off)
 from ftn.injection import wrap_layer
@@ -377,6 +377,7 @@ def test_autocast_forward_builds_w_plus_delta_in_float32():
         conv_out = cp_conv(x, weight, None, factors, [1, 1], [1, 1], [1, 1], 1)
         lin_out = cp_linear(x.mean((2, 3)), lin_w, None, (a, b))
     with torch.no_grad():
-        merged = (weight + cp_to_tensor(factors, weight.shape)).bfloat16()
+        # built as the fast path builds it (cp_add, in float32), then cast
+        merged = cp_add(weight, factors).bfloat16()
         assert torch.equal(conv_out, F.conv2d(x.bfloat16(), merged, None, 1, 1))
-        assert torch.equal(lin_out, F.linear(x.mean((2, 3)).bfloat16(), (lin_w + a @ b.T).bfloat16()))
+        assert torch.equal(lin_out, F.linear(x.mean((2, 3)).bfloat16(), cp_add(lin_w, (a, b)).bfloat16()))

@@ -32,13 +32,15 @@ import copy
 import math
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ftn.functional import cp_conv, fast_backward_cost_ratio, fast_backward_pays_off
+from ftn.functional import (_depthwise_weight_grad_prepadded, cp_conv, fast_backward_cost_ratio,
+                            fast_backward_pays_off)
 
 MODES = ("frozen", "full", "dense", "thin")
 
@@ -70,6 +72,19 @@ def conv_inputs(arch: str, size: int, batch: int) -> list[tuple[nn.Conv2d, torch
     return found
 
 
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, interleaved round by round after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def time_layer(conv: nn.Conv2d, in_shape, rank: int, repeats: int, fmt) -> dict[str, float]:
     x = torch.randn(in_shape).contiguous(memory_format=fmt).requires_grad_()
     conv = copy.deepcopy(conv).to(memory_format=fmt)
@@ -93,14 +108,7 @@ def time_layer(conv: nn.Conv2d, in_shape, rank: int, repeats: int, fmt) -> dict[
         for f in factors:
             f.grad = None
 
-    times = {m: [] for m in MODES}
-    for m in MODES:  # warm-up
-        run(m)
-    for _ in range(repeats):
-        for m in MODES:
-            t0 = time.perf_counter()
-            run(m)
-            times[m].append(time.perf_counter() - t0)
+    times = interleaved({m: (lambda m=m: run(m)) for m in MODES}, repeats)
     return {m: statistics.median(v) * 1e3 for m, v in times.items()}
 
 
@@ -138,19 +146,10 @@ def layers_report(model: str, rank: int, repeats: int, fmt) -> None:
 def machine_roofline() -> tuple[float, float]:
     """This machine's FLOP/s on a large float32 GEMM and its read bandwidth (B/s, a 256 MB sum),
     at the current thread count: the two slopes of a roofline."""
-    def best(fn, repeats=5):
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    flops = 2 * 2048 ** 3 / best(lambda: a @ b)
     big = torch.randn(64 * 2 ** 20)
-    bandwidth = big.numel() * big.element_size() / best(lambda: big.sum())
-    return flops, bandwidth
+    best = {k: min(v) for k, v in interleaved({"gemm": lambda: a @ b, "sum": big.sum}, 5).items()}
+    return 2 * 2048 ** 3 / best["gemm"], big.numel() * big.element_size() / best["sum"]
 
 
 def bound_report(model: str, rank: int, peak: float, bandwidth: float) -> None:
@@ -202,16 +201,11 @@ def depthwise_report(repeats: int) -> None:
         x = torch.randn(64, c, h, h)
         w = torch.randn(c, 1, 3, 3)
         gy = torch.randn_like(F.conv2d(x, w, stride=s, padding=1, groups=c))
-        aten = torch.ops.aten.convolution_backward
-        backend = lambda: aten(gy, x, w, None, [s, s], [1, 1], [1, 1], False, [0, 0], c, [False, True, False])
-        padded = lambda: aten(gy, F.pad(x, (1, 1, 1, 1)), w, None, [s, s], [0, 0], [1, 1], False, [0, 0], c,
-                              [False, True, False])
-        times = {"backend": [], "padded": []}
-        for _ in range(repeats):
-            for k, fn in (("backend", backend), ("padded", padded)):
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
+        conv = ([s, s], [1, 1], [1, 1], c)  # stride, padding, dilation, groups
+        backend = lambda: torch.ops.aten.convolution_backward(gy, x, w, None, *conv[:3], False, [0, 0], c,
+                                                              [False, True, False])
+        padded = lambda: _depthwise_weight_grad_prepadded(gy, x, w, *conv)  # what FTN's backward runs
+        times = interleaved({"backend": backend, "padded": padded}, repeats)
         b, p = (statistics.median(times[k]) * 1e3 for k in times)
         print(f"{f'{c} @ {h}x{h}, s{s}':26s} {b:10.2f} {p:12.2f}  {'prepad' if h < 3 + s - 1 else '-'}")
 

@@ -176,8 +176,7 @@ def build(method: str, backbone: nn.Module, dim: int, ftn_budget: int | None = N
             for layer in model.adapted_layers().values():
                 if "t" in layer.tasks:
                     layer.tasks["t"].factors[0].normal_(0, 1e-3)
-        mode = {"ftn_autograd": False, "ftn": None, "ftn_custom": True, "ftn_recompute": None,
-                "ftn_lora_layers": None}[method]
+        mode = {"ftn_autograd": False, "ftn_custom": True}.get(method)  # None: the automatic choice
         if method == "ftn_recompute":  # depthwise outputs rebuilt in the backward (memory)
             model.recompute_depthwise()
         for layer in model.adapted_layers().values():
@@ -430,8 +429,8 @@ def summary(res: dict) -> dict:
         out["floor"] = round(f, 3)
         fp = rows["bn_head"]["ratio_paired_vs_full"]  # the same from paired per-round ratios
         out["floor_paired"] = round(fp, 3)
-        for k in ("ftn", "ftn_autograd", "ftn_custom", "ftn_recompute", "ftn_lora_layers", "lora", "loha", "lokr"):
-            if k in rows:
+        for k in rows:
+            if k not in ("full", "linear", "bn_head"):  # every adapter method run
                 out[f"overhead_{k}"] = round((rows[k]["ratio_vs_full"] - f) / (1 - f), 3)
                 out[f"overhead_paired_{k}"] = round((rows[k]["ratio_paired_vs_full"] - fp) / (1 - fp), 3)
     if "ftn" in rows and "lora" in rows:

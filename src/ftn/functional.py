@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cp import cp_add
+from .cp import cp_add, khatri_rao
 
 __all__ = [
     "cp_conv",
@@ -219,7 +219,7 @@ def _dense_factor_grads(gw: Tensor, a: Tensor, b: Tensor, c: Tensor) -> tuple[Te
     through ΔW = A·KhatriRao(B, C)ᵀ computes them: dA = gW·KR, dKR = gWᵀ·A, then dB and dC."""
     rank = a.shape[1]
     gw2 = gw.to(a.dtype).reshape(a.shape[0], -1)  # (C_out, C_in/g · S)
-    kr = (b[:, None, :] * c[None, :, :]).reshape(-1, rank)  # (C_in/g · S, R)
+    kr = khatri_rao([b, c])  # (C_in/g · S, R)
     ga = gw2 @ kr
     gkr = (gw2.T @ a).reshape(b.shape[0], c.shape[0], rank)  # (C_in/g, S, R)
     gb = (gkr * c[None, :, :]).sum(1)
@@ -262,7 +262,7 @@ def _factor_grads(gy, x, a, b, c, w_shape, stride, padding, dilation, groups):
         h = torch.matmul(proj, x4.transpose(-1, -2)).sum((0, 1))[:, :, None]  # (R, C_in/g, 1)
     else:
         # K[r, i, s] = B[i, r]·C[s, r], the same for every group: g·R output channels in all.
-        k = (b_c[:, None, :] * c_c[None, :, :]).permute(2, 0, 1).reshape(rank, c_in_g, *kernel)
+        k = khatri_rao([b_c, c_c]).T.reshape(rank, c_in_g, *kernel)
         k_rep = k.repeat(g, *([1] * (nd + 1))) if g > 1 else k
         out_pad = [0] * nd
         z = _aten.convolution(x, k_rep, None, stride, padding, dilation, False, out_pad, g)

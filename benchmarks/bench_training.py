@@ -223,7 +223,7 @@ def restart_with_tuned_malloc() -> None:
 
 
 def make_optimizer(params):
-    """AdamW as the engine builds it (``ftn.training.engine._optimizer``: multi-tensor updates)."""
+    """AdamW as the engine builds it (``ftn.training.engine._optimizers``: multi-tensor updates)."""
     return torch.optim.AdamW(params, lr=1e-3, foreach=True)
 
 

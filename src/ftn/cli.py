@@ -191,6 +191,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     logging.getLogger("ftn.train").setLevel(logging.WARNING)
     spec = SweepSpec(base=base, methods=methods, output=output, axes=[parse_axis(a) for a in args.grid],
                      seeds=seeds, lr_grid=parse_lr_grid(args.lr_grid), lr_factors=factors or DEFAULT_LR_FACTORS,
+                     lr_extend=args.lr_extend, tune=[parse_axis(a) for a in args.tune],
                      workers=args.workers, reference=args.reference, compare_axis=args.compare_axis,
                      gain_reference=args.gain_reference, progress=not args.no_progress,
                      command="ftn sweep " + shlex.join(args.argv))
@@ -254,8 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "chooses the learning rate")
     p.add_argument("--lr-grid", nargs="+", default=[], metavar="METHOD=LR1,LR2",
                    help="learning rates of a method (default: its own rate × --lr-factors)")
-    p.add_argument("--lr-factors", default=",".join(f"{f:g}" for f in (0.5, 2.0)),
-                   help="default LR grid: each method's own rate times these (default 0.5,2)")
+    p.add_argument("--lr-factors", default="0.5,1,2",
+                   help="default LR grid: each method's own rate times these (default 0.5,1,2)")
+    p.add_argument("--lr-extend", type=int, default=2,
+                   help="when the chosen rate is at the grid's edge, add a rate beyond it (the grid's ratio) and "
+                        "choose again, at most this many times per direction (default 2; 0: never)")
+    p.add_argument("--tune", action="append", default=[], metavar="[METHODS:]KEY=V1,V2",
+                   help="a hyper-parameter chosen on validation together with the learning rate, repeatable, "
+                        "e.g. 'taps:method.taps.penalty=0.1,0.3,1,3' (each value reported: score, stored "
+                        "parameters, TAPS's layers on)")
     p.add_argument("--reference", help="the method compared with every other one (default ftn)")
     p.add_argument("--compare-axis", help="also compare, per method, grid points differing only in this --grid "
                    "axis: its first value against each other value (e.g. method.budget_allocation)")

@@ -188,7 +188,7 @@ class _StraightThrough(torch.autograd.Function):
 
 class GatedDelta(DenseDelta):
     """TAPS (Wallingford et al., CVPR 2022): W + 1[s ≥ τ]·δW, δW dense and zero at start, s one
-    learned scalar (``score``, default start 2τ: every layer starts switched on). The indicator's
+    learned scalar (``score``, default start 1.5τ, just above τ as in the original: every layer starts switched on). The indicator's
     gradient is straight-through (∂gate/∂s = 1), so s learns from the task loss,
     ⟨∂L/∂W, δW⟩, even while the gate is off. A layer whose gate is off stores nothing."""
 
@@ -199,7 +199,7 @@ class GatedDelta(DenseDelta):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__(shape, modes, device=device, dtype=dtype)
         self.tau = float(tau)
-        start = 2 * self.tau if init_score is None else float(init_score)
+        start = 1.5 * self.tau if init_score is None else float(init_score)
         self.score = nn.Parameter(torch.tensor(start, device=device, dtype=dtype))
 
     def gate(self) -> Tensor:

@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 
 from ftn import DataError, FTNError
 from ftn.training.config import DataConfig, TrainConfig
-from ftn.training.engine import (EpochBatchSampler, NonFiniteLossError, _lr_factor, _optimizer, load_checkpoint,
+from ftn.training.engine import (EpochBatchSampler, NonFiniteLossError, _lr_factor, _optimizers, load_checkpoint,
                                  train_task)
 from ftn.training.setting import Classify, TaskData
 
@@ -116,7 +116,7 @@ def test_optimizer_runs_multi_tensor_with_the_per_tensor_loops_updates(name):
     finals = []
     for foreach in (True, False):
         task = tiny_method("ftn").add_task("d", bn_head())
-        opt = _optimizer(task, cfg)
+        opt = _optimizers(task, cfg)[0]
         assert opt.defaults["foreach"] is True
         for group in opt.param_groups:
             group["foreach"] = foreach

@@ -24,7 +24,7 @@ TINY = ["model.backbone=tiny_convnet", "model.pretrained=false", "data.image_siz
 
 def _sweep(out: Path, *extra: str) -> int:
     return main(["sweep", "--demo", "multidomain", "--quick", "--methods", "ftn", "full", "--seeds", "0", "1",
-                 "--output", str(out), "--no-progress", *extra, *TINY])
+                 "--lr-extend", "0", "--output", str(out), "--no-progress", *extra, *TINY])
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -34,14 +34,14 @@ def test_quick_sweep_protocol_rows_resume_and_plot(tmp_path, capsys):
     assert _sweep(out) == 0
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
-    # 2 methods × (2 rates on seed 0 + seed 1 at the chosen rate): one row per run.
-    assert len(rows) == 6
+    # 2 methods × (3 rates on seed 0 + seed 1 at the chosen rate): one row per run.
+    assert len(rows) == 8
     with (out / "results.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 6
+        assert len(list(csv.DictReader(f))) == 8
     for method in ("ftn", "full"):
         mine = [r for r in rows if r["method"] == method]
         search = [r for r in mine if r["seed"] == 0]
-        assert len(search) == 2 and len({r["lr"] for r in search}) == 2
+        assert len(search) == 3 and len({r["lr"] for r in search}) == 3
         best = max(search, key=lambda r: r["val_score"])
         assert best["chosen"] and [r["lr"] for r in search if r["chosen"]] == [best["lr"]]  # ties: first rate
         other = [r for r in mine if r["seed"] == 1]
@@ -97,7 +97,7 @@ def test_quick_sweep_protocol_rows_resume_and_plot(tmp_path, capsys):
     # Another config in the same folder is refused rather than mixed in.
     capsys.readouterr()
     assert main(["sweep", "--demo", "multidomain", "--quick", "--methods", "ftn", "full", "--seeds", "0", "1",
-                 "--output", str(out), "--no-progress", *TINY, "train.weight_decay=0.5"]) == 2
+                 "--lr-extend", "0", "--output", str(out), "--no-progress", *TINY, "train.weight_decay=0.5"]) == 2
     assert "another config" in capsys.readouterr().err
 
 
@@ -113,7 +113,7 @@ def test_grid_axis_for_one_method_and_forced_lr_choice(tmp_path):
 
     spec = SweepSpec(base=lambda m: bases.setdefault(m, base(m)), methods=["ftn", "linear"], output=out,
                      axes=[parse_axis("ftn:method.ftn.rank=1,2")], seeds=[0],
-                     lr_grid={"ftn": [1e-3, 1e-2], "linear": [1e-3, 1e-2]}, progress=False)
+                     lr_grid={"ftn": [1e-3, 1e-2], "linear": [1e-3, 1e-2]}, lr_extend=0, progress=False)
     # Force the choice: a fake validation score that prefers the larger rate for ftn.
     import ftn.training.sweep as sweep
 
@@ -147,6 +147,65 @@ def test_grid_axis_for_one_method_and_forced_lr_choice(tmp_path):
         run_sweep(spec)
 
 
+def _tiny_base(method):
+    return apply_overrides(new_config("classification"), [
+        f"method.name={method}", "train.max_steps=1", "train.epochs=1", "data.train_limit=16",
+        "data.val_limit=8", "data.test_limit=8", "data.batch_size=8", "train.recalibrate_batches=1", *TINY])
+
+
+@pytest.mark.slow
+def test_an_edge_choice_extends_the_lr_grid_until_interior_or_the_limit(tmp_path, monkeypatch):
+    """The chosen rate at the top of the grid adds a rate above (the grid's ratio), and again
+    while the choice stays there, up to --lr-extend; an interior choice stops it."""
+    import ftn.training.sweep as sweep
+
+    bases = {}
+    spec = SweepSpec(base=lambda m: bases.setdefault(m, _tiny_base(m)), methods=["linear", "norm_head"],
+                     output=tmp_path / "ext", seeds=[0], lr_factors=(0.5, 1.0, 2.0), lr_extend=2, progress=False)
+    peak = {"linear": 1e9, "norm_head": 0.004}  # linear: better the higher; norm_head: best at 0.004
+    monkeypatch.setattr(sweep, "_val_score", lambda run: -abs(np.log(run.lr / peak[run.method])))
+    results = run_sweep(spec)
+    groups = {g["method"]: g for g in results["groups"]}
+    # linear: base 1e-3 → 5e-4, 1e-3, 2e-3; extended twice upwards, still at the edge
+    assert groups["linear"]["lr_extended"] == [0.004, 0.008] and groups["linear"]["lr"] == 0.008
+    assert groups["linear"]["lr_at_edge"] is True
+    # norm_head: 5e-4, 1e-3, 2e-3 (edge) → 4e-3 (chosen, edge) → 8e-3: 4e-3 is interior
+    assert groups["norm_head"]["lr_extended"] == [0.004, 0.008] and groups["norm_head"]["lr"] == 0.004
+    assert groups["norm_head"]["lr_at_edge"] is False
+    assert list(groups["norm_head"]["lr_grid"]) == ["0.0005", "0.001", "0.002", "0.004", "0.008"]
+    extension_rows = [r for r in results["rows"] if r["lr_extension"]]
+    assert len(extension_rows) == 4
+    table = (tmp_path / "ext" / "table.md").read_text()
+    assert "0.008 (edge)" in table and "+0.008" in table
+
+
+@pytest.mark.slow
+def test_tune_axis_is_chosen_on_validation_with_the_lr_and_reported_per_value(tmp_path, monkeypatch):
+    """--tune taps:method.taps.penalty=...: every (λ, rate) pair trained with the first seed, the
+    best on validation chosen, the other seeds at that pair; per λ the layers on and parameters."""
+    import ftn.training.sweep as sweep
+
+    bases = {}
+    spec = SweepSpec(base=lambda m: bases.setdefault(m, _tiny_base(m)), methods=["taps"], output=tmp_path / "tune",
+                     seeds=[0, 1], lr_grid={"taps": [1e-3, 2e-3]}, lr_extend=0,
+                     tune=[parse_axis("taps:method.taps.penalty=0,30")], progress=False)
+    monkeypatch.setattr(sweep, "_val_score",
+                        lambda run: (1.0 if dict(run.tuned)["method.taps.penalty"] == "30" else 0.0) + run.lr)
+    results = run_sweep(spec)
+    (g,) = results["groups"]
+    assert g["tuned"] == {"method.taps.penalty": "30"} and g["lr"] == 2e-3
+    seeds = [r for r in results["rows"] if r["chosen"]]
+    assert {r["seed"] for r in seeds} == {0, 1} and {r["method.taps.penalty"] for r in seeds} == {"30"}
+    assert len(results["rows"]) == 5  # 2 λ × 2 rates on seed 0, seed 1 at the chosen pair
+    per = {t["tuned"]["method.taps.penalty"]: t for t in g["tuning"]}
+    assert set(per) == {"0", "30"} and per["30"]["chosen"] and not per["0"]["chosen"]
+    assert per["0"]["layers_on"] == [per["0"]["gated_layers"][0]] * 2  # λ = 0: every gate open
+    assert per["30"]["stored_params"] <= per["0"]["stored_params"]
+    assert (tmp_path / "tune" / "runs" / "taps" / "default" / "method.taps.penalty=30" / "lr0.002" / "seed1").is_dir()
+    table = (tmp_path / "tune" / "table.md").read_text()
+    assert "Tuned on validation" in table and "penalty=30 (chosen)" in table
+
+
 # ----------------------------------------------------------------------------- pieces
 def test_choose_lr_takes_the_best_validation_score_first_on_ties():
     assert choose_lr([(1e-3, 50.0), (3e-3, 70.0), (1e-2, 60.0)]) == 3e-3
@@ -158,8 +217,8 @@ def test_choose_lr_takes_the_best_validation_score_first_on_ties():
 
 def test_lr_grids_are_centred_on_each_method_and_the_same_size():
     grids = lr_grids(["ftn", "full"], {"ftn": 3e-3, "full": 5e-4})
-    assert grids == {"ftn": [0.0015, 0.006], "full": [0.00025, 0.001]}
-    assert lr_grids(["ftn", "full"], {"ftn": 3e-3, "full": 5e-4}, {"full": [1e-4, 2e-4]})["full"] == [1e-4, 2e-4]
+    assert grids == {"ftn": [0.0015, 0.003, 0.006], "full": [0.00025, 0.0005, 0.001]}
+    assert lr_grids(["ftn", "full"], {"ftn": 3e-3, "full": 5e-4}, {"full": [1e-4, 2e-4, 4e-4]})["full"] == [1e-4, 2e-4, 4e-4]
     with pytest.raises(ConfigError, match="same number"):
         lr_grids(["ftn", "full"], {"ftn": 3e-3, "full": 5e-4}, {"full": [1e-4]})
     with pytest.raises(ConfigError, match="not in --methods"):

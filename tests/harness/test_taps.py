@@ -1,6 +1,7 @@
 """TAPS and partial unfreezing as methods: the penalty through the engine, `ftn train` on the
 embedded fixture (2 steps) with `method.name=taps` and `method.ftn.unfreeze`, and `ftn demo`."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,12 +11,10 @@ from ftn import ConfigError
 from ftn.adapters import read_adapter
 from ftn.cli import main
 from ftn.training.config import TrainConfig, load_config
-from ftn.training.methods import GatedDelta, TAPSConfig, last_block_patterns
+from ftn.training.methods import GatedDelta, ProximalScoreSGD, TAPSConfig, last_block_patterns
 
 from test_train_configs import EMBEDDED, TINY
-from tiny import run, tiny_method
-
-SGD = dict(optimizer="sgd", momentum=0.0, lr=0.05, grad_clip=None, weight_decay=0.0, max_steps=20)
+from tiny import run, tiny_data, tiny_method
 
 
 def gates(method):
@@ -23,29 +22,76 @@ def gates(method):
             if isinstance(layer.tasks["d"], GatedDelta)}
 
 
-def test_penalty_pushes_scores_down_and_switches_the_largest_layers_off(tmp_path):
-    free = tiny_method("taps", taps=TAPSConfig(penalty=0.0))
-    run(tmp_path / "free", method=free, train=TrainConfig(**SGD))
-    assert all(g.active for g in gates(free).values())  # no penalty: every layer stays on
+def _taps_run(tmp_path, penalty, **options):
+    """Train TAPS on the tiny task (no validation split: the last epoch is kept) with the default
+    TAPS options; returns the method."""
+    method = tiny_method("taps", taps=TAPSConfig(penalty=penalty, **options))
+    run(tmp_path / f"taps{penalty}", method=method, train=TrainConfig(epochs=3, lr=1e-3),
+        data=dataclasses.replace(tiny_data(n=96), val=None))
+    return method
 
-    method = tiny_method("taps", taps=TAPSConfig(penalty=1.0))
-    task = method.add_task("d", torch.nn.Linear(16, 3))
-    assert task.regularizer is not None and float(task.regularizer().detach()) == pytest.approx(1.0)  # all on at start (s₀ = 2τ)
-    start = {ln: float(g.score.detach()) for ln, g in gates(method).items()}
-    run(tmp_path / "taps", method=method, train=TrainConfig(**SGD))
-    end = {ln: float(g.score.detach()) for ln, g in gates(method).items()}
-    assert all(end[ln] < start[ln] for ln in start)
-    on = {ln for ln, g in gates(method).items() if g.active}
-    assert "same" not in on  # the largest layer (576 of 1,568 weights) goes first
-    assert on and len(on) < len(start)
 
-    info = method.info()["tasks"]["d"]
-    sizes = {ln: g.weight.numel() for ln, g in gates(method).items()}
-    assert info["adapted_layers"] == len(on) and info["gated_layers"] == len(start)
-    assert info["adapted_parameters"] == sum(sizes[ln] + 1 for ln in on)
-    report = method.model.parameter_report().tasks["d"]
-    assert report.delta == info["delta_parameters"] == info["adapted_parameters"] and report.layers == len(on)
-    assert 0 < float(task.regularizer().detach()) < 1
+def test_layers_on_fall_with_lambda_from_all_to_at_most_half_with_the_default_options(tmp_path):
+    """The mechanism: every gate open at λ = 0, the number open non-increasing as λ grows, and at
+    most half open at a large λ, with the default score rate (chosen from the schedule)."""
+    on = {}
+    for penalty in (0.0, 0.03, 0.3, 3.0, 30.0):
+        method = _taps_run(tmp_path, penalty)
+        on[penalty] = sum(g.active for g in gates(method).values())
+        info = method.info()
+        assert info["tasks"]["d"]["adapted_layers"] == on[penalty]
+        assert info["tasks"]["d"]["score_lr"] == method.score_lrs["d"] > 0
+    n = len(gates(method))
+    assert on[0.0] == n, on
+    values = [on[p] for p in sorted(on)]
+    assert values == sorted(values, reverse=True), on
+    assert on[30.0] <= n // 2, on
+
+
+def test_scores_start_just_above_tau_and_the_penalty_closes_the_largest_layers_first_when_weighted(tmp_path):
+    method = tiny_method("taps")
+    method.add_task("d", torch.nn.Linear(16, 3))
+    assert [float(g.score.detach()) for g in gates(method).values()] == pytest.approx([0.15] * len(gates(method)))
+    assert method.penalty("d") == pytest.approx(0.15)  # λ = 1 × mean |s|
+    weighted = _taps_run(tmp_path, 0.03, weighting="params")
+    scores = {ln: float(g.score.detach()) for ln, g in gates(weighted).items()}
+    sizes = {ln: g.weight.numel() for ln, g in gates(weighted).items()}
+    largest, smallest = max(sizes, key=sizes.get), min(sizes, key=sizes.get)
+    assert scores[largest] < scores[smallest]  # pushed λ·n_l/N: the largest layer hardest
+
+
+def test_the_proximal_step_stops_at_zero_and_a_closed_gate_can_reopen():
+    """The L1 step shrinks a score to 0 without overshooting (whatever λ), and a closed gate whose
+    layer the task needs (a negative straight-through gradient) opens again."""
+    score = torch.nn.Parameter(torch.tensor(0.15))
+    opt = ProximalScoreSGD([score], lr=1.0, momentum=0.9, penalty=100.0, weights=[1.0], warmup_steps=1)
+    opt.step()  # warm-up step: no penalty, no gradient
+    assert float(score.detach()) == pytest.approx(0.15)
+    for _ in range(5):
+        opt.step()
+        assert float(score.detach()) == 0.0  # shrunk to 0, never below
+    reopen = ProximalScoreSGD([score], lr=0.01, momentum=0.9, penalty=1.0, weights=[0.1], warmup_steps=0)
+    for _ in range(20):
+        score.grad = torch.tensor(-1.0)  # opening the gate would lower the task loss
+        reopen.step()
+    assert float(score.detach()) >= 0.1
+
+
+def test_a_taps_run_resumes_bit_identical_with_its_scores_optimizer(tmp_path):
+    def train(folder, stop=None):
+        method = tiny_method("taps", taps=TAPSConfig(penalty=0.3))
+        try:
+            run(folder, method=method, stop=stop, train=TrainConfig(epochs=2, checkpoint_every=2, lr=1e-3),
+                data=dataclasses.replace(tiny_data(n=96), val=None))
+        except KeyboardInterrupt:
+            method = tiny_method("taps", taps=TAPSConfig(penalty=0.3))
+            run(folder, method=method, train=TrainConfig(epochs=2, checkpoint_every=2, lr=1e-3),
+                data=dataclasses.replace(tiny_data(n=96), val=None))
+        return {ln: g.score.detach().clone() for ln, g in gates(method).items()}
+
+    whole = train(tmp_path / "whole")
+    resumed = train(tmp_path / "resumed", stop=5)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 def test_taps_config_is_checked():
@@ -71,10 +117,10 @@ def _train(tmp_path, *overrides):
 
 
 def test_ftn_train_with_taps_runs_two_steps_and_evaluates_from_its_adapters(tmp_path, capsys):
-    args, results = _train(tmp_path, "method.name=taps", "method.taps.penalty=0.5")
+    args, results = _train(tmp_path, "method.name=taps", "method.taps.penalty=0.01")
     assert results["method"] == "taps" and all(r["steps"] == 2 for r in results["tasks"].values())
     info = results["method_info"]
-    assert info["tau"] == 0.1 and info["penalty"] == 0.5 and set(info["tasks"]) == {"mnist", "optdigits"}
+    assert info["tau"] == 0.1 and info["penalty"] == 0.01 and set(info["tasks"]) == {"mnist", "optdigits"}
     for task, t in info["tasks"].items():
         assert 0 < t["adapted_layers"] <= t["gated_layers"]
         assert results["parameters"]["per_task"][task] > t["delta_parameters"] == t["adapted_parameters"]
@@ -109,21 +155,10 @@ def test_demo_runs_taps_and_partial_unfreezing(tmp_path):
     assert "| TAPS |" in table and "| FTN + last block unfrozen |" in table
 
 
-def test_score_lr_gives_the_scores_their_own_adamw_group_so_gates_can_close_in_a_short_run(tmp_path):
-    """Under AdamW a score moves by about its learning rate per step: at a fine-tuning rate no gate
-    closes in a short run; with `method.taps.score_lr` the scores get their own rate and do."""
-    adamw = dict(optimizer="adamw", lr=1e-3, grad_clip=None, weight_decay=0.0, max_steps=10)
-    slow = tiny_method("taps", taps=TAPSConfig(penalty=1.0))
-    run(tmp_path / "slow", method=slow, train=TrainConfig(**adamw))
-    assert all(g.active for g in gates(slow).values())  # 10 steps × ~1e-3 cannot reach τ from 2τ
-
-    fast = tiny_method("taps", taps=TAPSConfig(penalty=1.0, score_lr=0.05))
-    task = fast.add_task("d", torch.nn.Linear(16, 3))
-    scores = {id(g.score) for g in gates(fast).values()}
-    assert [{id(p) for p in g["params"]} for g in task.extra_groups] == [scores]
-    assert not scores & {id(p) for p in task.body_params} and scores <= {id(p) for p in task.parameters}
-    run(tmp_path / "fast", method=fast, train=TrainConfig(**adamw))  # trains the task "d" added above
-    assert not all(g.active for g in gates(fast).values())  # the penalty closed some gates
-    assert fast.info()["score_lr"] == 0.05
-    with pytest.raises(ConfigError, match="score_lr"):
-        TAPSConfig(score_lr=0.0)
+def test_score_lr_overrides_the_rate_from_the_schedule(tmp_path):
+    method = _taps_run(tmp_path, 0.3, score_lr=1e-6)
+    assert method.score_lrs["d"] == 1e-6 and method.info()["score_lr"] == 1e-6
+    assert all(g.active for g in gates(method).values())  # too slow to reach τ in 36 steps
+    for bad in (dict(score_lr=0.0), dict(weighting="size"), dict(warmup=1.0), dict(init_score=0.05)):
+        with pytest.raises(ConfigError):
+            TAPSConfig(**bad)

@@ -163,20 +163,31 @@ def _lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _optimizer(model: TaskModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Parameter groups: the body at ``lr``, the head at ``head_lr``, and the task model's
-    ``extra_groups`` at their own rates (all follow the same schedule)."""
+def _optimizers(model: TaskModel, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """The task's optimizers, the main one first. Main parameter groups: the body at ``lr``, the
+    head at ``head_lr``, and the ``extra_groups`` without an optimizer of their own at their own
+    rates; an extra group with ``"optimizer": factory`` gets ``factory(params, lr)`` of its own.
+    All follow the same schedule."""
+    shared = [g for g in model.extra_groups if not g.get("optimizer")]
     groups = [g for g in ({"params": model.body_params, "lr": cfg.lr},
                           {"params": model.head_params, "lr": cfg.head_lr or cfg.lr},
-                          *({"params": g["params"], "lr": g["lr"]} for g in model.extra_groups)) if g["params"]]
+                          *({"params": g["params"], "lr": g["lr"]} for g in shared)) if g["params"]]
     # foreach: one multi-tensor op per update term instead of a Python loop over the tensors.
     # PyTorch takes it by default only on accelerators; on the CPU it gives bit-identical updates
     # (tests/harness/test_engine.py) and halves the optimizer step of a task with hundreds of
     # small factor tensors (MobileNetV2 FTN: 262 tensors, 6.5 → 3.6 ms per step, 1 thread).
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           foreach=True)
+        main = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    else:
+        main = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+    # A group with an optimizer of its own (TAPS's scores: SGD with a proximal L1 step) is built
+    # by the factory it carries, from its parameters and rate.
+    own = [g["optimizer"](g["params"], g["lr"]) for g in model.extra_groups if g.get("optimizer") and g["params"]]
+    return [main, *own]
+
+
+def _own_optimizer_params(model: TaskModel) -> set[int]:
+    return {id(p) for g in model.extra_groups if g.get("optimizer") for p in g["params"]}
 
 
 @torch.no_grad()
@@ -318,8 +329,14 @@ def train_task(model: TaskModel, data: TaskData, train_cfg: TrainConfig, data_cf
     sampler = EpochBatchSampler(n_train, data_cfg.batch_size, seed, info.rank, info.world_size, data.min_batch)
     steps_per_epoch = len(sampler)
     total_steps = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
-    optimizer = _optimizer(model, train_cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(train_cfg, total_steps))
+    lr_factor = _lr_factor(train_cfg, total_steps)
+    if model.on_schedule is not None:  # e.g. TAPS: its penalty's warm-up and its scores' rate
+        model.on_schedule(total_steps, lr_factor)
+    optimizer, *own_optimizers = optimizers = _optimizers(model, train_cfg)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_factor) for o in optimizers]
+    scheduler = schedulers[0]
+    own_ids = _own_optimizer_params(model)
+    clipped = [p for p in model.parameters if id(p) not in own_ids]
     autocast, scaler = _autocast(train_cfg.amp, device)
 
     # --- resume
@@ -331,6 +348,10 @@ def train_task(model: TaskModel, data: TaskData, train_cfg: TrainConfig, data_cf
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        for o, state in zip(own_optimizers, ckpt.get("own_optimizers", [])):
+            o.load_state_dict(state)
+        for sch, state in zip(schedulers[1:], ckpt.get("own_schedulers", [])):
+            sch.load_state_dict(state)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step, epoch, skip = ckpt["step"], ckpt["epoch"], ckpt["skip"]
@@ -348,6 +369,8 @@ def train_task(model: TaskModel, data: TaskData, train_cfg: TrainConfig, data_cf
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "own_optimizers": [o.state_dict() for o in own_optimizers],
+            "own_schedulers": [sch.state_dict() for sch in schedulers[1:]],
             "step": step, "epoch": epoch, "skip": skip, "best": best, "history": history,
             "skipped": skipped, "train_seconds": train_seconds, "rng": _rng_state()})
 
@@ -372,15 +395,14 @@ def train_task(model: TaskModel, data: TaskData, train_cfg: TrainConfig, data_cf
                     batch = data.augment(batch)
                 with autocast:
                     loss = objective.loss(model, batch)
-                    if model.regularizer is not None:  # e.g. TAPS's sparsity penalty
-                        loss = loss + model.regularizer()
                 # Every rank must take the same branch, so finiteness and batch size are agreed on.
                 local_n = _batch_len(batch)
                 finite = bool(dist.all_reduce_min(torch.isfinite(loss.detach()).float().reshape(1)).item()) \
                     if info.enabled else bool(torch.isfinite(loss))
                 global_n = int(dist.all_reduce_sum(torch.tensor([local_n], device=device)).item()) \
                     if info.enabled else local_n
-                optimizer.zero_grad(set_to_none=True)
+                for o in optimizers:
+                    o.zero_grad(set_to_none=True)
                 if not finite:
                     if train_cfg.on_nonfinite == "stop":
                         raise NonFiniteLossError(
@@ -393,19 +415,23 @@ def train_task(model: TaskModel, data: TaskData, train_cfg: TrainConfig, data_cf
                 else:
                     if scaler is not None:
                         scaler.scale(loss).backward()
-                        scaler.unscale_(optimizer)
+                        for o in optimizers:
+                            scaler.unscale_(o)
                     else:
                         loss.backward()
                     if info.enabled:
                         dist.all_reduce_gradients(model.parameters, local_n, global_n)
-                    if train_cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters, train_cfg.grad_clip)
+                    if train_cfg.grad_clip:  # not the groups with optimizers of their own (TAPS's scores)
+                        torch.nn.utils.clip_grad_norm_(clipped, train_cfg.grad_clip)
+                    for o in optimizers:
+                        if scaler is not None:
+                            scaler.step(o)
+                        else:
+                            o.step()
                     if scaler is not None:
-                        scaler.step(optimizer)
                         scaler.update()
-                    else:
-                        optimizer.step()
-                scheduler.step()
+                for sch in schedulers:
+                    sch.step()
                 step += 1
                 skip += global_n
                 bar.update(1)

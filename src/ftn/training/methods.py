@@ -45,29 +45,65 @@ from ..model import FTNConfig, FTNModel
 from ..norms import is_norm
 from ..updates import GatedDelta
 
-__all__ = ["MethodConfig", "TAPSConfig", "TaskModel", "Method", "METHODS", "register", "method_class", "make_method", "WithHead",
+__all__ = ["MethodConfig", "TAPSConfig", "ProximalScoreSGD", "TaskModel", "Method", "METHODS", "register", "method_class", "make_method", "WithHead",
            "ftn_delta_budget", "lora_targets", "lora_delta_params", "matched_lora_rank"]
 
 
 @dataclass
 class TAPSConfig:
-    """``method.taps``: TAPS's gate threshold τ, penalty weight λ and initial score (None: 2τ)."""
+    """``method.taps``: TAPS as its authors run it (Wallingford et al., CVPR 2022; their
+    ``models/taps_net.py`` and ``train_sequential.py``), with the step-dependent defaults scaled to
+    the schedule instead of fixed for 30 epochs (``docs/baselines.md``).
+
+    - a gate per layer, open while its score s ≥ τ (straight-through gradient to s);
+    - scores start just above τ (the original: 0.15 for τ = 0.1, so ``init_score`` = 1.5τ);
+    - the penalty is an L1 term on the scores themselves, λ·mean_l |s_l| (the original's
+      λ·Σ|s|/L). It pushes a score down only while it is positive, so a closed gate is not
+      pushed towards −∞: the task loss's straight-through gradient ⟨∂L/∂W, δW⟩ can reopen it.
+      ``weighting=params`` weighs each layer by its share of the gated weights instead
+      (λ·Σ_l (n_l/N)·|s_l|: closes large layers first; not the original);
+    - the penalty starts after ``warmup`` of the task's steps (the original: 2 of 30 epochs);
+    - the scores have their own SGD with momentum 0.9 and no weight decay (the original trains
+      everything with SGD, momentum 0.9, weight decay 0). Under SGD a score moves in proportion
+      to its gradient, so λ sets how far the penalty pushes, not only its direction (under AdamW
+      every score moves by about the learning rate per step whatever λ is);
+    - ``score_lr`` None: chosen from the schedule so that the penalty alone at λ = 1 would move a
+      score of an average layer by ``score_travel`` over the penalised steps (the original's
+      30 epochs move it 2-20 by the same measure; 2 is its low end). A schedule of 50 steps then
+      closes gates as one of 1,000 does, instead of never.
+    """
 
     tau: float = 0.1
-    penalty: float = 1.0  # λ in λ·Σ_l (n_l / N)·1[s_l ≥ τ]
-    init_score: float | None = None
-    # The scores' own learning rate (None: train.lr, as the weights). Under AdamW a score moves by
-    # about its learning rate per step, so with s₀ = 2τ a gate can only close after ~τ / lr steps:
-    # a short schedule at a fine-tuning rate closes none (the embedded sweep's TAPS kept 52/52 on).
-    score_lr: float | None = None
+    penalty: float = 1.0  # λ
+    init_score: float | None = None  # None: 1.5τ (just above τ, as the original's 0.15 for τ = 0.1)
+    weighting: str = "uniform"  # uniform: λ·mean_l |s_l| (the original) | params: λ·Σ_l (n_l / N)·|s_l|
+    warmup: float = 0.1  # fraction of the task's steps trained before the penalty starts
+    score_lr: float | None = None  # None: from the schedule and score_travel (see above)
+    score_momentum: float = 0.9
+    score_travel: float = 2.0
 
     def __post_init__(self) -> None:
         if not self.tau > 0:
             raise ConfigError(f"method.taps.tau must be > 0, got {self.tau!r}")
         if self.score_lr is not None and not self.score_lr > 0:
-            raise ConfigError(f"method.taps.score_lr must be > 0 (or null), got {self.score_lr!r}")
+            raise ConfigError(f"method.taps.score_lr must be > 0 (or null: from the schedule), got {self.score_lr!r}")
         if not self.penalty >= 0:
             raise ConfigError(f"method.taps.penalty must be >= 0, got {self.penalty!r}")
+        if self.weighting not in ("uniform", "params"):
+            raise ConfigError(f"method.taps.weighting must be 'uniform' or 'params', got {self.weighting!r}")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"method.taps.warmup must be a fraction of the steps in [0, 1), got {self.warmup!r}")
+        if not 0 <= self.score_momentum < 1:
+            raise ConfigError(f"method.taps.score_momentum must be in [0, 1), got {self.score_momentum!r}")
+        if not self.score_travel > 0:
+            raise ConfigError(f"method.taps.score_travel must be > 0, got {self.score_travel!r}")
+        if self.init_score is not None and not self.init_score >= self.tau:
+            raise ConfigError(f"method.taps.init_score ({self.init_score}) must be >= tau ({self.tau}): "
+                              "every gate starts open")
+
+    @property
+    def start(self) -> float:
+        return 1.5 * self.tau if self.init_score is None else self.init_score
 
 
 @dataclass
@@ -97,15 +133,21 @@ class MethodConfig:
 
 
 class TaskModel:
-    """One task's model as the engine sees it. ``regularizer``, when set, is a term the engine
-    adds to every training loss (TAPS's sparsity penalty). ``extra_groups`` are optimizer groups
-    of their own (``{"params": [...], "lr": float}``, e.g. TAPS's scores), beside the body and
-    head groups; their parameters are in neither of those lists."""
+    """One task's model as the engine sees it.
+
+    - ``extra_groups`` are optimizer groups of their own (``{"params": [...], "lr": float}``),
+      beside the body and head groups; their parameters are in neither of those lists. A group
+      with ``"optimizer": factory`` gets the optimizer ``factory(params, lr)`` of its own, outside
+      gradient clipping (TAPS's scores).
+    - ``on_schedule(total_steps, lr_factor)``, when set, is called by the engine before it builds
+      the optimizers, with the task's step count and the learning-rate schedule's factor per step
+      (TAPS sets its warm-up and its scores' rate from them).
+    """
 
     def __init__(self, name: str, forward: Callable[..., Any], module: nn.Module,
                  body_params: list[nn.Parameter], head_params: list[nn.Parameter],
                  live_state: Callable[[], dict[str, Tensor]], batchnorms: Callable[[], list[_BatchNorm]],
-                 frozen_modules: Iterable[nn.Module] = (), regularizer: Callable[[], Tensor] | None = None) -> None:
+                 frozen_modules: Iterable[nn.Module] = ()) -> None:
         self.name = name
         self.forward = forward
         self.module = module
@@ -114,8 +156,8 @@ class TaskModel:
         self._live_state = live_state
         self.batchnorms = batchnorms
         self._frozen_modules = list(frozen_modules)
-        self.regularizer = regularizer
         self.extra_groups: list[dict[str, Any]] = []
+        self.on_schedule: Callable[[int, Callable[[int], float]], None] | None = None
 
     def __call__(self, *inputs: Any) -> Any:
         return self.forward(*inputs)
@@ -298,9 +340,18 @@ class FTNMethod(Method):
         return task
 
     def info(self) -> dict[str, Any]:
-        info = {"rank": self.rank if self.rank is not None else self.cfg.ftn.rank, "ranks": dict(self.cfg.ranks)}
+        """``rank`` / ``ranks``: the configured rank and per-task ranks (what a task without a
+        budget asks for); ``tasks``: per task, what it actually got — ``delta_parameters`` (the
+        ΔW it stores), ``budget`` (ΔW parameters, None without one) and ``ranks``
+        (:func:`task_rank_summary`). :func:`delta_used` reads the ΔW back for a table."""
+        info: dict[str, Any] = {"rank": self.rank if self.rank is not None else self.cfg.ftn.rank,
+                                "ranks": dict(self.cfg.ranks)}
         if self.model.config.unfreeze:
             info["unfreeze"] = list(self.model.config.unfreeze)
+        report = self.model.parameter_report()
+        info["tasks"] = {name: {"delta_parameters": report.tasks[name].delta, "budget": report.tasks[name].budget,
+                                "ranks": task_rank_summary(self.model, name)}
+                         for name in self.tasks if name in report.tasks}
         return info
 
     def shared_parameters(self) -> int:
@@ -311,6 +362,38 @@ class FTNMethod(Method):
 
     def save_task(self, name: str, folder: Path, info: dict[str, Any] | None = None) -> Path:
         return self.model.save_task(name, folder / f"{name}.safetensors", info=info)
+
+
+def task_rank_summary(model: FTNModel, task: str) -> dict[str, Any]:
+    """The CP ranks task ``task`` got over the model's adapted layers (0: not adapted; layers
+    with a dense update, e.g. unfrozen ones, are counted in ``dense_layers`` instead):
+    ``min``, ``max``, ``mean`` and ``counts`` (``{"rank": number of layers}``)."""
+    ranks, dense = [], 0
+    for layer in model.adapted_layers().values():
+        update = layer.tasks[task] if task in layer.tasks else None
+        if update is not None and update.kind != "cp":
+            dense += 1
+        else:
+            ranks.append(layer.rank(task))
+    counts: dict[str, int] = {}
+    for r in sorted(ranks):
+        counts[str(r)] = counts.get(str(r), 0) + 1
+    out: dict[str, Any] = {"min": min(ranks, default=0), "max": max(ranks, default=0),
+                           "mean": round(sum(ranks) / len(ranks), 3) if ranks else 0.0, "counts": counts}
+    if dense:
+        out["dense_layers"] = dense
+    return out
+
+
+def delta_used(method_info: dict[str, Any]) -> int | None:
+    """The ΔW parameters a run's tasks actually stored, mean over its tasks (rounded), from its
+    ``method_info`` (``results.json``; a sweep group's ``method_info``); None where the method
+    does not report them per task (LoRA, full fine-tuning, results written before they were)."""
+    tasks = (method_info or {}).get("tasks") or {}
+    values = [t.get("delta_parameters") for t in tasks.values() if isinstance(t, dict)]
+    if not values or any(not isinstance(v, int) for v in values):
+        return None
+    return round(sum(values) / len(values))
 
 
 @register
@@ -354,41 +437,115 @@ class FTNUnfreezeMethod(FTNMethod):
         self.model.config.unfreeze = self.unfreeze
 
 
+class ProximalScoreSGD(torch.optim.Optimizer):
+    """SGD with momentum for TAPS's scores, with the L1 penalty λ·Σ_l w_l·|s_l| applied as its
+    proximal step (soft-thresholding towards 0) after ``warmup_steps``.
+
+    Why not the penalty's subgradient in the loss, as the original writes it: with momentum, a
+    constant push of λ·w_l overshoots 0 and oscillates around it with an amplitude that grows
+    with λ; over a short schedule, at a large λ, scores end above τ at random and gates reopen
+    that the penalty should keep shut (measured: 0 of 6 on at λ = 3, 6 of 6 on at λ = 30). The
+    proximal step minimises the same objective without the overshoot: it shrinks a score by
+    lr·λ·w_l/(1 − μ) per step (the subgradient's distance per step once momentum has built up,
+    so λ trades against the task gradient as in the original) and stops at 0. A score at 0 is
+    closed but not pushed further: the task gradient ⟨∂L/∂W, δW⟩ can reopen it."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float, momentum: float, penalty: float,
+                 weights: list[float], warmup_steps: int) -> None:
+        if len(weights) != len(params):
+            raise ValueError("one penalty weight per score")
+        super().__init__([{"params": list(params), "weights": list(weights)}],
+                         {"lr": lr, "momentum": momentum, "penalty": penalty, "warmup_steps": warmup_steps})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for p, w in zip(group["params"], group["weights"]):
+                state = self.state[p]
+                state["step"] = state.get("step", 0) + 1
+                if p.grad is not None:
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = p.grad.detach().clone()
+                    else:
+                        buf.mul_(mu).add_(p.grad)
+                    p.sub_(lr * buf)
+                if state["step"] > group["warmup_steps"] and group["penalty"]:
+                    shrink = lr * group["penalty"] * w / (1 - mu)
+                    p.copy_(p.sign() * (p.abs() - shrink).clamp_min(0))
+
+
 @register
 class TAPSMethod(FTNMethod):
     """TAPS (Wallingford et al., CVPR 2022) on the FTN machinery: every adapted layer is
     W + 1[s ≥ τ]·δW (:class:`ftn.updates.GatedDelta`, δW dense and zero at start, s one learned
-    score per layer and task, straight-through gradient), per-task norms and head as FTN, and
-    the training loss gets λ·Σ_l (n_l / N)·1[s_l ≥ τ] (n_l: the layer's weight size, N: their
-    sum), whose straight-through gradient λ·n_l/N pushes every score down, most for the largest
-    layers. Layers matching ``method.ftn.unfreeze`` are dense and always on. Only the layers
-    switched on are stored (adapter file, parameter report)."""
+    score per layer and task, straight-through gradient), per-task norms and head as FTN, and the
+    scores minimise the task loss + λ·Σ_l w_l·|s_l| after the warm-up (:class:`TAPSConfig`:
+    w_l = 1/L as the original, or n_l/N) with their own optimizer
+    (:class:`ProximalScoreSGD`). Layers matching ``method.ftn.unfreeze`` are dense and always on.
+    Only the layers switched on are stored (adapter file, parameter report)."""
 
     name = "taps"
 
+    def __init__(self, backbone, cfg, device):
+        super().__init__(backbone, cfg, device)
+        self.score_lrs: dict[str, float] = {}  # per task: the scores' rate used (chosen from the schedule)
+
     def add_task(self, name: str, head: nn.Module) -> TaskModel:
         taps = self.cfg.taps
-        self.model.add_task(name, head=head.to(self.device), gate={"tau": taps.tau, "init_score": taps.init_score})
+        self.model.add_task(name, head=head.to(self.device), gate={"tau": taps.tau, "init_score": taps.start})
         task = self._task_model(name)
-        task.regularizer = lambda: taps.penalty * self.gated_fraction(name)
-        if taps.score_lr is not None:
-            scores = {id(g.score) for g in self.gates(name).values()}
-            task.extra_groups.append({"params": [p for p in task.body_params if id(p) in scores], "lr": taps.score_lr})
-            task.body_params = [p for p in task.body_params if id(p) not in scores]
+        gates = list(self.gates(name).values())
+        ids = {id(g.score) for g in gates}
+        task.body_params = [p for p in task.body_params if id(p) not in ids]
+        weights = self.penalty_weights(name)
+        warmup = {"steps": 0}
+
+        def make_optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+            return ProximalScoreSGD(params, lr=lr, momentum=taps.score_momentum, penalty=taps.penalty,
+                                    weights=weights, warmup_steps=warmup["steps"])
+
+        group: dict[str, Any] = {"params": [g.score for g in gates], "lr": taps.score_lr or 0.0,
+                                 "optimizer": make_optimizer}
+        task.extra_groups.append(group)
+
+        def on_schedule(total_steps: int, lr_factor: Callable[[int], float]) -> None:
+            warmup["steps"] = int(round(taps.warmup * total_steps))
+            if taps.score_lr is None:
+                group["lr"] = self.auto_score_lr(len(gates), total_steps, warmup["steps"], lr_factor)
+            self.score_lrs[name] = group["lr"]
+
+        task.on_schedule = on_schedule
         return task
+
+    def penalty_weights(self, name: str) -> list[float]:
+        """w_l per gated layer: 1/L (the original's Σ|s|/L), or n_l/N with ``weighting=params``."""
+        sizes = [g.weight.numel() for g in self.gates(name).values()]
+        if self.cfg.taps.weighting == "params":
+            return [n / sum(sizes) for n in sizes]
+        return [1 / len(sizes)] * len(sizes) if sizes else []
+
+    def penalty(self, name: str) -> float:
+        """λ·Σ_l w_l·|s_l|: the penalty the scores' optimizer minimises (reported, not backpropagated)."""
+        gates = list(self.gates(name).values())
+        return self.cfg.taps.penalty * sum(w * abs(float(g.score.detach()))
+                                           for w, g in zip(self.penalty_weights(name), gates))
+
+    def auto_score_lr(self, layers: int, total_steps: int, warmup_steps: int, lr_factor: Callable[[int], float]) -> float:
+        """The scores' rate at which the penalty alone at λ = 1 moves the score of a layer of
+        average weight (1/L) by ``score_travel`` over the penalised steps: under SGD with momentum
+        μ a constant gradient g moves a parameter by lr·g/(1 − μ) per step once the momentum has
+        built up, and the rate follows the schedule's factor f(t)."""
+        taps = self.cfg.taps
+        summed = sum(lr_factor(t) for t in range(warmup_steps, total_steps))
+        if not layers or summed <= 0:
+            return 0.0
+        return taps.score_travel * layers * (1 - taps.score_momentum) / summed
 
     def gates(self, name: str) -> dict[str, GatedDelta]:
         return {ln: layer.tasks[name] for ln, layer in self.model.adapted_layers().items()
                 if name in layer.tasks and isinstance(layer.tasks[name], GatedDelta)}
-
-    def gated_fraction(self, name: str) -> Tensor:
-        """Σ_l (n_l / N)·1[s_l ≥ τ] over the task's gated layers: the fraction of their weights
-        switched on, with the straight-through gradient n_l / N for each score."""
-        gates = list(self.gates(name).values())
-        total = sum(g.weight.numel() for g in gates)
-        if not total:
-            return torch.zeros((), device=self.device)
-        return sum(g.gate() * (g.weight.numel() / total) for g in gates)
 
     def info(self) -> dict[str, Any]:
         report = self.model.parameter_report()
@@ -398,9 +555,13 @@ class TAPSMethod(FTNMethod):
             on = [ln for ln, g in gates.items() if g.active]
             tasks[name] = {"adapted_layers": len(on), "gated_layers": len(gates),
                            "adapted_parameters": sum(gates[ln].num_params() for ln in on),
-                           "delta_parameters": report.tasks[name].delta}
-        return {"tau": self.cfg.taps.tau, "penalty": self.cfg.taps.penalty, "score_lr": self.cfg.taps.score_lr,
-                "tasks": tasks}
+                           "delta_parameters": report.tasks[name].delta,
+                           "score_lr": self.score_lrs.get(name), "penalty_value": self.penalty(name),
+                           "scores": {ln: round(float(g.score.detach()), 5) for ln, g in gates.items()}}
+        taps = self.cfg.taps
+        return {"tau": taps.tau, "penalty": taps.penalty, "weighting": taps.weighting, "warmup": taps.warmup,
+                "init_score": taps.start, "score_lr": taps.score_lr, "score_momentum": taps.score_momentum,
+                "score_travel": taps.score_travel, "tasks": tasks}
 
 
 @register

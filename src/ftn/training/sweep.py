@@ -41,10 +41,15 @@ from .methods import method_class
 from .stats import Interval, mean_std, paired_bootstrap, paired_t_interval
 
 __all__ = ["Axis", "SweepSpec", "Run", "parse_axis", "parse_lr_grid", "lr_grids", "choose_lr", "plan", "run_sweep",
-           "DEFAULT_LR_FACTORS", "QUICK"]
+           "DEFAULT_LR_FACTORS", "DEFAULT_LR_EXTEND", "QUICK"]
 
-#: Default learning-rate grid: each method's own rate (from its base config) times these.
-DEFAULT_LR_FACTORS = (0.5, 2.0)
+#: Default learning-rate grid: each method's own rate (from its base config) times these. Three
+#: rates, so a choice can be interior; a choice at an edge extends the grid (``DEFAULT_LR_EXTEND``).
+DEFAULT_LR_FACTORS = (0.5, 1.0, 2.0)
+#: When the chosen rate is the grid's lowest or highest, the sweep trains one more rate beyond it
+#: (the grid's own ratio between neighbours) and chooses again, at most this many times in each
+#: direction; a choice still at an edge then is reported (``lr_at_edge``).
+DEFAULT_LR_EXTEND = 2
 #: ``--quick``: two steps per task on a small slice (CI).
 QUICK = ["train.max_steps=2", "train.epochs=1", "data.train_limit=32", "data.val_limit=16", "data.test_limit=32",
          "train.recalibrate_batches=2", "train.warmup_steps=0"]
@@ -158,6 +163,11 @@ class Run:
     seed: int
     cfg: ExperimentConfig
     folder: Path
+    tuned: tuple[tuple[str, str], ...] = ()  # (key, value) of each --tune axis (chosen on validation)
+
+    @property
+    def tuned_name(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.tuned)
 
     @property
     def point_name(self) -> str:
@@ -184,6 +194,10 @@ class SweepSpec:
     seeds: list[int] = field(default_factory=lambda: [0])
     lr_grid: dict[str, list[float]] = field(default_factory=dict)  # given rates (others: factors)
     lr_factors: tuple[float, ...] = DEFAULT_LR_FACTORS
+    lr_extend: int = DEFAULT_LR_EXTEND  # extensions of an edge choice per direction (0: none)
+    # Hyper-parameters chosen on validation with the learning rate (the product of their values and
+    # the LR grid is searched with the first seed), e.g. TAPS's λ: taps:method.taps.penalty=0.1,1,10.
+    tune: list[Axis] = field(default_factory=list)
     workers: int = 1
     reference: str | None = None  # compared against every other method (default: ftn, else the first)
     # Also compare, within each method, grid points that differ only in this axis: its first
@@ -210,13 +224,15 @@ def _check(spec: SweepSpec) -> dict[str, ExperimentConfig]:
             method_class(m)  # unknown names fail with the registry's names
         except ConfigError as exc:
             raise ConfigError(f"--methods: {exc}") from None
-    keys = [a.key for a in spec.axes]
+    keys = [a.key for a in spec.axes + spec.tune]
     if len(set(keys)) != len(keys):
-        raise ConfigError(f"a --grid key is given twice: {keys}")
-    for axis in spec.axes:
+        raise ConfigError(f"a --grid / --tune key is given twice: {keys}")
+    if spec.lr_extend < 0:
+        raise ConfigError(f"--lr-extend must be >= 0, got {spec.lr_extend}")
+    for axis in spec.axes + spec.tune:
         for m in axis.methods or ():
             if m not in spec.methods:
-                raise ConfigError(f"--grid {m}:{axis.key}: method {m!r} is not in --methods {spec.methods}")
+                raise ConfigError(f"--grid/--tune {m}:{axis.key}: method {m!r} is not in --methods {spec.methods}")
     if spec.reference is not None and spec.reference not in spec.methods:
         raise ConfigError(f"--reference {spec.reference!r} is not in --methods {spec.methods}")
     if spec.compare_axis is not None and spec.compare_axis not in {a.key for a in spec.axes}:
@@ -224,7 +240,7 @@ def _check(spec: SweepSpec) -> dict[str, ExperimentConfig]:
                           f"({sorted(a.key for a in spec.axes) or 'none given'})")
     bases = {m: spec.base(m) for m in spec.methods}
     for m, cfg in bases.items():
-        for axis in spec.axes:
+        for axis in spec.axes + spec.tune:
             if axis.applies(m):
                 for value in axis.values:
                     try:
@@ -249,22 +265,60 @@ def _run_config(base: ExperimentConfig, point: tuple[tuple[str, str], ...], lr: 
 
 def plan(spec: SweepSpec, bases: dict[str, ExperimentConfig], grids: dict[str, list[float]]
          ) -> dict[tuple[str, str], dict[str, Any]]:
-    """The groups (method, grid point): the point, the LR-search runs (first seed) and a maker of
-    the runs of the other seeds at a chosen rate."""
+    """The groups (method, grid point): the point, the search runs (first seed: every learning
+    rate of the grid × every combination of the --tune values) and a maker of runs
+    (``make(lr, seed, tuned)``) for the extended rates and the other seeds."""
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for m in spec.methods:
         axes = [a for a in spec.axes if a.applies(m)]
+        tune = [a for a in spec.tune if a.applies(m)]
         for values in itertools.product(*(a.values for a in axes)):
             point = tuple((a.key, v) for a, v in zip(axes, values))
             root = spec.output / "runs" / m / _folder_name(point)
 
-            def make(lr: float, seed: int, m: str = m, point=point, root: Path = root) -> Run:
-                folder = root / f"lr{_lr_text(lr)}" / f"seed{seed}"
-                return Run(m, point, lr, seed, _run_config(bases[m], point, lr, seed, folder), folder)
+            def make(lr: float, seed: int, tuned: tuple[tuple[str, str], ...] = (), m: str = m, point=point,
+                     root: Path = root) -> Run:
+                folder = (root / _folder_name(tuned) if tuned else root) / f"lr{_lr_text(lr)}" / f"seed{seed}"
+                return Run(m, point, lr, seed, _run_config(bases[m], point + tuned, lr, seed, folder), folder, tuned)
 
-            search = [make(lr, spec.seeds[0]) for lr in grids[m]]
-            groups[search[0].group] = {"method": m, "point": point, "search": search, "make": make}
+            combos = [tuple((a.key, v) for a, v in zip(tune, vs)) for vs in itertools.product(*(a.values for a in tune))]
+            search = [make(lr, spec.seeds[0], tuned) for tuned in combos for lr in grids[m]]
+            groups[search[0].group] = {"method": m, "point": point, "search": search, "make": make,
+                                       "lr_extended": [], "extensions": {"up": 0, "down": 0}}
     return groups
+
+
+def _choose(g: dict[str, Any]) -> None:
+    """The group's (learning rate, tuned values) with the best validation score among its search
+    runs (ties: the first); sets ``lr``, ``tuned`` and ``val_scores``."""
+    candidates = [((r.lr, r.tuned), _val_score(r)) for r in g["search"]]
+    if len(candidates) > 1:
+        choose_lr([(i, s) for i, (_, s) in enumerate(candidates)])  # the same checks (a validation split)
+    best = max(range(len(candidates)), key=lambda i: (candidates[i][1] if candidates[i][1] is not None else -math.inf, -i))
+    g["lr"], g["tuned"] = candidates[best][0]
+    g["val_scores"] = {lr: s for (lr, tuned), s in candidates if tuned == g["tuned"]}
+
+
+def _extensions(groups: dict[tuple[str, str], dict[str, Any]], spec: SweepSpec) -> list[Run]:
+    """One more rate beyond the edge for every group whose chosen rate is its grid's lowest or
+    highest (at the chosen tuned values), while the limit allows; returns the new runs."""
+    new = []
+    for g in groups.values():
+        rates = sorted(g["val_scores"])
+        if spec.lr_extend == 0 or len(rates) < 2:
+            continue
+        if g["lr"] == rates[-1] and g["extensions"]["up"] < spec.lr_extend:
+            lr, side = float(_lr_text(rates[-1] * rates[-1] / rates[-2])), "up"
+        elif g["lr"] == rates[0] and g["extensions"]["down"] < spec.lr_extend:
+            lr, side = float(_lr_text(rates[0] * rates[0] / rates[1])), "down"
+        else:
+            continue
+        g["extensions"][side] += 1
+        g["lr_extended"].append(lr)
+        run = g["make"](lr, spec.seeds[0], g["tuned"])
+        g["search"].append(run)
+        new.append(run)
+    return new
 
 
 def _same_config(run: Run) -> None:
@@ -371,26 +425,42 @@ def run_sweep(spec: SweepSpec) -> dict[str, Any]:
     n_runs = sum(len(g["search"]) for g in groups.values()) + len(groups) * (len(spec.seeds) - 1)
     _say(spec, f"sweep: {len(groups)} (method, grid point) group(s), {n_runs} runs, {spec.workers} worker(s)")
 
-    # 1. LR search on the first seed, 2. choice on validation
+    # 1. search on the first seed (LR grid × --tune values), 2. choice on validation, extending
+    # the LR grid beyond an edge choice until it is interior or the limit is reached
     trained = _train([r for g in groups.values() for r in g["search"]], spec)
+    for g in groups.values():
+        _choose(g)
+    while extra := _extensions(groups, spec):
+        _say(spec, "learning rate at the edge of its grid; extending: " +
+             ", ".join(f"{r.method} [{r.point_name}] lr {_lr_text(r.lr)}" for r in extra))
+        trained += _train(extra, spec)
+        for g in groups.values():
+            _choose(g)
     for key, g in groups.items():
-        scores = [(r.lr, _val_score(r)) for r in g["search"]]
-        g["val_scores"] = dict(scores)
-        g["lr"] = choose_lr(scores)
-        g["chosen"] = [next(r for r in g["search"] if r.lr == g["lr"])]
-        g["chosen"] += [g["make"](g["lr"], s) for s in spec.seeds[1:]]
-        _say(spec, f"{key[0]} [{key[1]}]: validation " +
-             ", ".join(f"lr {_lr_text(lr)} → {s:.4g}" if s is not None else f"lr {_lr_text(lr)}" for lr, s in scores) +
-             f"; chosen {_lr_text(g['lr'])}")
-    # 3. the other seeds at the chosen rate, 4. the test split once per chosen run
+        rates = sorted(g["val_scores"])
+        g["lr_at_edge"] = len(rates) > 1 and g["lr"] in (rates[0], rates[-1])
+        g["chosen"] = [next(r for r in g["search"] if r.lr == g["lr"] and r.tuned == g["tuned"])]
+        g["chosen"] += [g["make"](g["lr"], s, g["tuned"]) for s in spec.seeds[1:]]
+        tuned = f" at {g['chosen'][0].tuned_name}" if g["tuned"] else ""
+        _say(spec, f"{key[0]} [{key[1]}]: validation{tuned} " +
+             ", ".join(f"lr {_lr_text(lr)} → {s:.4g}" if s is not None else f"lr {_lr_text(lr)}"
+                       for lr, s in sorted(g["val_scores"].items())) +
+             f"; chosen {_lr_text(g['lr'])}{tuned}" + (" (still at the grid's edge)" if g["lr_at_edge"] else ""))
+    # 3. the other seeds at the chosen rate, 4. the test split once per chosen run, and once for
+    # the best rate of every other --tune combination (seed 0: the curve over the tuned values)
     trained += _train([r for g in groups.values() for r in g["chosen"][1:]], spec)
-    evaluated = _evaluate([r for g in groups.values() for r in g["chosen"]], spec)
+    for g in groups.values():
+        g["tuning"] = _best_per_tuned(g) if any(r.tuned for r in g["search"]) else []
+    evaluated = _evaluate([r for g in groups.values() for r in g["chosen"]] +
+                          [t["run"] for g in groups.values() for t in g["tuning"] if t["run"] not in g["chosen"]], spec)
 
     rows = _rows(groups)
     summary = _summarize(groups, spec)
     results = {"command": spec.command, "methods": spec.methods, "seeds": spec.seeds,
                "axes": [{"key": a.key, "values": list(a.values), "methods": a.methods} for a in spec.axes],
-               "lr_grid": {m: grids[m] for m in spec.methods}, "setting": next(iter(bases.values())).setting,
+               "lr_grid": {m: grids[m] for m in spec.methods}, "lr_extend": spec.lr_extend,
+               "tune": [{"key": a.key, "values": list(a.values), "methods": a.methods} for a in spec.tune],
+               "setting": next(iter(bases.values())).setting,
                "groups": summary["groups"], "comparisons": summary["comparisons"], "gain": summary["gain"], "rows": rows,
                "wall_seconds": round(time.perf_counter() - started, 1)}
     atomic_write_bytes(spec.output / "results.json", json.dumps(results, indent=2, default=float).encode())
@@ -402,10 +472,38 @@ def run_sweep(spec: SweepSpec) -> dict[str, Any]:
     return {**results, "trained": [str(r.folder) for r in trained], "evaluated": [str(r.folder) for r in evaluated]}
 
 
+def _best_per_tuned(g: dict[str, Any]) -> list[dict[str, Any]]:
+    """For every combination of --tune values: its search run with the best validation score."""
+    best: dict[tuple[tuple[str, str], ...], Run] = {}
+    for r in g["search"]:
+        s = _val_score(r)
+        if r.tuned not in best or (s is not None and s > (_val_score(best[r.tuned]) or -math.inf)):
+            best[r.tuned] = r
+    return [{"tuned": dict(t), "run": r} for t, r in best.items()]
+
+
+def _tuning_summary(g: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per --tune combination (at its best rate, first seed): validation and test score, stored
+    parameters, and what the method reports of itself (TAPS: layers switched on per task)."""
+    out = []
+    for t in g["tuning"]:
+        run = t["run"]
+        res = _results(run)
+        test = json.loads((run.folder / "test.json").read_text())
+        tasks = res.get("method_info", {}).get("tasks", {})
+        on = [v["adapted_layers"] for v in tasks.values() if "adapted_layers" in v]
+        out.append({"tuned": t["tuned"], "lr": run.lr, "seed": run.seed, "val_score": _val_score(run),
+                    "test_score": float(np.mean([x["score"] for x in test.values()])),
+                    "stored_params": res["stored_parameters"], "chosen": run.tuned == g["tuned"],
+                    "layers_on": on, "gated_layers": [v["gated_layers"] for v in tasks.values() if "gated_layers" in v]})
+    return out
+
+
 def _rows(groups: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run: its grid values, rate, seed, whether it is a chosen run, per-task metrics,
-    scores, parameters and time."""
+    """One row per run: its grid and tuned values, rate, seed, whether it is a chosen run,
+    per-task metrics, scores, parameters and time."""
     keys = sorted({k for g in groups.values() for k, _ in g["point"]})
+    tuned_keys = sorted({k for g in groups.values() for r in g["search"] for k, _ in r.tuned})
     rows = []
     for g in groups.values():
         chosen = {id(r) for r in g["chosen"]}
@@ -413,9 +511,12 @@ def _rows(groups: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]
             res = _results(run)
             row: dict[str, Any] = {"method": run.method, "grid_point": run.point_name}
             row.update({k: dict(run.point).get(k, "") for k in keys})
+            row.update({k: dict(run.tuned).get(k, "") for k in tuned_keys})
             row.update({"lr": run.lr, "head_lr": run.cfg.train.head_lr, "seed": run.seed, "chosen": id(run) in chosen,
+                        "lr_extension": run.lr in g["lr_extended"] and run.tuned == g["tuned"],
                         "val_score": _val_score(run)})
-            test = json.loads((run.folder / "test.json").read_text()) if id(run) in chosen else None
+            scored = (run.folder / "test.json").is_file() and (id(run) in chosen or any(t["run"] is run for t in g["tuning"]))
+            test = json.loads((run.folder / "test.json").read_text()) if scored else None
             row["test_score"] = float(np.mean([t["score"] for t in test.values()])) if test else None
             for task, r in res["tasks"].items():
                 for k, v in (r["val"] or {}).items():
@@ -494,7 +595,9 @@ def _summarize(groups: dict[tuple[str, str], dict[str, Any]], spec: SweepSpec) -
         mean, std, n = mean_std(list(scores.values()))
         first = _results(g["chosen"][0])
         entry = {"method": m, "grid_point": name, "point": dict(g["point"]), "lr": g["lr"],
-                 "lr_grid": {_lr_text(k): v for k, v in g["val_scores"].items()}, "mean": mean, "std": std, "seeds": n,
+                 "lr_grid": {_lr_text(k): v for k, v in sorted(g["val_scores"].items())},
+                 "lr_extended": list(g["lr_extended"]), "lr_at_edge": g["lr_at_edge"],
+                 "tuned": dict(g["tuned"]), "tuning": _tuning_summary(g), "mean": mean, "std": std, "seeds": n,
                  "scores": {str(s): v for s, v in scores.items()},
                  "per_task": {t: mean_std(v)[0] for t, v in per_task.items()},
                  "per_task_metrics": {t: {k: mean_std(v)[:2] for k, v in ms.items()} for t, ms in per_metric.items()},
@@ -625,16 +728,24 @@ def format_table(results: dict[str, Any]) -> str:
     if results.get("command"):
         lines += [f"Regenerate: `{results['command']}`", ""]
     lines += [f"Score: {_SCORE.get(results['setting'], 'the objective score, mean over tasks')} on the test "
-              f"split; mean ± std over seeds {results['seeds']}. Learning rate chosen on the validation split "
-              "with the first seed among the method's grid (validation score of each rate in brackets).", ""]
+              f"split; mean ± std over seeds {results['seeds']}. Learning rate (and any --tune value) chosen on "
+              "the validation split with the first seed among the method's grid (validation score of each rate "
+              "in brackets; + a rate added because the choice was at the grid's edge; \"edge\": still at the "
+              "edge after the extension limit).", ""]
     header = ["method", "grid point", "LR grid (val)", "chosen LR", "test score", "stored params", "train s / run"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in results["groups"]:
-        grid = ", ".join(f"{lr} ({v:.2f})" if v is not None else lr for lr, v in g["lr_grid"].items())
-        lines.append("| " + " | ".join([g["method"], g["grid_point"], grid, _lr_text(g["lr"]),
+        extended = {_lr_text(x) for x in g.get("lr_extended", [])}
+        grid = ", ".join(("+" if lr in extended else "") + (f"{lr} ({v:.2f})" if v is not None else lr)
+                         for lr, v in g["lr_grid"].items())
+        chosen = _lr_text(g["lr"]) + (" (edge)" if g.get("lr_at_edge") else "")
+        if g.get("tuned"):
+            chosen += ", " + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in g["tuned"].items())
+        lines.append("| " + " | ".join([g["method"], g["grid_point"], grid, chosen,
                                         f"**{g['mean']:.2f}** ± {g['std']:.2f} (n={g['seeds']})",
                                         _params(g["stored_params"]), f"{g['train_seconds']:.0f}"]) + " |")
     lines += _per_task_table(results["groups"])
+    lines += _tuning_table(results["groups"])
     if results.get("gain"):
         lines += _gain_table(results)
     if results["comparisons"]:
@@ -645,6 +756,25 @@ def format_table(results: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [_comparison_row(c) for c in results["comparisons"]]
     return "\n".join(lines)
+
+
+def _tuning_table(groups: Sequence[dict[str, Any]]) -> list[str]:
+    """Per --tune value: its best rate, validation and test score (first seed), stored parameters
+    and, for TAPS, the layers switched on (per task)."""
+    rows = []
+    for g in groups:
+        for t in g.get("tuning", []):
+            values = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in t["tuned"].items())
+            on = (", ".join(f"{a}/{b}" for a, b in zip(t["layers_on"], t["gated_layers"])) or "—")
+            rows.append(f"| {g['method']} | {g['grid_point']} | {values}{' (chosen)' if t['chosen'] else ''} | "
+                        f"{_lr_text(t['lr'])} | {t['val_score']:.2f} | {t['test_score']:.2f} | "
+                        f"{_params(t['stored_params'])} | {on} |")
+    if not rows:
+        return []
+    return ["", "Tuned on validation (first seed, each value at its best learning rate; the test score is "
+            "shown for the curve, not used to choose):", "",
+            "| method | grid point | value | LR | val score | test score | stored params | layers on per task |",
+            "|---|---|---|---|---|---|---|---|", *rows]
 
 
 def _gain_table(results: dict[str, Any]) -> list[str]:
@@ -733,6 +863,15 @@ def plot(results: dict[str, Any], path: Path) -> Path:
                 ax.annotate(g["grid_point"].split(".")[-1], (g["stored_params"], _y(g, results)[0]),
                             textcoords="offset points", xytext=(4, 4), fontsize=7)
         points += list(zip(xs, ys))
+        for g in gs:  # the curve over a --tune axis (first seed; Δm plots leave it out)
+            tuning = sorted(g.get("tuning", []), key=lambda t: t["stored_params"])
+            if len(tuning) > 1 and not results.get("gain"):
+                ax.plot([t["stored_params"] for t in tuning], [t["test_score"] for t in tuning], marker=".",
+                        linestyle=":", color=colours[i % len(colours)], alpha=0.7,
+                        label=f"{method} over {', '.join(k.split('.')[-1] for k in tuning[0]['tuned'])} (seed {tuning[0]['seed']})")
+                for t in tuning:
+                    ax.annotate(", ".join(str(v) for v in t["tuned"].values()), (t["stored_params"], t["test_score"]),
+                                textcoords="offset points", xytext=(4, -8), fontsize=6)
     front = pareto_front([p for p in points if not math.isnan(p[1])])
     if len(front) > 1:
         ax.plot(*zip(*front), linestyle="--", color="black", alpha=0.5, label="Pareto front")

@@ -125,7 +125,8 @@ class FTNModel(nn.Module):
         the backbone's parameters; the per-layer ranks (0 allowed) are then chosen to fit it
         (:mod:`ftn.allocation`): from per-component importance ``scores`` (``{layer: tensor}``,
         e.g. an :class:`~ftn.allocation.ImportanceTracker` of a warm-up task) by a greedy
-        knapsack, or, without scores, the largest uniform rank that fits.
+        knapsack, or, without scores, uniformly: rank R on every layer and R + 1 on as many as still
+        fit (:func:`~ftn.allocation.uniform_ranks`).
         """
         if budget is not None:
             if rank is not None or rank_pattern is not None:

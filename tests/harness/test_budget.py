@@ -11,6 +11,7 @@ from ftn.adapters import read_adapter
 from ftn.cli import main
 from ftn.training import budget
 from ftn.training.config import load_config
+from ftn.training.methods import delta_used
 from ftn.training.runner import run_experiment
 
 from test_train_configs import EMBEDDED, TINY
@@ -32,6 +33,9 @@ def test_train_with_a_budget_records_the_allocation_and_resumes_without_probing(
     assert record["probe_steps"] == 2 and set(record["scores"]) == set(record["ranks"])
     results = json.loads((tmp_path / "full" / "results.json").read_text())
     assert results["tasks"]["mnist"]["allocation"]["ranks"] == record["ranks"] and results["probe_seconds"] > 0
+    got = results["method_info"]["tasks"]["mnist"]
+    assert got["delta_parameters"] == record["delta"] == delta_used(results["method_info"]) and got["budget"] == 236
+    assert got["ranks"]["max"] == max(record["ranks"].values()) and sum(got["ranks"]["counts"].values()) == 3
 
     # Interrupted after one step, then resumed: the allocation is read back, never probed again,
     # and the run ends where the uninterrupted one did.
@@ -45,11 +49,22 @@ def test_train_with_a_budget_records_the_allocation_and_resumes_without_probing(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_uniform_allocation_is_the_largest_rank_that_fits(tmp_path):
+def test_uniform_allocation_is_the_largest_common_rank_plus_one_where_it_fits(tmp_path):
+    """tiny_convnet at 1 %: 236 ΔW parameters; rank 1 everywhere costs 190, rank 2 everywhere
+    380; the 46 left take one more component on the cheapest layer only (28; 57 and 105 do not fit)."""
     cfg = load_config(EMBEDDED, [*ARGS, "method.budget_allocation=uniform", "method.budget_init=fresh",
                                  f"output_dir={tmp_path}"])
-    result = run_experiment(cfg, progress=False)["tasks"]["mnist"]["allocation"]
-    assert result["probe_seconds"] == 0 and set(result["ranks"].values()) == {result["uniform_rank"]}
+    results = run_experiment(cfg, progress=False)
+    result = results["tasks"]["mnist"]["allocation"]
+    assert result["probe_seconds"] == 0 and result["uniform_rank"] == 1
+    assert result["ranks"] == {"0": 2, "3": 1, "6": 1} and result["delta"] == 218 <= result["budget"] == 236
+    record = json.loads((tmp_path / "mnist" / "allocation.json").read_text())
+    assert record["uniform_base_rank"] == 1 and record["uniform_plus_one"] == 1 and record["delta"] == 218
+    # method_info says what the task got, not the configured rank (method.ftn.rank=2).
+    info = results["method_info"]
+    assert info["rank"] == 2 and delta_used(info) == 218
+    assert info["tasks"]["mnist"] == {"delta_parameters": 218, "budget": 236,
+                                      "ranks": {"min": 1, "max": 2, "mean": 1.333, "counts": {"1": 2, "2": 1}}}
 
 
 def test_uniform_with_probe_init_gets_the_same_head_start_as_auto(tmp_path):
@@ -57,7 +72,7 @@ def test_uniform_with_probe_init_gets_the_same_head_start_as_auto(tmp_path):
     and the real task starts from the probe's state."""
     cfg = load_config(EMBEDDED, [*ARGS, "method.budget_allocation=uniform", f"output_dir={tmp_path}"])
     result = run_experiment(cfg, progress=False)["tasks"]["mnist"]["allocation"]
-    assert set(result["ranks"].values()) == {result["uniform_rank"]}
+    assert result["ranks"] == {"0": 2, "3": 1, "6": 1}
     assert result["probe_steps"] == 2 and result["probe_seconds"] > 0 and result["warm_rank"] == result["uniform_rank"]
     record = json.loads((tmp_path / "mnist" / "allocation.json").read_text())
     assert {n: len(k) for n, k in record["kept"].items()} == {n: r for n, r in record["ranks"].items() if r}

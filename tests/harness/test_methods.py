@@ -7,8 +7,8 @@ import torch
 
 from ftn import ConfigError
 from ftn.training.config import TrainConfig
-from ftn.training.methods import (METHODS, Method, TaskModel, WithHead, ftn_delta_budget, lora_delta_params,
-                                  matched_lora_rank, method_class, register)
+from ftn.training.methods import (METHODS, Method, TaskModel, WithHead, delta_used, ftn_delta_budget,
+                                  lora_delta_params, matched_lora_rank, method_class, register)
 
 from conftest import SmallCNN, randomize_norms, tensor_hash
 from tiny import bn_head, run, tiny_method
@@ -43,6 +43,39 @@ def test_saved_task_loads_back_identically(tmp_path):
         again = tiny_method(name).load_task("d", bn_head(), path)
         for k, v in task.state_dict().items():
             assert torch.equal(v, again.state_dict()[k]), (name, k)
+
+
+def test_ftn_info_reports_what_each_task_got():
+    """method_info: the configured rank as before, and per task the ΔW and ranks it actually has."""
+    method = tiny_method("ftn")
+    method.add_task("a", torch.nn.Linear(16, 3))  # the configured rank 2, capped per layer
+    layers = method.model.adapted_layers()
+    ranks = {n: i % 3 for i, n in enumerate(layers)}  # 0, 1, 2, 0, ...
+    method.add_task("b", torch.nn.Linear(16, 3), ranks=ranks)
+    info = method.info()
+    report = method.model.parameter_report()
+    assert info["rank"] == 2 and info["ranks"] == {}
+    expected_a = {n: layer.rank("a") for n, layer in layers.items()}
+    for task, got in (("a", expected_a), ("b", ranks)):
+        entry = info["tasks"][task]
+        assert entry["delta_parameters"] == report.tasks[task].delta > 0 and entry["budget"] is None
+        counts = {str(r): sum(1 for v in got.values() if v == r) for r in sorted(set(got.values()))}
+        assert entry["ranks"] == {"min": min(got.values()), "max": max(got.values()),
+                                  "mean": round(sum(got.values()) / len(got), 3), "counts": counts}
+    assert delta_used(info) == round((report.tasks["a"].delta + report.tasks["b"].delta) / 2)
+    # Norms and head only: rank 0 everywhere; unfrozen layers are counted apart from CP ranks.
+    norm_head = tiny_method("norm_head")
+    norm_head.add_task("d", torch.nn.Linear(16, 3))
+    assert norm_head.info()["tasks"]["d"]["ranks"]["max"] == 0 and delta_used(norm_head.info()) == 0
+    unfreeze = tiny_method("ftn_unfreeze")
+    unfreeze.add_task("d", torch.nn.Linear(16, 3))
+    entry = unfreeze.info()["tasks"]["d"]
+    assert entry["ranks"]["dense_layers"] >= 1 and sum(entry["ranks"]["counts"].values()) + entry["ranks"][
+        "dense_layers"] == len(unfreeze.model.adapted_layers())
+    # Methods that do not report a per-task ΔW, and results written before it was reported.
+    lora = tiny_method("lora")
+    lora.add_task("d", torch.nn.Linear(16, 3))
+    assert delta_used(lora.info()) is None and delta_used({"rank": 8, "ranks": {}}) is None and delta_used({}) is None
 
 
 def test_lora_rank_matches_ftn_budget():

@@ -1,8 +1,10 @@
 """``method.budget``: choose a task's per-layer ranks for a ΔW parameter budget before training it.
 
-- ``method.budget_allocation=uniform``: the largest single rank whose ΔW fits the budget; with
-  ``budget_init=probe`` (the default) it gets the same probe as ``auto`` at those ranks and starts
-  from it, so the two differ only in where the ranks go (same steps, same head start).
+- ``method.budget_allocation=uniform``: rank R on every layer and R + 1 on as many layers as
+  still fit (:func:`~ftn.allocation.uniform_split`), so it spends the budget as fully as ``auto``;
+  with ``budget_init=probe`` (the default) it gets the same probe as ``auto`` at those ranks and
+  starts from it, so the two differ only in where the ranks go (same ΔW, same steps, same head
+  start).
 - ``auto``: a *probe* — the task at a warm rank (``budget_warm`` × the uniform rank, capped per
   layer), trained by the normal engine for ``budget_probe`` of the task's steps (no evaluation,
   no BatchNorm recalibration) while an :class:`~ftn.allocation.ImportanceTracker` scores every
@@ -10,7 +12,9 @@
   (:func:`~ftn.allocation.select_components`). The probe is removed; with ``budget_init=probe``
   the real task starts from the kept components and the probe's norms and head.
 
-The decision goes to ``<output>/<task>/allocation.json`` (budget, ranks, scores, probe time) and
+The decision goes to ``<output>/<task>/allocation.json`` (budget, ranks, the ΔW they use
+(``delta``), scores, probe time; for ``uniform`` also ``uniform_base_rank`` and
+``uniform_plus_one``, the number of layers at base + 1) and
 the real task's starting state to ``allocation_init.safetensors``; a resumed run reads both and
 never probes again (an interrupted probe is simply re-run: it is seeded, so it gives the same
 allocation).
@@ -91,9 +95,9 @@ def plan_task(cfg: ExperimentConfig, method: Method, name: str, data: TaskData, 
                               "uniform_rank": uniform_rank}
     init = None
     if mcfg.budget_allocation == "uniform":
-        ranks = allocation.uniform_ranks(model, count)
+        base, ranks, plus_one = allocation.uniform_split(model, count)
         spec["rank"] = uniform_rank
-        record.update(probe_seconds=0.0)
+        record.update(probe_seconds=0.0, uniform_base_rank=base, uniform_plus_one=len(plus_one))
         if mcfg.budget_init == "probe":
             # The control for auto's head start: the same probe (same steps), at the uniform ranks,
             # keeping every component, so auto and uniform differ only in where the ranks go.
@@ -110,8 +114,9 @@ def plan_task(cfg: ExperimentConfig, method: Method, name: str, data: TaskData, 
     if init is not None:
         atomic_write_bytes(out_dir / INIT_FILE, st_save({k: v.cpu().contiguous() for k, v in init.items()}))
     atomic_write_bytes(record_path, json.dumps(record, indent=1).encode())
-    log.info("%s: budget %d ΔW parameters, %s allocation uses %d over %d/%d layers", name, count,
-             mcfg.budget_allocation, record["delta"], sum(1 for r in ranks.values() if r), len(ranks))
+    log.info("%s: budget %d ΔW parameters, %s allocation uses %d (%.1f %%) over %d/%d layers", name, count,
+             mcfg.budget_allocation, record["delta"], 100 * record["delta"] / count,
+             sum(1 for r in ranks.values() if r), len(ranks))
     return Plan(ranks, spec, init, record)
 
 

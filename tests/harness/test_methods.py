@@ -41,8 +41,17 @@ def test_saved_task_loads_back_identically(tmp_path):
         method, task, _ = run(tmp_path / name, method_name=name, train=TrainConfig(max_steps=2, lr=1e-2), head=bn_head)
         path = method.save_task("d", tmp_path / name)
         again = tiny_method(name).load_task("d", bn_head(), path)
+        loaded = again.state_dict()
         for k, v in task.state_dict().items():
-            assert torch.equal(v, again.state_dict()[k]), (name, k)
+            if name == "taps" and k not in loaded:  # a closed gate's layer is not stored
+                layer = k[len("delta."):].rsplit(".", 1)[0]
+                assert not method.gates("d")[layer].active, (name, k)
+                continue
+            assert torch.equal(v, loaded[k]), (name, k)
+        x = torch.randn(4, 3, 16, 16)
+        task.eval(), again.eval()
+        with torch.no_grad():
+            assert torch.equal(task(x), again(x)), name  # the same outputs either way
 
 
 def test_ftn_info_reports_what_each_task_got():

@@ -122,7 +122,7 @@ class MethodConfig:
     # A ΔW parameter budget per task instead of a rank (docs/allocation.md): a number of
     # parameters, or a fraction in (0, 1) of the backbone's; None = use the rank.
     budget: int | float | None = None
-    budget_allocation: str = "auto"  # auto (importance probe + knapsack) | uniform (largest single rank)
+    budget_allocation: str = "auto"  # auto (importance probe + knapsack) | uniform (ranks R and R + 1 spending the budget)
     budget_warm: float = 3.0  # the probe's rank: this many times the uniform rank of the budget (capped)
     budget_probe: float = 0.25  # the probe trains this fraction of the task's steps
     budget_score: str = "taylor"  # taylor (EMA of |a_r·∂L/∂a_r|) | magnitude (‖a‖‖b‖‖c‖/‖W‖)

@@ -37,7 +37,7 @@ import numpy as np
 from ..adapters import atomic_write_bytes
 from ..errors import ConfigError
 from .config import ExperimentConfig, apply_overrides, config_to_dict, setting_class
-from .methods import method_class
+from .methods import delta_used, method_class
 from .stats import Interval, mean_std, paired_bootstrap, paired_t_interval
 
 __all__ = ["Axis", "SweepSpec", "Run", "parse_axis", "parse_lr_grid", "lr_grids", "choose_lr", "plan", "run_sweep",
@@ -732,9 +732,11 @@ def format_table(results: dict[str, Any]) -> str:
               "the validation split with the first seed among the method's grid (validation score of each rate "
               "in brackets; + a rate added because the choice was at the grid's edge; \"edge\": still at the "
               "edge after the extension limit).", ""]
-    header = ["method", "grid point", "LR grid (val)", "chosen LR", "test score", "stored params", "train s / run"]
+    header = ["method", "grid point", "LR grid (val)", "chosen LR", "test score", "stored params", "ΔW / task",
+              "train s / run"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in results["groups"]:
+        delta = delta_used(g.get("method_info", {}))
         extended = {_lr_text(x) for x in g.get("lr_extended", [])}
         grid = ", ".join(("+" if lr in extended else "") + (f"{lr} ({v:.2f})" if v is not None else lr)
                          for lr, v in g["lr_grid"].items())
@@ -743,7 +745,8 @@ def format_table(results: dict[str, Any]) -> str:
             chosen += ", " + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in g["tuned"].items())
         lines.append("| " + " | ".join([g["method"], g["grid_point"], grid, chosen,
                                         f"**{g['mean']:.2f}** ± {g['std']:.2f} (n={g['seeds']})",
-                                        _params(g["stored_params"]), f"{g['train_seconds']:.0f}"]) + " |")
+                                        _params(g["stored_params"]), "—" if delta is None else _params(delta),
+                                        f"{g['train_seconds']:.0f}"]) + " |")
     lines += _per_task_table(results["groups"])
     lines += _tuning_table(results["groups"])
     if results.get("gain"):
@@ -783,11 +786,12 @@ def _gain_table(results: dict[str, Any]) -> list[str]:
     lines = ["", f"Multi-task gain Δm (%) against {gain['reference']} (its mean over seeds: "
              + ", ".join(f"{gain['metrics'][t]} {v:.4g}" for t, v in gain["reference_values"].items())
              + f"), averaged over {metrics}; higher is better. Mean ± std over seeds:", "",
-             "| method | grid point | Δm (%) | stored params |", "|---|---|---|---|"]
+             "| method | grid point | Δm (%) | stored params | ΔW / task |", "|---|---|---|---|---|"]
     for g in results["groups"]:
         d = g["gain"]
+        delta = delta_used(g.get("method_info", {}))
         lines.append(f"| {g['method']} | {g['grid_point']} | **{d['mean']:+.2f}** ± {d['std']:.2f} (n={d['seeds']}) "
-                     f"| {_params(g['stored_params'])} |")
+                     f"| {_params(g['stored_params'])} | {'—' if delta is None else _params(delta)} |")
     lines += ["", "Paired difference of Δm (reference − method), 95 % interval (bootstrap over seeds and test "
               "images, the same images for both):", "",
               "| reference | method | Δm difference | 95 % interval | interval | significant |", "|---|---|---|---|---|---|"]

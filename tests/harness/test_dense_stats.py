@@ -163,7 +163,8 @@ def test_quick_dense_sweep_uses_the_bootstrap(tmp_path: Path) -> None:
     # −loss per task: per-task models compare image by image; the joint model's tasks differ
     # (one training task), so over seeds.
     # (the last one: --compare-axis, single-task against joint)
-    assert [c["kind"] for c in results["comparisons"]] == ["bootstrap", "t over seeds", "t over seeds"]
+    assert [c["kind"] for c in results["comparisons"]] == ["t over seeds + test examples", "t over seeds",
+                                                           "t over seeds"]
     assert all(c["low"] <= c["high"] for c in results["comparisons"])
     # Δm against the single-task networks: the reference averages 0 over its seeds; the joint
     # model's statistics split per task, so every Δm comparison is a bootstrap over images.
@@ -171,7 +172,7 @@ def test_quick_dense_sweep_uses_the_bootstrap(tmp_path: Path) -> None:
     assert groups["data.joint=false"]["gain"]["mean"] == pytest.approx(0, abs=1e-9)
     gain = results["gain"]
     assert gain["reference"] == "full[data.joint=false]" and set(gain["metrics"]) == {"semseg", "depth", "normals", "edge"}
-    assert [c["kind"] for c in gain["comparisons"]] == ["bootstrap", "bootstrap", "bootstrap"]
+    assert [c["kind"] for c in gain["comparisons"]] == ["t over seeds + test examples"] * 3
     assert [(c["reference_point"], c["grid_point"]) for c in gain["comparisons"]][2] == \
         ("data.joint=false", "data.joint=true")  # the --compare-axis pair, in Δm too
     for c in gain["comparisons"]:  # the observed difference is the difference of the groups' mean Δm

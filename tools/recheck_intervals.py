@@ -2,13 +2,13 @@
 with a t-interval over seeds, from the per-seed scores the results keep.
 
 Older sweeps took their intervals from a bootstrap that resampled the seeds, which with 3 seeds
-behaves like a sign test and calls about 17 % of null comparisons significant at a nominal 5 %
-(``docs/sweep.md``). Their per-example test statistics stayed in the run folders, not in the
-repository, so the calibrated interval (``ftn.training.stats.paired_interval``: seed spread and
-test-example sampling together) cannot be recomputed from the repository alone. The t-interval
-over seeds is its seed part: it can only be *narrower* than the full interval, so a comparison
-that is not significant here is not significant under the full interval either, and one that is
-significant here is a candidate that a regenerated sweep must confirm.
+behaves like a sign test and calls about 15-18 % of null comparisons significant at a nominal
+5 % (``docs/sweep.md``). Their per-example test statistics stayed in the run folders, not in the
+repository, so the calibrated interval (``ftn.training.stats.paired_interval``: the seed spread
+plus the test set's shared share) cannot be recomputed from the repository alone. The t-interval
+over seeds is its seed part; it does not see the test-example share, and its degrees of freedom
+are the smallest the full interval can have. A comparison it does not support is withdrawn; one
+it supports is a candidate that a regenerated sweep must confirm.
 
     python tools/recheck_intervals.py [docs/sweeps/NAME ...]      # a Markdown table per sweep
 """

@@ -10,7 +10,8 @@ of the ``--grid`` axes that apply to it):
    score: top-1 for classification and text, −weighted loss for dense); ties go to the first;
 3. train the other seeds at that learning rate, again without the test split;
 4. score the test split once for every chosen run (each seed), from its saved task files, with
-   per-example statistics kept (``test_examples.npz``) for the paired bootstrap.
+   per-example statistics kept (``test_examples.npz``) for the paired interval
+   (:func:`~ftn.training.stats.paired_interval`: t over seeds plus the test examples' share).
 
 Every run is a folder ``<output>/runs/<method>/<grid point>/lr<lr>/seed<seed>/`` (a run of
 :func:`~ftn.training.runner.run_experiment`, ``train.resume=true``): a finished one (its
@@ -38,7 +39,7 @@ from ..adapters import atomic_write_bytes
 from ..errors import ConfigError
 from .config import ExperimentConfig, apply_overrides, config_to_dict, setting_class
 from .methods import delta_used, method_class
-from .stats import Interval, mean_std, paired_bootstrap, paired_t_interval
+from .stats import Interval, mean_std, paired_interval, paired_t_interval
 
 __all__ = ["Axis", "SweepSpec", "Run", "parse_axis", "parse_lr_grid", "lr_grids", "choose_lr", "plan", "run_sweep",
            "DEFAULT_LR_FACTORS", "DEFAULT_LR_EXTEND", "QUICK"]
@@ -556,8 +557,9 @@ def _objectives(cfg: ExperimentConfig, tasks: Sequence[str]) -> dict[str, Any]:
 
 
 def _compare(ref: dict[str, Any], other: dict[str, Any], replicates: int) -> Interval:
-    """Paired interval of ref − other over their common seeds: bootstrap over seeds and test
-    examples where both have per-example statistics of the same examples, else t over seeds."""
+    """Paired interval of ref − other over their common seeds: t over seeds plus the test
+    examples' share (:func:`~ftn.training.stats.paired_interval`) where both have per-example
+    statistics of the same examples, else t over seeds alone."""
     seeds = [s for s in ref["by_seed"] if s in other["by_seed"]]
     a = [ref["by_seed"][s] for s in seeds]
     b = [other["by_seed"][s] for s in seeds]
@@ -570,7 +572,7 @@ def _compare(ref: dict[str, Any], other: dict[str, Any], replicates: int) -> Int
         def score(task: str, total: np.ndarray) -> float:
             return objectives[task].score_from_stats(total)
 
-        return paired_bootstrap(sa, sb, score, replicates=replicates,  # type: ignore[arg-type]
+        return paired_interval(sa, sb, score, replicates=replicates,  # type: ignore[arg-type]
                                 shared_examples=setting_class(a[0].cfg.setting).shared_examples)
     return paired_t_interval([ref["scores"][s] for s in seeds], [other["scores"][s] for s in seeds])
 
@@ -634,7 +636,7 @@ def _gain(out_groups: list[dict[str, Any]], info: dict[tuple[str, str], Any], sp
     (1/T) Σ_t s_t (M_t − R_t) / R_t over the setting's headline metrics, with R_t the reference
     group's mean over its seeds (so every group is measured against the same numbers); and the
     paired difference of Δm for each of ``pairs`` (the reference method's groups against every
-    other method's, and the ``--compare-axis`` pairs), bootstrapped over seeds and test images
+    other method's, and the ``--compare-axis`` pairs), paired over seeds and test images
     (with R fixed, the mean over tasks of s_t (M_t(a) − M_t(b)) / R_t)."""
     labels = {_label(m, p).replace(" ", ""): (m, p) for m, p in info}
     key = labels.get(spec.gain_reference.replace(" ", ""))  # type: ignore[union-attr]
@@ -682,7 +684,7 @@ def _gain(out_groups: list[dict[str, Any]], info: dict[tuple[str, str], Any], sp
         sa = [task_stats(info[a]["by_seed"][s]) for s in seeds]
         sb = [task_stats(info[b]["by_seed"][s]) for s in seeds]
         if seeds and all(x is not None for x in sa + sb):
-            interval = paired_bootstrap(sa, sb, score, replicates=spec.bootstrap,  # type: ignore[arg-type]
+            interval = paired_interval(sa, sb, score, replicates=spec.bootstrap,  # type: ignore[arg-type]
                                         shared_examples=setting.shared_examples)
         else:
             interval = paired_t_interval([gains[a][s] for s in seeds], [gains[b][s] for s in seeds])
@@ -753,8 +755,10 @@ def format_table(results: dict[str, Any]) -> str:
         lines += _gain_table(results)
     if results["comparisons"]:
         lines += ["", "Paired difference (reference − method) with its 95 % interval; * = significant (the "
-                  "interval excludes 0). Bootstrap: seeds and test examples resampled, the same examples for "
-                  "both; t over seeds: where per-example statistics are not available.", "",
+                  "interval excludes 0). \"t over seeds + test examples\": a t-interval of the per-seed "
+                  "differences whose variance adds the test set's shared share (the same examples resampled "
+                  "for both methods; docs/sweep.md); \"t over seeds\": where per-example statistics are not "
+                  "available.", "",
                   "| reference | method | difference | 95 % interval | interval | significant |",
                   "|---|---|---|---|---|---|"]
         lines += [_comparison_row(c) for c in results["comparisons"]]
@@ -792,8 +796,8 @@ def _gain_table(results: dict[str, Any]) -> list[str]:
         delta = delta_used(g.get("method_info", {}))
         lines.append(f"| {g['method']} | {g['grid_point']} | **{d['mean']:+.2f}** ± {d['std']:.2f} (n={d['seeds']}) "
                      f"| {_params(g['stored_params'])} | {'—' if delta is None else _params(delta)} |")
-    lines += ["", "Paired difference of Δm (reference − method), 95 % interval (bootstrap over seeds and test "
-              "images, the same images for both):", "",
+    lines += ["", "Paired difference of Δm (reference − method), 95 % interval (t over seeds plus the test "
+              "images' share, the same images resampled for both):", "",
               "| reference | method | Δm difference | 95 % interval | interval | significant |", "|---|---|---|---|---|---|"]
     lines += [_comparison_row(c) for c in gain["comparisons"]]
     return lines

@@ -15,18 +15,27 @@ from typing import Any
 
 from .adapters import atomic_write_bytes
 from .training.config import ExperimentConfig, apply_overrides, new_config
+from .training.methods import method_class
 from .training.runner import run_experiment
 
-__all__ = ["DEMO_METHODS", "METHOD_LR", "demo_config", "run_demo", "format_table", "plot_results"]
+__all__ = ["DEMO_METHODS", "DEFAULT_LR", "DEFAULT_HEAD_LR", "method_lr", "demo_config", "run_demo", "format_table",
+           "plot_results"]
 
-DEMO_METHODS = ("ftn", "full", "linear", "norm_head", "lora")
-# Hand-set learning rates per method (``ftn sweep`` centres its default LR grid on them). TAPS's
-# updates are dense like full fine-tuning's, so it gets full fine-tuning's rate; FTN with its last
-# block unfrozen (`ftn_unfreeze`) keeps FTN's. `--methods taps ftn_unfreeze` adds them.
-METHOD_LR = _METHOD_LR = {"ftn": 3e-3, "full": 5e-4, "linear": 1e-2, "norm_head": 3e-3, "lora": 3e-3,
-                          "taps": 5e-4, "ftn_unfreeze": 3e-3}
-_LABELS = {"ftn": "FTN", "full": "full fine-tuning", "linear": "linear probe", "norm_head": "BN + head",
-           "lora": "LoRA (PEFT)", "taps": "TAPS", "ftn_unfreeze": "FTN + last block unfrozen"}
+DEMO_METHODS = ("ftn", "full", "linear", "norm_head", "lora")  # `--methods taps ftn_unfreeze ...` adds others
+# The rates a method without its own (``Method.default_lr`` / ``default_head_lr``) trains with.
+DEFAULT_LR = 3e-3
+DEFAULT_HEAD_LR = 3e-3
+
+
+def method_lr(method: str) -> tuple[float, float]:
+    """(learning rate, head learning rate) the demos train ``method`` with: its class's hand-set
+    rates (``ftn sweep`` centres its default grid on them), else the defaults above."""
+    cls = method_class(method)
+    return cls.default_lr or DEFAULT_LR, cls.default_head_lr or DEFAULT_HEAD_LR
+
+
+def _label(method: str) -> str:
+    return method_class(method).display_name()
 
 # Full run: the whole embedded benchmark (≈ 20 min on 2 CPU cores for all five methods).
 FULL = ["data.image_size=64", "train.epochs=5", "data.batch_size=64", "method.ftn.rank=8"]
@@ -36,8 +45,9 @@ QUICK = ["data.image_size=32", "train.epochs=1", "data.batch_size=32", "data.tra
 
 
 def demo_config(method: str, output: Path, quick: bool, extra: list[str] = ()) -> ExperimentConfig:
+    lr, head_lr = method_lr(method)
     overrides = (QUICK if quick else FULL) + [
-        f"method.name={method}", f"train.lr={_METHOD_LR.get(method, 3e-3)}", f"train.head_lr={_METHOD_LR['linear'] if method == 'linear' else 3e-3}",
+        f"method.name={method}", f"train.lr={lr}", f"train.head_lr={head_lr}",
         "train.warmup_steps=0" if quick else "train.warmup_steps=20",
         "train.resume=false", f"output_dir={output / method}", f"name=demo-{method}", "model.backbone=mobilenet_v2",
         "model.pretrained=true", *extra]
@@ -56,7 +66,7 @@ def run_demo(output: str | Path = "outputs/demo", quick: bool = False, methods: 
         print(format_row(method, summary), flush=True)
     results = {"quick": quick, "wall_seconds": round(time.perf_counter() - started, 1), "methods": rows,
                "settings": {"quick_overrides" if quick else "overrides": QUICK if quick else FULL,
-                            "lr": {m: _METHOD_LR.get(m, 3e-3) for m in methods}}}
+                            "lr": {m: method_lr(m)[0] for m in methods}}}
     atomic_write_bytes(output / "results.json", json.dumps(results, indent=2).encode())
     (output / "table.md").write_text(format_table(results) + "\n")
     plot_results(results, output / "accuracy_vs_parameters.png")
@@ -65,7 +75,7 @@ def run_demo(output: str | Path = "outputs/demo", quick: bool = False, methods: 
 
 def format_row(method: str, s: dict[str, Any]) -> str:
     accs = " ".join(f"{d}={r['test']['acc']:.1f}" for d, r in s["tasks"].items())
-    return f"[{_LABELS.get(method, method)}] mean {s['mean_test_acc']:.2f}% ({accs}), stored {s['stored_parameters']:,}"
+    return f"[{_label(method)}] mean {s['mean_test_acc']:.2f}% ({accs}), stored {s['stored_parameters']:,}"
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -76,7 +86,7 @@ def format_table(results: dict[str, Any]) -> str:
     for method, s in methods.items():
         trainable = list(s["trainable_per_task"].values())
         tr = f"{min(trainable):,}" if min(trainable) == max(trainable) else f"{min(trainable):,}–{max(trainable):,}"
-        cells = [_LABELS.get(method, method), *(f"{s['tasks'][d]['test']['acc']:.2f}" for d in domains),
+        cells = [_label(method), *(f"{s['tasks'][d]['test']['acc']:.2f}" for d in domains),
                  f"**{s['mean_test_acc']:.2f}**", tr, f"{s['stored_parameters']:,}", f"{s['train_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -91,7 +101,7 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, s in results["methods"].items():
         ax.scatter(s["stored_parameters"], s["mean_test_acc"], s=60)
-        ax.annotate(_LABELS.get(method, method), (s["stored_parameters"], s["mean_test_acc"]),
+        ax.annotate(_label(method), (s["stored_parameters"], s["mean_test_acc"]),
                     textcoords="offset points", xytext=(6, 4), fontsize=9)
     ax.set_xscale("log")
     ax.set_xlabel("parameters stored for all domains (log scale)")

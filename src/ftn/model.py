@@ -39,8 +39,6 @@ from .report import LayerCap, ParameterReport, TaskParameters
 
 __all__ = ["FTNConfig", "FTNModel", "TaskModel"]
 
-_validate_task_name = validate_task_name  # the old private name, kept importable
-
 
 class FTNModel(nn.Module):
     """Wrap ``backbone`` (any module mapping inputs to features) for multi-task learning.
@@ -96,8 +94,6 @@ class FTNModel(nn.Module):
             known = ", ".join(map(repr, self.tasks)) or "none yet"
             raise TaskError(f"unknown task {name!r}; known tasks: {known}")
         return name
-
-    _check_task = check_task  # the old private name, kept for callers outside the core
 
     def layer_rank(self, layer_name: str, task_rank: int,
                    rank_pattern: Mapping[str, int] | None = None) -> int:

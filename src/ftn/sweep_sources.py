@@ -11,9 +11,10 @@ validation split for choosing the learning rate).
   (``data.val_limit``: 200 examples per task, 32 with ``--quick``); ``taps`` uses full
   fine-tuning's rate.
 
-Each method starts from its own learning rate (the demos' hand-set rates; for a YAML file,
-:data:`ftn.demo.METHOD_LR` for the methods it lists, else the file's ``train.lr``), which the
-default LR grid is centred on.
+Each method starts from its own learning rate (the demos' hand-set rates; for a YAML file, the
+method class's ``default_lr`` where it has one, else the file's ``train.lr``), which the default
+LR grid is centred on. Methods with a full-size update per layer (``Method.full_size_update``:
+full fine-tuning, TAPS) start from full fine-tuning's variant in the dense and text demos.
 """
 
 from __future__ import annotations
@@ -22,23 +23,24 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .training.config import ExperimentConfig, load_config
+from .training.methods import method_class
 
 __all__ = ["DEMOS", "demo_base", "config_base", "prepare_dense_scenes"]
 
 DEMOS = ("multidomain", "dense", "text")
 _VAL_FRACTION = 0.2  # dense: training scenes held out for validation
-# Methods whose per-task update is a full-size weight (TAPS's gated δW): they start from full
-# fine-tuning's learning rate, as in :data:`ftn.demo.METHOD_LR`, not from FTN's.
-_FULL_SIZE_UPDATES = ("full", "taps")
+
+
+def _full_size(method: str) -> bool:
+    return method_class(method).full_size_update
 
 
 def config_base(path: str | Path, overrides: Sequence[str]) -> Callable[[str], ExperimentConfig]:
-    from .demo import METHOD_LR
-
     given_lr = any(o.split("=", 1)[0].strip() == "train.lr" for o in overrides)
 
     def base(method: str) -> ExperimentConfig:
-        lr = [] if given_lr or method not in METHOD_LR else [f"train.lr={METHOD_LR[method]}"]
+        own = method_class(method).default_lr
+        lr = [] if given_lr or own is None else [f"train.lr={own}"]
         return load_config(path, [f"method.name={method}", *lr, *overrides])
     return base
 
@@ -77,14 +79,14 @@ def demo_base(name: str, output: str | Path, quick: bool, overrides: Sequence[st
 
         prepare_dense_scenes(output, quick)
         split = ["data.train_split=sweep_train", "data.val_split=sweep_val"]
-        return lambda method: dense_demo_config(output, "single" if method in _FULL_SIZE_UPDATES else "ftn", quick,
+        return lambda method: dense_demo_config(output, "single" if _full_size(method) else "ftn", quick,
                                                 [f"method.name={method}", *split, *extra])
     if name == "text":
         from .text.demo import VARIANTS, text_demo_config
 
         val = [f"data.val_limit={32 if quick else 200}"]
         return lambda method: text_demo_config(output, method if method in VARIANTS else
-                                               "full" if method in _FULL_SIZE_UPDATES else "ftn", quick,
+                                               "full" if _full_size(method) else "ftn", quick,
                                                [f"method.name={method}", *val, *extra])
     from .errors import ConfigError, did_you_mean
 

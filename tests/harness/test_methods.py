@@ -1,14 +1,12 @@
 """The method registry: what each method trains, budgets, and a new method in every setting."""
 
-import copy
-
 import pytest
 import torch
 
 from ftn import ConfigError
 from ftn.training.config import TrainConfig
-from ftn.training.methods import (METHODS, Method, TaskModel, WithHead, delta_used, ftn_delta_budget,
-                                  lora_delta_params, matched_lora_rank, method_class, register)
+from ftn.training.methods import (METHODS, delta_used, ftn_delta_budget, lora_delta_params, matched_lora_rank,
+                                  method_class)
 
 from conftest import SmallCNN, randomize_norms, tensor_hash
 from tiny import bn_head, run, tiny_method
@@ -99,35 +97,21 @@ def test_lora_rank_matches_ftn_budget():
     assert tiny_method("lora").lora_rank == matched_lora_rank(SmallCNN(), ftn_delta_budget(SmallCNN(), rank=2))
 
 
-def test_unknown_and_deprecated_method_names():
+def test_unknown_and_renamed_method_names():
     with pytest.raises(ConfigError, match=r"method.name must be one of .* \(did you mean 'lora'\?\)"):
         method_class("lorra")
-    with pytest.warns(DeprecationWarning, match="'bn_head' is now called 'norm_head'"):
-        assert method_class("bn_head") is METHODS["norm_head"]
+    for old in ("bn_head", "ln_head"):
+        with pytest.raises(ConfigError, match=f"method '{old}' is now called 'norm_head': set method.name=norm_head"):
+            method_class(old)
+    assert "bn_head" not in METHODS
 
 
 # ----------------------------------------------------------------------------- a new baseline
-class BitFit(Method):
-    """Biases of a copy of the backbone + head: a new baseline in one class."""
-
-    name = "bitfit_test"
-
-    def add_task(self, name, head):
-        backbone = copy.deepcopy(self.pretrained).requires_grad_(False)
-        biases = [p.requires_grad_(True) for n, p in backbone.named_parameters() if n.endswith("bias")]
-        module = WithHead(backbone, head).to(self.device)
-        task = TaskModel(name, module, module, biases, list(head.parameters()),
-                         lambda: {**{n: p for n, p in module.named_parameters() if p.requires_grad},
-                                  **{f"head.{n}": b for n, b in head.named_buffers()}}, lambda: [])
-        self.tasks[name] = task
-        return task
-
-
 @pytest.fixture
 def bitfit():
-    register(BitFit)
-    yield BitFit.name
-    METHODS.pop(BitFit.name)
+    import bitfit_method  # the baseline in one file (registers "bitfit"); also test_new_method.py
+
+    return bitfit_method.BitFitMethod.name
 
 
 @pytest.mark.slow

@@ -39,7 +39,6 @@ from torch import Tensor, nn
 from .. import allocation
 from ..adapters import atomic_write_bytes
 from ..errors import ConfigError
-from ..model import FTNModel
 from .config import ExperimentConfig
 from .engine import EpochBatchSampler, seed_everything, train_task
 from .methods import Method
@@ -75,8 +74,8 @@ def plan_task(cfg: ExperimentConfig, method: Method, name: str, data: TaskData, 
     """The per-layer ranks of task ``name`` for ``cfg.method.budget`` (None when no budget is set,
     or for methods that match the budget themselves, such as LoRA)."""
     mcfg = cfg.method
-    model = getattr(method, "model", None)
-    if mcfg.budget is None or not isinstance(model, FTNModel):
+    model = method.factorized
+    if mcfg.budget is None or model is None:
         return None
     record_path = out_dir / ALLOCATION_FILE
     if cfg.train.resume and record_path.is_file():
@@ -126,7 +125,8 @@ def _probe(cfg: ExperimentConfig, method: Method, name: str, data: TaskData, mak
     """Train the probe; returns (ranks, the real task's starting state, the record's entries).
     ``fixed``: probe at these ranks and keep every component (no selection)."""
     mcfg = cfg.method
-    model = method.model
+    model = method.factorized
+    assert model is not None  # plan_task probes factorized methods only
     caps = allocation.layer_capacities(model)
     warm = max(1, round(mcfg.budget_warm * uniform_rank)) if fixed is None else uniform_rank
     probe_ranks = {n: min(warm, c) for n, c in caps.items()} if fixed is None else fixed
@@ -136,8 +136,7 @@ def _probe(cfg: ExperimentConfig, method: Method, name: str, data: TaskData, mak
     probe_dir = out_dir / "probe"
     shutil.rmtree(probe_dir, ignore_errors=True)  # an interrupted probe is re-run from its start
     seed_everything(seed)
-    task = method.add_task(probe_name, make_head(), ranks=probe_ranks,  # type: ignore[call-arg]
-                           spec={"rank": warm, "rank_pattern": None})
+    task = method.add_task(probe_name, make_head(), ranks=probe_ranks, spec={"rank": warm, "rank_pattern": None})
     tracker = allocation.ImportanceTracker(model, probe_name).attach()
     started = time.perf_counter()
     try:
@@ -153,7 +152,7 @@ def _probe(cfg: ExperimentConfig, method: Method, name: str, data: TaskData, mak
         init = _kept_state(task.state_dict(), kept) if mcfg.budget_init == "probe" else None
     finally:
         tracker.detach()
-        method.remove_task(probe_name)  # type: ignore[attr-defined]
+        method.remove_task(probe_name)
         shutil.rmtree(probe_dir, ignore_errors=True)
     if not any(ranks.values()):
         raise ConfigError(f"task {name!r}: no ΔW component scored above zero in the probe; "

@@ -19,15 +19,18 @@ text, DeepLabv3+ decoders for dense), so every method works in every setting.
 - ``ftn_unfreeze``: FTN with partial unfreezing; ``method.ftn.unfreeze`` (the primary interface,
   for ``ftn`` too) or, when empty, the last block of the backbone (:func:`last_block_patterns`).
 
-A new baseline is one class here with ``@register``; ``method.name=<its name>`` then works in
-every setting, ``ftn train``, ``ftn eval`` and the demos. :class:`MethodConfig` is the config's
-``method`` section.
+A new baseline is one class with ``@register`` (here or in any module imported before the config
+is read): its class attributes say everything the rest of the system needs — ``label`` (tables),
+``default_lr`` / ``default_head_lr`` (the rate the demos and ``ftn sweep``'s grid start from),
+``full_size_update`` (a dense update per layer: the text and dense demos start it from full
+fine-tuning's settings), ``supports_budget`` — and ``method.name=<its name>`` then works in every
+setting, ``ftn train``, ``ftn eval``, ``ftn sweep`` and the demos. :class:`MethodConfig` is the
+config's ``method`` section.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -211,7 +214,7 @@ def _count(module: nn.Module) -> int:
 
 
 METHODS: dict[str, type[Method]] = {}
-_ALIASES = {"bn_head": "norm_head", "ln_head": "norm_head"}  # deprecated names
+_RENAMED = {"bn_head": "norm_head", "ln_head": "norm_head"}  # former names: an error names the new one
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -221,9 +224,8 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def method_class(name: str) -> type[Method]:
-    if name in _ALIASES:
-        warnings.warn(f"method {name!r} is now called {_ALIASES[name]!r}", DeprecationWarning, stacklevel=2)
-        name = _ALIASES[name]
+    if name in _RENAMED:
+        raise ConfigError(f"method {name!r} is now called {_RENAMED[name]!r}: set method.name={_RENAMED[name]}")
     if name not in METHODS:
         raise ConfigError(f"method.name must be one of {sorted(METHODS)}, got {name!r}" + did_you_mean(name, METHODS))
     return METHODS[name]
@@ -234,7 +236,18 @@ def make_method(cfg: MethodConfig, backbone: nn.Module, device: torch.device) ->
 
 
 class Method:
+    """A way to adapt one frozen backbone to many tasks; see the module docstring. Subclasses set
+    the class attributes below and implement :meth:`add_task`."""
+
     name: ClassVar[str] = "base"
+    label: ClassVar[str] = ""  # its name in tables and plots ("": ``name``)
+    # The learning rate the demos train it with and ``ftn sweep``'s default grid is centred on
+    # (None: the config's ``train.lr``), and its head's (None: the demos' head rate).
+    default_lr: ClassVar[float | None] = None
+    default_head_lr: ClassVar[float | None] = None
+    # A full-size update per layer (full fine-tuning, TAPS's δW): settings whose demos have a
+    # single-task variant start it from full fine-tuning's settings instead of FTN's.
+    full_size_update: ClassVar[bool] = False
     supports_budget: ClassVar[bool] = False  # method.budget chooses its ranks (ftn, lora)
 
     def __init__(self, backbone: nn.Module, cfg: MethodConfig, device: torch.device) -> None:
@@ -243,9 +256,26 @@ class Method:
         self.cfg = cfg
         self.device = device
         self.tasks: dict[str, TaskModel] = {}
+        # The FTNModel holding the tasks' factorized updates (FTN and the methods built on it),
+        # for what works on factors: budgets, recomputation; None for the other methods.
+        self.factorized: FTNModel | None = None
 
-    def add_task(self, name: str, head: nn.Module) -> TaskModel:
+    @classmethod
+    def display_name(cls) -> str:
+        return cls.label or cls.name
+
+    def add_task(self, name: str, head: nn.Module, ranks: dict[str, int] | None = None,
+                 spec: dict[str, Any] | None = None) -> TaskModel:
+        """Add task ``name`` with its ``head``; ``ranks`` (per-layer ranks chosen for a budget,
+        ``spec`` recording how) only for methods with ``supports_budget`` and a factorized model."""
         raise NotImplementedError
+
+    def remove_task(self, name: str) -> None:
+        self.tasks.pop(name, None)
+
+    def reject_ranks(self, ranks: dict[str, int] | None) -> None:
+        if ranks is not None:
+            raise ConfigError(f"method {self.name!r} takes no per-layer ranks")
 
     def load_task(self, name: str, head: nn.Module, path: str | Path) -> TaskModel:
         """Add a task trained earlier from the file :meth:`save_task` wrote."""
@@ -291,29 +321,30 @@ def ftn_delta_budget(backbone: nn.Module, config: FTNConfig | None = None, rank:
 @register
 class FTNMethod(Method):
     name = "ftn"
+    label = "FTN"
+    default_lr = 3e-3
     supports_budget = True
-    rank: int | None = None  # None: method.ranks / method.ftn.rank
+    rank: ClassVar[int | None] = None  # None: method.ranks / method.ftn.rank
 
     def __init__(self, backbone, cfg, device):
         super().__init__(backbone, cfg, device)
-        self.model = FTNModel(backbone, config=ftn_options(cfg)).to(device)
+        self.model = self.factorized = FTNModel(backbone, config=ftn_options(cfg)).to(device)
 
-    def add_task(self, name: str, head: nn.Module, rank: int | None = None,
-                 ranks: dict[str, int] | None = None, spec: dict[str, Any] | None = None) -> TaskModel:
-        """The task at ``rank`` (default: the config's), or at per-layer ``ranks`` chosen for a
-        budget (``spec`` records how, see ``FTNModel.task_spec``)."""
+    def add_task(self, name: str, head: nn.Module, ranks: dict[str, int] | None = None,
+                 spec: dict[str, Any] | None = None) -> TaskModel:
+        """The task at the config's rank, or at per-layer ``ranks`` chosen for a budget (``spec``
+        records how, see ``FTNModel.task_spec``)."""
         if ranks is not None:
             self.model.add_task_with_ranks(name, {n: (r, r) for n, r in ranks.items()}, head.to(self.device),
                                            spec=spec)
             return self._task_model(name)
-        if rank is None:
-            rank = self.cfg.rank_of(name) if self.rank is None else self.rank
+        rank = self.cfg.rank_of(name) if self.rank is None else self.rank
         self.model.add_task(name, head=head.to(self.device), rank=rank)
         return self._task_model(name)
 
     def remove_task(self, name: str) -> None:
         self.model.remove_task(name)
-        self.tasks.pop(name, None)
+        super().remove_task(name)
 
     def load_task(self, name: str, head: nn.Module, path: str | Path) -> TaskModel:
         self.model.load_task(path, name=name, head=head.to(self.device))
@@ -401,6 +432,7 @@ class NormHeadMethod(FTNMethod):
     """Per-task norms (BatchNorm, LayerNorm, GroupNorm) and head only: FTN with rank 0."""
 
     name = "norm_head"
+    label = "BN + head"
     supports_budget = False
     rank = 0
 
@@ -430,6 +462,7 @@ class FTNUnfreezeMethod(FTNMethod):
     backbone's last block (:func:`last_block_patterns`) when that is empty; CP ΔW elsewhere."""
 
     name = "ftn_unfreeze"
+    label = "FTN + last block unfrozen"
 
     def __init__(self, backbone, cfg, device):
         super().__init__(backbone, cfg, device)
@@ -487,12 +520,17 @@ class TAPSMethod(FTNMethod):
     Only the layers switched on are stored (adapter file, parameter report)."""
 
     name = "taps"
+    label = "TAPS"
+    default_lr = 5e-4  # its updates are dense like full fine-tuning's: full fine-tuning's rate
+    full_size_update = True
 
     def __init__(self, backbone, cfg, device):
         super().__init__(backbone, cfg, device)
         self.score_lrs: dict[str, float] = {}  # per task: the scores' rate used (chosen from the schedule)
 
-    def add_task(self, name: str, head: nn.Module) -> TaskModel:
+    def add_task(self, name: str, head: nn.Module, ranks: dict[str, int] | None = None,
+                 spec: dict[str, Any] | None = None) -> TaskModel:
+        self.reject_ranks(ranks)
         taps = self.cfg.taps
         self.model.add_task(name, head=head.to(self.device), gate={"tau": taps.tau, "init_score": taps.start})
         task = self._task_model(name)
@@ -567,12 +605,16 @@ class TAPSMethod(FTNMethod):
 @register
 class LinearProbeMethod(Method):
     name = "linear"
+    label = "linear probe"
+    default_lr = default_head_lr = 1e-2  # its only parameters are the head
 
     def __init__(self, backbone, cfg, device):
         super().__init__(backbone, cfg, device)
         self.backbone = backbone.to(device).requires_grad_(False).eval()
 
-    def add_task(self, name: str, head: nn.Module) -> TaskModel:
+    def add_task(self, name: str, head: nn.Module, ranks: dict[str, int] | None = None,
+                 spec: dict[str, Any] | None = None) -> TaskModel:
+        self.reject_ranks(ranks)
         module = WithHead(self.backbone, head.to(self.device))
         task = TaskModel(name, module, module, [], list(head.parameters()),
                          lambda: head.state_dict(keep_vars=True), lambda: [], frozen_modules=[self.backbone])
@@ -583,8 +625,13 @@ class LinearProbeMethod(Method):
 @register
 class FullFineTuneMethod(Method):
     name = "full"
+    label = "full fine-tuning"
+    default_lr = 5e-4
+    full_size_update = True
 
-    def add_task(self, name: str, head: nn.Module) -> TaskModel:
+    def add_task(self, name: str, head: nn.Module, ranks: dict[str, int] | None = None,
+                 spec: dict[str, Any] | None = None) -> TaskModel:
+        self.reject_ranks(ranks)
         backbone = copy.deepcopy(self.pretrained).requires_grad_(True)
         module = WithHead(backbone, head).to(self.device)
         task = TaskModel(name, module, module, list(backbone.parameters()), list(head.parameters()),
@@ -623,6 +670,8 @@ def matched_lora_rank(backbone: nn.Module, budget: int) -> int:
 @register
 class LoRAMethod(Method):
     name = "lora"
+    label = "LoRA (PEFT)"
+    default_lr = 3e-3
     supports_budget = True  # the LoRA rank closest to the budget (uniform only)
 
     def __init__(self, backbone, cfg, device):
@@ -643,7 +692,9 @@ class LoRAMethod(Method):
     def info(self) -> dict[str, Any]:
         return {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha}
 
-    def add_task(self, name: str, head: nn.Module) -> TaskModel:
+    def add_task(self, name: str, head: nn.Module, ranks: dict[str, int] | None = None,
+                 spec: dict[str, Any] | None = None) -> TaskModel:
+        self.reject_ranks(ranks)
         import peft
 
         module = WithHead(copy.deepcopy(self.pretrained), head)

@@ -21,7 +21,6 @@ import torch
 
 from ..adapters import atomic_write_bytes
 from ..errors import ConfigError
-from ..model import FTNModel
 from . import budget, distributed
 from .config import ExperimentConfig, config_to_dict, setting_class
 from .engine import evaluate, evaluate_examples, resolve_device, seed_everything, train_task
@@ -43,8 +42,8 @@ def build(cfg: ExperimentConfig, device: torch.device) -> tuple[Setting, Method]
         backbone = backbone.to(memory_format=torch.channels_last)  # 4-d weights only
     method = make_method(cfg.method, backbone, device)
     if cfg.train.recompute_depthwise:
-        model = getattr(method, "model", None)
-        if not isinstance(model, FTNModel):
+        model = method.factorized
+        if model is None:
             raise ConfigError(f"train.recompute_depthwise applies to FTN methods, not method.name="
                               f"{cfg.method.name!r}")
         if not model.recompute_depthwise():
@@ -89,7 +88,7 @@ def _train_tasks(cfg: ExperimentConfig, setting: Setting, method: Method, names:
         if plan is None:
             model = method.add_task(name, setting.head(data))
         else:
-            model = method.add_task(name, setting.head(data), ranks=plan.ranks, spec=plan.spec)  # type: ignore[call-arg]
+            model = method.add_task(name, setting.head(data), ranks=plan.ranks, spec=plan.spec)
             if plan.init is not None:
                 model.load_state_dict(plan.init)
         result = asdict(train_task(model, data, cfg.train, cfg.data, out / name, seed=seed, device=device,

@@ -4,6 +4,10 @@ A task's ΔW at layer l is a sum of rank-1 CP components; keeping component r co
 ``Σ_k d_k`` parameters (the layer's mode sizes). Given a *budget* of ΔW parameters, this module
 decides how many components each layer keeps (0 allowed: the layer is not adapted):
 
+- :func:`allocate`: the one path from a budget to per-layer ranks — the budget read once
+  (:func:`budget_count`: an int is a count, a float in (0, 1) a fraction of the backbone), then
+  the uniform allocation when no importance scores are given, else the knapsack on them. The
+  functions below are views of it.
 - :func:`uniform_ranks` / :func:`uniform_split`: the baseline — the largest rank R that every
   layer can take (:func:`uniform_rank_for_budget`), then R + 1 on as many layers as still fit
   (largest per-rank cost first), so that it spends the budget as fully as the automatic
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +42,11 @@ from .errors import ConfigError
 
 __all__ = [
     "backbone_parameters",
+    "check_budget",
+    "budget_count",
     "resolve_budget",
+    "Allocation",
+    "allocate",
     "layer_capacities",
     "delta_parameters",
     "uniform_rank_for_budget",
@@ -78,22 +87,31 @@ def delta_parameters(model: Any, ranks: Mapping[str, int]) -> int:
     return sum(costs[name] * int(r) for name, r in ranks.items())
 
 
-def resolve_budget(model: Any, budget: int | float) -> int:
-    """A budget as a number of ΔW parameters: an int is taken as is, a float in (0, 1) is that
-    fraction of the backbone's parameters. ConfigError for a budget that is not positive, larger
-    than the backbone, or smaller than the cheapest single component."""
-    total = backbone_parameters(model)
+def check_budget(budget: Any) -> None:
+    """ConfigError unless ``budget`` has a budget's form: a positive whole number of ΔW
+    parameters, or a fraction in (0, 1)."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
         raise ConfigError(f"budget must be a number of ΔW parameters or a fraction in (0, 1), got {budget!r}")
     if budget <= 0:
         raise ConfigError(f"budget must be positive (a number of ΔW parameters or a fraction in (0, 1)), "
                           f"got {budget!r}")
-    if isinstance(budget, float) and budget < 1:
-        count = int(budget * total)
-    elif isinstance(budget, float) and not budget.is_integer():
-        raise ConfigError(f"budget {budget!r}: give a fraction in (0, 1) or a whole number of parameters")
-    else:
-        count = int(budget)
+    if isinstance(budget, float) and budget >= 1 and not budget.is_integer():
+        raise ConfigError(f"budget must be a fraction in (0, 1) or a whole number of parameters, got {budget!r}")
+
+
+def budget_count(budget: int | float, total: int) -> int:
+    """The one reading of a budget: an int (or a whole float) is a number of ΔW parameters, a
+    float in (0, 1) that fraction of ``total`` (the backbone's parameters)."""
+    check_budget(budget)
+    return int(budget * total) if isinstance(budget, float) and budget < 1 else int(budget)
+
+
+def resolve_budget(model: Any, budget: int | float) -> int:
+    """A budget as a number of ΔW parameters for ``model`` (:func:`budget_count` of its
+    backbone). ConfigError for a budget that is not positive, larger than the backbone, or
+    smaller than the cheapest single component."""
+    total = backbone_parameters(model)
+    count = budget_count(budget, total)
     if count > total:
         raise ConfigError(f"budget {budget!r} = {count:,} ΔW parameters exceeds the backbone's {total:,} "
                           f"parameters; give a fraction in (0, 1) or a smaller count")
@@ -125,14 +143,38 @@ def _base_rank(count: int, caps: Mapping[str, int], costs: Mapping[str, int]) ->
     return lo
 
 
+@dataclass(frozen=True)
+class Allocation:
+    """Per-layer ranks for a budget, and how they were chosen."""
+
+    count: int  # the budget in ΔW parameters
+    kind: str  # "uniform" | "auto"
+    ranks: dict[str, int]  # every adapted layer, 0 allowed
+    base_rank: int = 0  # uniform: the rank every layer gets (capped); 0 below one component per layer
+    plus_one: tuple[str, ...] = ()  # uniform: the layers given base_rank + 1, in the order given
+    kept: dict[str, list[int]] | None = None  # auto: the scored components kept per layer, best first
+
+
+def allocate(model: Any, budget: int | float, scores: Mapping[str, Tensor] | None = None) -> Allocation:
+    """The ranks of a task for ``budget`` (read once, :func:`resolve_budget`): without
+    ``scores`` the uniform allocation (:func:`uniform_split`), with per-component importance
+    ``scores`` (``{layer: tensor}``) the greedy knapsack on them (:func:`select_components`)."""
+    count = resolve_budget(model, budget)
+    caps, costs = layer_capacities(model), _costs(model)
+    if scores is None:
+        base, ranks, plus_one = _uniform(count, caps, costs)
+        return Allocation(count, "uniform", ranks, base, tuple(plus_one))
+    kept = _knapsack(count, caps, costs, scores)
+    return Allocation(count, "auto", {n: len(k) for n, k in kept.items()}, kept=kept)
+
+
 def uniform_rank_for_budget(model: Any, budget: int | float) -> int:
     """The base rank R of the uniform allocation: the largest rank such that every layer at
     min(R, its cap) fits the budget, but at least 1. :func:`uniform_ranks` gives every layer R
     and some layers R + 1 (:func:`uniform_split`); ``ftn train`` records R and bases the probe's
     warm rank on it. Below one component on every layer (R would be 0) it is 1, and
     :func:`uniform_ranks` gives rank 1 to some layers and 0 to the others."""
-    count = resolve_budget(model, budget)
-    return max(_base_rank(count, layer_capacities(model), _costs(model)), 1)
+    return max(allocate(model, budget).base_rank, 1)
 
 
 def uniform_split(model: Any, budget: int | float) -> tuple[int, dict[str, int], list[str]]:
@@ -157,11 +199,14 @@ def uniform_split(model: Any, budget: int | float) -> tuple[int, dict[str, int],
     MobileNetV2 at a 2.2 % budget); model order is in between. The price: the extra components
     sit on the wide layers, and below one component per layer (``base`` = 0) the layers adapted
     at rank 1 are the most expensive ones that fit rather than the most numerous."""
-    count = resolve_budget(model, budget)
-    caps, costs = layer_capacities(model), _costs(model)
+    a = allocate(model, budget)
+    return a.base_rank, a.ranks, list(a.plus_one)
+
+
+def _uniform(count: int, caps: Mapping[str, int], costs: Mapping[str, int]) -> tuple[int, dict[str, int], list[str]]:
     base = _base_rank(count, caps, costs)
     ranks = {n: min(base, caps[n]) for n in costs}
-    left = count - delta_parameters(model, ranks)
+    left = count - sum(costs[n] * r for n, r in ranks.items())
     order = {n: i for i, n in enumerate(costs)}
     plus_one = []
     for name in sorted((n for n in costs if caps[n] > base), key=lambda n: (-costs[n], order[n])):
@@ -175,7 +220,7 @@ def uniform_split(model: Any, budget: int | float) -> tuple[int, dict[str, int],
 def uniform_ranks(model: Any, budget: int | float) -> dict[str, int]:
     """Per-layer ranks of the uniform baseline (every adapted layer listed): R or R + 1 on every
     layer (capped), as much of the budget spent as that allows; see :func:`uniform_split`."""
-    return uniform_split(model, budget)[1]
+    return allocate(model, budget).ranks
 
 
 # ----------------------------------------------------------------------------- importance
@@ -291,8 +336,13 @@ def select_components(model: Any, scores: Mapping[str, Tensor], budget: int | fl
     its layer's rank cap; a component that does not fit is skipped and cheaper ones are still
     tried. Components with a zero (or non-finite) score are never kept. Layers without scores, or
     with none kept, get an empty list (rank 0)."""
-    count = resolve_budget(model, budget)
-    caps, costs = layer_capacities(model), _costs(model)
+    kept = allocate(model, budget, scores).kept
+    assert kept is not None
+    return kept
+
+
+def _knapsack(count: int, caps: Mapping[str, int], costs: Mapping[str, int],
+              scores: Mapping[str, Tensor]) -> dict[str, list[int]]:
     unknown = sorted(set(scores) - set(costs))
     if unknown:
         raise ConfigError(f"scores given for layers this model does not adapt: {unknown[:5]}")
@@ -322,4 +372,4 @@ def allocate_ranks(model: Any, task: str | None, scores: Mapping[str, Tensor], b
             if name in layers and len(torch.as_tensor(values).flatten()) != layers[name].rank(task):
                 raise ConfigError(f"layer {name!r}: {len(torch.as_tensor(values).flatten())} scores for "
                                   f"{layers[name].rank(task)} components of task {task!r}")
-    return {name: len(indices) for name, indices in select_components(model, scores, budget).items()}
+    return allocate(model, budget, scores).ranks

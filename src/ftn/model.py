@@ -130,16 +130,10 @@ class FTNModel(nn.Module):
             if unfreeze or gate is not None or self.config.unfreeze:
                 raise ConfigError("budget= allocates CP ranks only; it cannot be combined with unfreeze or gate")
             self._check_new_task(name)
-            count = allocation.resolve_budget(self, budget)
-            if scores is None:
-                chosen = allocation.uniform_ranks(self, count)
-                spec = {"rank": allocation.uniform_rank_for_budget(self, count), "rank_pattern": None,
-                        "budget": count, "budget_request": budget, "allocation": "uniform"}
-            else:
-                chosen = allocation.allocate_ranks(self, None, scores, count)
-                spec = {"rank": None, "rank_pattern": None, "budget": count, "budget_request": budget,
-                        "allocation": "auto"}
-            self.add_task_with_ranks(name, {n: (r, r) for n, r in chosen.items()}, head, spec=spec)
+            chosen = allocation.allocate(self, budget, scores)
+            spec = {"rank": max(chosen.base_rank, 1) if chosen.kind == "uniform" else None, "rank_pattern": None,
+                    "budget": chosen.count, "budget_request": budget, "allocation": chosen.kind}
+            self.add_task_with_ranks(name, {n: (r, r) for n, r in chosen.ranks.items()}, head, spec=spec)
             return
         self._check_new_task(name)
         if scores is not None:

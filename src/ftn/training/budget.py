@@ -86,17 +86,19 @@ def plan_task(cfg: ExperimentConfig, method: Method, name: str, data: TaskData, 
             log.info("%s: reusing the rank allocation in %s", name, record_path)
             return Plan(record["ranks"], record["spec"], init, record)
         log.warning("%s: %s was made for another budget; allocating again", name, record_path)
-    count = allocation.resolve_budget(model, mcfg.budget)
-    uniform_rank = allocation.uniform_rank_for_budget(model, count)
+    # The budget is read once (allocation.allocate); the uniform allocation is both the
+    # `uniform` arm and the measure of the probe's warm rank for `auto`.
+    uniform = allocation.allocate(model, mcfg.budget)
+    count, uniform_rank = uniform.count, max(uniform.base_rank, 1)
     spec = {"rank": None, "rank_pattern": None, "budget": count, "budget_request": mcfg.budget,
             "allocation": mcfg.budget_allocation}
     record: dict[str, Any] = {"budget_request": mcfg.budget, "budget": count, "allocation": mcfg.budget_allocation,
                               "uniform_rank": uniform_rank}
     init = None
     if mcfg.budget_allocation == "uniform":
-        base, ranks, plus_one = allocation.uniform_split(model, count)
+        ranks = uniform.ranks
         spec["rank"] = uniform_rank
-        record.update(probe_seconds=0.0, uniform_base_rank=base, uniform_plus_one=len(plus_one))
+        record.update(probe_seconds=0.0, uniform_base_rank=uniform.base_rank, uniform_plus_one=len(uniform.plus_one))
         if mcfg.budget_init == "probe":
             # The control for auto's head start: the same probe (same steps), at the uniform ranks,
             # keeping every component, so auto and uniform differ only in where the ranks go.
@@ -146,7 +148,7 @@ def _probe(cfg: ExperimentConfig, method: Method, name: str, data: TaskData, mak
         train_task(task, replace(data, val=None, test=None), train_cfg, cfg.data, probe_dir, seed=seed,
                    device=device, progress=False, sync=sync)
         scores = tracker.scores() if mcfg.budget_score == "taylor" else allocation.magnitude_scores(model, probe_name)
-        kept = (allocation.select_components(model, scores, count) if fixed is None
+        kept = (allocation.allocate(model, count, scores).kept if fixed is None  # the training side supplies scores
                 else {n: list(range(r)) for n, r in fixed.items() if r})
         ranks = {n: len(idx) for n, idx in kept.items()}
         init = _kept_state(task.state_dict(), kept) if mcfg.budget_init == "probe" else None

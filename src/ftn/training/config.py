@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from ..allocation import check_budget
 from ..errors import ConfigError, did_you_mean
 from ..model import FTNConfig
 from .methods import MethodConfig, TAPSConfig, method_class
@@ -131,9 +132,10 @@ class ExperimentConfig:
             if not method_class(self.method.name).supports_budget:
                 raise ConfigError(f"method.budget is not supported by method {self.method.name!r} "
                                   f"(ftn, lora); set method.budget=null")
-            if budget <= 0 or (isinstance(budget, float) and budget >= 1 and not budget.is_integer()):
-                raise ConfigError(f"method.budget must be a number of ΔW parameters (>= 1) or a fraction in "
-                                  f"(0, 1), got {budget!r}")
+            try:
+                check_budget(budget)
+            except ConfigError as exc:
+                raise ConfigError(f"method.{exc}") from None
         if not 1.0 <= self.method.budget_warm <= 64:
             raise ConfigError(f"method.budget_warm must be in [1, 64], got {self.method.budget_warm!r}")
         if not 0.0 < self.method.budget_probe <= 1.0:

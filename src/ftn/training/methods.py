@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..adapters import atomic_write_bytes
+from ..allocation import budget_count
 from ..errors import ConfigError, did_you_mean
 from ..model import FTNConfig, FTNModel
 from ..norms import is_norm
@@ -681,8 +682,7 @@ class LoRAMethod(Method):
         except ImportError:
             raise ConfigError("method 'lora' needs Hugging Face PEFT: pip install 'factorized-tensor-networks[peft]'") from None
         if cfg.lora_rank is None and cfg.budget is not None:  # the same ΔW budget as FTN's
-            count = cfg.budget if cfg.budget >= 1 else int(cfg.budget * self.backbone_params)
-            self.lora_rank = matched_lora_rank(backbone, int(count))
+            self.lora_rank = matched_lora_rank(backbone, budget_count(cfg.budget, self.backbone_params))
         elif cfg.lora_rank is None:
             self.lora_rank = matched_lora_rank(backbone, ftn_delta_budget(backbone, ftn_options(cfg)))
         else:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The text and dense comparisons (issue 13) and the budget comparisons (issue 14) as four
-# `ftn sweep` runs at once on one CUDA GPU: the same commands as the README's, plus
+# The text and dense comparisons and the budget comparisons as four `ftn sweep` runs at once on
+# one CUDA GPU, with the sweep's protocol (three learning rates per method extended at an edge
+# choice, TAPS's λ chosen on validation with its rate, each budget arm's rate chosen on
+# validation, the calibrated interval): the README's commands, plus
 # train.device=cuda train.amp=off (fp32, as on the CPU) and more workers. Every sweep resumes,
 # so running the script again finishes what a deadline cut off.
 #   bash benchmarks/gpu_sweeps.sh                       sweeps under outputs/gpu_sweeps/
@@ -23,7 +25,8 @@ quick=(); [ "${GPU_SWEEPS_QUICK:-0}" = 1 ] && quick=(--quick --seeds 0 1)
 common=(--workers "$workers" "${quick[@]}" --no-progress)
 over=(train.device=$device train.amp=off)
 budget=(--methods ftn --grid method.budget=0.01,0.05 --grid method.budget_allocation=auto,uniform
-        --compare-axis method.budget_allocation --lr-grid ftn=0.003)
+        --compare-axis method.budget_allocation)
+taps=(--tune "taps:method.taps.penalty=0.1,0.3,1")
 
 sweep() {  # sweep NAME "OVERRIDES" OPTIONS...: one sweep in the background, logged to DIR/NAME.log
     local name=$1 extra=$2; shift 2
@@ -38,8 +41,8 @@ sweep() {  # sweep NAME "OVERRIDES" OPTIONS...: one sweep in the background, log
         > "$dir/$name.log" 2>&1 &
 }
 
-sweep text "" --demo text --methods ftn full linear norm_head lora taps ftn_unfreeze
-sweep dense train.epochs=2 --demo dense --methods ftn full taps ftn_unfreeze lora norm_head \
+sweep text "" --demo text --methods ftn full linear norm_head lora taps ftn_unfreeze "${taps[@]}"
+sweep dense train.epochs=2 --demo dense --methods ftn full taps ftn_unfreeze lora norm_head "${taps[@]}" \
     --grid full:data.joint=false,true --gain-reference "full[data.joint=false]"
 sweep text_budget "" --demo text "${budget[@]}"
 sweep dense_budget train.epochs=2 --demo dense "${budget[@]}"

@@ -52,7 +52,7 @@ __all__ = [
 # memory-bound (they re-read X and dY, in several small batched matmuls) while the dense weight
 # gradient is one compute-bound GEMM. Set from benchmarks/bench_layers.py on a 2-core CPU:
 # custom wins clearly at estimates <= 0.15, breaks even around 0.3, loses 10-20% at 0.6-1.2.
-# Rechecked whole-layer (forward + backward, issue 15): ResNet-18's 64-channel 3×3 convs at 56 px
+# Rechecked whole-layer (forward + backward): ResNet-18's 64-channel 3×3 convs at 56 px
 # (0.28) take 16.6 ms over the frozen layer thin against 20.3 dense; the 7×7 stem (0.36) ties.
 AUTO_MAX_COST_RATIO = 0.3
 # Pointwise kernels (1×1 convs, Linear: S = 1) go through plain matmuls instead of thin convs, and

@@ -289,15 +289,18 @@ def plan(spec: SweepSpec, bases: dict[str, ExperimentConfig], grids: dict[str, l
     return groups
 
 
+def _best(runs: Sequence[Run]) -> Run:
+    """The run with the best validation score (ties: the first), by :func:`choose_lr`'s rule
+    and checks (several runs need a validation split)."""
+    return runs[choose_lr([(i, _val_score(r)) for i, r in enumerate(runs)])]
+
+
 def _choose(g: dict[str, Any]) -> None:
     """The group's (learning rate, tuned values) with the best validation score among its search
     runs (ties: the first); sets ``lr``, ``tuned`` and ``val_scores``."""
-    candidates = [((r.lr, r.tuned), _val_score(r)) for r in g["search"]]
-    if len(candidates) > 1:
-        choose_lr([(i, s) for i, (_, s) in enumerate(candidates)])  # the same checks (a validation split)
-    best = max(range(len(candidates)), key=lambda i: (candidates[i][1] if candidates[i][1] is not None else -math.inf, -i))
-    g["lr"], g["tuned"] = candidates[best][0]
-    g["val_scores"] = {lr: s for (lr, tuned), s in candidates if tuned == g["tuned"]}
+    best = _best(g["search"])
+    g["lr"], g["tuned"] = best.lr, best.tuned
+    g["val_scores"] = {r.lr: _val_score(r) for r in g["search"] if r.tuned == g["tuned"]}
 
 
 def _extensions(groups: dict[tuple[str, str], dict[str, Any]], spec: SweepSpec) -> list[Run]:
@@ -475,12 +478,8 @@ def run_sweep(spec: SweepSpec) -> dict[str, Any]:
 
 def _best_per_tuned(g: dict[str, Any]) -> list[dict[str, Any]]:
     """For every combination of --tune values: its search run with the best validation score."""
-    best: dict[tuple[tuple[str, str], ...], Run] = {}
-    for r in g["search"]:
-        s = _val_score(r)
-        if r.tuned not in best or (s is not None and s > (_val_score(best[r.tuned]) or -math.inf)):
-            best[r.tuned] = r
-    return [{"tuned": dict(t), "run": r} for t, r in best.items()]
+    combos = list(dict.fromkeys(r.tuned for r in g["search"]))
+    return [{"tuned": dict(t), "run": _best([r for r in g["search"] if r.tuned == t])} for t in combos]
 
 
 def _tuning_summary(g: dict[str, Any]) -> list[dict[str, Any]]:

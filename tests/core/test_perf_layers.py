@@ -79,7 +79,7 @@ def test_cp_linear_gradcheck_float64(thin):
 @pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
 def test_backward_keeps_no_materialized_weight(linear, thin):
     # Only x, the frozen W (the same tensor, no copy) and the factors are saved: W + ΔW is
-    # rebuilt in the backward (issue 15, memory).
+    # rebuilt in the backward (to save memory).
     g = torch.Generator().manual_seed(0)
     shape = (6, 4) if linear else (6, 1, 3, 3)
     weight = torch.randn(shape, dtype=F64, generator=g)

@@ -5,7 +5,7 @@ of the chosen rank by layer depth.
     nice -n 5 python benchmarks/bench_allocation.py --out outputs/allocation \\
         --budgets 0.01 0.05 --image docs/images/allocation_multidomain.png
 
-Every run is ``ftn.demo.demo_config("ftn", ...)`` (the demo's FTN recipe) with the overrides
+Every run is ``ftn.settings.classification.demo.demo_config("ftn", ...)`` (the demo's FTN recipe) with the overrides
 below plus ``method.budget=<b> method.budget_allocation=<auto|uniform>``: the same keys a
 ``ftn sweep --grid method.budget=... --grid method.budget_allocation=auto,uniform`` uses.
 """
@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from ftn.demo import demo_config
+from ftn.settings.classification.demo import demo_config
 from ftn.training.runner import run_experiment
 
 SHORT = ["data.image_size=32", "data.batch_size=32", "data.train_limit=640", "data.val_limit=128",

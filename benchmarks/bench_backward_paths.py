@@ -9,9 +9,9 @@ batch), one forward + backward with the input requiring grad, as inside a networ
 * ``thin``:   FTN's Function with the thin contractions,
 
 interleaved, median of ``--repeats``. Printed per layer: each cost over ``frozen`` and the mode
-the automatic choice (``ftn.functional.fast_backward_pays_off``) takes. The totals say how much
+the automatic choice (``ftn.core.functional.fast_backward_pays_off``) takes. The totals say how much
 FTN pays beyond the floor, layer type by layer type. ``--depthwise`` adds the depthwise weight
-gradient on small maps: the backend's own against the prepadded input (``ftn.functional``).
+gradient on small maps: the backend's own against the prepadded input (``ftn.core.functional``).
 
     python benchmarks/bench_backward_paths.py --threads 1 --model mobilenet_v2@64:64
     python benchmarks/bench_backward_paths.py --threads 1 --model mobilenet_v2@64:64 --channels-last
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ftn.functional import (_depthwise_weight_grad_prepadded, cp_conv, fast_backward_cost_ratio,
+from ftn.core.functional import (_depthwise_weight_grad_prepadded, cp_conv, fast_backward_cost_ratio,
                             fast_backward_pays_off)
 
 MODES = ("frozen", "full", "dense", "thin")

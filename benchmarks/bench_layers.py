@@ -4,7 +4,7 @@ Runs forward + backward of one FTN layer (input requiring grad, as inside a netw
 layer shapes of MobileNetV2 / ResNet-18, alternating the two implementations, and prints the
 median time of each, the ratio of medians and of minima (less
 sensitive to other processes on a shared machine), next to the FLOP estimate that the automatic per-layer
-choice uses (``ftn.functional.fast_backward_cost_ratio``).
+choice uses (``ftn.core.functional.fast_backward_cost_ratio``).
 
     python benchmarks/bench_layers.py [--repeats 15]
 """
@@ -18,8 +18,8 @@ import time
 import torch
 from torch import nn
 
-from ftn.functional import fast_backward_cost_ratio
-from ftn.injection import wrap_layer
+from ftn.core.functional import fast_backward_cost_ratio
+from ftn.core.injection import wrap_layer
 
 # (name, C_in, C_out, kernel, stride, groups, batch, spatial)
 SHAPES = [

@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 from ftn import FTNModel
-from ftn.backbones import strip_classifier
+from ftn.training.backbones import strip_classifier
 
 
 def main() -> None:

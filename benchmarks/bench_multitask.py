@@ -1,7 +1,7 @@
 """All tasks in one pass vs the per-task loop: eval latency for T = 2, 4, 8 tasks.
 
 For each model, T tasks (ΔW and norms perturbed so they differ) run on the same batch, either
-as ``{t: model(x, task=t) for t in tasks}`` or as ``ftn.multitask.forward_all_tasks(model, x)``.
+as ``{t: model(x, task=t) for t in tasks}`` or as ``ftn.core.multitask.forward_all_tasks(model, x)``.
 The two are interleaved and the median of each is reported with the speed-up (loop / one pass);
 outputs are checked to agree first. Random weights (speed does not depend on the values).
 
@@ -26,8 +26,8 @@ import torchvision
 from torch import nn
 
 from ftn import FTNModel
-from ftn.backbones import strip_classifier
-from ftn.multitask import forward_all_tasks
+from ftn.training.backbones import strip_classifier
+from ftn.core.multitask import forward_all_tasks
 
 CONFIGS = {  # name: (arch, image size, batch)
     "mobilenet_v2@224 b1": ("mobilenet_v2", 224, 1),

@@ -31,8 +31,8 @@ import psutil
 import torch
 from torch import nn
 
-from ftn.serving.loadtest import ServerProcess, free_port, run_load
-from ftn.serving.predict import build_model
+from ftn.apps.serving.loadtest import ServerProcess, free_port, run_load
+from ftn.apps.serving.predict import build_model
 
 HERE = Path(__file__).resolve().parent
 SIZE = 64
@@ -104,7 +104,7 @@ def merged_models_rss(folder: Path, count: int) -> float:
     code = f"""
 import gc, psutil, torch
 from pathlib import Path
-from ftn.serving.predict import build_model
+from ftn.apps.serving.predict import build_model
 files = sorted(Path({str(folder)!r}).glob('*.safetensors'))[:{count}]
 model = build_model('mobilenet_v2', files)
 merged = []

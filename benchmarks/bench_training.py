@@ -52,7 +52,7 @@ import torchvision
 from torch import nn
 
 from ftn import FTNConfig, FTNModel
-from ftn.backbones import strip_classifier
+from ftn.training.backbones import strip_classifier
 from ftn.training.methods import ftn_delta_budget, lora_targets
 
 METHODS = ["full", "linear", "bn_head", "ftn_autograd", "ftn", "lora", "loha", "lokr"]

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from ftn import FTNModel
-from ftn.backbones import build_backbone
+from ftn.training.backbones import build_backbone
 
 SERVER_ARGS = ["--backbone", "tiny_convnet", "--no-pretrained", "--seed", "0", "--threads", "1"]
 SIZE = 16

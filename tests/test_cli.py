@@ -1,6 +1,6 @@
 import json
 
-from ftn.cli import main
+from ftn.apps.cli import main
 
 
 def test_params_resnet34_json(capsys):

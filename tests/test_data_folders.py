@@ -10,14 +10,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from ftn.data.fixtures import (
+from ftn.settings.classification.fixtures import (
     DomainNetFixture,
     ImageFolderFixture,
     write_domainnet_fixture,
     write_imagefolder_fixture,
 )
-from ftn.data.folders import DomainNetDataset, ImageFolderDomains, load_image
-from ftn.errors import DataError
+from ftn.settings.classification.folders import DomainNetDataset, ImageFolderDomains, load_image
+from ftn.core.errors import DataError
 
 TO_TENSOR = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 
@@ -180,7 +180,7 @@ def test_domainnet_skip_mode_counts_and_warns(
     ds = DomainNetDataset(
         domainnet.root, "clipart", "train", transform=TO_TENSOR, skip_corrupt=True
     )
-    with caplog.at_level(logging.WARNING, logger="ftn.data.folders"):
+    with caplog.at_level(logging.WARNING, logger="ftn.settings.classification.folders"):
         image, label = ds[3]  # 3 and 4 are bad: sample 5 comes back
     assert label == entries[5][1] and image.shape == (3, 32, 32)
     assert ds.skipped == 2

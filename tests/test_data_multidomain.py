@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ftn.data.multidomain import (
+from ftn.settings.classification.multidomain import (
     DEFAULT_PATH,
     DOMAINS,
     IMAGENET_MEAN,
@@ -22,7 +22,7 @@ from ftn.data.multidomain import (
     load_multidomain,
     random_affine_batch,
 )
-from ftn.errors import ConfigError, DataError
+from ftn.core.errors import ConfigError, DataError
 
 # The split sizes published in docs/data-card-multidomain.md.
 EXPECTED_SIZES = {
@@ -36,7 +36,7 @@ NORMALISED_BLACK = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_
 
 def test_packaged_file_ships_inside_the_package() -> None:
     assert DEFAULT_PATH.is_file()
-    assert DEFAULT_PATH.parts[-3:] == ("data", "assets", "multidomain_v1.npz")
+    assert DEFAULT_PATH.parts[-3:] == ("classification", "assets", "multidomain_v1.npz")
     assert DEFAULT_PATH.stat().st_size < 8 * 1024 * 1024
 
 

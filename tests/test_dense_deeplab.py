@@ -7,9 +7,9 @@ import torch
 import torchvision
 from torch import nn
 
-from ftn.dense.deeplab import DeepLabV3PlusHead, MultiScaleEncoder, aspp_rates
-from ftn.dense.model import DenseEncoder, DenseHeads, build_head
-from ftn.errors import ConfigError, ShapeError
+from ftn.settings.dense.deeplab import DeepLabV3PlusHead, MultiScaleEncoder, aspp_rates
+from ftn.settings.dense.model import DenseEncoder, DenseHeads, build_head
+from ftn.core.errors import ConfigError, ShapeError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ftn.dense.metrics import (
+from ftn.settings.dense.metrics import (
     DepthMeter,
     EdgeMeter,
     NormalsMeter,
@@ -18,7 +18,7 @@ from ftn.dense.metrics import (
     normals_loss,
     semseg_loss,
 )
-from ftn.errors import ConfigError, DataError, ShapeError
+from ftn.core.errors import ConfigError, DataError, ShapeError
 
 # --------------------------------------------------------------------------------------------
 # Semantic segmentation
@@ -297,7 +297,7 @@ def test_edge_meter_pools_counts_and_ignores() -> None:
 
 
 def test_thin_edges_bwmorph_example() -> None:
-    from ftn.dense.metrics import thin_edges
+    from ftn.settings.dense.metrics import thin_edges
 
     # The example of MATLAB's / scikit-image's documentation of bwmorph(·, 'thin') / thin.
     square = torch.zeros(7, 7, dtype=torch.bool)
@@ -313,7 +313,7 @@ def test_thin_edges_bwmorph_example() -> None:
 
 def test_thin_edges_matches_scikit_image() -> None:
     thin = pytest.importorskip("skimage.morphology").thin
-    from ftn.dense.metrics import thin_edges
+    from ftn.settings.dense.metrics import thin_edges
 
     g = torch.Generator().manual_seed(0)
     for _ in range(30):
@@ -341,7 +341,7 @@ def _max_matching_brute(pred: torch.Tensor, gt: torch.Tensor, r: float) -> int:
 
 
 def test_correspond_counts_is_a_maximum_matching() -> None:
-    from ftn.dense.metrics import correspond_counts
+    from ftn.settings.dense.metrics import correspond_counts
 
     g = torch.Generator().manual_seed(1)
     for trial in range(20):
@@ -354,7 +354,7 @@ def test_correspond_counts_is_a_maximum_matching() -> None:
 
 
 def test_edge_nms_keeps_the_ridge() -> None:
-    from ftn.dense.metrics import edge_nms
+    from ftn.settings.dense.metrics import edge_nms
 
     # A vertical ridge with a Gaussian profile: only its centre column survives, with the value
     # of convTri(E, 1) there; the outermost rows are zeroed and the next 4 scaled by y/5.

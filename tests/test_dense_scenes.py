@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ftn.dense.nyud import (
+from ftn.settings.dense.nyud import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     JointCompose,
@@ -21,7 +21,7 @@ from ftn.dense.nyud import (
     RandomScale,
     Resize,
 )
-from ftn.dense.scenes import (
+from ftn.settings.dense.scenes import (
     CLASS_NAMES,
     FLOOR,
     IGNORE_INDEX,
@@ -30,7 +30,7 @@ from ftn.dense.scenes import (
     sample_scene,
     write_nyud_layout,
 )
-from ftn.errors import ConfigError, DataError
+from ftn.core.errors import ConfigError, DataError
 
 
 def _rays(h: int, w: int, intr: tuple[float, float, float, float]) -> np.ndarray:

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
 from ftn import AdapterFileError, FTNModel
-from ftn.adapters import FORMAT
+from ftn.core.adapters import FORMAT
 
 from conftest import SmallCNN, randomize_norms
 

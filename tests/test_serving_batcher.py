@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from ftn.serving.batcher import BatcherClosed, CrossTaskBatcher, Overloaded
+from ftn.apps.serving.batcher import BatcherClosed, CrossTaskBatcher, Overloaded
 
 
 class Recorder:

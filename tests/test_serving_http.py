@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from ftn import FTNModel
-from ftn.adapters import read_adapter
-from ftn.serving.loadtest import ServerProcess, run_load
-from ftn.serving.predict import InputSpec, decode_image, preprocess, top_k
+from ftn.core.adapters import read_adapter
+from ftn.apps.serving.loadtest import ServerProcess, run_load
+from ftn.apps.serving.predict import InputSpec, decode_image, preprocess, top_k
 
 from conftest import SmallCNN
 from serving_utils import SERVER_ARGS, make_adapters, png_bytes, solid_png, tiny_model

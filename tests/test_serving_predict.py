@@ -11,9 +11,9 @@ from PIL import Image
 from torch import nn
 
 from ftn import AdapterFileError, ConfigError, DataError, FTNModel
-from ftn.adapters import read_adapter
-from ftn.cli import main
-from ftn.serving.predict import InputSpec, decode_image, preprocess, top_k
+from ftn.core.adapters import read_adapter
+from ftn.apps.cli import main
+from ftn.apps.serving.predict import InputSpec, decode_image, preprocess, top_k
 
 from conftest import SmallCNN, randomize_norms
 from serving_utils import SERVER_ARGS, make_adapters, png_bytes, tiny_model
@@ -92,7 +92,7 @@ def test_wrong_label_count_is_refused_at_save_and_at_load(tmp_path):
 
 
 def test_preprocess_matches_the_embedded_training_pipeline():
-    from ftn.data.multidomain import MultiDomainDataset, load_multidomain
+    from ftn.settings.classification.multidomain import MultiDomainDataset, load_multidomain
 
     ds = MultiDomainDataset("fashion", "test", image_size=32)
     x, _ = ds.as_tensors()
@@ -108,7 +108,7 @@ def test_preprocess_matches_the_embedded_training_pipeline():
 
 
 def test_preprocess_center_crop_matches_folder_evaluation_transform():
-    from ftn.training.classification import _image_transforms
+    from ftn.settings.classification.setting import _image_transforms
 
     img = decode_image(png_bytes(3, size=50))
     spec = InputSpec(size=24, resize="center_crop", crop_ratio=1.14)
@@ -177,7 +177,7 @@ def test_ftn_train_writes_labels_and_input_into_adapters(tmp_path, capsys):
 
 
 def test_ftn_predict_writes_dense_prediction_images(tmp_path, capsys):
-    from ftn.dense.model import DenseHeads, build_encoder, build_head
+    from ftn.settings.dense.model import DenseHeads, build_encoder, build_head
 
     torch.manual_seed(0)  # what `ftn predict --no-pretrained --seed 0` does before building
     encoder = build_encoder("mobilenet_v2", pretrained=False, output_stride=16)

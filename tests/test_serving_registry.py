@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ftn import AdapterFileError, ConfigError, FTNModel, TaskError
-from ftn.serving.registry import TaskExists, TaskService, validate_name
+from ftn.apps.serving.registry import TaskExists, TaskService, validate_name
 
 from conftest import SmallCNN, randomize_norms
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ftn.text.data import TEXT_TASKS_FILE, load_text_tasks
+from ftn.settings.text.data import TEXT_TASKS_FILE, load_text_tasks
 
 
 def test_text_tasks_file_is_compact_consistent_and_split_cleanly():

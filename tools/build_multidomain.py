@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Rebuild ``src/ftn/data/assets/multidomain_v1.npz``, the small embedded multi-domain benchmark.
+"""Rebuild ``src/ftn/settings/classification/assets/multidomain_v1.npz``, the small embedded multi-domain benchmark.
 
 Four real, offline-available grayscale image sets, ten classes each, with separate label spaces:
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Rebuild ``src/ftn/text/assets/text_tasks_v1.npz``, the offline text multi-task benchmark.
+"""Rebuild ``src/ftn/settings/text/assets/text_tasks_v1.npz``, the offline text multi-task benchmark.
 
 Four real English text classification tasks, pre-tokenized with the all-MiniLM-L6-v2 WordPiece
 tokenizer (BERT uncased vocabulary, 30,522 tokens):

@@ -4,15 +4,15 @@ One frozen backbone is shared by every task; each task adds low-rank CP factors 
 adapted Conv/Linear layer, its own normalisation layers and its own head.
 """
 
-from .config import FTNConfig
-from .cp import cp_num_params, cp_to_tensor, max_efficient_rank
-from .errors import AdapterFileError, ConfigError, DataError, FTNError, ShapeError, TaskError
-from .injection import register_wrapper, wrap_layer
-from .layers import FTNConv, FTNLayer, FTNLinear, TaskContext
-from .model import FTNModel, TaskModel
-from .norms import TaskNorm
-from .report import ParameterReport
-from .updates import CPFactors, DenseDelta, FactorInit, GatedDelta, TaskUpdate
+from .core.config import FTNConfig
+from .core.cp import cp_num_params, cp_to_tensor, max_efficient_rank
+from .core.errors import AdapterFileError, ConfigError, DataError, FTNError, ShapeError, TaskError
+from .core.injection import register_wrapper, wrap_layer
+from .core.layers import FTNConv, FTNLayer, FTNLinear, TaskContext
+from .core.model import FTNModel, TaskModel
+from .core.norms import TaskNorm
+from .core.report import ParameterReport
+from .core.updates import CPFactors, DenseDelta, FactorInit, GatedDelta, TaskUpdate
 from .version import __version__
 
 __all__ = [

@@ -3,6 +3,6 @@ used from a source tree on ``PYTHONPATH`` rather than installed)."""
 
 import sys
 
-from .cli import main
+from .apps.cli import main
 
 sys.exit(main())

@@ -9,7 +9,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from ftn import AdapterFileError, FTNModel, TaskError
-from ftn.adapters import FORMAT_VERSION, atomic_write_bytes, read_adapter
+from ftn.core.adapters import FORMAT_VERSION, read_adapter
+from ftn.core.io import atomic_write_bytes
 
 from conftest import SmallCNN, randomize_norms
 from test_model import train_steps
@@ -31,7 +32,7 @@ def trained(images, tmp_path):
 
 def rewrite(path, mutate_meta=None, mutate_tensors=None):
     """Re-save an adapter with edited metadata/tensors (checksum kept consistent unless asked)."""
-    from ftn.adapters import tensor_digest
+    from ftn.core.adapters import tensor_digest
 
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])

@@ -1,4 +1,4 @@
-"""Rank allocation under a ΔW parameter budget (ftn.allocation, FTNModel.add_task(budget=...))."""
+"""Rank allocation under a ΔW parameter budget (ftn.core.allocation, FTNModel.add_task(budget=...))."""
 
 import functools
 
@@ -8,9 +8,9 @@ import torchvision
 from torch import nn
 
 from ftn import ConfigError, FTNModel
-from ftn import allocation as al
-from ftn.backbones import strip_classifier, tiny_convnet
-from ftn.cp import max_efficient_rank
+from ftn.core import allocation as al
+from ftn.training.backbones import strip_classifier, tiny_convnet
+from ftn.core.cp import max_efficient_rank
 
 from conftest import SmallCNN, randomize_norms
 

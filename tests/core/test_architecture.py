@@ -13,23 +13,38 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 # The core, lowest first: a module may import only modules to its left. errors, cp and report
 # are leaves; adapters works on a model through its public methods and is imported by it.
-CORE = ["version", "errors", "cp", "functional", "recompute", "cache", "report", "digest", "updates", "layers", "config", "norms",
-        "attention", "injection", "adapters", "allocation", "model", "multitask"]
+CORE = ["version"] + ["core." + m for m in [
+    "errors", "io", "cp", "functional", "recompute", "cache", "report", "digest", "updates", "layers", "config", "norms",
+    "attention", "injection", "adapters", "allocation", "model", "multitask"]]
 # What the core must never need (the `train` extra and other optional packages). NumPy is not
 # listed: safetensors.torch.save needs it, so it is a core dependency.
 BLOCKED = ["yaml", "tqdm", "matplotlib", "torchvision", "PIL", "transformers", "peft", "timm"]
+# The package's layers, lowest first: a module imports only from its own layer or a lower one.
+LAYERS = ["version", "core", "training", "settings", "apps"]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC / "ftn").with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _ftn_imports(module: str) -> set[str]:
-    """ftn modules that ``ftn/<module>.py`` imports, function-level imports included."""
-    tree = ast.parse((SRC / "ftn" / f"{module}.py").read_text())
+    """ftn modules (dotted, below ``ftn``) that ``module`` imports, function-level imports included."""
+    path = SRC / "ftn" / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        path = SRC / "ftn" / module.replace(".", "/") / "__init__.py"
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            names = [node.module] if node.module else [a.name for a in node.names]
-            found.update(n.split(".")[0] for n in names)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - node.level + 1] if node.level > 1 else package
+            target = ".".join(base + ([node.module] if node.module else []))
+            if node.module:
+                found.add(target)
+            else:  # `from . import a, b`: the names are submodules
+                found.update(f"{target}.{a.name}".strip(".") for a in node.names)
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ftn."):
-            found.add(node.module.split(".")[1])
+            found.add(node.module[4:])
     return found
 
 
@@ -37,6 +52,36 @@ def test_core_imports_point_one_way():
     for i, module in enumerate(CORE):
         imported = _ftn_imports(module)
         assert imported <= set(CORE[:i]), (module, sorted(imported - set(CORE[:i])))
+
+
+def test_layers_import_downward_only():
+    """core <- training <- settings <- apps: no module imports from a layer above its own."""
+    bad = []
+    for path in sorted((SRC / "ftn").rglob("*.py")):
+        module = _module_name(path)
+        if not module or module == "__main__":
+            continue
+        level = LAYERS.index(module.split(".")[0])
+        for target in _ftn_imports(module):
+            if target and LAYERS.index(target.split(".")[0]) > level:
+                bad.append((module, target))
+    assert not bad, bad
+
+
+def test_no_private_name_is_imported_across_packages():
+    """A leading underscore means "this package's business": other packages use public names."""
+    bad = []
+    for path in sorted((SRC / "ftn").rglob("*.py")):
+        module = _module_name(path)
+        home = module.rsplit(".", 1)[0] if path.name != "__init__.py" else module
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            ours = node.level > 1 or (node.module or "").startswith("ftn.")
+            if private and ours:
+                bad.append((module, node.module, private))
+    assert not bad, bad
 
 
 # Runs in a fresh interpreter: the harness's libraries look absent (ModuleNotFoundError), the ftn package is a bare
@@ -68,7 +113,7 @@ for module in sys.argv[3].split(","):
     stub.__path__ = [sys.argv[1] + "/ftn"]
     sys.modules["ftn"] = stub
     importlib.import_module("ftn." + module)
-    loaded[module] = sorted(n[4:] for n in sys.modules if n.startswith("ftn."))
+    loaded[module] = sorted(n[4:] for n in sys.modules if n.startswith("ftn.") and n != "ftn.core")
 print(json.dumps(loaded))
 """
 
@@ -116,7 +161,7 @@ def test_import_ftn_works_with_only_torch_and_safetensors():
 
 _CLI_CORE_ONLY = _BLOCKER + r"""
 import contextlib, io, json
-from ftn.cli import main
+from ftn.apps.cli import main
 
 results = {}
 for argv in (["params", "--backbone", "resnet18"], ["train", "--config", "configs/embedded_mobilenetv2_ftn.yaml"],

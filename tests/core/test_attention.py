@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from ftn import FTNConfig, FTNModel
-from ftn.attention import (FTNBiasLinear, FTNFusedLinear, FTNMultiheadAttention,
+from ftn.core.attention import (FTNBiasLinear, FTNFusedLinear, FTNMultiheadAttention,
                            FTNProjection, TaskBias)
-from ftn.errors import ConfigError
-from ftn.norms import TaskNorm
+from ftn.core.errors import ConfigError
+from ftn.core.norms import TaskNorm
 
 def _hash(tensors) -> str:
     h = hashlib.sha256()
@@ -85,7 +85,7 @@ def check_attention_form(make_backbone, inputs, tmp_path, *, config=None, rank=2
     model.add_task("a")
     # 1. init equivalence: bit-exact for inference (eval, no autograd: W + 0 is W). With
     # autograd on, Linear/Conv layers may take the factored training path (x·Wᵀ + (x·B)·Aᵀ,
-    # ftn.functional), which rounds differently, so there it is checked to float32 precision.
+    # ftn.core.functional), which rounds differently, so there it is checked to float32 precision.
     with torch.no_grad():
         assert torch.equal(_out(model(*args, task="a", **kwargs)), ref_nograd)
         assert torch.equal(_out(model(*args, task="a", **kwargs)), ref_nograd)  # cached path

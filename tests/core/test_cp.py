@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from ftn.cp import (conv_modes, cp_add, cp_num_params, cp_to_tensor, khatri_rao, linear_modes,
+from ftn.core.cp import (conv_modes, cp_add, cp_num_params, cp_to_tensor, khatri_rao, linear_modes,
                     max_efficient_rank, weight_modes)
 
 

@@ -1,4 +1,4 @@
-"""The eval cache (ftn.cache) never serves an old weight.
+"""The eval cache (ftn.core.cache) never serves an old weight.
 
 Each test fills the caches with an eval forward under ``no_grad``, changes the model in one of
 the ways training code does (optimizer steps — fused ones do not bump version counters —,
@@ -18,11 +18,11 @@ import pytest
 import torch
 from torch import nn
 
-import ftn.cache
+import ftn.core.cache
 from ftn import FTNConfig, FTNModel
-from ftn.attention import FTNMultiheadAttention
-from ftn.cache import EvalCache, EvalCachedModule, invalidate_eval_caches
-from ftn.multitask import forward_all_tasks
+from ftn.core.attention import FTNMultiheadAttention
+from ftn.core.cache import EvalCache, EvalCachedModule, invalidate_eval_caches
+from ftn.core.multitask import forward_all_tasks
 
 from conftest import SmallCNN, randomize_norms
 
@@ -283,21 +283,21 @@ def test_entries_are_checked_by_value_identity_dtype_shape_and_strides():
 def test_all_tasks_pass_with_checks_batched_per_pass(kind, monkeypatch):
     # On accelerators the values are compared once per pass for the whole model (one device
     # sync) instead of at each lookup; run that code path on the CPU.
-    monkeypatch.setattr(ftn.cache, "_batched", lambda device: True)
+    monkeypatch.setattr(ftn.core.cache, "_batched", lambda device: True)
     _check(_multitask_model, _all_tasks, kind)
 
 
 def test_batched_checks_run_once_per_pass(monkeypatch):
-    monkeypatch.setattr(ftn.cache, "_batched", lambda device: True)
+    monkeypatch.setattr(ftn.core.cache, "_batched", lambda device: True)
     model, inputs, tasks = _multitask_model()
     _all_tasks(model, inputs, tasks)  # builds
     group = model.context.checks
     calls = []
-    check = ftn.cache.CheckGroup.check
-    monkeypatch.setattr(ftn.cache.CheckGroup, "check", lambda self, key: calls.append(key) or check(self, key))
+    check = ftn.core.cache.CheckGroup.check
+    monkeypatch.setattr(ftn.core.cache.CheckGroup, "check", lambda self, key: calls.append(key) or check(self, key))
     compared = []
-    same = ftn.cache._Exact.same_values
-    monkeypatch.setattr(ftn.cache._Exact, "same_values",
+    same = ftn.core.cache._Exact.same_values
+    monkeypatch.setattr(ftn.core.cache._Exact, "same_values",
                         lambda self, ts: (ts and compared.append(1)) or same(self, ts))
     _all_tasks(model, inputs, tasks)
     # one batched comparison per cache key in the pass, none per lookup
@@ -316,7 +316,7 @@ def test_a_pass_over_one_task_compares_only_that_tasks_entries(monkeypatch):
     """Issue 15 (GPU: the per-task loop got slower as T grew): the batched check of a pass with
     task a compares task a's entries only, not every task's, so a loop over T tasks costs T
     checks of one task each instead of T checks of T tasks."""
-    monkeypatch.setattr(ftn.cache, "_batched", lambda device: True)
+    monkeypatch.setattr(ftn.core.cache, "_batched", lambda device: True)
     torch.manual_seed(0)
     model = FTNModel(randomize_norms(SmallCNN()), rank=2)
     tasks = ["a", "b", "c"]
@@ -327,8 +327,8 @@ def test_a_pass_over_one_task_compares_only_that_tasks_entries(monkeypatch):
     model.eval()
     first = _loop(model, ((x,), {}), tasks)  # builds every task's entries
     calls = []
-    check = ftn.cache.CheckGroup.check
-    monkeypatch.setattr(ftn.cache.CheckGroup, "check", lambda self, key: calls.append(key) or check(self, key))
+    check = ftn.core.cache.CheckGroup.check
+    monkeypatch.setattr(ftn.core.cache.CheckGroup, "check", lambda self, key: calls.append(key) or check(self, key))
     group = model.context.checks
     with torch.no_grad():
         out = model(x, task="b")
@@ -342,7 +342,7 @@ def test_a_pass_over_one_task_compares_only_that_tasks_entries(monkeypatch):
 def test_eval_fast_path_serves_the_cache_without_rebuilding(monkeypatch):
     # Issue 15 (unmerged inference): a hit goes from the wrapper's forward straight to the conv,
     # with every check of the entry, and gives the output of the uncached forward.
-    from ftn.layers import FTNLayer
+    from ftn.core.layers import FTNLayer
 
     model, inputs, tasks = _cnn_model()
     first = _loop(model, inputs, tasks)  # builds

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ftn import FactorInit, FTNConv, FTNLinear, ShapeError, TaskContext
-from ftn.injection import wrap_layer
+from ftn.core.injection import wrap_layer
 
 from conftest import Conv2dSame
 

@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 from ftn import ConfigError, FTNModel, ShapeError
-from ftn.backbones import strip_classifier
+from ftn.training.backbones import strip_classifier
 
 from conftest import SmallCNN, randomize_norms
 

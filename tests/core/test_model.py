@@ -6,8 +6,8 @@ import torchvision
 from torch import nn
 
 from ftn import ConfigError, FTNLayer, FTNModel, ShapeError, TaskError, cp_num_params
-from ftn.backbones import build_backbone, strip_classifier
-from ftn.norms import TaskNorm
+from ftn.training.backbones import build_backbone, strip_classifier
+from ftn.core.norms import TaskNorm
 
 from conftest import SmallCNN, randomize_norms, tensor_hash
 
@@ -263,7 +263,7 @@ def test_multihead_attention_is_adapted_through_its_own_wrapper():
 
     model = FTNModel(Block(), rank=2)
     # MHA reads in_proj_weight / out_proj.weight directly, so it gets a wrapper of its own
-    # (ftn.attention.FTNMultiheadAttention) that exposes both projections as adapted layers.
+    # (ftn.core.attention.FTNMultiheadAttention) that exposes both projections as adapted layers.
     assert list(model.adapted_layers()) == ["attn.in_proj", "attn.out_proj", "mlp"]
     model.add_task("a")
     x = torch.randn(2, 5, 8)

@@ -1,4 +1,4 @@
-"""All tasks in one pass (ftn.multitask) gives what the per-task loop gives."""
+"""All tasks in one pass (ftn.core.multitask) gives what the per-task loop gives."""
 
 import pytest
 import torch
@@ -6,8 +6,8 @@ import torchvision
 from torch import nn
 
 from ftn import FTNModel
-from ftn.backbones import strip_classifier
-from ftn.multitask import MultiTaskBackbone, UnsupportedForStacking, forward_all_tasks
+from ftn.training.backbones import strip_classifier
+from ftn.core.multitask import MultiTaskBackbone, UnsupportedForStacking, forward_all_tasks
 
 from conftest import SmallCNN
 

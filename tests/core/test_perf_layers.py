@@ -1,4 +1,4 @@
-"""Fast FTN training step (ftn.functional): exact gradients, layer integration, autocast, compile."""
+"""Fast FTN training step (ftn.core.functional): exact gradients, layer integration, autocast, compile."""
 
 import shutil
 
@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftn import FTNModel
-from ftn.cp import cp_add, cp_to_tensor
-from ftn.functional import (_FLAT_MAX_POSITIONS, _slow_depthwise_weight_grad, cp_conv, cp_linear,
+from ftn.core.cp import cp_add, cp_to_tensor
+from ftn.core.functional import (_FLAT_MAX_POSITIONS, _slow_depthwise_weight_grad, cp_conv, cp_linear,
                             fast_backward_cost_ratio, fast_backward_pays_off)
-from ftn.injection import wrap_layer
-from ftn.layers import FTNLayer
+from ftn.core.injection import wrap_layer
+from ftn.core.layers import FTNLayer
 
 from conftest import SmallCNN, randomize_norms
 
@@ -150,7 +150,7 @@ def test_custom_backward_matches_autograd_on_real_layers_float32(name):
 
 def test_fast_path_is_taken_only_when_a_backward_reaches_the_factors(monkeypatch):
     calls = []
-    import ftn.layers as layers_mod
+    import ftn.core.layers as layers_mod
 
     real = layers_mod.cp_conv
     monkeypatch.setattr(layers_mod, "cp_conv", lambda *a, **k: calls.append(1) or real(*a, **k))

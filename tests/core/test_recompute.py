@@ -1,4 +1,4 @@
-"""FTNModel.recompute_depthwise (ftn.recompute): the same gradients and statistics, less memory."""
+"""FTNModel.recompute_depthwise (ftn.core.recompute): the same gradients and statistics, less memory."""
 
 import copy
 
@@ -9,7 +9,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from ftn import FTNModel
-from ftn.recompute import OutputRecompute, _Recipe
+from ftn.core.recompute import OutputRecompute, _Recipe
 
 from conftest import SmallCNN
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ftn import CPFactors, DenseDelta, FTNModel, GatedDelta
-from ftn.adapters import read_adapter
-from ftn.multitask import forward_all_tasks
+from ftn.core.adapters import read_adapter
+from ftn.core.multitask import forward_all_tasks
 
 from conftest import SmallCNN, randomize_norms
 from test_model import train_steps

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ftn.cli import main
+from ftn.apps.cli import main
 
 
 @pytest.mark.slow
@@ -29,7 +29,7 @@ def test_demo_quick_runs_every_method_and_writes_outputs(tmp_path, capsys):
 def test_demo_overrides_after_methods_are_overrides_not_methods(monkeypatch, tmp_path):
     """`ftn demo --methods ftn method.ftn.rank=2`: argparse hands the override to --methods; the
     demo must still run method ftn with the override (it used to fail as an unknown method)."""
-    import ftn.demo as demo
+    import ftn.settings.classification.demo as demo
 
     seen = {}
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ftn.backbones import offline_mobilenet_v2_weights
-from ftn.dense.demo import format_dense_table, run_dense_demo
+from ftn.training.backbones import offline_mobilenet_v2_weights
+from ftn.settings.dense.demo import format_dense_table, run_dense_demo
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(offline_mobilenet_v2_weights() is None,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftn.dense.setting import JOINT, compare
-from ftn.errors import ConfigError
+from ftn.settings.dense.setting import JOINT, compare
+from ftn.core.errors import ConfigError
 from ftn.training.config import apply_overrides, new_config
 from ftn.training.engine import train_task
 from ftn.training.runner import build, run_experiments
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
-    from ftn.dense import write_nyud_layout
+    from ftn.settings.dense import write_nyud_layout
 
     return write_nyud_layout(tmp_path_factory.mktemp("nyud") / "data", n_train=4, n_val=2, size=(32, 48), seed=0,
                              workers=1)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ftn.dense.metrics import DepthMeter, EdgeMeter, NormalsMeter, SegmentationMeter
-from ftn.dense.setting import JOINT, NORMALS_STATS_RESOLUTION, DenseObjective, DenseSetting
+from ftn.settings.dense.metrics import DepthMeter, EdgeMeter, NormalsMeter, SegmentationMeter
+from ftn.settings.dense.setting import JOINT, NORMALS_STATS_RESOLUTION, DenseObjective, DenseSetting
 from ftn.training.config import apply_overrides, new_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
-    from ftn.dense import write_nyud_layout
+    from ftn.settings.dense import write_nyud_layout
 
     return write_nyud_layout(tmp_path_factory.mktemp("nyud") / "data", n_train=2, n_val=5, size=(48, 48), seed=3,
                              workers=1)
@@ -152,7 +152,7 @@ def test_meter_image_stats_edge_cases() -> None:
 
 @pytest.mark.slow
 def test_quick_dense_sweep_uses_the_bootstrap(tmp_path: Path) -> None:
-    from ftn.cli import main
+    from ftn.apps.cli import main
 
     out = tmp_path / "sweep"
     assert main(["sweep", "--demo", "dense", "--quick", "--methods", "ftn", "full", "--seeds", "0", "1",

@@ -117,7 +117,7 @@ def bitfit():
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", ["classification", "dense", "text"])
 def test_a_new_method_works_in_every_setting(bitfit, setting, tmp_path, capsys):
-    from ftn.cli import main
+    from ftn.apps.cli import main
 
     from test_train_configs import tiny_overrides
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import bitfit_method  # noqa: F401  (registers method "bitfit")
-from ftn.cli import main
+from ftn.apps.cli import main
 from ftn.training.methods import METHODS
 
 from test_sweep import TINY as SWEEP_TINY

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from ftn.data.fixtures import write_domainnet_fixture
-from ftn.training.classification import ImageDataConfig, build_domain_data
+from ftn.settings.classification.fixtures import write_domainnet_fixture
+from ftn.settings.classification.setting import ImageDataConfig, build_domain_data
 from ftn.training.config import MethodConfig, TrainConfig
 from ftn.training.engine import recalibration_loader, train_task
 from ftn.training.methods import make_method

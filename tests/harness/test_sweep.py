@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ftn.cli import main
-from ftn.errors import ConfigError
+from ftn.apps.cli import main
+from ftn.core.errors import ConfigError
 from ftn.training.config import apply_overrides, load_config, new_config
 from ftn.training.runner import evaluate_tasks
 from ftn.training.setting import Classify
 from ftn.training.stats import mean_std, paired_bootstrap, paired_t_interval
-from ftn.training.sweep import SweepSpec, choose_lr, lr_grids, pareto_front, parse_axis, run_sweep
+from ftn.apps.sweep.sweep import SweepSpec, choose_lr, lr_grids, pareto_front, parse_axis, run_sweep
 
 TINY = ["model.backbone=tiny_convnet", "model.pretrained=false", "data.image_size=16", "data.domains=[mnist,fashion]"]
 
@@ -115,7 +115,7 @@ def test_grid_axis_for_one_method_and_forced_lr_choice(tmp_path):
                      axes=[parse_axis("ftn:method.ftn.rank=1,2")], seeds=[0],
                      lr_grid={"ftn": [1e-3, 1e-2], "linear": [1e-3, 1e-2]}, lr_extend=0, progress=False)
     # Force the choice: a fake validation score that prefers the larger rate for ftn.
-    import ftn.training.sweep as sweep
+    import ftn.apps.sweep.sweep as sweep
 
     real = sweep._val_score
     sweep._val_score = lambda run: 1.0 if run.lr == 1e-2 else 0.0
@@ -157,7 +157,7 @@ def _tiny_base(method):
 def test_an_edge_choice_extends_the_lr_grid_until_interior_or_the_limit(tmp_path, monkeypatch):
     """The chosen rate at the top of the grid adds a rate above (the grid's ratio), and again
     while the choice stays there, up to --lr-extend; an interior choice stops it."""
-    import ftn.training.sweep as sweep
+    import ftn.apps.sweep.sweep as sweep
 
     bases = {}
     spec = SweepSpec(base=lambda m: bases.setdefault(m, _tiny_base(m)), methods=["linear", "norm_head"],
@@ -183,7 +183,7 @@ def test_an_edge_choice_extends_the_lr_grid_until_interior_or_the_limit(tmp_path
 def test_tune_axis_is_chosen_on_validation_with_the_lr_and_reported_per_value(tmp_path, monkeypatch):
     """--tune taps:method.taps.penalty=...: every (λ, rate) pair trained with the first seed, the
     best on validation chosen, the other seeds at that pair; per λ the layers on and parameters."""
-    import ftn.training.sweep as sweep
+    import ftn.apps.sweep.sweep as sweep
 
     bases = {}
     spec = SweepSpec(base=lambda m: bases.setdefault(m, _tiny_base(m)), methods=["taps"], output=tmp_path / "tune",
@@ -315,7 +315,7 @@ def test_t_interval_over_seeds_and_mean_std():
 def test_a_key_added_to_the_schema_later_does_not_make_an_old_run_another_config():
     """Resuming a sweep after the schema grew a key (at its default) must reuse the old runs;
     a real difference, or the new key away from its default, still counts."""
-    from ftn.training.sweep import _diff
+    from ftn.apps.sweep.sweep import _diff
 
     old = {"method": {"name": "ftn", "ftn": {"rank": 8}}, "train": {"lr": 0.1}}
     default = {"method": {"name": "ftn", "ftn": {"rank": 8}, "budget": None}, "train": {"lr": 0.001}}
@@ -330,7 +330,7 @@ def test_a_key_added_to_the_schema_later_does_not_make_an_old_run_another_config
 def test_taps_starts_from_full_fine_tunings_rate_in_every_demo(tmp_path, monkeypatch):
     """TAPS learns a full-size δW per layer, so its LR grid is centred on full fine-tuning's rate
     (a rate made for rank-8 factors diverges on a transformer's dense updates)."""
-    import ftn.sweep_sources as sources
+    import ftn.apps.sweep.sources as sources
 
     monkeypatch.setattr(sources, "prepare_dense_scenes", lambda output, quick: output)
     for demo in ("multidomain", "dense", "text"):

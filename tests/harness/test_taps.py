@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ftn import ConfigError
-from ftn.adapters import read_adapter
-from ftn.cli import main
+from ftn.core.adapters import read_adapter
+from ftn.apps.cli import main
 from ftn.training.config import TrainConfig, load_config
 from ftn.training.methods import GatedDelta, ProximalScoreSGD, TAPSConfig, last_block_patterns
 

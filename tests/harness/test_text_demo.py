@@ -11,7 +11,7 @@ from test_train_configs import _needs_minilm
 def test_text_demo_tiny_run_all_methods(tmp_path):
     _needs_minilm()
     pytest.importorskip("peft")
-    from ftn.text.demo import format_text_table, run_text_demo
+    from ftn.settings.text.demo import format_text_table, run_text_demo
 
     results = run_text_demo(tmp_path, quick=True, progress=False, extra=[
         "data.tasks=[sentiment,tweets]", "data.train_limit=16", "data.test_limit=16", "data.max_len=16",

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from ftn import ConfigError
-from ftn.adapters import read_adapter
-from ftn.cli import main
+from ftn.core.adapters import read_adapter
+from ftn.apps.cli import main
 from ftn.training.config import load_config
 
 from tiny import CONFIGS
 
-CLI = [sys.executable, "-m", "ftn.cli", "train", "--no-progress"]
+CLI = [sys.executable, "-m", "ftn.apps.cli", "train", "--no-progress"]
 EMBEDDED = CONFIGS / "embedded_mobilenetv2_ftn.yaml"
 TINY = ["model.backbone=tiny_convnet", "model.pretrained=false", "data.image_size=16", "data.train_limit=64",
         "data.val_limit=32", "data.test_limit=32", "data.batch_size=8", "method.ftn.rank=2", "train.warmup_steps=0",
@@ -29,7 +29,7 @@ TINY = ["model.backbone=tiny_convnet", "model.pretrained=false", "data.image_siz
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
-    from ftn.dense import write_nyud_layout
+    from ftn.settings.dense import write_nyud_layout
 
     return write_nyud_layout(tmp_path_factory.mktemp("nyud") / "data", n_train=4, n_val=2, size=(32, 48), seed=0,
                              workers=1)
@@ -37,7 +37,7 @@ def scenes(tmp_path_factory) -> Path:
 
 def _needs_minilm():
     pytest.importorskip("transformers")
-    from ftn.text.backbone import minilm_path
+    from ftn.settings.text.backbone import minilm_path
 
     try:
         minilm_path()
@@ -50,7 +50,7 @@ def tiny_overrides(setting: str, tmp: Path) -> tuple[Path, list[str]]:
     if setting == "classification":
         return EMBEDDED, [*TINY[:-1], "data.domains=[mnist,optdigits]", "train.max_steps=2"]
     if setting == "dense":
-        from ftn.dense import write_nyud_layout
+        from ftn.settings.dense import write_nyud_layout
 
         root = write_nyud_layout(tmp / "scenes", n_train=4, n_val=2, size=(32, 48), seed=0, workers=1)
         return CONFIGS / "nyud_resnet18_r30.yaml", [
@@ -84,7 +84,7 @@ def test_every_config_loads_in_its_setting():
 
 @pytest.mark.slow
 def test_paper_domainnet_config_runs_two_steps_on_fixture(tmp_path):
-    from ftn.data.fixtures import write_domainnet_fixture
+    from ftn.settings.classification.fixtures import write_domainnet_fixture
 
     config = CONFIGS / "domainnet_resnet34_r40.yaml"
     cfg = load_config(config, ["data.root=unused"])
@@ -108,7 +108,7 @@ def test_paper_domainnet_config_runs_two_steps_on_fixture(tmp_path):
 def test_vit_b16_domainnet_config_runs_two_steps_on_fixture(tmp_path):
     """configs/vit_b16_domainnet.yaml with random weights on a one-domain DomainNet fixture:
     vit_b_16 needs 224×224 images, so the fixture is tiny (2 classes, batch 2)."""
-    from ftn.data.fixtures import write_domainnet_fixture
+    from ftn.settings.classification.fixtures import write_domainnet_fixture
 
     config = CONFIGS / "vit_b16_domainnet.yaml"
     cfg = load_config(config, ["data.root=unused"])
@@ -197,8 +197,8 @@ def test_incremental_domains_across_processes(tmp_path):
     assert set(summary["parameters"]["per_task"]) == {"mnist", "fashion"}  # stored: both tasks
 
     from ftn import FTNModel
-    from ftn.backbones import build_backbone
-    from ftn.data.multidomain import MultiDomainDataset
+    from ftn.training.backbones import build_backbone
+    from ftn.settings.classification.multidomain import MultiDomainDataset
     from ftn.training.engine import seed_everything
 
     x, _ = MultiDomainDataset("mnist", "test", image_size=32).as_tensors()
@@ -279,7 +279,7 @@ def test_torchrun_two_gloo_processes_match_single_process(tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     args = ["--config", str(EMBEDDED), *TINY, "train.max_steps=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "ftn.cli", "train", "--no-progress", *args,
+    subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "ftn.apps.cli", "train", "--no-progress", *args,
                     f"output_dir={tmp_path / 'two'}"], check=True, capture_output=True, env=env)
     subprocess.run([*CLI, *args, f"output_dir={tmp_path / 'one'}"], check=True, capture_output=True, env=env)
     one, two = (_tensors(tmp_path / run / "adapters" / "mnist.safetensors") for run in ("one", "two"))
@@ -288,7 +288,7 @@ def test_torchrun_two_gloo_processes_match_single_process(tmp_path):
         torch.testing.assert_close(one[k], two[k], rtol=1e-5, atol=1e-6)
     assert any(one[k].abs().max() > 0 for k in one if k.endswith(".0"))  # the factors did train
     # Task-parallel: each rank trains its own domain, rank 0 writes the joint results.
-    subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "ftn.cli", "train", "--no-progress", *args,
+    subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "ftn.apps.cli", "train", "--no-progress", *args,
                     "data.domains=[mnist,fashion]", "train.distributed=tasks", f"output_dir={tmp_path / 'dom'}"],
                    check=True, capture_output=True, env=env)
     results = json.loads((tmp_path / "dom" / "results.json").read_text())

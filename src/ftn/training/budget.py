@@ -1,15 +1,15 @@
 """``method.budget``: choose a task's per-layer ranks for a ΔW parameter budget before training it.
 
 - ``method.budget_allocation=uniform``: rank R on every layer and R + 1 on as many layers as
-  still fit (:func:`~ftn.allocation.uniform_split`), so it spends the budget as fully as ``auto``;
+  still fit (:func:`~ftn.core.allocation.uniform_split`), so it spends the budget as fully as ``auto``;
   with ``budget_init=probe`` (the default) it gets the same probe as ``auto`` at those ranks and
   starts from it, so the two differ only in where the ranks go (same ΔW, same steps, same head
   start).
 - ``auto``: a *probe* — the task at a warm rank (``budget_warm`` × the uniform rank, capped per
   layer), trained by the normal engine for ``budget_probe`` of the task's steps (no evaluation,
-  no BatchNorm recalibration) while an :class:`~ftn.allocation.ImportanceTracker` scores every
+  no BatchNorm recalibration) while an :class:`~ftn.core.allocation.ImportanceTracker` scores every
   rank-1 component — then a greedy knapsack on importance per parameter
-  (:func:`~ftn.allocation.select_components`). The probe is removed; with ``budget_init=probe``
+  (:func:`~ftn.core.allocation.select_components`). The probe is removed; with ``budget_init=probe``
   the real task starts from the kept components and the probe's norms and head.
 
 The decision goes to ``<output>/<task>/allocation.json`` (budget, ranks, the ΔW they use
@@ -36,9 +36,9 @@ from safetensors.torch import load_file as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .. import allocation
-from ..adapters import atomic_write_bytes
-from ..errors import ConfigError
+from ..core import allocation
+from ..core.io import atomic_write_bytes
+from ..core.errors import ConfigError
 from .config import ExperimentConfig
 from .engine import EpochBatchSampler, seed_everything, train_task
 from .methods import Method

@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
-from ..allocation import check_budget
-from ..errors import ConfigError, did_you_mean
-from ..model import FTNConfig
+from ..core.allocation import check_budget
+from ..core.errors import ConfigError, did_you_mean
+from ..core.model import FTNConfig
 from .methods import MethodConfig, TAPSConfig, method_class
 
 __all__ = ["DataConfig", "ModelConfig", "MethodConfig", "TrainConfig", "ExperimentConfig", "SETTINGS",
@@ -28,9 +28,9 @@ __all__ = ["DataConfig", "ModelConfig", "MethodConfig", "TrainConfig", "Experime
 
 #: Setting name → the class that implements it (imported on first use; one line per setting).
 SETTINGS: dict[str, str] = {
-    "classification": "ftn.training.classification:ClassificationSetting",
-    "dense": "ftn.dense.setting:DenseSetting",
-    "text": "ftn.text.setting:TextSetting",
+    "classification": "ftn.settings.classification.setting:ClassificationSetting",
+    "dense": "ftn.settings.dense.setting:DenseSetting",
+    "text": "ftn.settings.text.setting:TextSetting",
 }
 
 
@@ -114,19 +114,19 @@ class ExperimentConfig:
 
     def validate(self) -> ExperimentConfig:
         method_class(self.method.name)  # unknown names fail with the registry's names
-        _choice("train.optimizer", self.train.optimizer, ("adamw", "sgd"))
-        _choice("train.schedule", self.train.schedule, ("cosine", "poly"))
-        _choice("train.amp", self.train.amp, ("auto", "off", "bf16", "fp16"))
-        _choice("train.on_nonfinite", self.train.on_nonfinite, ("stop", "skip"))
-        _choice("train.distributed", self.train.distributed, ("data", "tasks"))
+        check_choice("train.optimizer", self.train.optimizer, ("adamw", "sgd"))
+        check_choice("train.schedule", self.train.schedule, ("cosine", "poly"))
+        check_choice("train.amp", self.train.amp, ("auto", "off", "bf16", "fp16"))
+        check_choice("train.on_nonfinite", self.train.on_nonfinite, ("stop", "skip"))
+        check_choice("train.distributed", self.train.distributed, ("data", "tasks"))
         try:
             FTNConfig(**dataclasses.asdict(self.method.ftn))
         except ConfigError as exc:
             raise ConfigError(f"method.ftn: {exc}") from None
         TAPSConfig(**dataclasses.asdict(self.method.taps))  # validates method.taps.*
-        _choice("method.budget_allocation", self.method.budget_allocation, ("auto", "uniform"))
-        _choice("method.budget_score", self.method.budget_score, ("taylor", "magnitude"))
-        _choice("method.budget_init", self.method.budget_init, ("probe", "fresh"))
+        check_choice("method.budget_allocation", self.method.budget_allocation, ("auto", "uniform"))
+        check_choice("method.budget_score", self.method.budget_score, ("taylor", "magnitude"))
+        check_choice("method.budget_init", self.method.budget_init, ("probe", "fresh"))
         budget = self.method.budget
         if budget is not None:
             if not method_class(self.method.name).supports_budget:
@@ -149,7 +149,7 @@ class ExperimentConfig:
         return self
 
 
-def _choice(key: str, value: str, options: typing.Sequence[str]) -> None:
+def check_choice(key: str, value: str, options: typing.Sequence[str]) -> None:
     if value not in options:
         raise ConfigError(f"{key} must be one of {list(options)}, got {value!r}" + did_you_mean(value, options))
 

@@ -35,9 +35,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
-from ..adapters import atomic_write_bytes
-from ..errors import FTNError
-from ..norms import recalibrate_batchnorm
+from ..core.io import atomic_write_bytes
+from ..core.errors import FTNError
+from ..core.norms import recalibrate_batchnorm
 from . import distributed as dist
 from .config import DataConfig, TrainConfig
 from .methods import TaskModel

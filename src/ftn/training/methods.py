@@ -42,12 +42,12 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..adapters import atomic_write_bytes
-from ..allocation import budget_count
-from ..errors import ConfigError, did_you_mean
-from ..model import FTNConfig, FTNModel
-from ..norms import is_norm
-from ..updates import GatedDelta
+from ..core.io import atomic_write_bytes
+from ..core.allocation import budget_count
+from ..core.errors import ConfigError, did_you_mean
+from ..core.model import FTNConfig, FTNModel
+from ..core.norms import is_norm
+from ..core.updates import GatedDelta
 
 __all__ = ["MethodConfig", "TAPSConfig", "ProximalScoreSGD", "TaskModel", "Method", "METHODS", "register", "method_class", "make_method", "WithHead",
            "ftn_delta_budget", "lora_targets", "lora_delta_params", "matched_lora_rank"]
@@ -513,7 +513,7 @@ class ProximalScoreSGD(torch.optim.Optimizer):
 @register
 class TAPSMethod(FTNMethod):
     """TAPS (Wallingford et al., CVPR 2022) on the FTN machinery: every adapted layer is
-    W + 1[s ≥ τ]·δW (:class:`ftn.updates.GatedDelta`, δW dense and zero at start, s one learned
+    W + 1[s ≥ τ]·δW (:class:`ftn.core.updates.GatedDelta`, δW dense and zero at start, s one learned
     score per layer and task, straight-through gradient), per-task norms and head as FTN, and the
     scores minimise the task loss + λ·Σ_l w_l·|s_l| after the warm-up (:class:`TAPSConfig`:
     w_l = 1/L as the original, or n_l/N) with their own optimizer

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ..adapters import atomic_write_bytes
-from ..errors import ConfigError
+from ..core.io import atomic_write_bytes
+from ..core.errors import ConfigError
 from . import budget, distributed
 from .config import ExperimentConfig, config_to_dict, setting_class
 from .engine import evaluate, evaluate_examples, resolve_device, seed_everything, train_task

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..errors import DataError
+from ..core.errors import DataError
 from . import distributed as dist
 from .config import DataConfig, ExperimentConfig, ModelConfig
 

@@ -1,0 +1,310 @@
+"""The ``ftn`` command line. Each sub-command lives in a small function; library errors are
+printed as one clear line (exit code 2) rather than a stack trace."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ..core.errors import FTNError
+
+__all__ = ["main"]
+
+#: Top-level module → the pip extra that installs it. The core needs torch and safetensors only;
+#: a command that needs more names the extra instead of ending in an ImportError traceback.
+_EXTRAS = {"yaml": "train", "tqdm": "train", "matplotlib": "train", "scipy": "train", "torchvision": "train",
+           "PIL": "train", "peft": "peft", "transformers": "text", "fastapi": "serve", "uvicorn": "serve",
+           "multipart": "serve", "prometheus_client": "serve", "httpx": "serve", "psutil": "serve"}
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """'needs the X extra' for a module of one of our extras, else None (a real bug: re-raise)."""
+    top = (exc.name or "").partition(".")[0]
+    extra = _EXTRAS.get(top)
+    if extra is None:
+        return None
+    return (f"this command needs the {top!r} package, which comes with the {extra!r} extra: "
+            f"pip install 'factorized-tensor-networks[{extra}]'")
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    from ..training.backbones import build_backbone
+    from ..core.model import FTNModel
+
+    backbone, _ = build_backbone(args.backbone, pretrained=False)
+    options = {}
+    if args.include:
+        options["include"] = args.include
+    if args.exclude:
+        options["exclude"] = args.exclude
+    model = FTNModel(backbone, rank=args.rank, rank_cap=not args.no_rank_cap, **options)
+    for t in range(args.tasks):
+        model.add_task(f"task{t + 1}")
+    report = model.parameter_report()
+    if args.json:
+        print(report.to_json(indent=2))
+    else:
+        print(f"{args.backbone}, rank {args.rank}, {args.tasks} task(s); heads not included\n")
+        print(report)
+    return 0
+
+
+def _setup_logging(output_dir: str | None = None) -> None:
+    import logging
+
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if output_dir:
+        from pathlib import Path
+
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(output_dir) / "train.log"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers,
+                        force=True)
+
+
+def _train_usage() -> str:
+    from pathlib import Path
+
+    from ..training.config import SETTINGS
+    from ..training.methods import METHODS
+
+    configs = sorted(Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
+    lines = ["ftn train needs a config: ftn train --config FILE.yaml [section.key=value ...]", "",
+             f"  settings (the file's `setting:` key): {', '.join(SETTINGS)}",
+             f"  methods (method.name=...):            {', '.join(METHODS)}"]
+    if configs:
+        lines += ["", "  configs in ./configs:"] + [f"    {c}" for c in configs]
+    lines += ["", "Every key and its default: src/ftn/training/config.py and each setting's data/model section "
+              "(ftn.settings.classification.setting, ftn.settings.dense.setting, ftn.settings.text.setting)."]
+    return "\n".join(lines)
+
+
+def _format_metrics(metrics: dict[str, float] | None) -> str:
+    if not metrics:
+        return "-"
+    if "acc" in metrics:
+        return f"top-1 {metrics['acc']:.2f}%"
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "loss")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    if not args.config:
+        print(_train_usage())
+        return 2
+    from ..training import distributed
+    from ..training.config import load_config
+    from ..training.runner import run_experiment
+
+    cfg = load_config(args.config, args.overrides)
+    _setup_logging(cfg.output_dir)
+    summary = run_experiment(cfg, progress=not args.no_progress)
+    if not distributed.current().is_main:
+        return 0
+    print(f"\n{summary['method']} on {summary['backbone']} ({summary['setting']}):")
+    for task, r in summary["tasks"].items():
+        print(f"  {task:<16} test {_format_metrics(r['test'])}  trainable {r['trainable_params']:,}")
+    print(f"  stored parameters (all tasks): {summary['stored_parameters']:,}; results in {cfg.output_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..core.errors import ConfigError
+    from ..training.config import load_config
+    from ..training.runner import evaluate_tasks
+
+    if not args.config:
+        raise ConfigError("ftn eval needs the config the tasks were trained with: --config FILE.yaml")
+    cfg = load_config(args.config, [*args.overrides, "method.load_adapters=[]"])
+    paths = [Path(p) for p in args.adapters]
+    files = [f for p in paths for f in (sorted(p.glob("*.safetensors")) if p.is_dir() else [p])]
+    if not files:
+        raise ConfigError(f"no task files found in {', '.join(map(str, paths))}")
+    for (name, metrics), f in zip(evaluate_tasks(cfg, files, args.split).items(), files):
+        print(f"{name:<16} {args.split} {_format_metrics(metrics)}  ({f})")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ..settings.classification.demo import DEMO_METHODS, format_table, run_demo
+
+    _setup_logging()
+    if args.dense and args.text:
+        from ..core.errors import ConfigError
+
+        raise ConfigError("choose one of --dense and --text")
+    if args.dense or args.text:
+        if args.dense:
+            from ..settings.dense.demo import format_dense_table as table, run_dense_demo as run
+        else:
+            from ..settings.text.demo import format_text_table as table, run_text_demo as run
+        output = args.output if args.output != "outputs/demo" else ("outputs/dense_demo" if args.dense
+                                                                    else "outputs/text_demo")
+        results = run(output, quick=args.quick, progress=not args.no_progress, extra=args.overrides)
+        print("\n" + table(results))
+        print(f"\nresults in {output}")
+        return 0
+    # `--methods ftn method.ftn.rank=2`: argparse gives the trailing overrides to --methods.
+    overrides = [*args.overrides, *(m for m in args.methods or () if "=" in m)]
+    methods = tuple(m for m in args.methods or () if "=" not in m) or DEMO_METHODS
+    from ..training.methods import method_class
+
+    for m in methods:
+        method_class(m)  # an unknown name fails here, with the registry's names
+    results = run_demo(args.output, quick=args.quick, methods=methods, progress=not args.no_progress,
+                       extra=overrides)
+    print("\n" + format_table(results))
+    print(f"\nwall time {results['wall_seconds']:.0f} s; results, table and plot in {args.output}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from ..core.errors import ConfigError
+    from .sweep.sources import config_base, demo_base
+    from .sweep.sweep import DEFAULT_LR_FACTORS, QUICK, SweepSpec, parse_axis, parse_lr_grid, run_sweep
+
+    # Trailing key=value overrides may follow --methods / --seeds (argparse would take them there).
+    overrides = [*args.overrides, *(m for m in args.methods if "=" in m), *(s for s in args.seeds if "=" in s)]
+    methods = [m for m in args.methods if "=" not in m]
+    try:
+        seeds = [int(s) for s in args.seeds if "=" not in s]
+    except ValueError:
+        raise ConfigError(f"--seeds must be integers, got {args.seeds}") from None
+    if bool(args.config) == bool(args.demo):
+        raise ConfigError("give one of --config FILE.yaml and --demo multidomain|dense|text")
+    if args.quick:
+        overrides = [*QUICK, *overrides]
+    output = Path(args.output)
+    base = config_base(args.config, overrides) if args.config else demo_base(args.demo, output, args.quick, overrides)
+    try:
+        factors = tuple(float(f) for f in args.lr_factors.split(",") if f.strip())
+    except ValueError:
+        raise ConfigError(f"--lr-factors must be numbers, got {args.lr_factors!r}") from None
+    _setup_logging()
+    import logging
+
+    logging.getLogger("ftn.train").setLevel(logging.WARNING)
+    spec = SweepSpec(base=base, methods=methods, output=output, axes=[parse_axis(a) for a in args.grid],
+                     seeds=seeds, lr_grid=parse_lr_grid(args.lr_grid), lr_factors=factors or DEFAULT_LR_FACTORS,
+                     lr_extend=args.lr_extend, tune=[parse_axis(a) for a in args.tune],
+                     workers=args.workers, reference=args.reference, compare_axis=args.compare_axis,
+                     gain_reference=args.gain_reference, progress=not args.no_progress,
+                     command="ftn sweep " + shlex.join(args.argv))
+    results = run_sweep(spec)
+    print(f"\n{len(results['rows'])} runs ({len(results['trained'])} trained now); results.csv, results.json, "
+          f"table.md and accuracy_vs_parameters.png in {output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..version import __version__
+
+    parser = argparse.ArgumentParser(prog="ftn", description="Factorized Tensor Networks for PyTorch")
+    parser.add_argument("--version", action="version", version=f"ftn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("params", help="parameter report for a torchvision architecture (no weights needed)")
+    p.add_argument("--backbone", default="resnet34", help="torchvision model name (default resnet34)")
+    p.add_argument("--rank", type=int, default=40)
+    p.add_argument("--tasks", type=int, default=1)
+    p.add_argument("--include", nargs="*", help="glob patterns of layers to adapt (default: all)")
+    p.add_argument("--exclude", nargs="*", help="glob patterns of layers not to adapt")
+    p.add_argument("--no-rank-cap", action="store_true", help="do not cap ranks at the dense size")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_params)
+
+    p = sub.add_parser("train", help="train the tasks of a config (any setting), one after another")
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3 method.rank=16")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate saved tasks (adapter files) on their data")
+    p.add_argument("--config", help="the YAML config they were trained with")
+    p.add_argument("--adapters", nargs="+", required=True,
+                   help="task files (<output_dir>/adapters/<task>.safetensors) or folders of them")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="FTN and every baseline on the embedded benchmark")
+    p.add_argument("--quick", action="store_true", help="a small slice in under 3 minutes (CI)")
+    p.add_argument("--dense", action="store_true", help="dense multi-task demo on embedded indoor scenes")
+    p.add_argument("--text", action="store_true", help="text multi-task demo with the offline MiniLM")
+    p.add_argument("--output", default="outputs/demo", help="folder for results.json, table.md and the plot")
+    p.add_argument("--methods", nargs="*", help="methods to compare (default: ftn full linear norm_head lora; also taps, ftn_unfreeze)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every method's config")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("sweep", help="a grid of runs: methods × grid axes × seeds, learning rates chosen on "
+                                     "validation, paired intervals, results.csv and a plot (docs/sweep.md)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--config", help="YAML config every run starts from (any setting)")
+    source.add_argument("--demo", choices=["multidomain", "dense", "text"], help="an embedded demo's configs")
+    p.add_argument("--methods", nargs="+", default=["ftn", "full"], help="methods of the registry (default ftn full)")
+    p.add_argument("--grid", action="append", default=[], metavar="[METHODS:]KEY=V1,V2",
+                   help="a grid axis of config overrides, repeatable; 'ftn,lora:method.ftn.rank=1,2,4' applies "
+                        "to those methods only")
+    p.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="seeds (default 0 1 2); the first one "
+                                                                     "chooses the learning rate")
+    p.add_argument("--lr-grid", nargs="+", default=[], metavar="METHOD=LR1,LR2",
+                   help="learning rates of a method (default: its own rate × --lr-factors)")
+    p.add_argument("--lr-factors", default="0.5,1,2",
+                   help="default LR grid: each method's own rate times these (default 0.5,1,2)")
+    p.add_argument("--lr-extend", type=int, default=2,
+                   help="when the chosen rate is at the grid's edge, add a rate beyond it (the grid's ratio) and "
+                        "choose again, at most this many times per direction (default 2; 0: never)")
+    p.add_argument("--tune", action="append", default=[], metavar="[METHODS:]KEY=V1,V2",
+                   help="a hyper-parameter chosen on validation together with the learning rate, repeatable, "
+                        "e.g. 'taps:method.taps.penalty=0.1,0.3,1,3' (each value reported: score, stored "
+                        "parameters, TAPS's layers on)")
+    p.add_argument("--reference", help="the method compared with every other one (default ftn)")
+    p.add_argument("--compare-axis", help="also compare, per method, grid points differing only in this --grid "
+                   "axis: its first value against each other value (e.g. method.budget_allocation)")
+    p.add_argument("--gain-reference", metavar="METHOD[POINT]",
+                   help="also report the multi-task gain Δm against this group, e.g. 'full[data.joint=false]' "
+                        "(the single-task networks; dense setting)")
+    p.add_argument("--output", default="outputs/sweep", help="folder of the runs and the results")
+    p.add_argument("--workers", type=int, default=1, help="training processes (one torch thread each if > 1)")
+    p.add_argument("--quick", action="store_true", help="two steps per task on a small slice (CI)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    p.set_defaults(func=_cmd_sweep)
+
+    from .serving import server
+
+    p = sub.add_parser("predict", help="top-k labels (or dense prediction images) for image files")
+    server.add_predict_arguments(p)
+    p.set_defaults(func=server.cmd_predict)
+
+    p = sub.add_parser("serve", help="serve every adapter of a folder over HTTP from one backbone")
+    server.add_serve_arguments(p)
+    p.set_defaults(func=server.cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
+    try:
+        return args.func(args)
+    except FTNError as exc:
+        print(f"ftn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        message = _missing_extra(exc)
+        if message is None:
+            raise
+        print(f"ftn {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Drive a running ``ftn serve`` as users would: a server process on loopback and concurrent HTTP
+clients (httpx). Used by the tests and by ``benchmarks/bench_serving.py``.
+
+- :class:`ServerProcess` starts ``python -m ftn.apps.cli serve ...`` on a free port of 127.0.0.1, waits
+  for ``/healthz``, and stops it (SIGTERM: graceful) or kills it (SIGKILL).
+- :func:`run_load` runs ``clients`` concurrent clients, each with its own connection, sending
+  predictions round-robin over a list of ``(task, image bytes)`` for ``duration_s`` seconds or
+  ``max_requests`` requests; it returns counts, errors, throughput and latency percentiles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = ["ServerProcess", "LoadResult", "run_load", "free_port", "percentile"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``ftn serve`` in a subprocess. ``args`` are extra command-line arguments."""
+
+    def __init__(self, adapters: str | Path, args: Sequence[str] = (), *, token: str | None = None,
+                 port: int | None = None, log_path: str | Path | None = None, env: dict[str, str] | None = None,
+                 startup_timeout: float = 120.0) -> None:
+        self.adapters = Path(adapters)
+        self.args = list(args)
+        self.token = token
+        self.port = port or free_port()
+        self.log_path = Path(log_path) if log_path else None
+        self.env = env
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProcess:
+        env = {**os.environ, **(self.env or {})}
+        if self.token is not None:
+            env["FTN_ADMIN_TOKEN"] = self.token
+        cmd = [sys.executable, "-m", "ftn.apps.cli", "serve", "--adapters", str(self.adapters), "--port", str(self.port),
+               "--log-level", "warning", *self.args]
+        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ftn serve exited with code {self.proc.returncode} during start"
+                                   + (f"; log: {self.log_path}" if self.log_path else ""))
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"ftn serve did not answer /healthz within {self.startup_timeout} s")
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM (uvicorn drains in-flight requests), then wait."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return self.kill()
+
+    def kill(self) -> int | None:
+        """SIGKILL: no chance to clean up (the crash case)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.wait()
+
+    def close(self) -> None:
+        self.stop()
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+@dataclass
+class LoadResult:
+    requests: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+    answers: dict[tuple[str, int], Any] = field(default_factory=dict)  # (task, image index) -> top label
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        ms = [x * 1e3 for x in self.latencies]
+        return {"requests": self.requests, "errors": self.errors, "seconds": round(self.seconds, 2),
+                "throughput_rps": round(self.throughput, 1), "p50_ms": round(percentile(ms, 50), 1),
+                "p99_ms": round(percentile(ms, 99), 1)}
+
+
+async def _run_load(url: str, work: Sequence[tuple[str, bytes]], clients: int, duration_s: float,
+                    max_requests: int | None, timeout: float, stop: Callable[[], bool] | None,
+                    ok_status: Sequence[int]) -> LoadResult:
+    result = LoadResult()
+    deadline = time.perf_counter() + duration_s
+    counter = iter(range(10**12))
+
+    async def client(i: int) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=timeout) as http:
+            while time.perf_counter() < deadline and not (stop and stop()):
+                n = next(counter)
+                if max_requests is not None and n >= max_requests:
+                    return
+                task, image = work[n % len(work)]
+                t0 = time.perf_counter()
+                try:
+                    r = await http.post(f"/tasks/{task}/predict", content=image,
+                                        headers={"content-type": "application/octet-stream"})
+                    ok = r.status_code in ok_status
+                    detail = f"{r.status_code} {r.text[:200]}"
+                except httpx.HTTPError as exc:
+                    ok, detail, r = False, f"{type(exc).__name__}: {exc}", None
+                result.requests += 1
+                if ok and r is not None and r.status_code == 200:
+                    result.latencies.append(time.perf_counter() - t0)
+                    result.answers[(task, n % len(work))] = r.json()["predictions"][0]["label"]
+                elif not ok:
+                    result.errors += 1
+                    if len(result.error_samples) < 10:
+                        result.error_samples.append(f"{task}: {detail}")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def run_load(url: str, work: Sequence[tuple[str, bytes]], *, clients: int = 32, duration_s: float = 5.0,
+             max_requests: int | None = None, timeout: float = 60.0, stop: Callable[[], bool] | None = None,
+             ok_status: Sequence[int] = (200,)) -> LoadResult:
+    """Closed-loop load: ``clients`` concurrent clients, each sending its next request as soon as
+    the previous one is answered. A response whose status is not in ``ok_status`` (or a
+    connection error) counts as an error."""
+    return asyncio.run(_run_load(url, work, clients, duration_s, max_requests, timeout, stop, ok_status))

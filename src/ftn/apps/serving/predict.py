@@ -1,0 +1,302 @@
+"""What ``ftn predict`` and ``ftn serve`` share: decoding images, preparing them exactly as the
+adapter's task was trained (size, channels, normalisation: the ``input`` entry of the adapter's
+info), top-k labels, dense prediction images, and building one FTN model for a set of adapters.
+
+Adapters written before labels travelled with them have no info; they are served with the
+fallbacks below (ImageNet normalisation, RGB, ``--image-size`` with a centre crop) and numeric
+labels.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor, nn
+from torchvision.transforms import v2
+
+from ...core.adapters import read_adapter
+from ...core.errors import AdapterFileError, ConfigError, DataError, ShapeError
+from ...core.model import FTNModel
+
+__all__ = ["InputSpec", "decode_image", "preprocess", "top_k", "build_model", "adapter_info",
+           "task_head", "save_dense_prediction", "IMAGE_SUFFIXES", "DEFAULT_IMAGE_SIZE", "MAX_PIXELS"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = 224
+MAX_PIXELS = 4096 * 4096  # decoded size limit (a small PNG can expand to gigabytes)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How an image becomes the task's input tensor (see :func:`ftn.core.adapters.validate_task_info`)."""
+
+    size: int | None = DEFAULT_IMAGE_SIZE
+    channels: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    resize: str = "center_crop"
+    crop_ratio: float = 1.14
+
+    @classmethod
+    def from_info(cls, info: Mapping[str, Any], default_size: int = DEFAULT_IMAGE_SIZE) -> InputSpec:
+        spec = info.get("input")
+        if not spec:  # an older adapter: torchvision's usual evaluation transform
+            return cls(size=default_size)
+        return cls(size=spec.get("size"), channels=int(spec.get("channels", 3)),
+                   mean=tuple(spec.get("mean", (0.0,) * 3)), std=tuple(spec.get("std", (1.0,) * 3)),
+                   resize=spec.get("resize", "stretch"), crop_ratio=float(spec.get("crop_ratio", 1.0)))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "channels": self.channels, "mean": list(self.mean), "std": list(self.std),
+                "resize": self.resize, "crop_ratio": self.crop_ratio}
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, name: str = "image") -> Image.Image:
+    """Decode image bytes fully; anything unreadable, empty or too large is a DataError."""
+    if not data:
+        raise DataError(f"{name} is empty")
+    try:
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size  # from the header, before decoding anything
+        if width < 1 or height < 1 or width * height > max_pixels:
+            raise DataError(f"{name} is {width}×{height} pixels; the limit is {max_pixels:,} pixels")
+        img.load()
+        return img
+    except DataError:
+        raise
+    except UnidentifiedImageError:
+        raise DataError(f"{name} is not an image in a format Pillow reads (or it is corrupt)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{name} is not a readable image: {exc}") from None
+
+
+def preprocess(img: Image.Image, spec: InputSpec) -> Tensor:
+    """The task's input tensor ``[3, H, W]`` for one image, as its training pipeline made it.
+
+    ``stretch`` (the embedded benchmark): to float, resize to size×size (antialiased bilinear);
+    ``center_crop`` (DomainNet / ImageFolder evaluation): shorter side to ``int(size *
+    crop_ratio)``, centre crop, to float; ``none``: as is. Grayscale tasks (``channels`` 1) read
+    the image as luminance and repeat it to 3 channels. Then ``(x - mean) / std``.
+    """
+    img = img.convert("L" if spec.channels == 1 else "RGB")
+    if spec.resize == "center_crop":
+        assert spec.size is not None
+        img = v2.CenterCrop(spec.size)(v2.Resize(int(spec.size * spec.crop_ratio))(img))
+    x = v2.ToDtype(torch.float32, scale=True)(v2.ToImage()(img)).as_subclass(Tensor)
+    if spec.resize == "stretch":
+        assert spec.size is not None
+        x = v2.Resize((spec.size, spec.size), antialias=True)(x)
+    if x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    mean = torch.tensor(spec.mean, dtype=x.dtype).view(3, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype).view(3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def top_k(logits: Tensor, labels: Sequence[str] | None, k: int = 5) -> list[list[dict[str, Any]]]:
+    """``[[{"label", "index", "prob"}, ...] per sample]``: the k most probable classes (softmax)."""
+    if logits.dim() != 2:
+        raise ShapeError(f"top_k expects logits [N, C], got shape {tuple(logits.shape)}; "
+                         f"is this a dense task?")
+    classes = logits.shape[1]
+    if labels is not None and len(labels) != classes:
+        raise ShapeError(f"the task has {len(labels)} labels but its head gives {classes} outputs")
+    probs = torch.softmax(logits.float(), dim=1)
+    values, indices = probs.topk(min(max(k, 1), classes), dim=1)
+    return [[{"label": labels[i] if labels is not None else str(i), "index": i, "prob": round(p, 6)}
+             for p, i in zip(row_p.tolist(), row_i.tolist())]
+            for row_p, row_i in zip(values, indices)]
+
+
+# ----------------------------------------------------------------------------- models
+def adapter_info(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(metadata, info)`` of an adapter file (fully verified, checksum included)."""
+    _, meta = read_adapter(path)
+    return meta, meta.get("info", {})
+
+
+def _dense_spec(info: Mapping[str, Any]) -> dict[str, Any] | None:
+    outputs = info.get("outputs") or {}
+    return outputs if outputs.get("kind") == "dense" else None
+
+
+def build_model(backbone: str, adapter_paths: Sequence[str | Path] = (), *, pretrained: bool = True,
+                weights_path: str | Path | None = None, layers: Sequence[str] | None = None,
+                dense: Mapping[str, Any] | None = None) -> FTNModel:
+    """An FTN model on the named torchvision backbone, adapting the layers the adapters adapt.
+
+    ``layers`` (exact names) default to those of the first adapter in ``adapter_paths``, so
+    adapters trained with include/exclude patterns load without repeating them; with neither,
+    every Conv/Linear is adapted. Dense adapters (``outputs.kind == "dense"`` in their info)
+    get the multi-scale encoder they were trained on. No adapter is loaded here.
+    """
+    from ...training.backbones import build_backbone
+
+    if layers is None and adapter_paths:
+        meta, info = adapter_info(adapter_paths[0])
+        layers = list(meta["layers"])
+        dense = dense if dense is not None else _dense_spec(info)
+    if dense is not None:
+        from ...settings.dense.model import build_encoder
+
+        encoder = dense.get("encoder", {})
+        if encoder.get("backbone", backbone) != backbone:
+            raise ConfigError(f"the dense adapter was trained on {encoder['backbone']!r}, not {backbone!r}")
+        module: nn.Module = build_encoder(backbone, pretrained=pretrained and weights_path is None,
+                                          output_stride=int(encoder.get("output_stride", 16)),
+                                          weights_path=str(weights_path) if weights_path else None)
+    else:
+        module, _ = build_backbone(backbone, pretrained=pretrained and weights_path is None,
+                                   weights_path=weights_path)
+    options: dict[str, Any] = {}
+    if layers is not None:
+        # Exact names as fnmatch patterns: escape the glob characters a module name could hold.
+        options["include"] = [_escape_glob(name) for name in layers]
+    return FTNModel(module, rank=1, **options).eval()
+
+
+def _escape_glob(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def task_head(model: FTNModel, info: Mapping[str, Any]) -> nn.Module | None:
+    """The head module to pass to ``load_task`` (None: the file's own Identity/Linear spec)."""
+    dense = _dense_spec(info)
+    if dense is None:
+        return None
+    from ...settings.dense.model import SingleDenseHead, build_head
+
+    head = build_head(model.backbone, dense["task"], int(dense.get("num_classes", 1)), **dict(dense.get("head", {})))
+    # layout "dict": the head of `ftn train`'s dense setting, DenseHeads({task: decoder})
+    return SingleDenseHead({dense["task"]: head}) if dense.get("layout") == "dict" else head
+
+
+def load_adapter(model: FTNModel, path: str | Path, name: str | None = None, fingerprint: str | None = None) -> str:
+    """``model.load_task`` with the head a dense adapter needs. ``fingerprint``: the model's
+    backbone fingerprint, computed once by the caller (a server loading many adapters) instead of
+    once per file; the check is the same."""
+    meta, info = adapter_info(path)
+    if fingerprint is not None and meta["backbone_fingerprint"] != fingerprint:
+        raise AdapterFileError(
+            f"{path} was trained on a backbone with other weights (fingerprint "
+            f"{meta['backbone_fingerprint'][:12]}…, this backbone {fingerprint[:12]}…)")
+    name = model.load_task(path, name=name, head=task_head(model, info), check_fingerprint=fingerprint is None)
+    model.eval()  # the new task's norms and head (BatchNorm: running statistics, not the batch's)
+    return name
+
+
+# ----------------------------------------------------------------------------- dense outputs
+_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def save_dense_prediction(prediction: Tensor, info: Mapping[str, Any], path: str | Path) -> Path:
+    """Write one dense prediction ``[C, H, W]`` as a PNG: semantic classes as a palette image,
+    depth as grayscale (near = bright, scaled to the image's range), normals as RGB
+    ((n + 1) / 2), edges as the sigmoid probability."""
+    import numpy as np
+
+    task = (_dense_spec(info) or {}).get("task", "")
+    p = prediction.detach().float().cpu()
+    if task == "semseg" or (not task and p.shape[0] > 3):
+        classes = p.argmax(0).numpy().astype(np.uint8)
+        palette = [c for i in range(256) for c in _PALETTE[i % len(_PALETTE)]]
+        img = Image.fromarray(classes, mode="P")
+        img.putpalette(palette)
+    elif task == "normals" or p.shape[0] == 3:
+        img = Image.fromarray(((p.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy(), mode="RGB")
+    else:
+        m = p[0]
+        if task == "edge":
+            m = torch.sigmoid(m)
+        else:  # depth: bright = near
+            lo, hi = float(m.min()), float(m.max())
+            m = 1 - (m - lo) / (hi - lo) if hi > lo and math.isfinite(hi - lo) else torch.zeros_like(m)
+        img = Image.fromarray((m.clamp(0, 1) * 255).round().byte().numpy(), mode="L")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def collect_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files named on the command line; folders contribute their images (sorted, not
+    recursive)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {p}")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"image file not found: {p}")
+    return files
+
+
+def run_predict(backbone: str, adapters: Sequence[str | Path], images: Sequence[str | Path], *, k: int = 5,
+                batch_size: int = 32, image_size: int = DEFAULT_IMAGE_SIZE, pretrained: bool = True,
+                weights_path: str | Path | None = None, output_dir: str | Path = "predictions",
+                ) -> list[dict[str, Any]]:
+    """Predictions of every adapter for every image: ``[{"image", "task", "top_k" | "output"}]``.
+
+    Unreadable images raise DataError naming the file before anything runs.
+    """
+    adapter_files: list[Path] = []
+    for a in map(Path, adapters):
+        adapter_files += sorted(a.glob("*.safetensors")) if a.is_dir() else [a]
+    if not adapter_files:
+        raise AdapterFileError(f"no adapter files in {', '.join(map(str, adapters))}")
+    files = collect_images(images)
+    decoded = [decode_image(f.read_bytes(), name=str(f)) for f in files]
+    model = build_model(backbone, adapter_files, pretrained=pretrained, weights_path=weights_path)
+    results: list[dict[str, Any]] = []
+    for path in adapter_files:
+        name = load_adapter(model, path)
+        info = model.task_info(name)
+        spec = InputSpec.from_info(info, image_size)
+        dense = _dense_spec(info) is not None
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            if spec.resize == "none":  # sizes may differ: one image at a time
+                outs = []
+                for img in decoded[start:start + batch_size]:
+                    with torch.inference_mode():
+                        outs.append(model(preprocess(img, spec).unsqueeze(0), task=name)[0])
+            else:
+                x = torch.stack([preprocess(img, spec) for img in decoded[start:start + batch_size]])
+                with torch.inference_mode():
+                    outs = model(x, task=name)
+            if dense:
+                for f, out in zip(chunk, outs):
+                    target = Path(output_dir) / name / f"{f.stem}.png"
+                    save_dense_prediction(out, info, target)
+                    results.append({"image": str(f), "task": name, "output": str(target)})
+            else:
+                logits = outs if isinstance(outs, Tensor) else torch.stack(outs)
+                for f, row in zip(chunk, top_k(logits, info.get("labels"), k)):
+                    results.append({"image": str(f), "task": name, "top_k": row})
+        model.remove_task(name)
+    return results
+
+
+def format_predictions(results: Sequence[Mapping[str, Any]]) -> str:
+    lines = []
+    for r in results:
+        if "output" in r:
+            lines.append(f"{r['image']}  [{r['task']}]  -> {r['output']}")
+        else:
+            best = ", ".join(f"{p['label']} {p['prob']:.3f}" for p in r["top_k"])
+            lines.append(f"{r['image']}  [{r['task']}]  {best}")
+    return "\n".join(lines)

@@ -1,0 +1,523 @@
+"""`FTNModel`: one frozen backbone, many tasks, each with its own ΔW factors, norms and head.
+
+Model surgery happens once, in ``__init__`` (:func:`ftn.core.injection.inject`): every Conv/Linear layer
+selected by the include and exclude patterns is replaced in place by an FTN wrapper (see
+:mod:`ftn.core.layers`) and every normalisation layer by a :class:`~ftn.core.norms.TaskNorm`. All wrappers
+share one :class:`~ftn.core.layers.TaskContext`, so selecting a task is a single assignment. Tasks are
+then added, trained, saved, loaded, merged and removed without touching the frozen weights.
+
+Adapter files (:mod:`ftn.core.adapters`) use only this class's public methods: ``add_task_with_ranks``,
+``task_spec``, ``task_info`` / ``set_task_info``, ``check_task`` and ``remove_task``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import adapters, allocation
+from .cache import eval_pass
+from .config import FTNConfig, validate_task_name
+from .cp import max_efficient_rank
+from .digest import tensor_digest
+from .errors import ConfigError, ShapeError, TaskError
+from .injection import inject, replace_modules
+from .layers import FTNLayer, MixedTasks, TaskContext
+from .norms import TaskNorm, recalibrate_batchnorm
+from .recompute import OutputRecompute
+from .report import LayerCap, ParameterReport, TaskParameters
+
+__all__ = ["FTNConfig", "FTNModel", "TaskModel"]
+
+
+class FTNModel(nn.Module):
+    """Wrap ``backbone`` (any module mapping inputs to features) for multi-task learning.
+
+    The backbone is modified in place and frozen. Example::
+
+        model = FTNModel(torchvision.models.resnet18(), rank=8)
+        model.backbone.fc = nn.Identity()  # or strip the classifier before wrapping
+        model.add_task("sketch", head=nn.Linear(512, 345))
+        logits = model(images, task="sketch")
+    """
+
+    def __init__(self, backbone: nn.Module, rank: int = 8, *, config: FTNConfig | None = None,
+                 **options: Any) -> None:
+        super().__init__()
+        if config is None:
+            unknown = set(options) - set(FTNConfig.__dataclass_fields__)
+            if unknown:
+                raise ConfigError(f"unknown FTNModel option(s): {sorted(unknown)}; "
+                                  f"valid: {sorted(FTNConfig.__dataclass_fields__)}")
+            config = FTNConfig(rank=rank, **options)
+        elif options:
+            raise ConfigError("pass either config= or keyword options, not both")
+        self.config = config
+        self.context = TaskContext()
+        backbone.requires_grad_(False)
+        self.backbone = inject(backbone, self.context, config)
+        self.heads = nn.ModuleDict()
+        self._task_specs: dict[str, dict[str, Any]] = {}
+        self._task_info: dict[str, dict[str, Any]] = {}  # labels, input preparation (adapter files)
+        if not self.adapted_layers():
+            raise ConfigError("no Conv/Linear layer matched the include/exclude patterns: nothing to adapt")
+
+    # ------------------------------------------------------------------ introspection
+    def adapted_layers(self) -> dict[str, FTNLayer]:
+        """Adapted Conv/Linear layers by name (names as in the original backbone)."""
+        return {m.layer_name: m for m in self._unique_modules() if isinstance(m, FTNLayer)}
+
+    def task_norm_layers(self) -> dict[str, TaskNorm]:
+        return {m.layer_name: m for m in self._unique_modules() if isinstance(m, TaskNorm)}
+
+    def _unique_modules(self) -> Iterator[nn.Module]:
+        return self.backbone.modules()
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names in the order they were added."""
+        return list(self.heads.keys())
+
+    def check_task(self, name: str) -> str:
+        """``name`` if the model has that task, else TaskError listing the known tasks."""
+        if name not in self.heads:
+            known = ", ".join(map(repr, self.tasks)) or "none yet"
+            raise TaskError(f"unknown task {name!r}; known tasks: {known}")
+        return name
+
+    def layer_rank(self, layer_name: str, task_rank: int,
+                   rank_pattern: Mapping[str, int] | None = None) -> int:
+        """Rank requested for a layer: the first matching pattern, else the task's rank."""
+        for pattern, value in (rank_pattern if rank_pattern is not None else self.config.rank_pattern).items():
+            if fnmatch.fnmatchcase(layer_name, pattern):
+                return value
+        return task_rank
+
+    # ------------------------------------------------------------------ tasks
+    def add_task(self, name: str, head: nn.Module | None = None, rank: int | None = None,
+                 rank_pattern: Mapping[str, int] | None = None, *, unfreeze: Sequence[str] | None = None,
+                 gate: Mapping[str, Any] | None = None, budget: int | float | None = None,
+                 scores: Mapping[str, Tensor] | None = None) -> None:
+        """Add a task: ΔW factors on every adapted layer (ΔW = 0 at start), its own copy of every
+        norm, and ``head`` (default ``nn.Identity``) applied to the backbone's output.
+
+        ``rank`` defaults to the model's; ``rank_pattern`` (glob → rank) overrides it per layer
+        for this task, replacing the model-wide pattern. Layers matching ``unfreeze`` (globs,
+        default the config's) get a dense update W + D instead (partial unfreezing); with
+        ``gate`` (``{"tau": τ, "init_score": s₀}``, both optional) every other layer gets TAPS's
+        gated dense update W + 1[s ≥ τ]·δW instead of CP factors (:mod:`ftn.core.updates`).
+
+        ``budget`` instead of a rank: a number of ΔW parameters (int) or a fraction in (0, 1) of
+        the backbone's parameters; the per-layer ranks (0 allowed) are then chosen to fit it
+        (:mod:`ftn.core.allocation`): from per-component importance ``scores`` (``{layer: tensor}``,
+        e.g. an :class:`~ftn.core.allocation.ImportanceTracker` of a warm-up task) by a greedy
+        knapsack, or, without scores, uniformly: rank R on every layer and R + 1 on as many as still
+        fit (:func:`~ftn.core.allocation.uniform_ranks`).
+        """
+        if budget is not None:
+            if rank is not None or rank_pattern is not None:
+                raise ConfigError("give either budget= or rank= / rank_pattern=, not both")
+            if unfreeze or gate is not None or self.config.unfreeze:
+                raise ConfigError("budget= allocates CP ranks only; it cannot be combined with unfreeze or gate")
+            self._check_new_task(name)
+            chosen = allocation.allocate(self, budget, scores)
+            spec = {"rank": max(chosen.base_rank, 1) if chosen.kind == "uniform" else None, "rank_pattern": None,
+                    "budget": chosen.count, "budget_request": budget, "allocation": chosen.kind}
+            self.add_task_with_ranks(name, {n: (r, r) for n, r in chosen.ranks.items()}, head, spec=spec)
+            return
+        self._check_new_task(name)
+        if scores is not None:
+            raise ConfigError("scores= is only used with budget=")
+        rank = self.config.rank if rank is None else rank
+        if not isinstance(rank, int) or rank < 0:
+            raise ConfigError(f"rank must be an integer >= 0, got {rank!r}")
+        unfreeze = list(self.config.unfreeze if unfreeze is None else unfreeze)
+        if isinstance(unfreeze, str) or not all(isinstance(p, str) for p in unfreeze):
+            raise ConfigError(f"unfreeze must be a list of glob strings, got {unfreeze!r}")
+        ranks, updates = {}, {}
+        for layer_name, layer in self.adapted_layers().items():
+            if any(fnmatch.fnmatchcase(layer_name, p) for p in unfreeze):
+                updates[layer_name] = {"kind": "dense"}
+            elif gate is not None:
+                updates[layer_name] = {"kind": "gated", **gate}
+            else:
+                requested = self.layer_rank(layer_name, rank, rank_pattern)
+                ranks[layer_name] = (requested, self._capped(layer, requested))
+                continue
+            ranks[layer_name] = (1, 1)  # dense kinds: the layer sets its own (full) rank
+        spec: dict[str, Any] = {"rank": rank, "rank_pattern": dict(rank_pattern) if rank_pattern is not None else None}
+        if unfreeze:
+            spec["unfreeze"] = unfreeze
+        if gate is not None:
+            spec["gate"] = dict(gate)
+        self.add_task_with_ranks(name, ranks, head, spec=spec, updates=updates)
+
+    def _check_new_task(self, name: Any) -> None:
+        validate_task_name(name)
+        if name in self.heads:
+            raise TaskError(f"task {name!r} already exists; remove_task({name!r}) first to replace it")
+
+    def _capped(self, layer: FTNLayer, requested: int) -> int:
+        if self.config.rank_cap:
+            return min(requested, max_efficient_rank(layer.modes))
+        return requested
+
+    def add_task_with_ranks(self, name: str, ranks: Mapping[str, tuple[int, int]], head: nn.Module | None = None,
+                            *, spec: Mapping[str, Any] | None = None, info: Mapping[str, Any] | None = None,
+                            updates: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """Add a task whose per-layer ranks are already decided (an adapter file's task):
+        ``ranks[layer] = (requested, applied)``; layers not listed are not adapted; ``updates[layer]``
+        (``{"kind": "dense"}``, ``{"kind": "gated", "tau": ..}``) makes a listed layer's update
+        another kind than CP factors (:func:`ftn.core.updates.make_update`). ``spec`` is
+        how the ranks were asked for (``{"rank": .., "rank_pattern": ..}``, see :meth:`task_spec`)
+        and ``info`` the task's labels and input preparation (:meth:`set_task_info`). All or
+        nothing: on any error the model is left without the task."""
+        self._check_new_task(name)
+        unknown = sorted(set(ranks) - set(self.adapted_layers()))
+        if unknown:
+            raise ConfigError(f"ranks given for layers this model does not adapt: {unknown[:5]}")
+        init = self.config.factor_init
+        try:
+            for layer_name, layer in self.adapted_layers().items():
+                requested, applied = ranks.get(layer_name, (0, 0))
+                if applied > 0:
+                    layer.add_task(name, applied, init, requested_rank=requested,
+                                   update=(updates or {}).get(layer_name))
+                elif requested > 0:
+                    layer.requested_ranks[name] = requested  # capped to zero: report it
+            for norm in self.task_norm_layers().values():
+                norm.add_task(name)
+            head = head if head is not None else nn.Identity()
+            ref = next(iter(self.backbone.parameters()), None)
+            if ref is not None:
+                head = head.to(device=ref.device)
+            head.requires_grad_(True)
+            self.heads[name] = head
+            self._task_specs[name] = dict(spec) if spec is not None else {}
+            if info is not None:
+                self.set_task_info(name, info)
+        except Exception:
+            self._remove_task_parts(name)
+            raise
+
+    def remove_task(self, name: str) -> None:
+        self.check_task(name)
+        self._remove_task_parts(name)
+
+    def _remove_task_parts(self, name: str) -> None:
+        for layer in self.adapted_layers().values():
+            layer.remove_task(name)
+        for norm in self.task_norm_layers().values():
+            norm.remove_task(name)
+        if name in self.heads:
+            del self.heads[name]
+        self._task_specs.pop(name, None)
+        self._task_info.pop(name, None)
+        if self.context.active == name:
+            self.context.active = None
+
+    def set_task(self, name: str | None) -> None:
+        """Select the task used by ``forward`` when no ``task=`` is given (None: the frozen backbone)."""
+        self.context.active = None if name is None else self.check_task(name)
+
+    @property
+    def active_task(self) -> str | None:
+        return self.context.active
+
+    @contextmanager
+    def using_task(self, name: str | None) -> Iterator[FTNModel]:
+        """``with model.using_task("a"): ...`` runs under task ``a`` and restores the previous one."""
+        previous = self.context.active
+        self.set_task(name)
+        try:
+            yield self
+        finally:
+            self.context.active = previous
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *inputs: Any, task: str | None = None, **kwargs: Any) -> Any:
+        """Backbone then head, under ``task`` (or the task chosen with ``set_task``).
+
+        With no task at all the frozen, pretrained backbone runs; that is only allowed when no
+        task has a head of its own (otherwise which head to apply would be a guess).
+        """
+        name = task if task is not None else self.context.active
+        if name is None:
+            custom = [t for t, h in self.heads.items() if not isinstance(h, nn.Identity)]
+            if custom:
+                raise TaskError(f"no task selected and tasks {custom} have their own heads: "
+                                f"pass task=... or call set_task(...)")
+            return self.backbone(*inputs, **kwargs)
+        self.check_task(name)
+        previous = self.context.active
+        self.context.active = name
+        recompute = self.context.recompute
+        # Not under torch.compile: the compiled graph decides for itself what to keep.
+        recomputing = (recompute is not None and self.training and torch.is_grad_enabled()
+                       and not torch.compiler.is_compiling())
+        try:
+            # eval_pass: one check of the cached weights per pass
+            with recompute.forward() if recomputing else nullcontext(), eval_pass(self.context.checks):
+                return self.heads[name](self.backbone(*inputs, **kwargs))
+        finally:
+            self.context.active = previous
+
+    def recompute_depthwise(self, enabled: bool = True) -> int:
+        """Trade compute for memory in training: the output of every adapted depthwise conv is
+        rebuilt in the backward (one more depthwise conv each) instead of being kept by the
+        BatchNorm that follows it (:mod:`ftn.core.recompute`). Gradients are unchanged. Returns how
+        many layers it applies to; ``enabled=False`` turns it off."""
+        count = 0
+        for layer in self.adapted_layers().values():
+            base = layer.base
+            if isinstance(base, nn.Conv2d) and base.groups > 1 and base.groups == base.in_channels:
+                layer.recompute_output = enabled
+                count += enabled
+        self.context.recompute = OutputRecompute() if count else None
+        return count
+
+    def forward_mixed(self, x: Tensor, tasks: Sequence[str]) -> dict[str, Any]:
+        """One pass over a batch whose samples belong to different tasks: sample i runs under
+        ``tasks[i]`` (its ΔW, norms and head). Each adapted layer runs once per task present, on
+        that task's samples only, so the work equals one pass over the batch; in train mode each
+        task's BatchNorm sees only its own samples. Returns ``{task: outputs of its samples}``,
+        in batch order within each task."""
+        if len(tasks) != x.shape[0]:
+            raise ShapeError(f"forward_mixed got {len(tasks)} task names for a batch of {x.shape[0]}")
+        for name in dict.fromkeys(tasks):
+            self.check_task(name)
+        unsupported = sorted({type(m).__name__ for m in self._unique_modules()
+                              if getattr(type(m), "mixed_batches", True) is False})
+        if unsupported:
+            raise ConfigError(f"forward_mixed does not support {unsupported} layers yet; "
+                              f"run the tasks separately (forward_tasks)")
+        positions: dict[str, list[int]] = {}
+        for i, name in enumerate(tasks):
+            positions.setdefault(name, []).append(i)
+        # Sort the batch by task once, so that every layer works on contiguous slices.
+        order = torch.tensor([i for idx in positions.values() for i in idx], dtype=torch.long, device=x.device)
+        segments, start = [], 0
+        for name, idx in positions.items():
+            segments.append((name, start, len(idx)))
+            start += len(idx)
+        previous = self.context.active
+        self.context.active = MixedTasks(segments)
+        try:
+            with eval_pass(self.context.checks):
+                features = self.backbone(x.index_select(0, order))
+        finally:
+            self.context.active = previous
+
+        def select(value: Any, start: int, length: int) -> Any:
+            if isinstance(value, Tensor):
+                return value.narrow(0, start, length)
+            if isinstance(value, (tuple, list)):
+                return type(value)(select(v, start, length) for v in value)
+            raise TypeError(f"forward_mixed cannot split a backbone output of type {type(value).__name__}")
+
+        outputs = {}
+        for name, start, length in segments:
+            with self.using_task(name):  # heads may hold task-specific modules of their own
+                outputs[name] = self.heads[name](select(features, start, length))
+        return outputs
+
+    def forward_tasks(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Run several tasks in one call: ``{task: x}`` → ``{task: y}``, each with its own ΔW,
+        norms and head."""
+        for name in inputs:
+            self.check_task(name)
+        return {name: self(x, task=name) for name, x in inputs.items()}
+
+    def for_task(self, name: str) -> TaskModel:
+        """This model fixed to task ``name``, as a module whose parameters and buffers are that
+        task's only (factors, norm copies, head): what to hand to ``DistributedDataParallel``,
+        ``torch.compile`` or an optimizer in your own training loop. See :class:`TaskModel`."""
+        return TaskModel(self, self.check_task(name))
+
+    # ------------------------------------------------------------------ parameters
+    def task_parameters(self, name: str) -> list[nn.Parameter]:
+        """Exactly the parameters an optimizer should see for ``name``: its weight updates (CP
+        factors, dense or gated dense ΔW with their scores), its norm copies and its head."""
+        self.check_task(name)
+        return [p for _, p in self.named_task_parameters(name)]
+
+    def named_task_parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
+        self.check_task(name)
+        params: list[tuple[str, nn.Parameter]] = []
+        for layer_name, layer in self.adapted_layers().items():
+            if name in layer.tasks:
+                params += [(f"delta.{layer_name}.{k}", p) for k, p in layer.tasks[name].parameters_by_key().items()]
+        for layer_name, norm in self.task_norm_layers().items():
+            params += [(f"norm.{layer_name}.{k}", p) for k, p in norm.tasks[name].named_parameters()]
+        params += [(f"head.{k}", p) for k, p in self.heads[name].named_parameters()]
+        return params
+
+    def frozen_tensors(self) -> dict[str, Tensor]:
+        """The shared backbone's parameters and buffers (everything that is not per task)."""
+        per_task = {id(t) for m in self._unique_modules() if isinstance(m, (FTNLayer, TaskNorm))
+                    for t in (*m.tasks.parameters(), *m.tasks.buffers())}
+        tensors = {}
+        for name, t in (*self.backbone.named_parameters(), *self.backbone.named_buffers()):
+            if id(t) not in per_task:
+                tensors[name] = t
+        return tensors
+
+    def backbone_fingerprint(self) -> str:
+        """SHA-256 over the names, shapes, dtypes and values of the frozen backbone tensors."""
+        return tensor_digest(self.frozen_tensors())
+
+    def parameter_report(self) -> ParameterReport:
+        """Parameter accounting: shared backbone, per-task ΔW / norms / head, and the paper's total."""
+        backbone = allocation.backbone_parameters(self)
+        layers = self.adapted_layers()
+        norms = self.task_norm_layers()
+        per_task = {}
+        for name in self.tasks:
+            caps = [LayerCap(ln, layer.requested_ranks[name], layer.rank(name), max_efficient_rank(layer.modes))
+                    for ln, layer in layers.items()
+                    if name in layer.requested_ranks and layer.requested_ranks[name] != layer.rank(name)]
+            updates = [layer.tasks[name] for layer in layers.values() if name in layer.tasks]
+            per_task[name] = TaskParameters(
+                delta=sum(u.num_params() for u in updates),
+                dense=sum(u.num_params() for u in updates if u.kind != "cp"),
+                layers=sum(1 for u in updates if u.num_params()),
+                norms=sum(p.numel() for n in norms.values() for p in n.tasks[name].parameters()),
+                norm_buffers=sum(b.numel() for n in norms.values() for b in n.tasks[name].buffers()),
+                head=sum(p.numel() for p in self.heads[name].parameters()),
+                rank=self._task_specs.get(name, {}).get("rank"),
+                caps=caps,
+                budget=self._task_specs.get(name, {}).get("budget"),
+                layer_ranks=({ln: layer.rank(name) for ln, layer in layers.items()}
+                             if self._task_specs.get(name, {}).get("budget") is not None else None),
+            )
+        return ParameterReport(backbone=backbone, adapted_layers=len(layers), norm_layers=len(norms),
+                               tasks=per_task)
+
+    # ------------------------------------------------------------------ merge, norms, files
+    def merge(self, name: str) -> nn.Module:
+        """A standalone plain-PyTorch model for ``name``: ``nn.Sequential(backbone, head)`` with
+        W + ΔW folded into every adapted layer and the task's own norms; no ftn code needed."""
+        self.check_task(name)
+        # A copy of the backbone whose wrappers are then swapped, on their parents, for their
+        # plain merged modules (all tasks' factors are copied too: small next to the backbone).
+        backbone = replace_modules(copy.deepcopy(self.backbone),
+                                   lambda _, m: m.merged_module(name) if _is_wrapper(m) else None)
+        merged = nn.Sequential(OrderedDict(backbone=backbone, head=copy.deepcopy(self.heads[name])))
+        merged.requires_grad_(True)
+        return merged.train(self.training)
+
+    def task_batchnorms(self, name: str) -> list[_BatchNorm]:
+        self.check_task(name)
+        return [n.tasks[name] for n in self.task_norm_layers().values() if isinstance(n.tasks[name], _BatchNorm)]
+
+    def recalibrate_norms(self, name: str, loader: Any, max_batches: int | None = None,
+                          input_fn: Any = None) -> int:
+        """Recompute the task's BatchNorm running statistics over ``loader`` with the current
+        weights (a cumulative average, not a momentum one). Other modules stay in eval mode.
+        ``loader`` should give a random sample of the training data without augmentation, e.g.
+        ``ftn.training.engine.recalibration_loader``: a list grouped by class read in order gives
+        the statistics of the first classes only. Returns the number of batches used."""
+        was_training = self.training
+        self.eval()
+        try:
+            return recalibrate_batchnorm(lambda x: self.backbone_features(x, task=name),
+                                         self.task_batchnorms(name), loader, max_batches, input_fn)
+        finally:
+            self.train(was_training)
+
+    def backbone_features(self, *inputs: Any, task: str | None = None, **kwargs: Any) -> Any:
+        """The backbone's output under ``task`` (no head)."""
+        with self.using_task(task if task is not None else self.context.active), eval_pass(self.context.checks):
+            return self.backbone(*inputs, **kwargs)
+
+    def save_task(self, name: str, path: str | Path, info: Mapping[str, Any] | None = None) -> Path:
+        """Write the task's adapter (factors, norms, head, metadata) to one safetensors file;
+        ``info`` = ``{"labels": [...], "input": {...}, "outputs": {...}}`` travels with it
+        (see :func:`ftn.core.adapters.validate_task_info`)."""
+        return adapters.save_task(self, name, path, info=info)
+
+    def task_info(self, name: str) -> dict[str, Any]:
+        """What the task's adapter file says about its outputs and inputs (labels, input
+        preparation); empty for tasks saved without it."""
+        self.check_task(name)
+        return copy.deepcopy(self._task_info.get(name, {}))
+
+    def set_task_info(self, name: str, info: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Record what the task's outputs mean and how its inputs are prepared (checked by
+        :func:`ftn.core.adapters.validate_task_info` against its head); saved with its adapter."""
+        self.check_task(name)
+        try:
+            checked = adapters.validate_task_info(info, self.heads[name])
+        except TypeError as exc:
+            raise ConfigError(f"task info must be plain JSON: {exc}") from None
+        self._task_info[name] = checked
+        return copy.deepcopy(checked)
+
+    def task_spec(self, name: str) -> dict[str, Any]:
+        """How the task's ranks were asked for: ``{"rank": R, "rank_pattern": {...} | None}``, plus
+        ``unfreeze`` / ``gate`` where :meth:`add_task` got them, and ``budget`` (ΔW parameters),
+        ``budget_request`` (as given) and ``allocation`` (``auto`` | ``uniform``) for a task added
+        with a budget (empty for tasks added with explicit per-layer ranks and no spec)."""
+        self.check_task(name)
+        return copy.deepcopy(self._task_specs.get(name, {}))
+
+    def load_task(self, path: str | Path, name: str | None = None, head: nn.Module | None = None,
+                  check_fingerprint: bool = True) -> str:
+        """Add a task from an adapter file, after checking it against this backbone."""
+        return adapters.load_task(self, path, name=name, head=head, check_fingerprint=check_fingerprint)
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    """What :mod:`ftn.core.injection` puts in: a frozen ``.base`` and ``merged_module(task)``."""
+    return "base" in module._modules and callable(getattr(type(module), "merged_module", None))
+
+
+class TaskModel(nn.Module):
+    """One task of an :class:`FTNModel`: ``forward(*inputs)`` is ``model(*inputs, task=name)``.
+
+    It registers only the task's own modules (its weight updates, norm copies and head; the very
+    same objects, nothing is copied), so ``parameters()`` and ``buffers()`` are exactly what one
+    task trains and what a data-parallel wrapper must synchronise::
+
+        ddp = DistributedDataParallel(model.for_task("sketch"))  # find_unused_parameters=False
+        loss = criterion(ddp(x), y); loss.backward(); optimizer.step()
+
+    Wrapping the whole ``FTNModel`` in DDP instead would register every task's parameters, and
+    the tasks not run in a step would make DDP wait for gradients that never come. The frozen
+    backbone is left out too: every process must build it from the same weights (compare
+    ``backbone_fingerprint()`` across ranks if in doubt). Its ``state_dict()`` holds the
+    task's tensors only; save tasks with ``FTNModel.save_task``.
+    """
+
+    def __init__(self, model: FTNModel, name: str) -> None:
+        super().__init__()
+        self.__dict__["model"] = model  # not a submodule: the shared backbone is not this module's
+        self.task = name
+        self.parts = nn.ModuleDict()
+        for layer_name, layer in model.adapted_layers().items():
+            if name in layer.tasks:
+                self.parts[f"delta:{layer_name}".replace(".", ":")] = layer.tasks[name]
+        for layer_name, norm in model.task_norm_layers().items():
+            self.parts[f"norm:{layer_name}".replace(".", ":")] = norm.tasks[name]
+        self.head = model.heads[name]
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        return self.model(*inputs, task=self.task, **kwargs)
+
+    def train(self, mode: bool = True) -> TaskModel:
+        super().train(mode)
+        self.model.train(mode)  # the wrappers' own state (eval caches, frozen norms) follows
+        return self

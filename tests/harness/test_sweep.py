@@ -17,7 +17,7 @@ from ftn.training.config import apply_overrides, load_config, new_config
 from ftn.training.runner import evaluate_tasks
 from ftn.training.setting import Classify
 from ftn.training.stats import mean_std, paired_bootstrap, paired_t_interval
-from ftn.apps.sweep.sweep import SweepSpec, choose_lr, lr_grids, pareto_front, parse_axis, run_sweep
+from ftn.apps.sweep import SweepSpec, choose_lr, lr_grids, pareto_front, parse_axis, run_sweep
 
 TINY = ["model.backbone=tiny_convnet", "model.pretrained=false", "data.image_size=16", "data.domains=[mnist,fashion]"]
 
@@ -115,14 +115,14 @@ def test_grid_axis_for_one_method_and_forced_lr_choice(tmp_path):
                      axes=[parse_axis("ftn:method.ftn.rank=1,2")], seeds=[0],
                      lr_grid={"ftn": [1e-3, 1e-2], "linear": [1e-3, 1e-2]}, lr_extend=0, progress=False)
     # Force the choice: a fake validation score that prefers the larger rate for ftn.
-    import ftn.apps.sweep.sweep as sweep
+    import ftn.apps.sweep.report as report
 
-    real = sweep._val_score
-    sweep._val_score = lambda run: 1.0 if run.lr == 1e-2 else 0.0
+    real = report._val_score
+    report._val_score = lambda run: 1.0 if run.lr == 1e-2 else 0.0
     try:
         results = run_sweep(spec)
     finally:
-        sweep._val_score = real
+        report._val_score = real
     groups = {(g["method"], g["grid_point"]): g for g in results["groups"]}
     assert set(groups) == {("ftn", "method.ftn.rank=1"), ("ftn", "method.ftn.rank=2"), ("linear", "default")}
     assert all(g["lr"] == 1e-2 for g in groups.values())
@@ -134,11 +134,11 @@ def test_grid_axis_for_one_method_and_forced_lr_choice(tmp_path):
 
     # --compare-axis: grid points of one method that differ only in that axis, first value first.
     spec.compare_axis = "method.ftn.rank"
-    sweep._val_score = lambda run: 1.0 if run.lr == 1e-2 else 0.0
+    report._val_score = lambda run: 1.0 if run.lr == 1e-2 else 0.0
     try:
         again = run_sweep(spec)
     finally:
-        sweep._val_score = real
+        report._val_score = real
     assert again["trained"] == []  # everything was there already
     within = [c for c in again["comparisons"] if c["method"] == "ftn"]
     assert [(c["reference_point"], c["grid_point"]) for c in within] == [("method.ftn.rank=1", "method.ftn.rank=2")]
@@ -157,13 +157,13 @@ def _tiny_base(method):
 def test_an_edge_choice_extends_the_lr_grid_until_interior_or_the_limit(tmp_path, monkeypatch):
     """The chosen rate at the top of the grid adds a rate above (the grid's ratio), and again
     while the choice stays there, up to --lr-extend; an interior choice stops it."""
-    import ftn.apps.sweep.sweep as sweep
+    import ftn.apps.sweep.report as report
 
     bases = {}
     spec = SweepSpec(base=lambda m: bases.setdefault(m, _tiny_base(m)), methods=["linear", "norm_head"],
                      output=tmp_path / "ext", seeds=[0], lr_factors=(0.5, 1.0, 2.0), lr_extend=2, progress=False)
     peak = {"linear": 1e9, "norm_head": 0.004}  # linear: better the higher; norm_head: best at 0.004
-    monkeypatch.setattr(sweep, "_val_score", lambda run: -abs(np.log(run.lr / peak[run.method])))
+    monkeypatch.setattr(report, "_val_score", lambda run: -abs(np.log(run.lr / peak[run.method])))
     results = run_sweep(spec)
     groups = {g["method"]: g for g in results["groups"]}
     # linear: base 1e-3 → 5e-4, 1e-3, 2e-3; extended twice upwards, still at the edge
@@ -183,13 +183,13 @@ def test_an_edge_choice_extends_the_lr_grid_until_interior_or_the_limit(tmp_path
 def test_tune_axis_is_chosen_on_validation_with_the_lr_and_reported_per_value(tmp_path, monkeypatch):
     """--tune taps:method.taps.penalty=...: every (λ, rate) pair trained with the first seed, the
     best on validation chosen, the other seeds at that pair; per λ the layers on and parameters."""
-    import ftn.apps.sweep.sweep as sweep
+    import ftn.apps.sweep.report as report
 
     bases = {}
     spec = SweepSpec(base=lambda m: bases.setdefault(m, _tiny_base(m)), methods=["taps"], output=tmp_path / "tune",
                      seeds=[0, 1], lr_grid={"taps": [1e-3, 2e-3]}, lr_extend=0,
                      tune=[parse_axis("taps:method.taps.penalty=0,30")], progress=False)
-    monkeypatch.setattr(sweep, "_val_score",
+    monkeypatch.setattr(report, "_val_score",
                         lambda run: (1.0 if dict(run.tuned)["method.taps.penalty"] == "30" else 0.0) + run.lr)
     results = run_sweep(spec)
     (g,) = results["groups"]
@@ -315,7 +315,7 @@ def test_t_interval_over_seeds_and_mean_std():
 def test_a_key_added_to_the_schema_later_does_not_make_an_old_run_another_config():
     """Resuming a sweep after the schema grew a key (at its default) must reuse the old runs;
     a real difference, or the new key away from its default, still counts."""
-    from ftn.apps.sweep.sweep import _diff
+    from ftn.apps.sweep.run import _diff
 
     old = {"method": {"name": "ftn", "ftn": {"rank": 8}}, "train": {"lr": 0.1}}
     default = {"method": {"name": "ftn", "ftn": {"rank": 8}, "budget": None}, "train": {"lr": 0.001}}

@@ -166,7 +166,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     from ..core.errors import ConfigError
     from .sweep.sources import config_base, demo_base
-    from .sweep.sweep import DEFAULT_LR_FACTORS, QUICK, SweepSpec, parse_axis, parse_lr_grid, run_sweep
+    from .sweep import DEFAULT_LR_FACTORS, QUICK, SweepSpec, parse_axis, parse_lr_grid, run_sweep
 
     # Trailing key=value overrides may follow --methods / --seeds (argparse would take them there).
     overrides = [*args.overrides, *(m for m in args.methods if "=" in m), *(s for s in args.seeds if "=" in s)]

@@ -10,7 +10,6 @@ labels.
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,33 +194,14 @@ def load_adapter(model: FTNModel, path: str | Path, name: str | None = None, fin
 
 
 # ----------------------------------------------------------------------------- dense outputs
-_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
 def save_dense_prediction(prediction: Tensor, info: Mapping[str, Any], path: str | Path) -> Path:
-    """Write one dense prediction ``[C, H, W]`` as a PNG: semantic classes as a palette image,
+    """Write one dense prediction ``[C, H, W]`` as a PNG, drawn as its task's record says
+    (:func:`ftn.settings.dense.tasks.prediction_image`): semantic classes as a palette image,
     depth as grayscale (near = bright, scaled to the image's range), normals as RGB
     ((n + 1) / 2), edges as the sigmoid probability."""
-    import numpy as np
+    from ...settings.dense.tasks import prediction_image
 
-    task = (_dense_spec(info) or {}).get("task", "")
-    p = prediction.detach().float().cpu()
-    if task == "semseg" or (not task and p.shape[0] > 3):
-        classes = p.argmax(0).numpy().astype(np.uint8)
-        palette = [c for i in range(256) for c in _PALETTE[i % len(_PALETTE)]]
-        img = Image.fromarray(classes, mode="P")
-        img.putpalette(palette)
-    elif task == "normals" or p.shape[0] == 3:
-        img = Image.fromarray(((p.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy(), mode="RGB")
-    else:
-        m = p[0]
-        if task == "edge":
-            m = torch.sigmoid(m)
-        else:  # depth: bright = near
-            lo, hi = float(m.min()), float(m.max())
-            m = 1 - (m - lo) / (hi - lo) if hi > lo and math.isfinite(hi - lo) else torch.zeros_like(m)
-        img = Image.fromarray((m.clamp(0, 1) * 255).round().byte().numpy(), mode="L")
+    img = prediction_image((_dense_spec(info) or {}).get("task", ""), prediction)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

@@ -29,7 +29,8 @@ import torch
 from ...training.config import ExperimentConfig, apply_overrides, new_config
 from ...training.runner import build, load_tasks, run_experiments
 from .scenes import CLASS_NAMES, write_nyud_layout
-from .setting import MAIN_METRICS, compare
+from .setting import compare
+from .tasks import dense_task, main_metrics
 
 __all__ = ["run_dense_demo", "format_dense_table", "dense_demo_config", "save_predictions", "FULL", "QUICK",
            "VARIANTS"]
@@ -97,10 +98,12 @@ def run_dense_demo(output: str | Path = "outputs/dense_demo", quick: bool = Fals
     names = list(VARIANTS)
     cfgs = [dense_demo_config(output, v, quick, extra) for v in names]
 
+    main = main_metrics()
+
     def report(i: int, task: str, res: dict[str, Any]) -> None:
         if progress:
             done = ", ".join(f"{k.replace('/', ' ')}={v:.3f}" for k, v in res["test"].items()
-                             if k.split("/")[-1] == MAIN_METRICS.get(k.split("/")[0]))
+                             if k.split("/")[-1] == main.get(k.split("/")[0]))
             print(f"[{_LABELS[names[i]]} / {task}] {done}", flush=True)
 
     summaries = run_experiments(cfgs, progress=progress, workers=workers, threads=1, on_result=report)
@@ -108,7 +111,7 @@ def run_dense_demo(output: str | Path = "outputs/dense_demo", quick: bool = Fals
     preview = tuple(i for i in size["preview"] if i < n_val)
     order = ("single", "mtl", "ftn")
     results: dict[str, Any] = {"tasks": list(cfgs[0].data.tasks), "methods": {v: runs[v] for v in order},
-                               "main_metrics": dict(MAIN_METRICS), "quick": quick,
+                               "main_metrics": main, "quick": quick,
                                "scenes": {"train": n_train, "val": n_val, "size": size["size"],
                                           "render_seconds": round(render_seconds, 1)}}
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -168,26 +171,19 @@ def _cpu_count() -> int:
 
 
 def format_dense_table(results: dict[str, Any]) -> str:
-    """Markdown table: one row per method with each task's metrics, Δm and stored parameters."""
+    """Markdown table: one row per method with each task's metrics (the columns of its record's
+    ``table``), Δm and stored parameters."""
     tasks = results["tasks"]
-    cols: list[tuple[str, str, str, float]] = []  # (header, task, key, scale)
-    spec = {
-        "semseg": [("mIoU ↑", "mIoU", 100), ("pix. acc ↑", "pixel_acc", 100)],
-        "depth": [("RMSE ↓", "rmse", 1), ("abs rel ↓", "abs_rel", 1)],
-        "normals": [("mean° ↓", "mean_angle", 1), ("median° ↓", "median_angle", 1), ("<11.25° ↑", "within_11.25", 100),
-                    ("<22.5° ↑", "within_22.5", 100), ("<30° ↑", "within_30", 100)],
-        "edge": [("odsF ↑", "odsF", 100)],
-    }
+    cols: list[tuple[str, str, str, float, int]] = []  # (header, task, key, scale, decimals)
     for t in tasks:
-        cols += [(f"{t} {h}", t, k, s) for h, k, s in spec[t]]
+        cols += [(f"{t} {c.header}", t, c.metric, c.scale, c.digits) for c in dense_task(t).table]
     header = ["method", *(c[0] for c in cols), "Δm (%) ↑", "stored params (4 tasks)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = results["methods"].get("single", {}).get("stored_parameters")
     for m, r in results["methods"].items():
         cells = [_LABELS.get(m, m)]
-        for _, t, k, s in cols:
-            v = r["metrics"][t][k] * s
-            cells.append(f"{v:.3f}" if k in ("rmse", "abs_rel") else f"{v:.2f}")
+        for _, t, k, s, digits in cols:
+            cells.append(f"{r['metrics'][t][k] * s:.{digits}f}")
         dm = r.get("delta_m")
         cells.append("—" if dm is None else f"{100 * dm:+.2f}")
         total = r["stored_parameters"]
@@ -206,37 +202,11 @@ def _denorm(img: torch.Tensor) -> Any:
     return (img * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def _as_image(task: str, x: torch.Tensor, is_pred: bool) -> tuple[Any, dict[str, Any]]:
-    """(array, imshow kwargs) for a truth (label format) or prediction (head output)."""
-    import numpy as np
-
-    if task == "semseg":
-        lab = x.argmax(0) if is_pred else x
-        lab = lab.numpy().astype(float)
-        lab[lab == 255] = np.nan
-        return lab, {"cmap": "tab10", "vmin": 0, "vmax": 9, "interpolation": "nearest"}
-    if task == "depth":
-        d = x.reshape(x.shape[-2:]).numpy().astype(float)
-        if not is_pred:
-            d[d <= 0] = np.nan
-        return d, {"cmap": "viridis", "vmin": 0.0, "vmax": None}
-    if task == "normals":
-        n = x.float()
-        if is_pred:
-            n = torch.nn.functional.normalize(n, dim=0)
-        valid = n.norm(dim=0, keepdim=True) > 0
-        rgb = torch.where(valid, (n + 1) / 2, torch.ones_like(n))
-        return rgb.permute(1, 2, 0).clamp(0, 1).numpy(), {}
-    e = torch.sigmoid(x) if is_pred else x.clone()
-    e = e.reshape(e.shape[-2:]).numpy().astype(float)
-    e[e > 1] = np.nan
-    return e, {"cmap": "gray_r", "vmin": 0, "vmax": 1, "interpolation": "nearest"}
-
-
 def save_predictions(cfg: ExperimentConfig, previews: dict[str, dict[str, torch.Tensor]], indices: tuple[int, ...],
                      path: str | Path) -> Path:
     """Grid PNG: for each validation scene a block of rows (truth, then one row per method), a
-    column per task after the input. Depth shares one colour scale per scene (truth's range)."""
+    column per task after the input, each map drawn by its task record's ``show`` (depth shares
+    one colour scale per scene: the truth's range)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -253,17 +223,16 @@ def save_predictions(cfg: ExperimentConfig, previews: dict[str, dict[str, torch.
     r = 0
     for k, idx in enumerate(indices):
         sample = val[idx]
-        depth_max = float(sample["depth"].max()) if "depth" in sample else None
         for row_kind in ["truth", *methods]:
             ax_row = axes[r]
             ax_row[0].imshow(_denorm(sample["image"]))
             ax_row[0].set_ylabel("truth" if row_kind == "truth" else _LABELS[row_kind].split(" (")[0], fontsize=8)
             for j, t in enumerate(tasks):
                 src = sample[t] if row_kind == "truth" else previews[row_kind][t][k]
-                arr, kw = _as_image(t, src, row_kind != "truth")
-                if t == "depth":
-                    kw["vmax"] = depth_max
-                ax_row[1 + j].imshow(arr, **kw)
+                show = dense_task(t).show
+                if show is not None:
+                    arr, kw = show(src, row_kind != "truth", sample[t])
+                    ax_row[1 + j].imshow(arr, **kw)
                 if r == 0:
                     ax_row[1 + j].set_title(t, fontsize=9)
             if r == 0:

@@ -7,7 +7,8 @@ multi-task network, all with one DeepLabv3+ decoder per task.
   upsample to (``4 × low`` would be wrong for sizes not divisible by 4, e.g. NYUD's 425×560 crops).
 - :class:`DenseHead` is a :class:`~ftn.settings.dense.deeplab.DeepLabV3PlusHead` taking that triple and
   returning the task's map at input resolution: semseg logits (C channels), depth (1), unit
-  normals (3, L2-normalised in the head) and edge logits (1).
+  normals (3, L2-normalised in the head) and edge logits (1) — the channels and what the head
+  applies come from the task's record (:mod:`ftn.settings.dense.tasks`).
 - :class:`DenseHeads` holds the decoders of one training task (one dense task, or all of them
   for the shared-encoder multi-task model) and returns ``{task: map}``.
 """
@@ -18,12 +19,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.errors import ConfigError
 from .deeplab import DeepLabV3PlusHead, MultiScaleEncoder, aspp_rates
-from .nyud import TASKS
+from .tasks import DENSE_TASKS
 
 __all__ = [
     "DenseEncoder",
@@ -38,10 +38,9 @@ __all__ = [
 
 def task_channels(task: str, num_classes: int) -> int:
     """Output channels of a task's head: classes for semseg, 1 for depth and edge, 3 for normals."""
-    channels = {"semseg": num_classes, "depth": 1, "normals": 3, "edge": 1}
-    if task not in channels:
-        raise ConfigError(f"unknown dense task {task!r}; known: {list(TASKS)}")
-    return channels[task]
+    if task not in DENSE_TASKS:
+        raise ConfigError(f"unknown dense task {task!r}; known: {list(DENSE_TASKS)}")
+    return DENSE_TASKS[task].channels(num_classes)
 
 
 class DenseEncoder(nn.Module):
@@ -61,22 +60,23 @@ class DenseEncoder(nn.Module):
 
 
 class DenseHead(nn.Module):
-    """One task's DeepLabv3+ decoder on ``(low, high, size)``; output at ``size``.
-
-    ``task="normals"`` L2-normalises the 3-vector of every pixel (the losses and metrics do it
-    again, harmlessly); other tasks return raw values (semseg and edge logits, depth in metres).
+    """One task's DeepLabv3+ decoder on ``(low, high, size)``; output at ``size``, passed through
+    the task's ``activation`` when its record has one (normals: L2-normalises the 3-vector of
+    every pixel); other tasks return raw values (semseg and edge logits, depth in metres).
     """
 
     def __init__(self, task: str, head: DeepLabV3PlusHead) -> None:
         super().__init__()
         self.task = task
         self.head = head
+        spec = DENSE_TASKS.get(task)
+        self.activation = spec.activation if spec is not None else None
 
     def forward(self, features: Sequence[Any]) -> Tensor:
         low, high, size = features
         out = self.head((low, high), size)
-        if self.task == "normals":
-            out = F.normalize(out, dim=1, eps=1e-12)
+        if self.activation is not None:
+            out = self.activation(out)
         return out
 
 

@@ -20,6 +20,9 @@ A sample is a dict of tensors: ``image`` float 3×H×W (ImageNet-normalised), ``
 
 Augmentations work on that dict *before* normalisation, with the image in [0, 1], so that any
 padding can use the mean colour (which normalises to exactly 0).
+
+Where each task's labels lie, how they are read and how augmentation treats them is the task's
+record (:mod:`ftn.settings.dense.tasks`); every registered task can be loaded.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ...core.errors import ConfigError, DataError
+from .tasks import TASKS, dense_task, dense_task_names
 
 __all__ = [
     "NYUDMultiTask",
@@ -51,13 +55,9 @@ __all__ = [
     "Resize",
 ]
 
-TASKS: tuple[str, ...] = ("semseg", "depth", "normals", "edge")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
-
-_FOLDERS = {"image": ("images", ".jpg"), "semseg": ("segmentation", ".png"), "depth": ("depth", ".npy"),
-            "normals": ("normals", ".npy"), "edge": ("edge", ".npy")}
+_IMAGES = ("images", ".jpg")
 
 Sample = dict[str, Any]
 
@@ -68,7 +68,8 @@ class NYUDMultiTask(Dataset[Sample]):
     Args:
         root: folder with the layout in the module docstring.
         split: name of a list in ``root/gt_sets`` (``"train"``, ``"val"``...).
-        tasks: labels to load, a subset of ``TASKS``.
+        tasks: labels to load, registered dense tasks (default: every one, see
+            :func:`~ftn.settings.dense.tasks.dense_task_names`).
         transform: callable on the sample dict (tensors, image in [0, 1]), applied before the
             image is normalised; e.g. ``JointCompose([RandomScale(), RandomCrop(...), ...])``.
         normalize: subtract the ImageNet mean and divide by its std (after ``transform``).
@@ -83,15 +84,16 @@ class NYUDMultiTask(Dataset[Sample]):
         self,
         root: str | os.PathLike[str],
         split: str = "train",
-        tasks: Sequence[str] = TASKS,
+        tasks: Sequence[str] | None = None,
         transform: Callable[[Sample], Sample] | None = None,
         normalize: bool = True,
         zero_is_void: bool | None = None,
     ) -> None:
         self.root = Path(root)
-        unknown = [t for t in tasks if t not in TASKS]
+        tasks = dense_task_names() if tasks is None else tasks
+        unknown = [t for t in tasks if t not in dense_task_names()]
         if unknown:
-            raise ConfigError(f"unknown NYUD task(s) {unknown}; known: {list(TASKS)}")
+            raise ConfigError(f"unknown NYUD task(s) {unknown}; known: {list(dense_task_names())}")
         self.tasks = tuple(tasks)
         self.split = split
         self.transform = transform
@@ -123,7 +125,7 @@ class NYUDMultiTask(Dataset[Sample]):
             raise DataError(f"{len(missing)} file(s) of split {split!r} missing: {', '.join(missing[:5])}{more}")
 
     def _path(self, key: str, sample_id: str) -> Path:
-        folder, ext = _FOLDERS[key]
+        folder, ext = _IMAGES if key == "image" else (dense_task(key).folder, dense_task(key).suffix)
         return self.root / folder / f"{sample_id}{ext}"
 
     def __len__(self) -> int:
@@ -139,58 +141,20 @@ class NYUDMultiTask(Dataset[Sample]):
         except (OSError, UnidentifiedImageError, ValueError) as e:  # truncated/corrupt/unknown
             raise DataError(f"{path}: cannot read image ({e})") from e
 
-    @staticmethod
-    def _open_npy(path: Path) -> np.ndarray:
-        try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            raise DataError(f"{path}: cannot read array ({e})") from e
-
-    def _load(self, key: str, sample_id: str, hw: tuple[int, int] | None) -> np.ndarray:
-        path = self._path(key, sample_id)
-        if key == "image":
-            arr = self._open_image(path)
-        elif key == "semseg":
-            try:
-                with Image.open(path) as im:
-                    arr = np.asarray(im)
-            except (OSError, UnidentifiedImageError, ValueError) as e:
-                raise DataError(f"{path}: cannot read label image ({e})") from e
-            if arr.ndim != 2:
-                raise DataError(f"{path}: label image must be single-channel, got shape {arr.shape}")
-        else:
-            arr = self._open_npy(path)
-            if key == "normals" and (arr.ndim != 3 or arr.shape[2] != 3):
-                raise DataError(f"{path}: normals must be H×W×3, got shape {arr.shape}")
-            if key in ("depth", "edge"):
-                arr = np.squeeze(arr)  # some NYUD exports carry a trailing singleton axis
-                if arr.ndim != 2:
-                    raise DataError(f"{path}: {key} must be H×W, got shape {arr.shape}")
-        if hw is not None and tuple(arr.shape[:2]) != hw:
-            raise DataError(f"{path}: size {arr.shape[:2]} differs from the image's {hw}")
-        return arr
+    def _load(self, task: str, sample_id: str, hw: tuple[int, int]) -> Tensor:
+        path = self._path(task, sample_id)
+        label = dense_task(task).read(path, self)
+        if tuple(label.shape[-2:]) != hw:
+            raise DataError(f"{path}: size {tuple(label.shape[-2:])} differs from the image's {hw}")
+        return label
 
     def __getitem__(self, index: int) -> Sample:
         sample_id = self.ids[index]
-        img = self._load("image", sample_id, None)
+        img = self._open_image(self._path("image", sample_id))
         hw = (img.shape[0], img.shape[1])
         sample: Sample = {"image": torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255.0}
         for task in self.tasks:
-            arr = self._load(task, sample_id, hw)
-            if task == "semseg":
-                lab = arr.astype(np.int64)
-                if self.zero_is_void:
-                    lab = np.where(lab == 0, IGNORE_INDEX, lab - 1)
-                sample["semseg"] = torch.from_numpy(lab)
-            elif task == "depth":
-                d = arr.astype(np.float32)
-                d[~np.isfinite(d) | (d < 0)] = 0.0  # NaN/negative holes become "invalid"
-                sample["depth"] = torch.from_numpy(d)[None]
-            elif task == "normals":
-                n = np.nan_to_num(arr.astype(np.float32))
-                sample["normals"] = torch.from_numpy(np.ascontiguousarray(n.transpose(2, 0, 1)))
-            else:
-                sample["edge"] = torch.from_numpy(arr.astype(np.float32))[None]
+            sample[task] = self._load(task, sample_id, hw)
         sample["meta"] = {"id": sample_id, "index": index, "size": hw}
         if self.transform is not None:
             sample = self.transform(sample)
@@ -207,9 +171,12 @@ class NYUDMultiTask(Dataset[Sample]):
 # --------------------------------------------------------------------------------------------
 # Joint augmentations. All of them take and return the sample dict; spatial keys they do not
 # know (e.g. "meta") pass through untouched. Randomness comes from torch's global generator (or
-# the one given), so DataLoader worker seeding applies as for any torchvision transform.
+# the one given), so DataLoader worker seeding applies as for any torchvision transform. What
+# they do to a task's labels is in its record (pad value, smooth resize, mirroring).
 
-_SPATIAL = ("image", "semseg", "depth", "normals", "edge")
+
+def _spatial() -> tuple[str, ...]:
+    return ("image", *dense_task_names())
 
 
 def _rand(generator: torch.Generator | None) -> float:
@@ -219,20 +186,18 @@ def _rand(generator: torch.Generator | None) -> float:
 def _resize(sample: Sample, size: tuple[int, int], normals_mode: str) -> Sample:
     """Resize every spatial entry to ``size``: bilinear for the image, nearest for labels and
     depth (averaging depths across an object boundary would invent surfaces that are not there);
-    normals nearest or bilinear-then-renormalised."""
+    with ``normals_mode="bilinear"``, the tasks with a smooth resize (normals: bilinear, then
+    renormalised) use it."""
     out = dict(sample)
-    for key in _SPATIAL:
+    for key in _spatial():
         if key not in sample:
             continue
         x = sample[key]
+        smooth = None if key == "image" else dense_task(key).smooth_resize
         if key == "image":
             out[key] = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
-        elif key == "normals" and normals_mode == "bilinear":
-            n = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
-            norm = n.norm(dim=0, keepdim=True)
-            # Averaging unit vectors shortens them; renormalise, and keep "invalid" (0) where
-            # the interpolated vector all but vanished (mostly invalid neighbours).
-            out[key] = torch.where(norm > 0.5, n / norm.clamp_min(1e-12), torch.zeros_like(n))
+        elif smooth is not None and normals_mode == "bilinear":
+            out[key] = smooth(x, size)
         else:
             y = x[None, None] if x.dim() == 2 else x[None]
             y = F.interpolate(y.float(), size=size, mode="nearest-exact")
@@ -292,8 +257,8 @@ class RandomCrop:
     """Random ``size`` crop, padding first (bottom/right) where the sample is smaller.
 
     Padding values mark "no information": image = ``image_fill`` (the ImageNet mean, which
-    normalises to 0), semseg and edge = 255 (ignored by the losses/metrics here), depth = 0 and
-    normals = 0 (invalid).
+    normalises to 0), labels their task's ``pad_value``: semseg and edge = 255 (ignored by the
+    losses/metrics here), depth = 0 and normals = 0 (invalid).
     """
 
     def __init__(self, size: int | Sequence[int], image_fill: Sequence[float] = IMAGENET_MEAN,
@@ -308,7 +273,7 @@ class RandomCrop:
         ph, pw = max(0, th - h), max(0, tw - w)
         out = dict(sample)
         if ph or pw:
-            for key in _SPATIAL:
+            for key in _spatial():
                 if key not in sample:
                     continue
                 x = sample[key]
@@ -316,20 +281,20 @@ class RandomCrop:
                     fill = torch.tensor(self.image_fill, dtype=x.dtype).view(3, 1, 1)
                     out[key] = F.pad(x - fill, (0, pw, 0, ph)) + fill
                 else:
-                    value = float(IGNORE_INDEX) if key in ("semseg", "edge") else 0.0
-                    out[key] = F.pad(x, (0, pw, 0, ph), value=value)
+                    out[key] = F.pad(x, (0, pw, 0, ph), value=dense_task(key).pad_value)
             h, w = h + ph, w + pw
         top = int(_rand(self.generator) * (h - th + 1))
         left = int(_rand(self.generator) * (w - tw + 1))
-        for key in _SPATIAL:
+        for key in _spatial():
             if key in out:
                 out[key] = out[key][..., top:top + th, left:left + tw]
         return out
 
 
 class RandomHorizontalFlip:
-    """Mirror left-right with probability ``p``. Normals are in a camera frame whose x axis
-    points right, so mirroring the image negates their x component (y and z are unchanged)."""
+    """Mirror left-right with probability ``p``; a task's ``mirror`` then fixes up its labels.
+    Normals are in a camera frame whose x axis points right, so mirroring the image negates
+    their x component (y and z are unchanged)."""
 
     def __init__(self, p: float = 0.5, generator: torch.Generator | None = None) -> None:
         self.p = p
@@ -339,13 +304,13 @@ class RandomHorizontalFlip:
         if _rand(self.generator) >= self.p:
             return sample
         out = dict(sample)
-        for key in _SPATIAL:
+        for key in _spatial():
             if key in sample:
                 out[key] = sample[key].flip(-1)
-        if "normals" in out:
-            n = out["normals"].clone()
-            n[0] = -n[0]
-            out["normals"] = n
+        for key in dense_task_names():
+            mirror = dense_task(key).mirror
+            if key in out and mirror is not None:
+                out[key] = mirror(out[key])
         return out
 
 

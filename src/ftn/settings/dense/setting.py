@@ -12,9 +12,11 @@ weighted sum Σ_t w_t L_t. So every method of :mod:`ftn.training.methods` works 
 
 Each task uses the same loss weight ``w_t`` in every method (so methods differ only in what is
 shared); the defaults are Multi-Task-Learning-PyTorch's NYUD weights (semseg 1, depth 1, normals
-10, edge 50). Metrics are dataset-level (:mod:`ftn.settings.dense.metrics`), reported on ``data.test_split``
-(NYUD's ``val``); there is no model selection unless ``data.val_split`` is set (then the epoch
-with the lowest weighted validation loss is kept). :func:`compare` adds the multi-task gain Δm
+10, edge 50). What the setting knows about each dense task (loss, meter, metrics kept, headline
+metric and its direction) is the task's record in :mod:`ftn.settings.dense.tasks`. Metrics are
+dataset-level (:mod:`ftn.settings.dense.metrics`), reported on ``data.test_split`` (NYUD's
+``val``); there is no model selection unless ``data.val_split`` is set (then the epoch with the
+lowest weighted validation loss is kept). :func:`compare` adds the multi-task gain Δm
 of each run against a single-task baseline run.
 """
 
@@ -33,67 +35,22 @@ from ...core.errors import ConfigError
 from ...training.config import DataConfig, ExperimentConfig, ModelConfig, check_choice
 from ...training.methods import TaskModel
 from ...training.setting import Objective, Setting, TaskData
-from .metrics import (
-    DEFAULT_DIRECTIONS,
-    DepthMeter,
-    EdgeMeter,
-    NormalsMeter,
-    SegmentationMeter,
-    depth_loss,
-    edge_loss,
-    multi_task_gain,
-    normals_loss,
-    semseg_loss,
-)
+from .metrics import multi_task_gain
 from .model import DenseHeads, build_encoder, build_head
-from .nyud import IMAGENET_MEAN, IMAGENET_STD, TASKS, JointCompose, NYUDMultiTask, RandomCrop, RandomHorizontalFlip, RandomScale, Resize
+from .nyud import IMAGENET_MEAN, IMAGENET_STD, JointCompose, NYUDMultiTask, RandomCrop, RandomHorizontalFlip, RandomScale, Resize
+from .tasks import DENSE_TASKS, NORMALS_STATS_RESOLUTION, DenseTask, dense_task, dense_task_names, main_metrics
 
-__all__ = ["DenseDataConfig", "DenseModelConfig", "DenseSetting", "DenseObjective", "DenseTask", "TASK_SPECS",
-           "MAIN_METRICS", "JOINT", "NORMALS_STATS_RESOLUTION", "compare", "task_loss", "dense_adapter_info"]
+__all__ = ["DenseDataConfig", "DenseModelConfig", "DenseSetting", "DenseObjective", "DenseTask", "JOINT",
+           "NORMALS_STATS_RESOLUTION", "compare", "task_loss", "dense_adapter_info"]
 
 #: The name of the one training task of ``data.joint=true``.
 JOINT = "all"
-#: Bin width (degrees) of the per-image normals histograms of :meth:`DenseObjective.example_stats`:
-#: the median angle recomputed from them is within 0.25° of the exact one (the other metrics exact).
-NORMALS_STATS_RESOLUTION = 0.5
-
-
-@dataclass(frozen=True)
-class DenseTask:
-    """What the setting needs to know about one dense task (a new task is one entry below, plus
-    its labels in :mod:`ftn.settings.dense.nyud`, its channels in :mod:`ftn.settings.dense.model` and its loss and
-    meter in :mod:`ftn.settings.dense.metrics`)."""
-
-    loss: Callable[[Tensor, Tensor, Any], Tensor]  # (head output, target, data config) → unweighted loss
-    meter: Callable[[int, Any], Any]  # (number of classes, data config) → a meter (update / compute)
-    reported: tuple[str, ...]  # metrics kept in results (curves and per-class lists are dropped)
-    main: str  # the headline metric, the one Δm averages over
-    probabilities: bool = False  # the meter wants sigmoid(output), not logits
-    # The meter whose per-image statistics ``ftn sweep`` keeps (None: ``meter``); the normals
-    # meter's 0.01° median histogram would be 18,000 columns per image, so it keeps 0.5° bins.
-    stats_meter: Callable[[int, Any], Any] | None = None
-
-
-TASK_SPECS: dict[str, DenseTask] = {
-    "semseg": DenseTask(lambda p, t, d: semseg_loss(p, t), lambda c, d: SegmentationMeter(c),
-                        ("mIoU", "pixel_acc"), "mIoU"),
-    "depth": DenseTask(lambda p, t, d: depth_loss(p, t), lambda c, d: DepthMeter(), ("rmse", "abs_rel"), "rmse"),
-    "normals": DenseTask(lambda p, t, d: normals_loss(p, t, kind=d.normals_loss), lambda c, d: NormalsMeter(),
-                         ("mean_angle", "median_angle", "within_11.25", "within_22.5", "within_30"), "mean_angle",
-                         stats_meter=lambda c, d: NormalsMeter(resolution_deg=NORMALS_STATS_RESOLUTION)),
-    "edge": DenseTask(lambda p, t, d: edge_loss(p, t, pos_weight=d.edge_pos_weight),
-                      lambda c, d: EdgeMeter(d.edge_thresholds, d.edge_max_dist, d.edge_tolerance_px,
-                                             nms=d.edge_nms),
-                      ("odsF", "oisF", "ods_threshold"), "odsF", probabilities=True),
-}
-#: One headline metric per task, as in the usual NYUD table; Δm averages over these.
-MAIN_METRICS: dict[str, str] = {t: spec.main for t, spec in TASK_SPECS.items()}
 
 
 @dataclass
 class DenseDataConfig(DataConfig):
     root: str | None = None  # NYUD-layout folder (real NYUD-v2 or write_nyud_layout output)
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    tasks: list[str] = field(default_factory=lambda: list(dense_task_names()))  # default: every registered task
     joint: bool = False  # true: one model for all tasks (full → the shared-encoder multi-task network)
     num_classes: int | None = None  # None: from classes.json, else 40 (NYUD-v2)
     train_split: str = "train"
@@ -106,9 +63,9 @@ class DenseDataConfig(DataConfig):
     eval_size: list[int] | None = None  # None: evaluate at the images' own size
     batch_size: int = 8
     eval_batch_size: int = 8
-    # Losses: the same weight multiplies a task's loss in every method.
+    # Losses: the same weight multiplies a task's loss in every method (default: each task's record).
     loss_weights: dict[str, float] = field(
-        default_factory=lambda: {"semseg": 1.0, "depth": 1.0, "normals": 10.0, "edge": 50.0})
+        default_factory=lambda: {name: task.loss_weight for name, task in DENSE_TASKS.items()})
     edge_pos_weight: float = 0.95
     normals_loss: str = "l1"  # l1 | cosine
     # Edge metric (BSDS protocol): thresholds and matching tolerance (fraction of the diagonal, or pixels).
@@ -129,7 +86,7 @@ class DenseModelConfig(ModelConfig):
 
 def task_loss(task: str, pred: Tensor, batch: Mapping[str, Tensor], d: DenseDataConfig) -> Tensor:
     """The task's unweighted loss (CE, masked L1, normals L1/cosine, balanced BCE)."""
-    return TASK_SPECS[task].loss(pred, batch[task], d)
+    return dense_task(task).loss(pred, batch[task], d)
 
 
 class DenseObjective(Objective):
@@ -165,7 +122,7 @@ class DenseObjective(Objective):
         return self._loss(model(batch["image"]), batch)
 
     def _meters(self, stats: bool = False) -> dict[str, Any]:
-        specs = {t: TASK_SPECS[t] for t in self.tasks}
+        specs = {t: dense_task(t) for t in self.tasks}
         return {t: ((s.stats_meter if stats and s.stats_meter else s.meter)(self.num_classes, self.d))
                 for t, s in specs.items()}
 
@@ -177,13 +134,13 @@ class DenseObjective(Objective):
             pairs = {}
             for t in self.tasks:
                 pred = out[t].float()
-                pairs[t] = ((torch.sigmoid(pred) if TASK_SPECS[t].probabilities else pred).cpu(), batch[t].cpu())
+                pairs[t] = ((torch.sigmoid(pred) if dense_task(t).probabilities else pred).cpu(), batch[t].cpu())
             each(self._image_losses(out, batch), pairs)
 
     def _result(self, loss: float, values: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
         result = {"loss": loss}
         for t in self.tasks:
-            result.update({f"{t}/{k}": float(values[t][k]) for k in TASK_SPECS[t].reported})
+            result.update({f"{t}/{k}": float(values[t][k]) for k in dense_task(t).reported})
         return result
 
     def metrics(self, model: TaskModel, batches: Iterable[Any]) -> dict[str, float]:
@@ -257,12 +214,7 @@ def dense_adapter_info(cfg: ExperimentConfig, task: str, train: Dataset, num_cla
     if task == JOINT:
         return None
     names = getattr(getattr(train, "dataset", train), "class_names", None)
-    if task == "semseg":
-        labels = list(names) if names and len(names) == num_classes else [f"class {i}" for i in range(num_classes)]
-    else:
-        labels = {"depth": ["depth (m)"], "normals": ["normal x", "normal y", "normal z"],
-                  "edge": ["edge logit"]}[task]
-    return {"labels": labels,
+    return {"labels": dense_task(task).output_labels(names, num_classes),
             "input": {"channels": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "resize": "none"},
             "outputs": {"kind": "dense", "task": task, "num_classes": num_classes, "head": _head_kwargs(cfg.model),
                         "layout": "dict",
@@ -284,9 +236,9 @@ class DenseSetting(Setting):
         if not d.tasks:
             raise ConfigError("data.tasks is empty")
         for t in (*d.tasks, *d.loss_weights):
-            check_choice("data.tasks / data.loss_weights: task", t, TASKS)
+            check_choice("data.tasks / data.loss_weights: task", t, dense_task_names())
         for t in cfg.method.ranks:
-            check_choice("method.ranks: task", t, (*TASKS, JOINT))
+            check_choice("method.ranks: task", t, (*dense_task_names(), JOINT))
         check_choice("data.normals_loss", d.normals_loss, ("l1", "cosine"))
         if len(d.crop) != 2 or min(d.crop) < 8:
             raise ConfigError(f"data.crop must be [height, width] >= 8, got {d.crop}")
@@ -352,14 +304,15 @@ class DenseSetting(Setting):
         m = self.cfg.model
         heads = {}
         for t in data.objective.tasks:
-            torch.manual_seed(self.cfg.seed * 1000 + TASKS.index(t))
+            torch.manual_seed(self.cfg.seed * 1000 + dense_task_names().index(t))
             heads[t] = build_head(self.encoder, t, data.objective.num_classes, **_head_kwargs(m))
         return DenseHeads(heads)
 
     shared_examples = True  # every task is scored on the same test images
 
     def gain_metrics(self) -> dict[str, tuple[str, int]]:
-        return {t: (f"{t}/{MAIN_METRICS[t]}", DEFAULT_DIRECTIONS[MAIN_METRICS[t]]) for t in self.cfg.data.tasks}
+        return {t: (f"{t}/{dense_task(t).main}", dense_task(t).directions[dense_task(t).main])
+                for t in self.cfg.data.tasks}
 
     def split_example_stats(self, task: str, rows: np.ndarray) -> dict[str, np.ndarray]:
         if task != JOINT:
@@ -374,17 +327,20 @@ class DenseSetting(Setting):
                     task, name = key.split("/", 1)
                     metrics.setdefault(task, {})[name] = value
         tasks = [t for t in self.cfg.data.tasks if t in metrics]
-        return {"metrics": {t: metrics[t] for t in tasks}, "main_metrics": {t: MAIN_METRICS[t] for t in tasks}}
+        return {"metrics": {t: metrics[t] for t in tasks}, "main_metrics": {t: dense_task(t).main for t in tasks}}
 
 
 def compare(runs: Mapping[str, dict[str, Any]], baseline: str) -> dict[str, dict[str, Any]]:
     """Add to each run's summary its multi-task gain Δm (``delta_m``, and per task
     ``delta_per_task``) against the ``baseline`` run (single-task networks, by convention),
-    over the headline metric of every task (:data:`MAIN_METRICS`)."""
+    over the headline metric of every task (each task record's ``main``, in the direction its
+    ``directions`` give)."""
     base = runs[baseline]["metrics"]
-    flat_base = {MAIN_METRICS[t]: base[t][MAIN_METRICS[t]] for t in base}
+    main = main_metrics()
+    directions = {main[t]: dense_task(t).directions[main[t]] for t in base}
+    flat_base = {main[t]: base[t][main[t]] for t in base}
     for run in runs.values():
-        flat = {MAIN_METRICS[t]: run["metrics"][t][MAIN_METRICS[t]] for t in base}
-        run["delta_m"] = multi_task_gain(flat, flat_base)
-        run["delta_per_task"] = {t: multi_task_gain(flat, flat_base, metrics=[MAIN_METRICS[t]]) for t in base}
+        flat = {main[t]: run["metrics"][t][main[t]] for t in base}
+        run["delta_m"] = multi_task_gain(flat, flat_base, directions)
+        run["delta_per_task"] = {t: multi_task_gain(flat, flat_base, directions, metrics=[main[t]]) for t in base}
     return dict(runs)

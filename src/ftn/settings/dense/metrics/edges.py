@@ -1,28 +1,17 @@
-"""Losses and dataset-level metrics for the four NYUD tasks, and the multi-task gain Δm.
+"""Edges: the class-balanced BCE loss and the BSDS boundary benchmark (odsF, oisF).
 
-Conventions follow Multi-Task-Learning-PyTorch / RCM (see ``docs/research-notes.md`` §2):
-semantic labels use 255 as "ignore"; depth 0 and all-zero normals mark invalid pixels; edge
-targets are {0, 1} with 255 = ignore (padding added by augmentation).
-
-Every metric is an accumulator: ``update(pred, target)`` for each batch, ``compute()`` once for
-the whole dataset, ``reset()`` to start again. Statistics are *pooled over all pixels of the
-dataset* (never a mean of per-image values), as the reference evaluation code does. Ratios are
-returned as fractions in [0, 1] (multiply by 100 for the usual tables); angles in degrees.
-Accumulators keep their sums on the CPU in float64/int64, so long evaluations do not lose
-precision, and accept tensors on any device.
-
-Per-image statistics: every meter's ``image_stats(pred, target)`` returns one row per image
-(``stats_width()`` columns) whose column sums are exactly what ``update`` adds to the meter (it
-is implemented through them), and ``from_stats(total)`` gives ``compute()``'s result for the
-images whose rows sum to ``total``. So a bootstrap can resample images and recompute the
-dataset-level metrics (``ftn sweep``'s paired intervals).
+The BSDS boundary benchmark (Martin et al. 2004; ``correspondPixels``/``boundaryBench`` in the
+BSDS500 code, ``edgesEvalImg``/``edgesEvalDir`` in Dollár's edges toolbox), as used on NYUD by
+HED, RCF and the dense multi-task papers with maxDist 0.011. Every step runs here in
+torch/numpy, the bipartite matching in scipy (imported on first use: ``pip install
+factorized-tensor-networks[train]``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -30,118 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...core.errors import ConfigError, DataError, ShapeError
+from ....core.errors import ConfigError, DataError, ShapeError
+from .common import IGNORE_INDEX, same_maps, zero_loss
 
-__all__ = [
-    "IGNORE_INDEX",
-    "semseg_loss",
-    "depth_loss",
-    "normals_loss",
-    "edge_loss",
-    "SegmentationMeter",
-    "DepthMeter",
-    "NormalsMeter",
-    "EdgeMeter",
-    "edge_nms",
-    "thin_edges",
-    "correspond_counts",
-    "DEFAULT_DIRECTIONS",
-    "multi_task_gain",
-]
-
-IGNORE_INDEX = 255
-
-
-# --------------------------------------------------------------------------------------------
-# Shape helpers
-
-
-def _map_shape(x: Tensor, name: str) -> Tensor:
-    """(H, W), (N, H, W) or (N, 1, H, W) -> (N, H, W)."""
-    if x.dim() == 2:
-        return x[None]
-    if x.dim() == 4 and x.shape[1] == 1:
-        return x[:, 0]
-    if x.dim() == 3:
-        return x
-    raise ShapeError(f"{name} must be (H, W), (N, H, W) or (N, 1, H, W), got {tuple(x.shape)}")
-
-
-def _same_maps(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    p, t = _map_shape(pred, "prediction"), _map_shape(target, "target")
-    if p.shape != t.shape:
-        raise ShapeError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    return p, t
-
-
-def _vector_maps(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """(3, H, W) or (N, 3, H, W) pairs -> (N, 3, H, W)."""
-    p = pred[None] if pred.dim() == 3 else pred
-    t = target[None] if target.dim() == 3 else target
-    if p.dim() != 4 or p.shape[1] != 3 or p.shape != t.shape:
-        raise ShapeError(
-            f"normals must both be (N, 3, H, W) or (3, H, W), got {tuple(pred.shape)} and {tuple(target.shape)}"
-        )
-    return p, t
-
-
-def _zero_loss(x: Tensor) -> Tensor:
-    # A loss of exactly 0 that still belongs to the graph, so backward() works on an all-invalid
-    # batch (e.g. a crop that fell entirely into padding).
-    return x.sum() * 0.0
-
-
-# --------------------------------------------------------------------------------------------
-# Losses
-
-
-def semseg_loss(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Cross-entropy averaged over labelled pixels.
-
-    ``L = (1/|V|) Σ_{p∈V} −log softmax(z_p)[y_p]`` with ``V = {p : y_p ≠ ignore_index}``;
-    ``logits`` (N, C, H, W), ``target`` (N, H, W) long. 0 when no pixel is labelled.
-    """
-    if logits.dim() != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
-        raise ShapeError(f"expected logits (N, C, H, W) and target (N, H, W), got {tuple(logits.shape)} and {tuple(target.shape)}")
-    if not bool((target != ignore_index).any()):
-        return _zero_loss(logits)
-    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
-
-
-def depth_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Masked L1: ``L = (1/|V|) Σ_{p∈V} |d_p − d*_p|`` with ``V = {p : d*_p > 0}``.
-
-    Shapes (N, 1, H, W), (N, H, W) or (H, W), equal for both. 0 when no pixel is valid.
-    """
-    p, t = _same_maps(pred, target)
-    valid = t > 0
-    n = valid.sum()
-    if int(n) == 0:
-        return _zero_loss(pred)
-    return ((p - t).abs() * valid).sum() / n
-
-
-def normals_loss(pred: Tensor, target: Tensor, kind: str = "l1") -> Tensor:
-    """Loss on L2-normalised predicted normals over valid pixels ``V = {p : ‖n*_p‖ > 0}``.
-
-    - ``kind="l1"`` (default, Multi-Task-Learning-PyTorch's ``NormalsLoss(normalize=True)``):
-      ``L = (1/(3|V|)) Σ_{p∈V} Σ_{c=1..3} |n̂_pc − n*_pc|``, a mean over valid *elements*.
-    - ``kind="cosine"``: ``L = (1/|V|) Σ_{p∈V} (1 − n̂_p · n*_p/‖n*_p‖)``.
-
-    ``n̂ = pred/‖pred‖``. Shapes (N, 3, H, W) or (3, H, W). 0 when no pixel is valid.
-    """
-    if kind not in ("l1", "cosine"):
-        raise ConfigError(f"normals loss kind must be 'l1' or 'cosine', got {kind!r}")
-    p, t = _vector_maps(pred, target)
-    valid = t.norm(dim=1) > 0  # (N, H, W)
-    n = valid.sum()
-    if int(n) == 0:
-        return _zero_loss(pred)
-    p = F.normalize(p, dim=1, eps=1e-12)
-    if kind == "l1":
-        return ((p - t).abs().sum(dim=1) * valid).sum() / (3 * n)
-    cos = (p * F.normalize(t, dim=1, eps=1e-12)).sum(dim=1)
-    return ((1.0 - cos) * valid).sum() / n
+__all__ = ["edge_loss", "EdgeMeter", "edge_nms", "thin_edges", "correspond_counts"]
 
 
 def edge_loss(logits: Tensor, target: Tensor, pos_weight: float = 0.95, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -156,325 +37,16 @@ def edge_loss(logits: Tensor, target: Tensor, pos_weight: float = 0.95, ignore_i
     """
     if not 0.0 <= pos_weight <= 1.0:
         raise ConfigError(f"pos_weight must lie in [0, 1], got {pos_weight}")
-    x, t = _same_maps(logits, target)
+    x, t = same_maps(logits, target)
     valid = t != ignore_index
     n = valid.sum()
     if int(n) == 0:
-        return _zero_loss(logits)
+        return zero_loss(logits)
     y = (t >= 0.5) & valid
     weight = torch.where(y, pos_weight, 1.0 - pos_weight) * valid
     bce = F.binary_cross_entropy_with_logits(x, y.to(x.dtype), reduction="none")  # stable log σ
     return (weight * bce).sum() / n
 
-
-# --------------------------------------------------------------------------------------------
-# Semantic segmentation
-
-
-class SegmentationMeter:
-    """Confusion-matrix accumulator for mIoU and pixel accuracy.
-
-    ``cm[i, j]`` counts labelled pixels of true class ``i`` predicted as ``j`` (pixels whose
-    target is ``ignore_index`` are skipped). Per class: ``IoU_c = TP/(TP + FP + FN)`` with
-    ``TP = cm[c, c]``, ``FP = Σ_i cm[i, c] − TP``, ``FN = Σ_j cm[c, j] − TP``.
-
-    ``average="all"`` (default, the reference convention): ``mIoU`` is the mean over all
-    ``num_classes`` of the IoUs computed from the dataset-level confusion matrix, as the NYUD
-    multi-task evaluation (Multi-Task-Learning-PyTorch / ASTMT ``eval_semseg``:
-    ``mean(tp / max(tp + fp + fn, 1e-8))``). A class that occurs in the truth but is never
-    predicted scores 0; a class absent from both truth and prediction also counts as 0 (the
-    reference's ``0 / eps``) — on NYUD-40 every class occurs in the 654 test images, so this case
-    does not arise there. ``average="present"``: the mean over the classes that occur in the
-    truth *or* the prediction (TP + FP + FN > 0) only. The two agree whenever every class occurs.
-    In ``iou`` a class absent from both is NaN (undefined) under either convention.
-    ``pixel_acc = Σ_c TP_c / Σ cm``.
-
-    ``update(pred, target)``: ``pred`` is logits/scores (N, C, H, W) (argmax over C) or labels
-    (N, H, W); ``target`` labels (N, H, W). Single images without N are accepted too.
-    """
-
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, average: str = "all") -> None:
-        if num_classes < 1:
-            raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
-        if average not in ("present", "all"):
-            raise ConfigError(f"average must be 'present' or 'all', got {average!r}")
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.average = average
-        self.reset()
-
-    def reset(self) -> None:
-        self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
-
-    def stats_width(self) -> int:
-        return self.num_classes * self.num_classes
-
-    @torch.no_grad()
-    def image_stats(self, pred: Tensor, target: Tensor) -> np.ndarray:
-        """Each image's confusion matrix, flattened: an int64 array (N, C²)."""
-        t = _map_shape(target, "target")
-        p, c = pred, self.num_classes
-        # Scores carry a class axis of length C: (N, C, H, W), or (C, H, W) for one image.
-        if p.dim() == 4 and p.shape[1] == c and c > 1:
-            p = p.argmax(dim=1)
-        elif p.dim() == 3 and target.dim() == 2 and p.shape[0] == c:
-            p = p.argmax(dim=0)
-        p = _map_shape(p, "prediction")
-        if p.shape != t.shape:
-            raise ShapeError(f"prediction {tuple(pred.shape)} does not match target {tuple(target.shape)}")
-        t = t.long()
-        n = t.shape[0]
-        valid = t != self.ignore_index
-        image = torch.arange(n, device=t.device).view(n, 1, 1).expand_as(t)[valid]
-        t, p = t[valid], p[valid].long()
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c):
-            raise DataError(f"target label outside 0..{c - 1} (and not {self.ignore_index}): {int(t.max())}")
-        if p.numel() and (int(p.min()) < 0 or int(p.max()) >= c):
-            raise DataError(f"predicted label outside 0..{c - 1}")
-        return torch.bincount((image * c + t) * c + p, minlength=n * c * c).reshape(n, c * c).cpu().numpy()
-
-    def update(self, pred: Tensor, target: Tensor) -> None:
-        c = self.num_classes
-        self.confusion += torch.from_numpy(self.image_stats(pred, target).sum(0)).reshape(c, c)
-
-    def from_stats(self, total: np.ndarray) -> dict[str, float | list[float]]:
-        """:meth:`compute` of the images whose :meth:`image_stats` rows sum to ``total``."""
-        meter = SegmentationMeter(self.num_classes, self.ignore_index, self.average)
-        meter.confusion = torch.from_numpy(np.rint(np.asarray(total, dtype=np.float64)).astype(np.int64)).reshape(
-            self.num_classes, self.num_classes)
-        return meter.compute()
-
-    def compute(self) -> dict[str, float | list[float]]:
-        """``{"mIoU", "pixel_acc", "iou": per-class list (NaN where undefined)}``."""
-        cm = self.confusion.double()
-        tp = cm.diag()
-        union = cm.sum(0) + cm.sum(1) - tp
-        iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
-        if self.average == "present":
-            present = union > 0
-            miou = float(iou[present].mean()) if bool(present.any()) else float("nan")
-        else:
-            miou = float(torch.nan_to_num(iou, nan=0.0).mean())
-        total = float(cm.sum())
-        return {
-            "mIoU": miou,
-            "pixel_acc": float(tp.sum()) / total if total else float("nan"),
-            "iou": [float(v) for v in iou],
-        }
-
-
-# --------------------------------------------------------------------------------------------
-# Depth
-
-
-class DepthMeter:
-    """Depth errors pooled over all valid pixels ``V = {p : d*_p > 0}`` of the dataset.
-
-    - ``rmse = sqrt(Σ_V (d − d*)² / |V|)`` — pooled, *not* the mean of per-image RMSEs (the two
-      differ whenever images have different numbers of valid pixels or errors);
-    - ``abs_rel = (1/|V|) Σ_V |d − d*| / d*``; ``mae = (1/|V|) Σ_V |d − d*|``;
-    - ``log_rmse = sqrt(Σ_V (log d − log d*)² / |V|)``, predictions clamped to ≥ 1e-9 first;
-    - ``delta1`` = fraction of V with ``max(d/d*, d*/d) < 1.25``.
-
-    ``update(pred, target)``: equal shapes (N, 1, H, W), (N, H, W) or (H, W). NaN when V is empty.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.n = 0
-        self.sq = self.abs = self.rel = self.log_sq = 0.0
-        self.delta1 = 0
-
-    #: Columns of :meth:`image_stats`.
-    STATS = ("n", "sq", "abs", "rel", "log_sq", "delta1")
-
-    def stats_width(self) -> int:
-        return len(self.STATS)
-
-    @torch.no_grad()
-    def image_stats(self, pred: Tensor, target: Tensor) -> np.ndarray:
-        """Per image (float64, N × 6): valid pixels, Σ err², Σ |err|, Σ |err|/d*, Σ (log d − log d*)²
-        and the count with ``max(d/d*, d*/d) < 1.25``, over the image's valid pixels."""
-        p, t = _same_maps(pred, target)
-        p, t = p.double(), t.double()
-        valid = (t > 0) & torch.isfinite(t)
-        one = torch.ones((), dtype=torch.float64, device=t.device)
-        t = torch.where(valid, t, one)  # invalid pixels: prediction = target = 1, no error
-        p = torch.where(valid, p, one)
-        err = p - t
-        pc = p.clamp_min(1e-9)
-        dims = (1, 2)
-        rows = torch.stack([valid.sum(dims).double(), (err * err).sum(dims), err.abs().sum(dims),
-                            (err.abs() / t).sum(dims), ((pc.log() - t.log()) ** 2).sum(dims),
-                            ((torch.maximum(pc / t, t / pc) < 1.25) & valid).sum(dims).double()], dim=1)
-        return rows.cpu().numpy()
-
-    def update(self, pred: Tensor, target: Tensor) -> None:
-        self._add(self.image_stats(pred, target).sum(0))
-
-    def _add(self, total: np.ndarray) -> None:
-        self.n += int(round(float(total[0])))
-        self.sq += float(total[1])
-        self.abs += float(total[2])
-        self.rel += float(total[3])
-        self.log_sq += float(total[4])
-        self.delta1 += int(round(float(total[5])))
-
-    def from_stats(self, total: np.ndarray) -> dict[str, float]:
-        """:meth:`compute` of the images whose :meth:`image_stats` rows sum to ``total``."""
-        meter = DepthMeter()
-        meter._add(np.asarray(total, dtype=np.float64))
-        return meter.compute()
-
-    def compute(self) -> dict[str, float]:
-        """``{"rmse", "abs_rel", "mae", "log_rmse", "delta1", "n_valid"}``."""
-        n = self.n
-        if n == 0:
-            nan = float("nan")
-            return {"rmse": nan, "abs_rel": nan, "mae": nan, "log_rmse": nan, "delta1": nan, "n_valid": 0}
-        return {
-            "rmse": math.sqrt(self.sq / n),
-            "abs_rel": self.rel / n,
-            "mae": self.abs / n,
-            "log_rmse": math.sqrt(self.log_sq / n),
-            "delta1": self.delta1 / n,
-            "n_valid": n,
-        }
-
-
-# --------------------------------------------------------------------------------------------
-# Surface normals
-
-
-class NormalsMeter:
-    """Angular error of predicted normals over valid pixels ``V = {p : ‖n*_p‖ > 0}``.
-
-    ``θ_p = degrees(arccos(clip(n̂_p · n*_p/‖n*_p‖, −1, 1)))`` with ``n̂ = pred/‖pred‖`` (a zero
-    prediction counts as 90°). Reported, pooled over the dataset: ``mean_angle``,
-    ``median_angle`` (numpy's median: the mean of the two middle values for an even count),
-    ``rmse_angle = sqrt(mean θ²)``, and ``within_11.25`` / ``within_22.5`` / ``within_30`` = the
-    fraction of V with ``θ < 11.25°`` / ``22.5°`` / ``30°``.
-
-    The median needs every angle; a dataset such as NYUD val has ~2·10⁸ of them, so by default
-    (``median="histogram"``) they are binned in ``resolution_deg`` bins and the median is the
-    centre of the bin holding the middle rank (error ≤ ``resolution_deg``/2; all other numbers are
-    exact). ``median="exact"`` keeps every angle in memory.
-    """
-
-    THRESHOLDS = (11.25, 22.5, 30.0)
-
-    def __init__(self, median: str = "histogram", resolution_deg: float = 0.01) -> None:
-        if median not in ("histogram", "exact"):
-            raise ConfigError(f"median must be 'histogram' or 'exact', got {median!r}")
-        if resolution_deg <= 0:
-            raise ConfigError(f"resolution_deg must be > 0, got {resolution_deg}")
-        self.median_mode = median
-        self.resolution = float(resolution_deg)
-        self.n_bins = int(math.ceil(180.0 / self.resolution))
-        self.reset()
-
-    def reset(self) -> None:
-        self.n = 0
-        self.sum = self.sum_sq = 0.0
-        self.within = [0] * len(self.THRESHOLDS)
-        self.hist = torch.zeros(self.n_bins, dtype=torch.int64)
-        self.angles: list[Tensor] = []
-
-    def stats_width(self) -> int:
-        return 3 + len(self.THRESHOLDS) + (self.n_bins if self.median_mode == "histogram" else 0)
-
-    @torch.no_grad()
-    def _angles(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """Angles (N, H, W) in degrees and the valid mask."""
-        p, t = _vector_maps(pred, target)
-        valid = t.norm(dim=1) > 0
-        cos = (F.normalize(p.double(), dim=1, eps=1e-12) * F.normalize(t.double(), dim=1, eps=1e-12)).sum(dim=1)
-        return torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0))), valid
-
-    def _stats(self, ang: Tensor, valid: Tensor) -> np.ndarray:
-        n = ang.shape[0]
-        a = torch.where(valid, ang, torch.zeros((), dtype=ang.dtype, device=ang.device))
-        dims = (1, 2)
-        cols = [valid.sum(dims).double(), a.sum(dims), (a * a).sum(dims)]
-        cols += [((ang < thr) & valid).sum(dims).double() for thr in self.THRESHOLDS]
-        rows = torch.stack(cols, dim=1).cpu().numpy()
-        if self.median_mode == "exact":
-            return rows
-        image = torch.arange(n, device=ang.device).view(n, 1, 1).expand_as(ang)[valid]
-        idx = (ang[valid] / self.resolution).long().clamp_(0, self.n_bins - 1)
-        hist = torch.bincount(image * self.n_bins + idx, minlength=n * self.n_bins).reshape(n, self.n_bins)
-        return np.concatenate([rows, hist.double().cpu().numpy()], axis=1)
-
-    def image_stats(self, pred: Tensor, target: Tensor) -> np.ndarray:
-        """Per image (float64): valid pixels, Σ θ, Σ θ², the count under each threshold and, with
-        ``median="histogram"``, the image's histogram of θ in ``resolution_deg`` bins (the
-        median of the summed histogram is the meter's). ``median="exact"`` has no histogram
-        columns: :meth:`from_stats` then gives NaN for the median."""
-        return self._stats(*self._angles(pred, target))
-
-    def update(self, pred: Tensor, target: Tensor) -> None:
-        ang, valid = self._angles(pred, target)
-        self._add(self._stats(ang, valid).sum(0))
-        if self.median_mode == "exact":
-            self.angles.append(ang[valid].cpu())
-
-    def _add(self, total: np.ndarray) -> None:
-        k = len(self.THRESHOLDS)
-        self.n += int(round(float(total[0])))
-        self.sum += float(total[1])
-        self.sum_sq += float(total[2])
-        for i in range(k):
-            self.within[i] += int(round(float(total[3 + i])))
-        if self.median_mode == "histogram":
-            self.hist += torch.from_numpy(np.rint(total[3 + k:]).astype(np.int64))
-
-    def from_stats(self, total: np.ndarray) -> dict[str, float]:
-        """:meth:`compute` of the images whose :meth:`image_stats` rows sum to ``total``."""
-        meter = NormalsMeter("histogram", self.resolution)
-        if self.median_mode == "exact":
-            meter.median_mode = "unknown"  # no histogram in the statistics: the median is NaN
-        meter._add(np.asarray(total, dtype=np.float64))
-        return meter.compute()
-
-    def _median(self) -> float:
-        if self.median_mode == "unknown":
-            return float("nan")
-        if self.median_mode == "exact":
-            return float(np.median(torch.cat(self.angles).numpy()))
-        cum = self.hist.cumsum(0)
-        lo, hi = (self.n - 1) // 2, self.n // 2  # the two middle ranks (equal for odd n)
-        # The bin holding rank r (0-based) is the first whose cumulative count exceeds r.
-        b = torch.searchsorted(cum, torch.tensor([lo, hi]), right=True)
-        return float((b.double() + 0.5).mean()) * self.resolution
-
-    def compute(self) -> dict[str, float]:
-        """``{"mean_angle", "median_angle", "rmse_angle", "within_11.25", "within_22.5",
-        "within_30", "n_valid"}``; NaN when no pixel is valid."""
-        keys = [f"within_{t:g}" for t in self.THRESHOLDS]
-        if self.n == 0:
-            out = {k: float("nan") for k in ("mean_angle", "median_angle", "rmse_angle", *keys)}
-            out["n_valid"] = 0
-            return out
-        out = {
-            "mean_angle": self.sum / self.n,
-            "median_angle": self._median(),
-            "rmse_angle": math.sqrt(self.sum_sq / self.n),
-        }
-        out.update({k: c / self.n for k, c in zip(keys, self.within)})
-        out["n_valid"] = self.n
-        return out
-
-
-# --------------------------------------------------------------------------------------------
-# Edges
-#
-# The BSDS boundary benchmark (Martin et al. 2004; ``correspondPixels``/``boundaryBench`` in
-# the BSDS500 code, ``edgesEvalImg``/``edgesEvalDir`` in Dollár's edges toolbox), as used on NYUD
-# by HED, RCF and the dense multi-task papers with maxDist 0.011. Every step runs here in
-# torch/numpy, the bipartite matching in scipy (imported on first use: ``pip install
-# factorized-tensor-networks[train]``).
 
 
 def _conv_tri(x: Tensor, r: int) -> Tensor:
@@ -790,6 +362,9 @@ class EdgeMeter:
     10 ms for 64×64 and 1–3 s for 480×640 at K = 99 (``docs/dense.md``).
     """
 
+    #: Whether higher (+1) or lower (−1) is better, per headline metric of :meth:`compute`.
+    DIRECTIONS = {"odsF": +1, "oisF": +1}
+
     def __init__(
         self,
         thresholds: int | Iterable[float] = 99,
@@ -862,7 +437,7 @@ class EdgeMeter:
         """Per image (float64, N × (2K + 4)): ``M_t`` and ``|E_t|`` at each of the K thresholds,
         ``|G|``, then ``M``, ``|E|``, ``|G|`` at the image's own best threshold (oisF's counts:
         per image, so they sum like the others)."""
-        p, t = _same_maps(pred, target)
+        p, t = same_maps(pred, target)
         p = p.detach().float().cpu()
         t = t.detach().cpu()
         if p.numel() and (float(p.min()) < 0.0 or float(p.max()) > 1.0):
@@ -935,63 +510,3 @@ class EdgeMeter:
             "recall": rec.tolist(),
             "f": f.tolist(),
         }
-
-
-# --------------------------------------------------------------------------------------------
-# Multi-task gain
-
-#: Whether higher (+1) or lower (−1) is better, for the metric names produced above.
-DEFAULT_DIRECTIONS: dict[str, int] = {
-    "mIoU": +1,
-    "pixel_acc": +1,
-    "rmse": -1,
-    "abs_rel": -1,
-    "mae": -1,
-    "log_rmse": -1,
-    "delta1": +1,
-    "mean_angle": -1,
-    "median_angle": -1,
-    "rmse_angle": -1,
-    "within_11.25": +1,
-    "within_22.5": +1,
-    "within_30": +1,
-    "odsF": +1,
-    "oisF": +1,
-}
-
-_WORDS = {"higher": 1, "max": 1, "+": 1, "lower": -1, "min": -1, "-": -1}
-
-
-def multi_task_gain(
-    multi: Mapping[str, float],
-    single: Mapping[str, float],
-    directions: Mapping[str, int | str] | None = None,
-    metrics: Iterable[str] | None = None,
-) -> float:
-    """Δm = (1/T) Σ_t s_t (M_t − M_single,t) / M_single,t, as a fraction (× 100 for %).
-
-    ``multi`` and ``single`` map metric names to the multi-task and single-task values; ``T`` is
-    the metrics in ``metrics`` (default: every key of ``multi``). ``s_t`` comes from
-    ``directions`` (default :data:`DEFAULT_DIRECTIONS`): +1 / ``"higher"`` where higher is
-    better (mIoU, odsF), −1 / ``"lower"`` where lower is better (RMSE, angle error). With one
-    metric per task (the usual NYUD table: mIoU, rmse, mean_angle, odsF) this is the per-task Δm.
-    """
-    table = DEFAULT_DIRECTIONS if directions is None else directions
-    names = list(multi) if metrics is None else list(metrics)
-    if not names:
-        raise ConfigError("multi_task_gain needs at least one metric")
-    total = 0.0
-    for name in names:
-        if name not in multi or name not in single:
-            raise ConfigError(f"metric {name!r} missing from the multi-task or single-task results")
-        if name not in table:
-            raise ConfigError(f"no direction (higher/lower is better) known for metric {name!r}")
-        s = table[name]
-        sign = _WORDS.get(s.lower()) if isinstance(s, str) else (1 if s > 0 else -1 if s < 0 else None)
-        if sign is None:
-            raise ConfigError(f"direction of {name!r} must be +1/-1 or 'higher'/'lower', got {s!r}")
-        base = float(single[name])
-        if base == 0.0 or not math.isfinite(base):
-            raise ConfigError(f"single-task value of {name!r} is {base}; the relative gain is undefined")
-        total += sign * (float(multi[name]) - base) / base
-    return total / len(names)

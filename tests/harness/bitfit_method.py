@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ftn.training.methods import Method, TaskModel, WithHead, register
+from ftn.training.methods import Method, TrainableTask, WithHead, register
 
 
 @register
@@ -21,7 +21,7 @@ class BitFitMethod(Method):
     default_lr = 1e-3
 
     def add_task(self, name: str, head: nn.Module, ranks: dict[str, int] | None = None,
-                 spec: dict[str, Any] | None = None) -> TaskModel:
+                 spec: dict[str, Any] | None = None) -> TrainableTask:
         self.reject_ranks(ranks)
         backbone = copy.deepcopy(self.pretrained).requires_grad_(False)
         biases = {n: p for n, p in backbone.named_parameters() if n.endswith("bias")}
@@ -33,7 +33,7 @@ class BitFitMethod(Method):
             return {**{f"bias.{n}": p for n, p in biases.items()},
                     **{f"head.{k}": v for k, v in head.state_dict(keep_vars=True).items()}}
 
-        task = TaskModel(name, module, module, list(biases.values()), list(head.parameters()), live_state,
-                         lambda: [], frozen_modules=[backbone])
+        task = TrainableTask(name, module, module, list(biases.values()), list(head.parameters()), live_state,
+                             lambda: [], frozen_modules=[backbone])
         self.tasks[name] = task
         return task

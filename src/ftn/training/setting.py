@@ -27,7 +27,7 @@ from . import distributed as dist
 from .config import DataConfig, ExperimentConfig, ModelConfig
 
 if TYPE_CHECKING:
-    from .methods import TaskModel
+    from .methods import TrainableTask
 
 __all__ = ["Setting", "TaskData", "Objective", "Classify", "mean_accuracy"]
 
@@ -43,17 +43,17 @@ class Objective:
         """The model's positional inputs in ``batch``."""
         raise NotImplementedError
 
-    def loss(self, model: TaskModel, batch: Any) -> Tensor:
+    def loss(self, model: TrainableTask, batch: Any) -> Tensor:
         raise NotImplementedError
 
-    def metrics(self, model: TaskModel, batches: Iterable[Any]) -> dict[str, float]:
+    def metrics(self, model: TrainableTask, batches: Iterable[Any]) -> dict[str, float]:
         raise NotImplementedError
 
     def score(self, metrics: dict[str, float]) -> float:
         """Higher is better; the engine keeps the epoch with the best validation score."""
         raise NotImplementedError
 
-    def example_stats(self, model: TaskModel, batches: Iterable[Any]) -> np.ndarray | None:
+    def example_stats(self, model: TrainableTask, batches: Iterable[Any]) -> np.ndarray | None:
         """Per-example statistics of a split, an ``(n_examples, k)`` array in the split's order
         whose column sums give the metrics back (:meth:`metrics_from_stats`), so a bootstrap
         can resample examples (``ftn sweep``'s paired intervals). None: not available (the
@@ -90,11 +90,11 @@ class Classify(Objective):
             raise DataError(f"task {self.task!r} ({split} data): labels {bad} are outside the class range "
                             f"0..{self.num_classes - 1}")
 
-    def loss(self, model: TaskModel, batch: Any) -> Tensor:
+    def loss(self, model: TrainableTask, batch: Any) -> Tensor:
         self._check(batch[-1], "train")
         return F.cross_entropy(model(*self.inputs(batch)).float(), batch[-1])
 
-    def metrics(self, model: TaskModel, batches: Iterable[Any]) -> dict[str, float]:
+    def metrics(self, model: TrainableTask, batches: Iterable[Any]) -> dict[str, float]:
         counts, device = torch.zeros(2, dtype=torch.float64), None
         for batch in batches:
             y = batch[-1]
@@ -108,7 +108,7 @@ class Classify(Objective):
     def score(self, metrics: dict[str, float]) -> float:
         return metrics["acc"]
 
-    def example_stats(self, model: TaskModel, batches: Iterable[Any]) -> np.ndarray:
+    def example_stats(self, model: TrainableTask, batches: Iterable[Any]) -> np.ndarray:
         """One row per example: (correct 0/1, 1)."""
         rows = []
         for batch in batches:

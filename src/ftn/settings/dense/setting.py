@@ -33,7 +33,7 @@ from torch.utils.data import Dataset, Subset
 
 from ...core.errors import ConfigError
 from ...training.config import DataConfig, ExperimentConfig, ModelConfig, check_choice
-from ...training.methods import TaskModel
+from ...training.methods import TrainableTask
 from ...training.setting import Objective, Setting, TaskData
 from .metrics import multi_task_gain
 from .model import DenseHeads, build_encoder, build_head
@@ -118,7 +118,7 @@ class DenseObjective(Objective):
                                           {t: batch[t][i:i + 1] for t in self.tasks}))
                          for i in range(len(batch["image"]))], dtype=np.float64)
 
-    def loss(self, model: TaskModel, batch: Any) -> Tensor:
+    def loss(self, model: TrainableTask, batch: Any) -> Tensor:
         return self._loss(model(batch["image"]), batch)
 
     def _meters(self, stats: bool = False) -> dict[str, Any]:
@@ -126,7 +126,7 @@ class DenseObjective(Objective):
         return {t: ((s.stats_meter if stats and s.stats_meter else s.meter)(self.num_classes, self.d))
                 for t, s in specs.items()}
 
-    def _evaluate(self, model: TaskModel, batches: Iterable[Any],
+    def _evaluate(self, model: TrainableTask, batches: Iterable[Any],
                   each: Callable[[np.ndarray, dict[str, tuple[Tensor, Tensor]]], None]) -> None:
         """For each batch: ``each(per-image losses, {task: (meter input, target)})``."""
         for batch in batches:
@@ -143,7 +143,7 @@ class DenseObjective(Objective):
             result.update({f"{t}/{k}": float(values[t][k]) for k in dense_task(t).reported})
         return result
 
-    def metrics(self, model: TaskModel, batches: Iterable[Any]) -> dict[str, float]:
+    def metrics(self, model: TrainableTask, batches: Iterable[Any]) -> dict[str, float]:
         meters = self._meters()
         losses: list[np.ndarray] = []
 
@@ -156,7 +156,7 @@ class DenseObjective(Objective):
         loss = np.concatenate(losses) if losses else np.zeros(0)
         return self._result(float(loss.sum()) / max(loss.size, 1), {t: m.compute() for t, m in meters.items()})
 
-    def example_stats(self, model: TaskModel, batches: Iterable[Any]) -> np.ndarray:
+    def example_stats(self, model: TrainableTask, batches: Iterable[Any]) -> np.ndarray:
         """One row per image: (weighted loss, 1), then each task's meter statistics in
         ``tasks`` order (semseg: the C × C confusion matrix; depth: 6 sums; normals: 6 sums and
         a 0.5° angle histogram; edge: BSDS counts at every threshold and at the image's best)."""

@@ -9,7 +9,7 @@ from .core.cp import cp_num_params, cp_to_tensor, max_efficient_rank
 from .core.errors import AdapterFileError, ConfigError, DataError, FTNError, ShapeError, TaskError
 from .core.injection import register_wrapper, wrap_layer
 from .core.layers import FTNConv, FTNLayer, FTNLinear, TaskContext
-from .core.model import FTNModel, TaskModel
+from .core.model import FTNModel, SingleTaskView
 from .core.norms import TaskNorm
 from .core.report import ParameterReport
 from .core.updates import CPFactors, DenseDelta, FactorInit, GatedDelta, TaskUpdate
@@ -18,7 +18,7 @@ from .version import __version__
 __all__ = [
     "FTNModel",
     "FTNConfig",
-    "TaskModel",
+    "SingleTaskView",
     "register_wrapper",
     "wrap_layer",
     "FTNLayer",
@@ -43,3 +43,11 @@ __all__ = [
     "DataError",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # A renamed export fails naming its new spelling. ImportError, not AttributeError: for
+    # ``from ftn import TaskModel`` Python replaces an AttributeError by a message of its own.
+    if name == "TaskModel":
+        raise ImportError("ftn.TaskModel was renamed: use ftn.SingleTaskView (what FTNModel.for_task returns)")
+    raise AttributeError(f"module 'ftn' has no attribute {name!r}")

@@ -11,11 +11,12 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
-# The core, lowest first: a module may import only modules to its left. errors, cp and report
-# are leaves; adapters works on a model through its public methods and is imported by it.
+# The core, lowest first: a module may import only modules to its left. errors and cp are
+# leaves; adapters, allocation, report, merge, norms and recompute work on a model through its
+# public methods and are imported by it.
 CORE = ["version"] + ["core." + m for m in [
     "errors", "io", "cp", "functional", "recompute", "cache", "report", "digest", "updates", "layers", "config", "norms",
-    "attention", "injection", "adapters", "allocation", "model", "multitask"]]
+    "attention", "injection", "merge", "adapters", "allocation", "model", "multitask"]]
 # What the core must never need (the `train` extra and other optional packages). NumPy is not
 # listed: safetensors.torch.save needs it, so it is a core dependency.
 BLOCKED = ["yaml", "tqdm", "matplotlib", "torchvision", "PIL", "transformers", "peft", "timm"]

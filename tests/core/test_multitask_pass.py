@@ -7,6 +7,7 @@ from torch import nn
 
 from ftn import FTNModel
 from ftn.training.backbones import strip_classifier
+from ftn.core.norms import task_batchnorms
 from ftn.core.multitask import MultiTaskBackbone, UnsupportedForStacking, forward_all_tasks
 
 from conftest import SmallCNN
@@ -57,7 +58,7 @@ def test_subset_order_partial_adaptation_and_updates_are_followed():
         for layer in model.adapted_layers().values():
             if "t0" in layer.tasks:
                 layer.tasks["t0"].factors[0].add_(0.1)
-        next(iter(model.task_batchnorms("t2"))).running_mean.add_(0.5)
+        next(iter(task_batchnorms(model, "t2"))).running_mean.add_(0.5)
     got = forward_all_tasks(model, x, tasks, fallback=False)
     expected = _loop(model, x, tasks)
     for t in tasks:

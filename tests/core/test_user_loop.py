@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import ftn
 from conftest import SmallCNN, randomize_norms
 from ftn import FTNModel
 
@@ -76,9 +77,10 @@ def test_ddp_trains_one_task_with_the_single_process_gradients(tmp_path):
         torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_task_model_holds_exactly_the_tasks_tensors():
+def test_single_task_view_holds_exactly_the_tasks_tensors():
     model = _model()
     view = model.for_task("a")
+    assert isinstance(view, ftn.SingleTaskView)
     assert {id(p) for p in view.parameters()} == {id(p) for p in model.task_parameters("a")}
     task_buffers = {id(b) for n in model.task_norm_layers().values() for b in n.tasks["a"].buffers()}
     assert {id(b) for b in view.buffers()} == task_buffers
@@ -86,6 +88,14 @@ def test_task_model_holds_exactly_the_tasks_tensors():
     view.eval()
     assert not model.training
     torch.testing.assert_close(view(x), model(x, task="a"))
+
+
+def test_the_old_name_of_the_single_task_view_names_the_new_one():
+    with pytest.raises(ImportError, match="ftn.SingleTaskView"):
+        ftn.TaskModel  # noqa: B018
+    with pytest.raises(ImportError, match="ftn.SingleTaskView"):
+        from ftn import TaskModel  # noqa: F401
+    assert not hasattr(ftn, "NoSuchName")
 
 
 def test_torch_compile_matches_eager():

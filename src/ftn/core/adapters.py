@@ -19,8 +19,9 @@ prediction means and how inputs are prepared, see :func:`validate_task_info`; fi
 still load, with an empty info).
 
 The functions work on an :class:`~ftn.core.model.FTNModel` through its public methods only
-(``adapted_layers``, ``task_norm_layers``, ``heads``, ``task_spec``, ``task_info``,
-``add_task_with_ranks`` ...); this module does not import the model.
+(``adapted_layers``, ``task_norm_layers``, ``heads``, ``config``, ``task_spec``, ``task_info``,
+``add_task_with_ranks`` ...); this module does not import the model. :class:`TaskRecords` is
+where the model keeps what a file holds besides tensors: each task's spec and info.
 
 Version 2 differs from version 1 only by the per-layer ``kind``: a task of CP factors only is
 still written as version 1 (readable by older ftn), and every version-1 file still loads.
@@ -31,9 +32,11 @@ flushed, fsync'ed and renamed over the target, so a crash never leaves a half-wr
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +53,7 @@ from .updates import KINDS
 from ..version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_task", "load_task", "read_adapter",
-           "validate_task_info", "tensor_digest"]
+           "validate_task_info", "tensor_digest", "TaskRecords"]
 
 FORMAT = "ftn-adapter"
 FORMAT_VERSION = 2  # the newest this ftn reads and writes; files without dense updates are written as 1
@@ -154,6 +157,38 @@ def validate_task_info(info: Mapping[str, Any] | None, head: nn.Module | None = 
     return out
 
 
+class TaskRecords:
+    """Per task, what its adapter file holds besides tensors: its ``spec`` (how its ranks were
+    asked for, see ``FTNModel.task_spec``) and its ``info`` (labels, input preparation, see
+    :func:`validate_task_info`). What goes out is a copy, so callers cannot change a record."""
+
+    def __init__(self) -> None:
+        self.specs: dict[str, dict[str, Any]] = {}
+        self.infos: dict[str, dict[str, Any]] = {}
+
+    def add(self, name: str, spec: Mapping[str, Any] | None) -> None:
+        self.specs[name] = dict(spec) if spec is not None else {}
+
+    def remove(self, name: str) -> None:
+        self.specs.pop(name, None)
+        self.infos.pop(name, None)
+
+    def spec(self, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self.specs.get(name, {}))
+
+    def info(self, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self.infos.get(name, {}))
+
+    def set_info(self, name: str, info: Mapping[str, Any] | None, head: nn.Module) -> dict[str, Any]:
+        """Record ``info`` after :func:`validate_task_info` against the task's ``head``."""
+        try:
+            checked = validate_task_info(info, head)
+        except TypeError as exc:
+            raise ConfigError(f"task info must be plain JSON: {exc}") from None
+        self.infos[name] = checked
+        return copy.deepcopy(checked)
+
+
 def save_task(model: nn.Module, name: str, path: str | Path, info: Mapping[str, Any] | None = None) -> Path:
     """Save task ``name`` of ``model`` to ``path`` (safetensors, atomic).
 
@@ -190,7 +225,7 @@ def save_task(model: nn.Module, name: str, path: str | Path, info: Mapping[str, 
         "format_version": str(version),
         "ftn_version": __version__,
         "task": name,
-        "config": json.dumps({k: v for k, v in model.config_dict().items()
+        "config": json.dumps({k: v for k, v in asdict(model.config).items()
                               if k in ("init", "init_scale", "zero_mode", "rank_cap", "task_norms")}),
         "task_spec": json.dumps(model.task_spec(name)),
         "layers": json.dumps(layers),

@@ -22,25 +22,35 @@ decides how many components each layer keeps (0 allowed: the layer is not adapte
 - :func:`select_components` / :func:`allocate_ranks`: a greedy knapsack: components sorted by
   importance per parameter, kept while they fit the budget and the layer's rank cap.
 
+The ranks of a task added with a rank rather than a budget are decided here too
+(:func:`layer_rank`, :func:`capped_rank`, :func:`task_ranks`).
+
 Everything here works on an :class:`~ftn.core.model.FTNModel` through its public methods
-(``adapted_layers``, ``frozen_tensors``, ``config``, ``layer_rank``) and does not import it.
+(``adapted_layers``, ``frozen_tensors``, ``config``) and does not import it.
 ``docs/allocation.md`` has an example with a hand-written training loop.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .config import FTNConfig
 from .cp import cp_num_params, max_efficient_rank
 from .errors import ConfigError
+from .report import backbone_parameters
 
 __all__ = [
+    "layer_rank",
+    "capped_rank",
+    "task_ranks",
+    "budget_ranks",
     "backbone_parameters",
     "check_budget",
     "budget_count",
@@ -59,9 +69,41 @@ __all__ = [
 ]
 
 
-def backbone_parameters(model: Any) -> int:
-    """Parameters of the shared, frozen backbone (what a fractional budget is a fraction of)."""
-    return sum(t.numel() for t in model.frozen_tensors().values() if isinstance(t, nn.Parameter))
+def layer_rank(config: FTNConfig, layer_name: str, task_rank: int,
+               rank_pattern: Mapping[str, int] | None = None) -> int:
+    """Rank requested for a layer: the first matching pattern of ``rank_pattern`` (default the
+    config's), else the task's rank."""
+    for pattern, value in (rank_pattern if rank_pattern is not None else config.rank_pattern).items():
+        if fnmatch.fnmatchcase(layer_name, pattern):
+            return value
+    return task_rank
+
+
+def capped_rank(config: FTNConfig, layer: Any, requested: int) -> int:
+    """The rank a layer applies: ``requested``, lowered to ``max_efficient_rank`` of its modes
+    when the config's ``rank_cap`` is on (beyond it the factors outgrow a dense ΔW)."""
+    if config.rank_cap:
+        return min(requested, max_efficient_rank(layer.modes))
+    return requested
+
+
+def task_ranks(model: Any, rank: int, rank_pattern: Mapping[str, int] | None, unfreeze: Sequence[str],
+               gate: Mapping[str, Any] | None) -> tuple[dict[str, tuple[int, int]], dict[str, dict[str, Any]]]:
+    """Per adapted layer, ``(requested, applied)`` rank and, where the update is not CP factors,
+    its kind (``{"kind": "dense"}`` for layers matching ``unfreeze``, else ``{"kind": "gated", **gate}``
+    with a ``gate``): what ``FTNModel.add_task_with_ranks`` takes for a task added with a rank."""
+    ranks, updates = {}, {}
+    for layer_name, layer in model.adapted_layers().items():
+        if any(fnmatch.fnmatchcase(layer_name, p) for p in unfreeze):
+            updates[layer_name] = {"kind": "dense"}
+        elif gate is not None:
+            updates[layer_name] = {"kind": "gated", **gate}
+        else:
+            requested = layer_rank(model.config, layer_name, rank, rank_pattern)
+            ranks[layer_name] = (requested, capped_rank(model.config, layer, requested))
+            continue
+        ranks[layer_name] = (1, 1)  # dense kinds: the layer sets its own (full) rank
+    return ranks, updates
 
 
 def layer_capacities(model: Any) -> dict[str, int]:
@@ -69,7 +111,7 @@ def layer_capacities(model: Any) -> dict[str, int]:
     unless the model's ``rank_cap`` is off), 0 where the model's ``rank_pattern`` says 0."""
     caps = {}
     for name, layer in model.adapted_layers().items():
-        if model.layer_rank(name, 1) == 0:
+        if layer_rank(model.config, name, 1) == 0:
             caps[name] = 0
         else:
             caps[name] = max_efficient_rank(layer.modes) if model.config.rank_cap else 1 << 30
@@ -166,6 +208,17 @@ def allocate(model: Any, budget: int | float, scores: Mapping[str, Tensor] | Non
         return Allocation(count, "uniform", ranks, base, tuple(plus_one))
     kept = _knapsack(count, caps, costs, scores)
     return Allocation(count, "auto", {n: len(k) for n, k in kept.items()}, kept=kept)
+
+
+def budget_ranks(model: Any, budget: int | float, scores: Mapping[str, Tensor] | None = None,
+                 ) -> tuple[dict[str, tuple[int, int]], dict[str, Any]]:
+    """For ``FTNModel.add_task(budget=...)``: the :func:`allocate` ranks as ``(requested, applied)``
+    per layer, and the task's spec (``budget``, ``budget_request``, ``allocation``; ``rank`` is the
+    uniform allocation's base rank, at least 1, and None for the automatic one)."""
+    chosen = allocate(model, budget, scores)
+    spec = {"rank": max(chosen.base_rank, 1) if chosen.kind == "uniform" else None, "rank_pattern": None,
+            "budget": chosen.count, "budget_request": budget, "allocation": chosen.kind}
+    return {n: (r, r) for n, r in chosen.ranks.items()}, spec
 
 
 def uniform_rank_for_budget(model: Any, budget: int | float) -> int:

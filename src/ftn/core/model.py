@@ -6,38 +6,35 @@ selected by the include and exclude patterns is replaced in place by an FTN wrap
 share one :class:`~ftn.core.layers.TaskContext`, so selecting a task is a single assignment. Tasks are
 then added, trained, saved, loaded, merged and removed without touching the frozen weights.
 
-Adapter files (:mod:`ftn.core.adapters`) use only this class's public methods: ``add_task_with_ranks``,
-``task_spec``, ``task_info`` / ``set_task_info``, ``check_task`` and ``remove_task``.
+This class is the model: the wrapped backbone, its tasks, which one is active, the forward
+passes and each task's parameters. What is done *with* a model lives with its concept and
+reads the model through its public methods: adapter files (:mod:`ftn.core.adapters`, which
+also keeps each task's spec and info), ranks and budgets (:mod:`ftn.core.allocation`), the
+parameter report (:mod:`ftn.core.report`), merging (:mod:`ftn.core.merge`), BatchNorm
+recalibration (:mod:`ftn.core.norms`) and output recomputation (:mod:`ftn.core.recompute`);
+the methods of those names here only hand over to them.
 """
 
 from __future__ import annotations
 
-import copy
-import fnmatch
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import adapters, allocation
+from . import adapters, allocation, merge, norms, recompute, report
 from .cache import eval_pass
 from .config import FTNConfig, validate_task_name
-from .cp import max_efficient_rank
 from .digest import tensor_digest
 from .errors import ConfigError, ShapeError, TaskError
-from .injection import inject, replace_modules
+from .injection import inject
 from .layers import FTNLayer, MixedTasks, TaskContext
-from .norms import TaskNorm, recalibrate_batchnorm
-from .recompute import OutputRecompute
-from .report import LayerCap, ParameterReport, TaskParameters
+from .norms import TaskNorm
 
-__all__ = ["FTNConfig", "FTNModel", "TaskModel"]
+__all__ = ["FTNConfig", "FTNModel", "SingleTaskView"]
 
 
 class FTNModel(nn.Module):
@@ -67,21 +64,17 @@ class FTNModel(nn.Module):
         backbone.requires_grad_(False)
         self.backbone = inject(backbone, self.context, config)
         self.heads = nn.ModuleDict()
-        self._task_specs: dict[str, dict[str, Any]] = {}
-        self._task_info: dict[str, dict[str, Any]] = {}  # labels, input preparation (adapter files)
+        self.task_records = adapters.TaskRecords()  # each task's spec and info (labels, input preparation)
         if not self.adapted_layers():
             raise ConfigError("no Conv/Linear layer matched the include/exclude patterns: nothing to adapt")
 
     # ------------------------------------------------------------------ introspection
     def adapted_layers(self) -> dict[str, FTNLayer]:
         """Adapted Conv/Linear layers by name (names as in the original backbone)."""
-        return {m.layer_name: m for m in self._unique_modules() if isinstance(m, FTNLayer)}
+        return {m.layer_name: m for m in self.backbone.modules() if isinstance(m, FTNLayer)}
 
     def task_norm_layers(self) -> dict[str, TaskNorm]:
-        return {m.layer_name: m for m in self._unique_modules() if isinstance(m, TaskNorm)}
-
-    def _unique_modules(self) -> Iterator[nn.Module]:
-        return self.backbone.modules()
+        return {m.layer_name: m for m in self.backbone.modules() if isinstance(m, TaskNorm)}
 
     @property
     def tasks(self) -> list[str]:
@@ -94,14 +87,6 @@ class FTNModel(nn.Module):
             known = ", ".join(map(repr, self.tasks)) or "none yet"
             raise TaskError(f"unknown task {name!r}; known tasks: {known}")
         return name
-
-    def layer_rank(self, layer_name: str, task_rank: int,
-                   rank_pattern: Mapping[str, int] | None = None) -> int:
-        """Rank requested for a layer: the first matching pattern, else the task's rank."""
-        for pattern, value in (rank_pattern if rank_pattern is not None else self.config.rank_pattern).items():
-            if fnmatch.fnmatchcase(layer_name, pattern):
-                return value
-        return task_rank
 
     # ------------------------------------------------------------------ tasks
     def add_task(self, name: str, head: nn.Module | None = None, rank: int | None = None,
@@ -130,10 +115,8 @@ class FTNModel(nn.Module):
             if unfreeze or gate is not None or self.config.unfreeze:
                 raise ConfigError("budget= allocates CP ranks only; it cannot be combined with unfreeze or gate")
             self._check_new_task(name)
-            chosen = allocation.allocate(self, budget, scores)
-            spec = {"rank": max(chosen.base_rank, 1) if chosen.kind == "uniform" else None, "rank_pattern": None,
-                    "budget": chosen.count, "budget_request": budget, "allocation": chosen.kind}
-            self.add_task_with_ranks(name, {n: (r, r) for n, r in chosen.ranks.items()}, head, spec=spec)
+            ranks, spec = allocation.budget_ranks(self, budget, scores)
+            self.add_task_with_ranks(name, ranks, head, spec=spec)
             return
         self._check_new_task(name)
         if scores is not None:
@@ -144,17 +127,7 @@ class FTNModel(nn.Module):
         unfreeze = list(self.config.unfreeze if unfreeze is None else unfreeze)
         if isinstance(unfreeze, str) or not all(isinstance(p, str) for p in unfreeze):
             raise ConfigError(f"unfreeze must be a list of glob strings, got {unfreeze!r}")
-        ranks, updates = {}, {}
-        for layer_name, layer in self.adapted_layers().items():
-            if any(fnmatch.fnmatchcase(layer_name, p) for p in unfreeze):
-                updates[layer_name] = {"kind": "dense"}
-            elif gate is not None:
-                updates[layer_name] = {"kind": "gated", **gate}
-            else:
-                requested = self.layer_rank(layer_name, rank, rank_pattern)
-                ranks[layer_name] = (requested, self._capped(layer, requested))
-                continue
-            ranks[layer_name] = (1, 1)  # dense kinds: the layer sets its own (full) rank
+        ranks, updates = allocation.task_ranks(self, rank, rank_pattern, unfreeze, gate)
         spec: dict[str, Any] = {"rank": rank, "rank_pattern": dict(rank_pattern) if rank_pattern is not None else None}
         if unfreeze:
             spec["unfreeze"] = unfreeze
@@ -166,11 +139,6 @@ class FTNModel(nn.Module):
         validate_task_name(name)
         if name in self.heads:
             raise TaskError(f"task {name!r} already exists; remove_task({name!r}) first to replace it")
-
-    def _capped(self, layer: FTNLayer, requested: int) -> int:
-        if self.config.rank_cap:
-            return min(requested, max_efficient_rank(layer.modes))
-        return requested
 
     def add_task_with_ranks(self, name: str, ranks: Mapping[str, tuple[int, int]], head: nn.Module | None = None,
                             *, spec: Mapping[str, Any] | None = None, info: Mapping[str, Any] | None = None,
@@ -203,7 +171,7 @@ class FTNModel(nn.Module):
                 head = head.to(device=ref.device)
             head.requires_grad_(True)
             self.heads[name] = head
-            self._task_specs[name] = dict(spec) if spec is not None else {}
+            self.task_records.add(name, spec)
             if info is not None:
                 self.set_task_info(name, info)
         except Exception:
@@ -221,8 +189,7 @@ class FTNModel(nn.Module):
             norm.remove_task(name)
         if name in self.heads:
             del self.heads[name]
-        self._task_specs.pop(name, None)
-        self._task_info.pop(name, None)
+        self.task_records.remove(name)
         if self.context.active == name:
             self.context.active = None
 
@@ -261,30 +228,25 @@ class FTNModel(nn.Module):
         self.check_task(name)
         previous = self.context.active
         self.context.active = name
-        recompute = self.context.recompute
+        recomputer = self.context.recompute
         # Not under torch.compile: the compiled graph decides for itself what to keep.
-        recomputing = (recompute is not None and self.training and torch.is_grad_enabled()
+        recomputing = (recomputer is not None and self.training and torch.is_grad_enabled()
                        and not torch.compiler.is_compiling())
         try:
             # eval_pass: one check of the cached weights per pass
-            with recompute.forward() if recomputing else nullcontext(), eval_pass(self.context.checks):
+            with recomputer.forward() if recomputing else nullcontext(), eval_pass(self.context.checks):
                 return self.heads[name](self.backbone(*inputs, **kwargs))
         finally:
             self.context.active = previous
 
+    def backbone_features(self, *inputs: Any, task: str | None = None, **kwargs: Any) -> Any:
+        """The backbone's output under ``task`` (no head)."""
+        with self.using_task(task if task is not None else self.context.active), eval_pass(self.context.checks):
+            return self.backbone(*inputs, **kwargs)
+
     def recompute_depthwise(self, enabled: bool = True) -> int:
-        """Trade compute for memory in training: the output of every adapted depthwise conv is
-        rebuilt in the backward (one more depthwise conv each) instead of being kept by the
-        BatchNorm that follows it (:mod:`ftn.core.recompute`). Gradients are unchanged. Returns how
-        many layers it applies to; ``enabled=False`` turns it off."""
-        count = 0
-        for layer in self.adapted_layers().values():
-            base = layer.base
-            if isinstance(base, nn.Conv2d) and base.groups > 1 and base.groups == base.in_channels:
-                layer.recompute_output = enabled
-                count += enabled
-        self.context.recompute = OutputRecompute() if count else None
-        return count
+        """Rebuild adapted depthwise convs' outputs in the backward: :func:`ftn.core.recompute.recompute_depthwise`."""
+        return recompute.recompute_depthwise(self, enabled)
 
     def forward_mixed(self, x: Tensor, tasks: Sequence[str]) -> dict[str, Any]:
         """One pass over a batch whose samples belong to different tasks: sample i runs under
@@ -296,7 +258,7 @@ class FTNModel(nn.Module):
             raise ShapeError(f"forward_mixed got {len(tasks)} task names for a batch of {x.shape[0]}")
         for name in dict.fromkeys(tasks):
             self.check_task(name)
-        unsupported = sorted({type(m).__name__ for m in self._unique_modules()
+        unsupported = sorted({type(m).__name__ for m in self.backbone.modules()
                               if getattr(type(m), "mixed_batches", True) is False})
         if unsupported:
             raise ConfigError(f"forward_mixed does not support {unsupported} layers yet; "
@@ -338,11 +300,11 @@ class FTNModel(nn.Module):
             self.check_task(name)
         return {name: self(x, task=name) for name, x in inputs.items()}
 
-    def for_task(self, name: str) -> TaskModel:
+    def for_task(self, name: str) -> SingleTaskView:
         """This model fixed to task ``name``, as a module whose parameters and buffers are that
         task's only (factors, norm copies, head): what to hand to ``DistributedDataParallel``,
-        ``torch.compile`` or an optimizer in your own training loop. See :class:`TaskModel`."""
-        return TaskModel(self, self.check_task(name))
+        ``torch.compile`` or an optimizer in your own training loop. See :class:`SingleTaskView`."""
+        return SingleTaskView(self, self.check_task(name))
 
     # ------------------------------------------------------------------ parameters
     def task_parameters(self, name: str) -> list[nn.Parameter]:
@@ -364,7 +326,7 @@ class FTNModel(nn.Module):
 
     def frozen_tensors(self) -> dict[str, Tensor]:
         """The shared backbone's parameters and buffers (everything that is not per task)."""
-        per_task = {id(t) for m in self._unique_modules() if isinstance(m, (FTNLayer, TaskNorm))
+        per_task = {id(t) for m in self.backbone.modules() if isinstance(m, (FTNLayer, TaskNorm))
                     for t in (*m.tasks.parameters(), *m.tasks.buffers())}
         tensors = {}
         for name, t in (*self.backbone.named_parameters(), *self.backbone.named_buffers()):
@@ -376,116 +338,46 @@ class FTNModel(nn.Module):
         """SHA-256 over the names, shapes, dtypes and values of the frozen backbone tensors."""
         return tensor_digest(self.frozen_tensors())
 
-    def parameter_report(self) -> ParameterReport:
-        """Parameter accounting: shared backbone, per-task ΔW / norms / head, and the paper's total."""
-        backbone = allocation.backbone_parameters(self)
-        layers = self.adapted_layers()
-        norms = self.task_norm_layers()
-        per_task = {}
-        for name in self.tasks:
-            caps = [LayerCap(ln, layer.requested_ranks[name], layer.rank(name), max_efficient_rank(layer.modes))
-                    for ln, layer in layers.items()
-                    if name in layer.requested_ranks and layer.requested_ranks[name] != layer.rank(name)]
-            updates = [layer.tasks[name] for layer in layers.values() if name in layer.tasks]
-            per_task[name] = TaskParameters(
-                delta=sum(u.num_params() for u in updates),
-                dense=sum(u.num_params() for u in updates if u.kind != "cp"),
-                layers=sum(1 for u in updates if u.num_params()),
-                norms=sum(p.numel() for n in norms.values() for p in n.tasks[name].parameters()),
-                norm_buffers=sum(b.numel() for n in norms.values() for b in n.tasks[name].buffers()),
-                head=sum(p.numel() for p in self.heads[name].parameters()),
-                rank=self._task_specs.get(name, {}).get("rank"),
-                caps=caps,
-                budget=self._task_specs.get(name, {}).get("budget"),
-                layer_ranks=({ln: layer.rank(name) for ln, layer in layers.items()}
-                             if self._task_specs.get(name, {}).get("budget") is not None else None),
-            )
-        return ParameterReport(backbone=backbone, adapted_layers=len(layers), norm_layers=len(norms),
-                               tasks=per_task)
+    # ------------------------------------------------------------------ handed over
+    def parameter_report(self) -> report.ParameterReport:
+        """Parameter accounting: :func:`ftn.core.report.parameter_report`."""
+        return report.parameter_report(self)
 
-    # ------------------------------------------------------------------ merge, norms, files
     def merge(self, name: str) -> nn.Module:
-        """A standalone plain-PyTorch model for ``name``: ``nn.Sequential(backbone, head)`` with
-        W + ΔW folded into every adapted layer and the task's own norms; no ftn code needed."""
-        self.check_task(name)
-        # A copy of the backbone whose wrappers are then swapped, on their parents, for their
-        # plain merged modules (all tasks' factors are copied too: small next to the backbone).
-        backbone = replace_modules(copy.deepcopy(self.backbone),
-                                   lambda _, m: m.merged_module(name) if _is_wrapper(m) else None)
-        merged = nn.Sequential(OrderedDict(backbone=backbone, head=copy.deepcopy(self.heads[name])))
-        merged.requires_grad_(True)
-        return merged.train(self.training)
-
-    def task_batchnorms(self, name: str) -> list[_BatchNorm]:
-        self.check_task(name)
-        return [n.tasks[name] for n in self.task_norm_layers().values() if isinstance(n.tasks[name], _BatchNorm)]
+        """Task ``name`` as a standalone plain-PyTorch model: :func:`ftn.core.merge.merge_task`."""
+        return merge.merge_task(self, name)
 
     def recalibrate_norms(self, name: str, loader: Any, max_batches: int | None = None,
                           input_fn: Any = None) -> int:
-        """Recompute the task's BatchNorm running statistics over ``loader`` with the current
-        weights (a cumulative average, not a momentum one). Other modules stay in eval mode.
-        ``loader`` should give a random sample of the training data without augmentation, e.g.
-        ``ftn.training.engine.recalibration_loader``: a list grouped by class read in order gives
-        the statistics of the first classes only. Returns the number of batches used."""
-        was_training = self.training
-        self.eval()
-        try:
-            return recalibrate_batchnorm(lambda x: self.backbone_features(x, task=name),
-                                         self.task_batchnorms(name), loader, max_batches, input_fn)
-        finally:
-            self.train(was_training)
-
-    def backbone_features(self, *inputs: Any, task: str | None = None, **kwargs: Any) -> Any:
-        """The backbone's output under ``task`` (no head)."""
-        with self.using_task(task if task is not None else self.context.active), eval_pass(self.context.checks):
-            return self.backbone(*inputs, **kwargs)
+        """Recompute the task's BatchNorm statistics over ``loader``: :func:`ftn.core.norms.recalibrate_norms`."""
+        return norms.recalibrate_norms(self, name, loader, max_batches, input_fn)
 
     def save_task(self, name: str, path: str | Path, info: Mapping[str, Any] | None = None) -> Path:
-        """Write the task's adapter (factors, norms, head, metadata) to one safetensors file;
-        ``info`` = ``{"labels": [...], "input": {...}, "outputs": {...}}`` travels with it
-        (see :func:`ftn.core.adapters.validate_task_info`)."""
+        """Write the task's adapter file: :func:`ftn.core.adapters.save_task`."""
         return adapters.save_task(self, name, path, info=info)
 
+    def load_task(self, path: str | Path, name: str | None = None, head: nn.Module | None = None,
+                  check_fingerprint: bool = True) -> str:
+        """Add a task from an adapter file: :func:`ftn.core.adapters.load_task`."""
+        return adapters.load_task(self, path, name=name, head=head, check_fingerprint=check_fingerprint)
+
     def task_info(self, name: str) -> dict[str, Any]:
-        """What the task's adapter file says about its outputs and inputs (labels, input
-        preparation); empty for tasks saved without it."""
-        self.check_task(name)
-        return copy.deepcopy(self._task_info.get(name, {}))
+        """What the task's outputs mean and how its inputs are prepared (empty if never given)."""
+        return self.task_records.info(self.check_task(name))
 
     def set_task_info(self, name: str, info: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Record what the task's outputs mean and how its inputs are prepared (checked by
-        :func:`ftn.core.adapters.validate_task_info` against its head); saved with its adapter."""
-        self.check_task(name)
-        try:
-            checked = adapters.validate_task_info(info, self.heads[name])
-        except TypeError as exc:
-            raise ConfigError(f"task info must be plain JSON: {exc}") from None
-        self._task_info[name] = checked
-        return copy.deepcopy(checked)
+        """Record the task's info, checked by :func:`ftn.core.adapters.validate_task_info`."""
+        return self.task_records.set_info(self.check_task(name), info, self.heads[name])
 
     def task_spec(self, name: str) -> dict[str, Any]:
         """How the task's ranks were asked for: ``{"rank": R, "rank_pattern": {...} | None}``, plus
         ``unfreeze`` / ``gate`` where :meth:`add_task` got them, and ``budget`` (ΔW parameters),
         ``budget_request`` (as given) and ``allocation`` (``auto`` | ``uniform``) for a task added
         with a budget (empty for tasks added with explicit per-layer ranks and no spec)."""
-        self.check_task(name)
-        return copy.deepcopy(self._task_specs.get(name, {}))
-
-    def load_task(self, path: str | Path, name: str | None = None, head: nn.Module | None = None,
-                  check_fingerprint: bool = True) -> str:
-        """Add a task from an adapter file, after checking it against this backbone."""
-        return adapters.load_task(self, path, name=name, head=head, check_fingerprint=check_fingerprint)
-
-    def config_dict(self) -> dict[str, Any]:
-        return asdict(self.config)
+        return self.task_records.spec(self.check_task(name))
 
 
-def _is_wrapper(module: nn.Module) -> bool:
-    """What :mod:`ftn.core.injection` puts in: a frozen ``.base`` and ``merged_module(task)``."""
-    return "base" in module._modules and callable(getattr(type(module), "merged_module", None))
-
-
-class TaskModel(nn.Module):
+class SingleTaskView(nn.Module):
     """One task of an :class:`FTNModel`: ``forward(*inputs)`` is ``model(*inputs, task=name)``.
 
     It registers only the task's own modules (its weight updates, norm copies and head; the very
@@ -517,7 +409,7 @@ class TaskModel(nn.Module):
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         return self.model(*inputs, task=self.task, **kwargs)
 
-    def train(self, mode: bool = True) -> TaskModel:
+    def train(self, mode: bool = True) -> SingleTaskView:
         super().train(mode)
         self.model.train(mode)  # the wrappers' own state (eval caches, frozen norms) follows
         return self

@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .errors import DataError, TaskError
 from .layers import BaseWrapper, MixedTasks, TaskContext
 
-__all__ = ["TaskNorm", "is_norm", "NORM_TYPES", "recalibrate_batchnorm"]
+__all__ = ["TaskNorm", "is_norm", "NORM_TYPES", "recalibrate_batchnorm", "task_batchnorms", "recalibrate_norms"]
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
 if hasattr(nn, "RMSNorm"):
@@ -144,3 +144,22 @@ def recalibrate_batchnorm(
     if not completed:
         raise DataError("cannot recalibrate BatchNorm statistics: the data loader gave no batches")
     return used
+
+
+def task_batchnorms(model: Any, name: str) -> list[_BatchNorm]:
+    """Task ``name``'s own BatchNorm copies in ``model`` (an :class:`~ftn.core.model.FTNModel`)."""
+    model.check_task(name)
+    return [n.tasks[name] for n in model.task_norm_layers().values() if isinstance(n.tasks[name], _BatchNorm)]
+
+
+def recalibrate_norms(model: Any, name: str, loader: Iterable[Any], max_batches: int | None = None,
+                      input_fn: Callable[[Any], Any] | None = None) -> int:
+    """Recompute task ``name``'s BatchNorm running statistics in ``model`` over ``loader`` with
+    the current weights (:func:`recalibrate_batchnorm`); other modules stay in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        return recalibrate_batchnorm(lambda x: model.backbone_features(x, task=name),
+                                     task_batchnorms(model, name), loader, max_batches, input_fn)
+    finally:
+        model.train(was_training)

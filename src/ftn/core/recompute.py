@@ -7,6 +7,7 @@ a few percent of a MobileNet step. :class:`OutputRecompute` does that with saved
 (``torch.autograd.graph.saved_tensors_hooks``) around a training forward: a layer marks its
 output with a recipe, and when any later op saves exactly that tensor, unmodified, the recipe is
 stored in its place and run when the backward unpacks it. Everything else is saved as usual.
+:func:`recompute_depthwise` turns it on for a model's adapted depthwise convs.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["OutputRecompute"]
+__all__ = ["OutputRecompute", "recompute_depthwise"]
 
 
 class _Recipe:
@@ -65,3 +67,18 @@ class OutputRecompute:
         finally:
             self.active = False
             self._marked.clear()
+
+
+def recompute_depthwise(model: Any, enabled: bool = True) -> int:
+    """Trade compute for memory in training: the output of every adapted depthwise conv of
+    ``model`` (an :class:`~ftn.core.model.FTNModel`) is rebuilt in the backward (one more
+    depthwise conv each) instead of being kept by the BatchNorm that follows it. Gradients are
+    unchanged. Returns how many layers it applies to; ``enabled=False`` turns it off."""
+    count = 0
+    for layer in model.adapted_layers().values():
+        base = layer.base
+        if isinstance(base, nn.Conv2d) and base.groups > 1 and base.groups == base.in_channels:
+            layer.recompute_output = enabled
+            count += enabled
+    model.context.recompute = OutputRecompute() if count else None
+    return count

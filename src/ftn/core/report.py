@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-__all__ = ["LayerCap", "TaskParameters", "ParameterReport"]
+from torch import nn
+
+from .cp import max_efficient_rank
+
+__all__ = ["LayerCap", "TaskParameters", "ParameterReport", "backbone_parameters", "parameter_report"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +116,37 @@ class ParameterReport:
                 lines.append(f"rank cap [{name}] {cap.layer}: requested {cap.requested}, applied {cap.applied} "
                              f"(dense ΔW is smaller above rank {cap.max_efficient})")
         return "\n".join(lines)
+
+
+def backbone_parameters(model: Any) -> int:
+    """Parameters of the shared, frozen backbone (what a fractional budget is a fraction of)."""
+    return sum(t.numel() for t in model.frozen_tensors().values() if isinstance(t, nn.Parameter))
+
+
+def parameter_report(model: Any) -> ParameterReport:
+    """The report of an :class:`~ftn.core.model.FTNModel` (read through its public methods):
+    shared backbone, per-task ΔW / norms / head, and the paper's total."""
+    layers = model.adapted_layers()
+    norms = model.task_norm_layers()
+    per_task = {}
+    for name in model.tasks:
+        spec = model.task_spec(name)
+        caps = [LayerCap(ln, layer.requested_ranks[name], layer.rank(name), max_efficient_rank(layer.modes))
+                for ln, layer in layers.items()
+                if name in layer.requested_ranks and layer.requested_ranks[name] != layer.rank(name)]
+        updates = [layer.tasks[name] for layer in layers.values() if name in layer.tasks]
+        per_task[name] = TaskParameters(
+            delta=sum(u.num_params() for u in updates),
+            dense=sum(u.num_params() for u in updates if u.kind != "cp"),
+            layers=sum(1 for u in updates if u.num_params()),
+            norms=sum(p.numel() for n in norms.values() for p in n.tasks[name].parameters()),
+            norm_buffers=sum(b.numel() for n in norms.values() for b in n.tasks[name].buffers()),
+            head=sum(p.numel() for p in model.heads[name].parameters()),
+            rank=spec.get("rank"),
+            caps=caps,
+            budget=spec.get("budget"),
+            layer_ranks=({ln: layer.rank(name) for ln, layer in layers.items()}
+                         if spec.get("budget") is not None else None),
+        )
+    return ParameterReport(backbone=backbone_parameters(model), adapted_layers=len(layers),
+                           norm_layers=len(norms), tasks=per_task)

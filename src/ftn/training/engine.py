@@ -6,7 +6,7 @@ state on the validation split kept → BatchNorm statistics recalibrated with th
 test metrics. What differs between settings (the loss of a batch, the metrics, the data) comes in
 the task's :class:`~ftn.training.setting.TaskData` and its objective; what differs between
 methods (which parameters train, which tensors are the task's state) in the
-:class:`~ftn.training.methods.TaskModel`.
+:class:`~ftn.training.methods.TrainableTask`.
 
 Checkpoints (every N steps and at each epoch end) hold everything a resumed run needs to end
 bit-identical to an uninterrupted one on CPU: the task's state, the optimizer, scheduler and
@@ -40,7 +40,7 @@ from ..core.errors import FTNError
 from ..core.norms import recalibrate_batchnorm
 from . import distributed as dist
 from .config import DataConfig, TrainConfig
-from .methods import TaskModel
+from .methods import TrainableTask
 from .setting import TaskData
 
 __all__ = ["TaskResult", "train_task", "evaluate", "evaluate_examples", "resolve_device", "seed_everything", "NonFiniteLossError",
@@ -163,7 +163,7 @@ def _lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _optimizers(model: TaskModel, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+def _optimizers(model: TrainableTask, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """The task's optimizers, the main one first. Main parameter groups: the body at ``lr``, the
     head at ``head_lr``, and the ``extra_groups`` without an optimizer of their own at their own
     rates; an extra group with ``"optimizer": factory`` gets ``factory(params, lr)`` of its own.
@@ -186,12 +186,12 @@ def _optimizers(model: TaskModel, cfg: TrainConfig) -> list[torch.optim.Optimize
     return [main, *own]
 
 
-def _own_optimizer_params(model: TaskModel) -> set[int]:
+def _own_optimizer_params(model: TrainableTask) -> set[int]:
     return {id(p) for g in model.extra_groups if g.get("optimizer") for p in g["params"]}
 
 
 @torch.no_grad()
-def evaluate(model: TaskModel, data: TaskData, split: str, batch_size: int, device: torch.device,
+def evaluate(model: TrainableTask, data: TaskData, split: str, batch_size: int, device: torch.device,
              amp: str = "off", num_workers: int = 0) -> dict[str, float] | None:
     """The objective's metrics on ``data.<split>`` (None if that split is absent or empty)."""
     dataset = getattr(data, split)
@@ -209,7 +209,7 @@ def evaluate(model: TaskModel, data: TaskData, split: str, batch_size: int, devi
 
 
 @torch.no_grad()
-def evaluate_examples(model: TaskModel, data: TaskData, split: str, batch_size: int, device: torch.device,
+def evaluate_examples(model: TrainableTask, data: TaskData, split: str, batch_size: int, device: torch.device,
                       amp: str = "off", num_workers: int = 0) -> tuple[dict[str, float], np.ndarray | None] | None:
     """``(metrics, per-example statistics)`` of ``data.<split>`` in one pass, in the split's order
     (None if the split is absent or empty). The statistics are the objective's
@@ -305,7 +305,7 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
 
 
 # ----------------------------------------------------------------------------- training
-def train_task(model: TaskModel, data: TaskData, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir: Path,
+def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir: Path,
                seed: int = 0, device: torch.device | None = None, progress: bool = True,
                stop_after_steps: int | None = None, sync: bool = True) -> TaskResult:
     """Train one task; see the module docstring. ``sync=False`` trains this task on this rank

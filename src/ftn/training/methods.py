@@ -1,7 +1,7 @@
 """Adaptation methods behind one interface, so that one engine trains and compares them all.
 
 A :class:`Method` owns whatever is shared between tasks (FTN: one frozen backbone holding every
-task's factors) and hands out a :class:`TaskModel` per task: its forward, its trainable
+task's factors) and hands out a :class:`TrainableTask` per task: its forward, its trainable
 parameters (body and head, so the head can get its own learning rate), the BatchNorm layers to
 recalibrate, and the live tensors that make up the task's state (for checkpoints and
 best-on-validation snapshots). Heads come from the setting (a Linear for classification and
@@ -46,10 +46,10 @@ from ..core.io import atomic_write_bytes
 from ..core.allocation import budget_count
 from ..core.errors import ConfigError, did_you_mean
 from ..core.model import FTNConfig, FTNModel
-from ..core.norms import is_norm
+from ..core.norms import is_norm, task_batchnorms
 from ..core.updates import GatedDelta
 
-__all__ = ["MethodConfig", "TAPSConfig", "ProximalScoreSGD", "TaskModel", "Method", "METHODS", "register", "method_class", "make_method", "WithHead",
+__all__ = ["MethodConfig", "TAPSConfig", "ProximalScoreSGD", "TrainableTask", "Method", "METHODS", "register", "method_class", "make_method", "WithHead",
            "ftn_delta_budget", "lora_targets", "lora_delta_params", "matched_lora_rank"]
 
 
@@ -136,7 +136,7 @@ class MethodConfig:
         return self.ranks.get(task, self.ftn.rank)
 
 
-class TaskModel:
+class TrainableTask:
     """One task's model as the engine sees it.
 
     - ``extra_groups`` are optimizer groups of their own (``{"params": [...], "lr": float}``),
@@ -256,7 +256,7 @@ class Method:
         self.backbone_params = _count(backbone)  # before any method changes it
         self.cfg = cfg
         self.device = device
-        self.tasks: dict[str, TaskModel] = {}
+        self.tasks: dict[str, TrainableTask] = {}
         # The FTNModel holding the tasks' factorized updates (FTN and the methods built on it),
         # for what works on factors: budgets, recomputation; None for the other methods.
         self.factorized: FTNModel | None = None
@@ -266,7 +266,7 @@ class Method:
         return cls.label or cls.name
 
     def add_task(self, name: str, head: nn.Module, ranks: dict[str, int] | None = None,
-                 spec: dict[str, Any] | None = None) -> TaskModel:
+                 spec: dict[str, Any] | None = None) -> TrainableTask:
         """Add task ``name`` with its ``head``; ``ranks`` (per-layer ranks chosen for a budget,
         ``spec`` recording how) only for methods with ``supports_budget`` and a factorized model."""
         raise NotImplementedError
@@ -278,7 +278,7 @@ class Method:
         if ranks is not None:
             raise ConfigError(f"method {self.name!r} takes no per-layer ranks")
 
-    def load_task(self, name: str, head: nn.Module, path: str | Path) -> TaskModel:
+    def load_task(self, name: str, head: nn.Module, path: str | Path) -> TrainableTask:
         """Add a task trained earlier from the file :meth:`save_task` wrote."""
         task = self.add_task(name, head)
         task.load_state_dict(st_load(str(path), device=str(self.device)))
@@ -332,26 +332,26 @@ class FTNMethod(Method):
         self.model = self.factorized = FTNModel(backbone, config=ftn_options(cfg)).to(device)
 
     def add_task(self, name: str, head: nn.Module, ranks: dict[str, int] | None = None,
-                 spec: dict[str, Any] | None = None) -> TaskModel:
+                 spec: dict[str, Any] | None = None) -> TrainableTask:
         """The task at the config's rank, or at per-layer ``ranks`` chosen for a budget (``spec``
         records how, see ``FTNModel.task_spec``)."""
         if ranks is not None:
             self.model.add_task_with_ranks(name, {n: (r, r) for n, r in ranks.items()}, head.to(self.device),
                                            spec=spec)
-            return self._task_model(name)
+            return self._trainable_task(name)
         rank = self.cfg.rank_of(name) if self.rank is None else self.rank
         self.model.add_task(name, head=head.to(self.device), rank=rank)
-        return self._task_model(name)
+        return self._trainable_task(name)
 
     def remove_task(self, name: str) -> None:
         self.model.remove_task(name)
         super().remove_task(name)
 
-    def load_task(self, name: str, head: nn.Module, path: str | Path) -> TaskModel:
+    def load_task(self, name: str, head: nn.Module, path: str | Path) -> TrainableTask:
         self.model.load_task(path, name=name, head=head.to(self.device))
-        return self._task_model(name)
+        return self._trainable_task(name)
 
-    def _task_model(self, name: str) -> TaskModel:
+    def _trainable_task(self, name: str) -> TrainableTask:
         model = self.model
         head_ids = {id(p) for p in model.heads[name].parameters()}
         params = model.task_parameters(name)
@@ -364,10 +364,10 @@ class FTNMethod(Method):
             state.update({f"head.{k}": b for k, b in model.heads[name].named_buffers()})  # e.g. decoder BNs
             return state
 
-        task = TaskModel(name, lambda *x: model(*x, task=name), model,
-                         [p for p in params if id(p) not in head_ids],
-                         [p for p in params if id(p) in head_ids], live_state,
-                         lambda: model.task_batchnorms(name))
+        task = TrainableTask(name, lambda *x: model(*x, task=name), model,
+                             [p for p in params if id(p) not in head_ids],
+                             [p for p in params if id(p) in head_ids], live_state,
+                             lambda: task_batchnorms(model, name))
         self.tasks[name] = task
         return task
 
@@ -530,11 +530,11 @@ class TAPSMethod(FTNMethod):
         self.score_lrs: dict[str, float] = {}  # per task: the scores' rate used (chosen from the schedule)
 
     def add_task(self, name: str, head: nn.Module, ranks: dict[str, int] | None = None,
-                 spec: dict[str, Any] | None = None) -> TaskModel:
+                 spec: dict[str, Any] | None = None) -> TrainableTask:
         self.reject_ranks(ranks)
         taps = self.cfg.taps
         self.model.add_task(name, head=head.to(self.device), gate={"tau": taps.tau, "init_score": taps.start})
-        task = self._task_model(name)
+        task = self._trainable_task(name)
         gates = list(self.gates(name).values())
         ids = {id(g.score) for g in gates}
         task.body_params = [p for p in task.body_params if id(p) not in ids]
@@ -614,11 +614,11 @@ class LinearProbeMethod(Method):
         self.backbone = backbone.to(device).requires_grad_(False).eval()
 
     def add_task(self, name: str, head: nn.Module, ranks: dict[str, int] | None = None,
-                 spec: dict[str, Any] | None = None) -> TaskModel:
+                 spec: dict[str, Any] | None = None) -> TrainableTask:
         self.reject_ranks(ranks)
         module = WithHead(self.backbone, head.to(self.device))
-        task = TaskModel(name, module, module, [], list(head.parameters()),
-                         lambda: head.state_dict(keep_vars=True), lambda: [], frozen_modules=[self.backbone])
+        task = TrainableTask(name, module, module, [], list(head.parameters()),
+                             lambda: head.state_dict(keep_vars=True), lambda: [], frozen_modules=[self.backbone])
         self.tasks[name] = task
         return task
 
@@ -631,12 +631,12 @@ class FullFineTuneMethod(Method):
     full_size_update = True
 
     def add_task(self, name: str, head: nn.Module, ranks: dict[str, int] | None = None,
-                 spec: dict[str, Any] | None = None) -> TaskModel:
+                 spec: dict[str, Any] | None = None) -> TrainableTask:
         self.reject_ranks(ranks)
         backbone = copy.deepcopy(self.pretrained).requires_grad_(True)
         module = WithHead(backbone, head).to(self.device)
-        task = TaskModel(name, module, module, list(backbone.parameters()), list(head.parameters()),
-                         lambda: module.state_dict(keep_vars=True), lambda: _batchnorms(backbone))
+        task = TrainableTask(name, module, module, list(backbone.parameters()), list(head.parameters()),
+                             lambda: module.state_dict(keep_vars=True), lambda: _batchnorms(backbone))
         self.tasks[name] = task
         return task
 
@@ -693,7 +693,7 @@ class LoRAMethod(Method):
         return {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha}
 
     def add_task(self, name: str, head: nn.Module, ranks: dict[str, int] | None = None,
-                 spec: dict[str, Any] | None = None) -> TaskModel:
+                 spec: dict[str, Any] | None = None) -> TrainableTask:
         self.reject_ranks(ranks)
         import peft
 
@@ -717,7 +717,7 @@ class LoRAMethod(Method):
                           if "modules_to_save" in n or (own_head and ".head." in n)})
             return state
 
-        task = TaskModel(
+        task = TrainableTask(
             name, model, model,
             [p for n, p in trainable if ".head." not in n], [p for n, p in trainable if ".head." in n],
             live_state,

@@ -331,8 +331,9 @@ def test_taps_starts_from_full_fine_tunings_rate_in_every_demo(tmp_path, monkeyp
     """TAPS learns a full-size δW per layer, so its LR grid is centred on full fine-tuning's rate
     (a rate made for rank-8 factors diverges on a transformer's dense updates)."""
     import ftn.apps.sweep.sources as sources
+    import ftn.settings.dense as dense
 
-    monkeypatch.setattr(sources, "prepare_dense_scenes", lambda output, quick: output)
+    monkeypatch.setattr(dense, "prepare_sweep_scenes", lambda output, quick: output)
     for demo in ("multidomain", "dense", "text"):
         base = sources.demo_base(demo, tmp_path / demo, True, [])
         assert base("taps").train.lr == base("full").train.lr != base("ftn").train.lr, demo

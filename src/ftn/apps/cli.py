@@ -66,8 +66,8 @@ def _setup_logging(output_dir: str | None = None) -> None:
 def _train_usage() -> str:
     from pathlib import Path
 
-    from ..training.config import SETTINGS
     from ..training.methods import METHODS
+    from ..training.settings_registry import SETTINGS
 
     configs = sorted(Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
     lines = ["ftn train needs a config: ftn train --config FILE.yaml [section.key=value ...]", "",
@@ -75,16 +75,24 @@ def _train_usage() -> str:
              f"  methods (method.name=...):            {', '.join(METHODS)}"]
     if configs:
         lines += ["", "  configs in ./configs:"] + [f"    {c}" for c in configs]
-    lines += ["", "Every key and its default: src/ftn/training/config.py and each setting's data/model section "
-              "(ftn.settings.classification.setting, ftn.settings.dense.setting, ftn.settings.text.setting)."]
+    modules = ", ".join(SETTINGS[name].partition(":")[0] for name in SETTINGS)
+    lines += ["", f"Every key and its default: src/ftn/training/config.py and each setting's data/model section "
+              f"({modules})."]
     return "\n".join(lines)
 
 
-def _format_metrics(metrics: dict[str, float] | None) -> str:
+def _format_metrics(metrics: dict[str, float] | None, setting: str) -> str:
+    """A task's metrics as its setting's ``headline`` says (else every metric but the loss)."""
+    from ..training.settings_registry import setting_entry
+
     if not metrics:
         return "-"
-    if "acc" in metrics:
-        return f"top-1 {metrics['acc']:.2f}%"
+    headline = setting_entry(setting).headline
+    if headline:
+        try:
+            return headline.format(**metrics)
+        except (KeyError, IndexError):  # a task without that metric: all of them, as below
+            pass
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "loss")
 
 
@@ -103,7 +111,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"\n{summary['method']} on {summary['backbone']} ({summary['setting']}):")
     for task, r in summary["tasks"].items():
-        print(f"  {task:<16} test {_format_metrics(r['test'])}  trainable {r['trainable_params']:,}")
+        print(f"  {task:<16} test {_format_metrics(r['test'], cfg.setting)}  trainable {r['trainable_params']:,}")
     print(f"  stored parameters (all tasks): {summary['stored_parameters']:,}; results in {cfg.output_dir}")
     return 0
 
@@ -123,40 +131,80 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not files:
         raise ConfigError(f"no task files found in {', '.join(map(str, paths))}")
     for (name, metrics), f in zip(evaluate_tasks(cfg, files, args.split).items(), files):
-        print(f"{name:<16} {args.split} {_format_metrics(metrics)}  ({f})")
+        print(f"{name:<16} {args.split} {_format_metrics(metrics, cfg.setting)}  ({f})")
     return 0
 
 
+class _SettingDemoFlag(argparse.Action):
+    """``ftn demo --<setting>``: that setting's demo instead of the default one. The flag exists
+    for every setting the registry names (no import); its help is the setting's own
+    (``Demo.help``), read only when help is shown."""
+
+    def __init__(self, option_strings: list[str], dest: str, setting: str = "", **kwargs: object) -> None:
+        self.setting = setting
+        super().__init__(option_strings, dest, nargs=0, default=[], **kwargs)  # type: ignore[arg-type]
+
+    @property  # type: ignore[override]
+    def help(self) -> str:
+        from ..training.settings_registry import setting_entry
+
+        demo = setting_entry(self.setting).demo
+        return demo.help if demo is not None else f"the {self.setting} setting (it has no demo)"
+
+    @help.setter
+    def help(self, value: object) -> None:
+        pass
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        chosen = getattr(namespace, self.dest) or []
+        setattr(namespace, self.dest, chosen + [self.setting] * (self.setting not in chosen))
+
+
+class _DemoNames:
+    """``ftn sweep --demo``'s choices: the demos of the registry's settings, looked up when the
+    option is used or its help shown (building the parser imports no setting)."""
+
+    def _names(self) -> list[str]:
+        from ..training.settings_registry import demo_entries
+
+        return [name for name, entry in demo_entries().items() if entry.demo and entry.demo.sweep]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._names())
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ..settings.classification.demo import DEMO_METHODS, format_table, run_demo
+    from ..core.errors import ConfigError
+    from ..training.settings_registry import DEFAULT_SETTING, resolve, setting_entry, setting_names
 
     _setup_logging()
-    if args.dense and args.text:
-        from ..core.errors import ConfigError
+    chosen = [name for name in setting_names() if name in args.setting_demo]
+    if len(chosen) > 1:
+        flags = [f"--{name}" for name in chosen]
+        raise ConfigError(f"choose one of {', '.join(flags[:-1])} and {flags[-1]}")
+    entry = setting_entry(chosen[0] if chosen else DEFAULT_SETTING)
+    demo = entry.demo
+    if demo is None:
+        raise ConfigError(f"the {entry.name} setting has no demo")
+    output = args.output or demo.output
+    options: dict[str, object] = {"quick": args.quick, "progress": not args.no_progress, "extra": args.overrides}
+    if demo.methods:
+        # `--methods ftn method.ftn.rank=2`: argparse gives the trailing overrides to --methods.
+        options["extra"] = [*args.overrides, *(m for m in args.methods or () if "=" in m)]
+        methods = tuple(m for m in args.methods or () if "=" not in m)
+        from ..training.methods import method_class
 
-        raise ConfigError("choose one of --dense and --text")
-    if args.dense or args.text:
-        if args.dense:
-            from ..settings.dense.demo import format_dense_table as table, run_dense_demo as run
-        else:
-            from ..settings.text.demo import format_text_table as table, run_text_demo as run
-        output = args.output if args.output != "outputs/demo" else ("outputs/dense_demo" if args.dense
-                                                                    else "outputs/text_demo")
-        results = run(output, quick=args.quick, progress=not args.no_progress, extra=args.overrides)
-        print("\n" + table(results))
-        print(f"\nresults in {output}")
-        return 0
-    # `--methods ftn method.ftn.rank=2`: argparse gives the trailing overrides to --methods.
-    overrides = [*args.overrides, *(m for m in args.methods or () if "=" in m)]
-    methods = tuple(m for m in args.methods or () if "=" not in m) or DEMO_METHODS
-    from ..training.methods import method_class
-
-    for m in methods:
-        method_class(m)  # an unknown name fails here, with the registry's names
-    results = run_demo(args.output, quick=args.quick, methods=methods, progress=not args.no_progress,
-                       extra=overrides)
-    print("\n" + format_table(results))
-    print(f"\nwall time {results['wall_seconds']:.0f} s; results, table and plot in {args.output}")
+        for m in methods:
+            method_class(m)  # an unknown name fails here, with the registry's names
+        if methods:
+            options["methods"] = methods
+    results = resolve(demo.run)(output, **options)
+    print("\n" + resolve(demo.table)(results))
+    print("\n" + demo.done.format(output=output, results=results))
     return 0
 
 
@@ -176,7 +224,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"--seeds must be integers, got {args.seeds}") from None
     if bool(args.config) == bool(args.demo):
-        raise ConfigError("give one of --config FILE.yaml and --demo multidomain|dense|text")
+        raise ConfigError(f"give one of --config FILE.yaml and --demo {'|'.join(_DemoNames())}")
     if args.quick:
         overrides = [*QUICK, *overrides]
     output = Path(args.output)
@@ -201,6 +249,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_settings() -> list[str]:
+    """The settings other than the default one, each a flag of ``ftn demo``: their names only,
+    nothing imported. Without the train extra there are none (``ftn demo`` then names the extra)."""
+    try:
+        from ..training.settings_registry import DEFAULT_SETTING, setting_names
+    except ModuleNotFoundError as exc:
+        if _missing_extra(exc) is None:
+            raise
+        return []
+    return [name for name in setting_names() if name != DEFAULT_SETTING]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..version import __version__
 
@@ -220,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the tasks of a config (any setting), one after another")
     p.add_argument("--config", help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3 method.rank=16")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3 method.ftn.rank=16")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
@@ -234,19 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="FTN and every baseline on the embedded benchmark")
     p.add_argument("--quick", action="store_true", help="a small slice in under 3 minutes (CI)")
-    p.add_argument("--dense", action="store_true", help="dense multi-task demo on embedded indoor scenes")
-    p.add_argument("--text", action="store_true", help="text multi-task demo with the offline MiniLM")
-    p.add_argument("--output", default="outputs/demo", help="folder for results.json, table.md and the plot")
+    for name in _demo_settings():
+        p.add_argument(f"--{name}", action=_SettingDemoFlag, setting=name, dest="setting_demo")
+    p.add_argument("--output", help="folder for results.json, table.md and the plot")
     p.add_argument("--methods", nargs="*", help="methods to compare (default: ftn full linear norm_head lora; also taps, ftn_unfreeze)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every method's config")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_demo, setting_demo=[])
 
     p = sub.add_parser("sweep", help="a grid of runs: methods × grid axes × seeds, learning rates chosen on "
                                      "validation, paired intervals, results.csv and a plot (docs/sweep.md)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--config", help="YAML config every run starts from (any setting)")
-    source.add_argument("--demo", choices=["multidomain", "dense", "text"], help="an embedded demo's configs")
+    # The demos are the registry's, looked up when --demo is used (set after add_argument, which
+    # would otherwise list them while the parser is built).
+    source.add_argument("--demo", help="an embedded demo's configs").choices = _DemoNames()
     p.add_argument("--methods", nargs="+", default=["ftn", "full"], help="methods of the registry (default ftn full)")
     p.add_argument("--grid", action="append", default=[], metavar="[METHODS:]KEY=V1,V2",
                    help="a grid axis of config overrides, repeatable; 'ftn,lora:method.ftn.rank=1,2,4' applies "

@@ -10,7 +10,6 @@ closest valid key, never a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,16 +21,10 @@ from ..core.allocation import check_budget
 from ..core.errors import ConfigError, did_you_mean
 from ..core.model import FTNConfig
 from .methods import MethodConfig, TAPSConfig, method_class
+from .settings_registry import SETTINGS, setting_class
 
 __all__ = ["DataConfig", "ModelConfig", "MethodConfig", "TrainConfig", "ExperimentConfig", "SETTINGS",
            "setting_class", "load_config", "apply_overrides", "config_to_dict"]
-
-#: Setting name → the class that implements it (imported on first use; one line per setting).
-SETTINGS: dict[str, str] = {
-    "classification": "ftn.settings.classification.setting:ClassificationSetting",
-    "dense": "ftn.settings.dense.setting:DenseSetting",
-    "text": "ftn.settings.text.setting:TextSetting",
-}
 
 
 @dataclass
@@ -152,14 +145,6 @@ class ExperimentConfig:
 def check_choice(key: str, value: str, options: typing.Sequence[str]) -> None:
     if value not in options:
         raise ConfigError(f"{key} must be one of {list(options)}, got {value!r}" + did_you_mean(value, options))
-
-
-def setting_class(name: str) -> Any:
-    """The class implementing setting ``name`` (see ``SETTINGS``)."""
-    if name not in SETTINGS:
-        raise ConfigError(f"setting must be one of {list(SETTINGS)}, got {name!r}" + did_you_mean(name, SETTINGS))
-    module, _, cls = SETTINGS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

@@ -18,6 +18,7 @@ from ...core.errors import ConfigError
 from ...core.io import atomic_write_bytes
 from ...training.config import ExperimentConfig, setting_class
 from ...training.methods import delta_used
+from ...training.settings_registry import find_entry
 from ...training.stats import Interval, mean_std, paired_interval, paired_t_interval
 from .plan import Run, SweepSpec, _lr_text
 
@@ -297,9 +298,10 @@ def _axis_pairs(groups: dict[tuple[str, str], dict[str, Any]], spec: SweepSpec) 
 
 
 # ----------------------------------------------------------------------------- table and plot
-_SCORE = {"classification": "top-1 accuracy (%), mean over tasks", "text": "accuracy (%), mean over tasks",
-          "dense": "−weighted test loss per task (mean over images), mean over tasks (higher is better; "
-                   "the multi-task gain Δm below, with --gain-reference, is the headline)"}
+def _score(setting: str) -> str | None:
+    """What the setting's test score is (its ``SettingEntry.score``), None if it does not say."""
+    entry = find_entry(setting)
+    return entry.score if entry is not None and entry.score else None
 
 
 def _params(n: float) -> str:
@@ -311,7 +313,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines = []
     if results.get("command"):
         lines += [f"Regenerate: `{results['command']}`", ""]
-    lines += [f"Score: {_SCORE.get(results['setting'], 'the objective score, mean over tasks')} on the test "
+    lines += [f"Score: {_score(results['setting']) or 'the objective score, mean over tasks'} on the test "
               f"split; mean ± std over seeds {results['seeds']}. Learning rate (and any --tune value) chosen on "
               "the validation split with the first seed among the method's grid (validation score of each rate "
               "in brackets; + a rate added because the choice was at the grid's edge; \"edge\": still at the "
@@ -468,7 +470,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("parameters stored for all tasks (log scale)")
     ax.set_ylabel(f"Δm (%) against {results['gain']['reference']}" if results.get("gain")
-                  else _SCORE.get(results["setting"], "test score").split(",")[0])
+                  else (_score(results["setting"]) or "test score").split(",")[0])
     ax.set_title(f"{results['setting']}: mean ± std over seeds {results['seeds']}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

@@ -1,13 +1,15 @@
-"""Where ``ftn sweep`` gets each method's base config: a YAML file, or one of the three embedded
-demos (the demos' own config builders, so a sweep runs exactly what ``ftn demo`` runs, plus a
-validation split for choosing the learning rate).
+"""Where ``ftn sweep`` gets each method's base config: a YAML file, or a setting's demo (the
+demo's own config builder, its ``Demo.sweep`` in :mod:`ftn.training.settings_registry`, so a
+sweep runs exactly what ``ftn demo`` runs, plus a validation split for choosing the learning
+rate). The demos of this project:
 
-- ``multidomain``: :func:`ftn.settings.classification.demo.demo_config` (the embedded benchmark has a validation split).
-- ``dense``: :func:`ftn.settings.dense.demo.dense_demo_config` on the demo's rendered scenes; the last
+- ``multidomain``: :func:`ftn.settings.classification.sweep_configs` (the embedded benchmark has a
+  validation split).
+- ``dense``: :func:`ftn.settings.dense.sweep_configs` on the demo's rendered scenes; the last
   20 % of the training scenes are held out as the validation split (``sweep_val``), the demo's
   test split (NYUD's ``val``) stays the test split. ``full`` and ``taps`` use the single-task
   variant's rate.
-- ``text``: :func:`ftn.settings.text.demo.text_demo_config` with the file's validation split
+- ``text``: :func:`ftn.settings.text.sweep_configs` with the file's validation split
   (``data.val_limit``: 200 examples per task, 32 with ``--quick``); ``taps`` uses full
   fine-tuning's rate.
 
@@ -22,17 +24,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ...core.errors import ConfigError
 from ...training.config import ExperimentConfig, load_config
 from ...training.methods import method_class
+from ...training.settings_registry import demo_entry, resolve
 
-__all__ = ["DEMOS", "demo_base", "config_base", "prepare_dense_scenes"]
-
-DEMOS = ("multidomain", "dense", "text")
-_VAL_FRACTION = 0.2  # dense: training scenes held out for validation
-
-
-def _full_size(method: str) -> bool:
-    return method_class(method).full_size_update
+__all__ = ["demo_base", "config_base"]
 
 
 def config_base(path: str | Path, overrides: Sequence[str]) -> Callable[[str], ExperimentConfig]:
@@ -45,49 +42,10 @@ def config_base(path: str | Path, overrides: Sequence[str]) -> Callable[[str], E
     return base
 
 
-def prepare_dense_scenes(output: Path, quick: bool) -> Path:
-    """Render the dense demo's scenes under ``output/scenes`` (once) and write the sweep's
-    ``sweep_train`` / ``sweep_val`` lists (the training scenes, the last 20 % held out)."""
-    from ...settings.dense.demo import FULL, QUICK
-    from ...settings.dense.scenes import write_nyud_layout
-
-    size = QUICK if quick else FULL
-    root = output / "scenes"
-    sets = root / "gt_sets"
-    marker = root / f".rendered-{size['n_train']}-{size['n_val']}-{size['size']}"
-    if not marker.is_file():
-        write_nyud_layout(root, size["n_train"], size["n_val"], size=(size["size"], size["size"]), seed=0, workers=2)
-        marker.touch()
-    ids = [line.strip() for line in (sets / "train.txt").read_text().splitlines() if line.strip()]
-    n_val = max(2, int(round(len(ids) * _VAL_FRACTION)))
-    (sets / "sweep_train.txt").write_text("\n".join(ids[:-n_val]) + "\n")
-    (sets / "sweep_val.txt").write_text("\n".join(ids[-n_val:]) + "\n")
-    return root
-
-
 def demo_base(name: str, output: str | Path, quick: bool, overrides: Sequence[str]
               ) -> Callable[[str], ExperimentConfig]:
     """Method → the config the demo ``name`` trains it with (``overrides`` applied last)."""
-    output = Path(output)
-    extra = list(overrides)
-    if name == "multidomain":
-        from ...settings.classification.demo import demo_config
-
-        return lambda method: demo_config(method, output / "base", quick, extra)
-    if name == "dense":
-        from ...settings.dense.demo import dense_demo_config
-
-        prepare_dense_scenes(output, quick)
-        split = ["data.train_split=sweep_train", "data.val_split=sweep_val"]
-        return lambda method: dense_demo_config(output, "single" if _full_size(method) else "ftn", quick,
-                                                [f"method.name={method}", *split, *extra])
-    if name == "text":
-        from ...settings.text.demo import VARIANTS, text_demo_config
-
-        val = [f"data.val_limit={32 if quick else 200}"]
-        return lambda method: text_demo_config(output, method if method in VARIANTS else
-                                               "full" if _full_size(method) else "ftn", quick,
-                                               [f"method.name={method}", *val, *extra])
-    from ...core.errors import ConfigError, did_you_mean
-
-    raise ConfigError(f"--demo must be one of {list(DEMOS)}, got {name!r}" + did_you_mean(name, DEMOS))
+    entry = demo_entry(name)
+    if entry.demo is None or entry.demo.sweep is None:
+        raise ConfigError(f"the {entry.name} setting's demo has no sweep (Demo.sweep)")
+    return resolve(entry.demo.sweep)(Path(output), quick, list(overrides))

@@ -1,10 +1,12 @@
 """Dense multi-task building blocks (NYUD-v2 style), independent of the FTN core.
 
+- :mod:`ftn.settings.dense.tasks` — one record per dense task (labels, head channels, loss, meter,
+  metrics and their direction, table columns, pictures) and the registry every module reads;
 - :mod:`ftn.settings.dense.scenes` — procedural indoor scenes with exact semseg/depth/normals/edge labels,
   written in the NYUD multi-task folder layout;
 - :mod:`ftn.settings.dense.nyud` — the NYUD multi-task dataset and joint augmentations;
-- :mod:`ftn.settings.dense.metrics` — losses, dataset-level metrics (mIoU, RMSE, angle errors, odsF) and
-  the multi-task gain Δm;
+- :mod:`ftn.settings.dense.metrics` — losses and dataset-level metrics, one module per task (mIoU, RMSE,
+  angle errors, odsF), and the multi-task gain Δm;
 - :mod:`ftn.settings.dense.deeplab` — DeepLabv3+ heads and a stride-4/stride-16 encoder wrapper;
 - :mod:`ftn.settings.dense.model` — the two-scale encoder and the per-task decoders methods train;
 - :mod:`ftn.settings.dense.setting` — the dense setting of the training engine (``setting: dense``: data,
@@ -33,7 +35,6 @@ from .metrics import (
 )
 from .model import DenseEncoder, DenseHead, DenseHeads, build_encoder, build_head
 from .nyud import (
-    TASKS,
     JointCompose,
     NYUDMultiTask,
     RandomCrop,
@@ -43,11 +44,28 @@ from .nyud import (
 )
 from .scenes import CLASS_NAMES, IGNORE_INDEX, generate_scene, render_scene, sample_scene, write_nyud_layout
 from .setting import DenseSetting, compare
+from .tasks import (
+    DENSE_TASKS,
+    TASKS,
+    DenseTask,
+    TableColumn,
+    dense_task,
+    dense_task_names,
+    register_dense_task,
+    unregister_dense_task,
+)
 
 __all__ = [
     "CLASS_NAMES",
     "IGNORE_INDEX",
     "TASKS",
+    "DenseTask",
+    "TableColumn",
+    "DENSE_TASKS",
+    "register_dense_task",
+    "unregister_dense_task",
+    "dense_task",
+    "dense_task_names",
     "generate_scene",
     "render_scene",
     "sample_scene",

@@ -12,13 +12,8 @@ from ftn import AdapterFileError, FTNModel, TaskError
 from ftn.core.adapters import FORMAT_VERSION, read_adapter
 from ftn.core.io import atomic_write_bytes
 
-from conftest import SmallCNN, randomize_norms
+from helpers import SmallCNN, fresh_model, randomize_norms
 from test_model import train_steps
-
-
-def fresh_model(seed=0, **options):
-    torch.manual_seed(seed)
-    return FTNModel(randomize_norms(SmallCNN()).eval(), rank=3, **options).eval()
 
 
 @pytest.fixture

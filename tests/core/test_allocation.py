@@ -12,7 +12,7 @@ from ftn.core import allocation as al
 from ftn.training.backbones import strip_classifier, tiny_convnet
 from ftn.core.cp import max_efficient_rank
 
-from conftest import SmallCNN, randomize_norms
+from helpers import SmallCNN, randomize_norms
 
 
 def convnet(rank=4, **options):

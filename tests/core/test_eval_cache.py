@@ -24,7 +24,7 @@ from ftn.core.attention import FTNMultiheadAttention
 from ftn.core.cache import EvalCache, EvalCachedModule, invalidate_eval_caches
 from ftn.core.multitask import forward_all_tasks
 
-from conftest import SmallCNN, randomize_norms
+from helpers import SmallCNN, randomize_norms
 
 
 def _fused_adamw_works() -> bool:

@@ -9,7 +9,7 @@ from torch import nn
 from ftn import FactorInit, FTNConv, FTNLinear, ShapeError, TaskContext
 from ftn.core.injection import wrap_layer
 
-from conftest import Conv2dSame
+from helpers import Conv2dSame
 
 CONV_VARIANTS = {
     "3x3": dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),

@@ -8,7 +8,7 @@ from torch import nn
 from ftn import ConfigError, FTNModel, ShapeError
 from ftn.training.backbones import strip_classifier
 
-from conftest import SmallCNN, randomize_norms
+from helpers import SmallCNN, randomize_norms
 
 TASKS = ["a", "b", "a", "c", "b", "a"]
 

@@ -9,7 +9,7 @@ from ftn import ConfigError, FTNLayer, FTNModel, ShapeError, TaskError, cp_num_p
 from ftn.training.backbones import build_backbone, strip_classifier
 from ftn.core.norms import TaskNorm
 
-from conftest import SmallCNN, randomize_norms, tensor_hash
+from helpers import SmallCNN, randomize_norms, tensor_hash
 
 
 def train_steps(model, task, images, steps=3, lr=0.05):

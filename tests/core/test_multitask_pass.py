@@ -10,7 +10,7 @@ from ftn.training.backbones import strip_classifier
 from ftn.core.norms import task_batchnorms
 from ftn.core.multitask import MultiTaskBackbone, UnsupportedForStacking, forward_all_tasks
 
-from conftest import SmallCNN
+from helpers import SmallCNN
 
 
 def _model(arch, num_tasks=3, seed=0, **options):

@@ -14,7 +14,7 @@ from ftn.core.functional import (_FLAT_MAX_POSITIONS, _slow_depthwise_weight_gra
 from ftn.core.injection import wrap_layer
 from ftn.core.layers import FTNLayer
 
-from conftest import SmallCNN, randomize_norms
+from helpers import SmallCNN, randomize_norms
 
 F64 = torch.float64
 

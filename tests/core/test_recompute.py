@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 from ftn import FTNModel
 from ftn.core.recompute import OutputRecompute, _Recipe
 
-from conftest import SmallCNN
+from helpers import SmallCNN
 
 
 def _mobilenet(seed: int = 0) -> FTNModel:

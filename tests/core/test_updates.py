@@ -14,15 +14,10 @@ from ftn import CPFactors, DenseDelta, FTNModel, GatedDelta
 from ftn.core.adapters import read_adapter
 from ftn.core.multitask import forward_all_tasks
 
-from conftest import SmallCNN, randomize_norms
+from helpers import SmallCNN, fresh_model, randomize_norms
 from test_model import train_steps
 
 UNFROZEN = ["same", "pointwise", "fc"]  # a conv subclass (functional_call), a plain conv, a Linear
-
-
-def fresh_model(seed=0, **options):
-    torch.manual_seed(seed)
-    return FTNModel(randomize_norms(SmallCNN()).eval(), rank=3, **options).eval()
 
 
 def metadata(path):

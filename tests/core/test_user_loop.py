@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import ftn
-from conftest import SmallCNN, randomize_norms
+from helpers import SmallCNN, randomize_norms
 from ftn import FTNModel
 
 

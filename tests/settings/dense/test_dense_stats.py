@@ -21,11 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> Path:
-    from ftn.settings.dense import write_nyud_layout
-
-    return write_nyud_layout(tmp_path_factory.mktemp("nyud") / "data", n_train=2, n_val=5, size=(48, 48), seed=3,
-                             workers=1)
+def square_scenes(nyud_scenes) -> Path:
+    """More val scenes, square: the meters' statistics need several images."""
+    return nyud_scenes(n_train=2, n_val=5, size=(48, 48), seed=3)
 
 
 class Noisy:
@@ -54,8 +52,8 @@ class Noisy:
         return {t: torch.stack([o[t] for o in outs]) for t in outs[0]}
 
 
-def _setup(scenes: Path, *extra: str) -> tuple[DenseObjective, object, Noisy]:
-    cfg = apply_overrides(new_config("dense"), [f"data.root={scenes}", "data.edge_tolerance_px=1",
+def _setup(square_scenes: Path, *extra: str) -> tuple[DenseObjective, object, Noisy]:
+    cfg = apply_overrides(new_config("dense"), [f"data.root={square_scenes}", "data.edge_tolerance_px=1",
                                                 "data.joint=true", *extra])
     data = DenseSetting(cfg).data(JOINT)
     return data.objective, data.test, Noisy(data.test, data.objective.num_classes)
@@ -65,8 +63,8 @@ def _batches(dataset, size: int):
     return list(DataLoader(dataset, batch_size=size, shuffle=False))
 
 
-def test_image_stats_sum_back_to_every_meter(scenes: Path) -> None:
-    objective, test, model = _setup(scenes)
+def test_image_stats_sum_back_to_every_meter(square_scenes: Path) -> None:
+    objective, test, model = _setup(square_scenes)
     assert objective.tasks == ("semseg", "depth", "normals", "edge") and len(test) == 5
     batches = _batches(test, 2)  # batches of 2, 2 and 1
     metrics = objective.metrics(model, batches)
@@ -86,10 +84,10 @@ def test_image_stats_sum_back_to_every_meter(scenes: Path) -> None:
     assert objective.metrics(model, _batches(test, 1))["loss"] == pytest.approx(metrics["loss"], rel=1e-9)
 
 
-def test_resampled_images_give_the_metrics_of_the_resample(scenes: Path) -> None:
+def test_resampled_images_give_the_metrics_of_the_resample(square_scenes: Path) -> None:
     """What the bootstrap relies on: rows weighted by how often each image is drawn equal the
     meters run on the drawn images (a repeated image counts twice), for every task."""
-    objective, test, model = _setup(scenes)
+    objective, test, model = _setup(square_scenes)
     draw = [0, 0, 3, 4, 4]
     weights = np.bincount(draw, minlength=len(test)).astype(np.float64)
     stats = objective.example_stats(model, _batches(test, 3))
@@ -111,14 +109,14 @@ def test_resampled_images_give_the_metrics_of_the_resample(scenes: Path) -> None
     assert np.array_equal(seg.confusion.numpy().ravel(), weights @ stats[:, 2:2 + objective.num_classes ** 2])
 
 
-def test_joint_stats_split_into_each_tasks_own_layout(scenes: Path) -> None:
+def test_joint_stats_split_into_each_tasks_own_layout(square_scenes: Path) -> None:
     """A joint model's rows, split per task, are what each task's own objective gives (the loss
     column aside), so a joint model and per-task models can be compared image by image."""
-    objective, test, model = _setup(scenes)
+    objective, test, model = _setup(square_scenes)
     batches = _batches(test, 2)
     joint = objective.example_stats(model, batches)
     metrics = objective.metrics_from_stats(joint.sum(0))
-    split = DenseSetting(apply_overrides(new_config("dense"), [f"data.root={scenes}", "data.edge_tolerance_px=1",
+    split = DenseSetting(apply_overrides(new_config("dense"), [f"data.root={square_scenes}", "data.edge_tolerance_px=1",
                                                                "data.joint=true"])).split_example_stats(JOINT, joint)
     assert list(split) == ["semseg", "depth", "normals", "edge"]
     for t, rows in split.items():

@@ -1,9 +1,10 @@
 """The README's Python example must run as written."""
 
 import re
-from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from helpers import REPO
+
+README = REPO / "README.md"
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import bitfit_method  # noqa: F401  (registers method "bitfit")
+from helpers import bitfit_method  # noqa: F401  (registers method "bitfit")
 from ftn.apps.cli import main
 from ftn.training.methods import METHODS
 

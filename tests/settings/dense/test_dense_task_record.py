@@ -17,8 +17,9 @@ from ftn.settings.dense import DenseTask, TableColumn, register_dense_task, unre
 from ftn.settings.dense.nyud import NYUDMultiTask
 from ftn.settings.dense.setting import compare
 from ftn.settings.dense.tasks import TASKS, dense_task_names, prediction_image, read_map
-from ftn.training.config import apply_overrides, new_config
 from ftn.training.runner import build, run_experiments
+
+from helpers import tiny_dense_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
@@ -81,24 +82,8 @@ def toy_task():
     assert dense_task_names() == TASKS  # the other tests see the four NYUD tasks only
 
 
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> Path:
-    from ftn.settings.dense import write_nyud_layout
-
-    return write_nyud_layout(tmp_path_factory.mktemp("nyud") / "data", n_train=4, n_val=2, size=(32, 48), seed=0,
-                             workers=1)
-
-
-def _tiny(scenes: Path, tmp: Path, *extra: str):
-    return apply_overrides(new_config("dense"), [
-        f"data.root={scenes}", "data.crop=[32,48]", "data.batch_size=2", "data.eval_batch_size=2",
-        "model.backbone=mobilenet_v2", "model.pretrained=false", "model.aspp_channels=16",
-        "model.low_channels=8", "model.decoder_channels=16", "method.ftn.rank=4", "train.max_steps=2",
-        "train.device=cpu", "train.recalibrate_batches=2", f"output_dir={tmp}", "train.resume=false", *extra])
-
-
 def test_a_registered_task_trains_scores_and_counts_in_delta_m(toy_task, scenes: Path, tmp_path: Path) -> None:
-    cfg = _tiny(scenes, tmp_path / "probe")
+    cfg = tiny_dense_config(scenes, tmp_path / "probe")
     assert cfg.data.tasks == [*TASKS, TOY]  # registered tasks are the default task list
     assert cfg.data.loss_weights[TOY] == 2.0
 
@@ -106,7 +91,7 @@ def test_a_registered_task_trains_scores_and_counts_in_delta_m(toy_task, scenes:
     assert sample[TOY].shape == (1, 32, 48) and float(sample[TOY].max()) <= 1.0
 
     variants = {"single": ["method.name=full"], "mtl": ["method.name=full", "data.joint=true"]}
-    cfgs = [_tiny(scenes, tmp_path / v, f"data.tasks=[depth,{TOY}]", *o) for v, o in variants.items()]
+    cfgs = [tiny_dense_config(scenes, tmp_path / v, f"data.tasks=[depth,{TOY}]", *o) for v, o in variants.items()]
     runs = compare(dict(zip(variants, run_experiments(cfgs, progress=False))), baseline="single")
     for run in runs.values():
         assert run["main_metrics"] == {"depth": "rmse", TOY: "mae"}

@@ -14,7 +14,7 @@ from ftn.training.engine import (EpochBatchSampler, NonFiniteLossError, _lr_fact
                                  train_task)
 from ftn.training.setting import Classify, TaskData
 
-from tiny import bn_head, run, tiny_data, tiny_method
+from helpers.tiny import bn_head, run, tiny_data, tiny_method
 
 
 @pytest.mark.parametrize("method", ["ftn", "linear", "full", "lora"])

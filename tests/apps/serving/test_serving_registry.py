@@ -12,7 +12,7 @@ from torch import nn
 from ftn import AdapterFileError, ConfigError, FTNModel, TaskError
 from ftn.apps.serving.registry import TaskExists, TaskService, validate_name
 
-from conftest import SmallCNN, randomize_norms
+from helpers import SmallCNN, randomize_norms
 
 
 def bn_model():

@@ -8,8 +8,8 @@ from ftn.training.config import TrainConfig
 from ftn.training.methods import (METHODS, delta_used, ftn_delta_budget, lora_delta_params, matched_lora_rank,
                                   method_class)
 
-from conftest import SmallCNN, randomize_norms, tensor_hash
-from tiny import bn_head, run, tiny_method
+from helpers import SmallCNN, randomize_norms, tensor_hash
+from helpers.tiny import bn_head, run, tiny_method
 
 
 @pytest.mark.parametrize("name", ["ftn", "full", "linear", "norm_head", "lora", "taps", "ftn_unfreeze"])
@@ -109,7 +109,7 @@ def test_unknown_and_renamed_method_names():
 # ----------------------------------------------------------------------------- a new baseline
 @pytest.fixture
 def bitfit():
-    import bitfit_method  # the baseline in one file (registers "bitfit"); also test_new_method.py
+    from helpers import bitfit_method  # the baseline in one file (registers "bitfit"); also test_new_method.py
 
     return bitfit_method.BitFitMethod.name
 

@@ -8,7 +8,7 @@ simulated comparison, each example with its own difficulty; each run a seed effe
 example) and its own per-example noise (which borderline examples it gets right); each method a
 per-example interaction, zero-mean in the population but the same for every seed on a given test
 set. The false-positive rates these tests measure are quoted in docs/sweep.md; to print them:
-`python -m pytest -q -s tests/harness/test_stats.py -k nominal_rate`."""
+`python -m pytest -q -s tests/training/test_stats.py -k nominal_rate`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import pytest
 from ftn.training import stats
 from ftn.training.stats import Interval, paired_bootstrap, paired_interval, paired_t_interval, t_quantile
 
-pytestmark = pytest.mark.harness
 
 COMPARISONS = 1500  # simulated comparisons per setting: the rate's standard error is ≈ 0.6 %
 REPLICATES = 200  # resamples of the examples per interval

@@ -15,8 +15,8 @@ from ftn.core.adapters import read_adapter
 from ftn.apps.cli import main
 from ftn.apps.serving.predict import InputSpec, decode_image, preprocess, top_k
 
-from conftest import SmallCNN, randomize_norms
-from serving_utils import SERVER_ARGS, make_adapters, png_bytes, tiny_model
+from helpers import REPO, SmallCNN, randomize_norms
+from helpers.serving import SERVER_ARGS, make_adapters, png_bytes, tiny_model
 
 
 def small_model():
@@ -168,7 +168,7 @@ def test_ftn_train_writes_labels_and_input_into_adapters(tmp_path, capsys):
     args = ["model.backbone=tiny_convnet", "model.pretrained=false", "data.image_size=16", "data.train_limit=16",
             "data.val_limit=8", "data.test_limit=8", "train.max_steps=1", "data.batch_size=8",
             "data.domains=[fashion]", f"output_dir={tmp_path}", "train.recalibrate_bn=false"]
-    config = __import__("pathlib").Path(__file__).parents[1] / "configs" / "embedded_mobilenetv2_ftn.yaml"
+    config = REPO / "configs" / "embedded_mobilenetv2_ftn.yaml"
     assert main(["train", "--no-progress", "--config", str(config), *args]) == 0
     info = read_adapter(tmp_path / "adapters" / "fashion.safetensors")[1]["info"]
     assert info["labels"][:2] == ["t-shirt/top", "trouser"] and len(info["labels"]) == 10

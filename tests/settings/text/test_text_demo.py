@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from test_train_configs import _needs_minilm
+from helpers import needs_minilm
 
 
 @pytest.mark.slow
 def test_text_demo_tiny_run_all_methods(tmp_path):
-    _needs_minilm()
+    needs_minilm()
     pytest.importorskip("peft")
     from ftn.settings.text.demo import format_text_table, run_text_demo
 

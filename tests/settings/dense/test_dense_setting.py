@@ -11,29 +11,12 @@ import torch
 
 from ftn.settings.dense.setting import JOINT, compare
 from ftn.core.errors import ConfigError
-from ftn.training.config import apply_overrides, new_config
 from ftn.training.engine import train_task
 from ftn.training.runner import build, run_experiments
 
+from helpers import tiny_dense_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> Path:
-    from ftn.settings.dense import write_nyud_layout
-
-    return write_nyud_layout(tmp_path_factory.mktemp("nyud") / "data", n_train=4, n_val=2, size=(32, 48), seed=0,
-                             workers=1)
-
-
-def _tiny(scenes: Path, tmp: Path, *extra: str):
-    """A small MobileNetV2 (random) setup with narrow decoders, 2 steps per task."""
-    return apply_overrides(new_config("dense"), [
-        f"data.root={scenes}", "data.crop=[32,48]", "data.batch_size=2", "data.eval_batch_size=2",
-        "model.backbone=mobilenet_v2", "model.pretrained=false", "model.aspp_channels=16",
-        "model.low_channels=8", "model.decoder_channels=16", "method.ftn.rank=4", "train.max_steps=2",
-        "train.device=cpu", "train.recalibrate_batches=2", f"output_dir={tmp}", "train.resume=false", *extra])
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -47,7 +30,7 @@ def _train(cfg, setting, method, name, tmp):
 
 
 def test_ftn_trains_only_its_task_and_merges(scenes: Path, tmp_path: Path) -> None:
-    cfg = _tiny(scenes, tmp_path)
+    cfg = tiny_dense_config(scenes, tmp_path)
     setting, method = build(cfg, torch.device("cpu"))
     model = method.model
     for t in ("semseg", "depth"):
@@ -88,7 +71,7 @@ def test_ftn_trains_only_its_task_and_merges(scenes: Path, tmp_path: Path) -> No
 def test_full_fine_tuning_per_task_and_joint(scenes: Path, tmp_path: Path) -> None:
     """``full``: a fine-tuned encoder copy per task; with ``data.joint`` one shared encoder and
     every decoder, trained on the weighted sum of the task losses."""
-    cfg = _tiny(scenes, tmp_path, "method.name=full")
+    cfg = tiny_dense_config(scenes, tmp_path, "method.name=full")
     setting, method = build(cfg, torch.device("cpu"))
     source = _state(method.pretrained)
     task, result = _train(cfg, setting, method, "edge", tmp_path)
@@ -99,7 +82,7 @@ def test_full_fine_tuning_per_task_and_joint(scenes: Path, tmp_path: Path) -> No
     with torch.no_grad():
         assert task.module.eval()(torch.zeros(2, 3, 32, 48))["edge"].shape == (2, 1, 32, 48)
 
-    joint = _tiny(scenes, tmp_path / "joint", "method.name=full", "data.joint=true")
+    joint = tiny_dense_config(scenes, tmp_path / "joint", "method.name=full", "data.joint=true")
     setting, method = build(joint, torch.device("cpu"))
     assert setting.tasks() == [JOINT]
     init = setting.head(setting.data(JOINT)).state_dict()  # seeded: the same decoders every time
@@ -119,7 +102,7 @@ def test_lora_trains_the_dense_decoders_and_saves_their_buffers(scenes: Path, tm
     """PEFT refuses a ModuleDict in ``modules_to_save``: the dense head (one decoder per task) is
     left trainable instead, and its BatchNorm statistics go into the task's state."""
     pytest.importorskip("peft")
-    cfg = _tiny(scenes, tmp_path, "method.name=lora")
+    cfg = tiny_dense_config(scenes, tmp_path, "method.name=lora")
     setting, method = build(cfg, torch.device("cpu"))
     task, result = _train(cfg, setting, method, "semseg", tmp_path)
     assert result.steps == 2 and task.head_params and all(p.requires_grad for p in task.head_params)
@@ -135,7 +118,7 @@ def test_lora_trains_the_dense_decoders_and_saves_their_buffers(scenes: Path, tm
 def test_three_methods_delta_m_and_parameters(scenes: Path, tmp_path: Path) -> None:
     variants = {"single": ["method.name=full"], "mtl": ["method.name=full", "data.joint=true"],
                 "ftn": ["method.name=ftn"]}
-    cfgs = [_tiny(scenes, tmp_path / v, "data.tasks=[semseg,depth]", "train.max_steps=1", *o)
+    cfgs = [tiny_dense_config(scenes, tmp_path / v, "data.tasks=[semseg,depth]", "train.max_steps=1", *o)
             for v, o in variants.items()]
     runs = compare(dict(zip(variants, run_experiments(cfgs, progress=False))), baseline="single")
     single, mtl, ftn = (runs[v] for v in variants)
@@ -158,7 +141,7 @@ def test_recompute_depthwise_option_trains_identically(scenes: Path, tmp_path: P
     # train.recompute_depthwise changes what is kept for the backward, not the result.
     states = []
     for flag in ("false", "true"):
-        cfg = _tiny(scenes, tmp_path / flag, f"train.recompute_depthwise={flag}")
+        cfg = tiny_dense_config(scenes, tmp_path / flag, f"train.recompute_depthwise={flag}")
         setting, method = build(cfg, torch.device("cpu"))
         layers = [layer for layer in method.model.adapted_layers().values() if layer.recompute_output]
         assert len(layers) == (17 if flag == "true" else 0)  # MobileNetV2's depthwise convs
@@ -170,13 +153,13 @@ def test_recompute_depthwise_option_trains_identically(scenes: Path, tmp_path: P
 
 
 def test_recompute_depthwise_needs_an_ftn_method(scenes: Path, tmp_path: Path) -> None:
-    cfg = _tiny(scenes, tmp_path, "train.recompute_depthwise=true", "method.name=lora")
+    cfg = tiny_dense_config(scenes, tmp_path, "train.recompute_depthwise=true", "method.name=lora")
     with pytest.raises(ConfigError, match="recompute_depthwise applies to FTN methods"):
         build(cfg, torch.device("cpu"))
 
 
 def test_channels_last_option_trains_and_its_files_load_in_the_default_layout(scenes: Path, tmp_path: Path) -> None:
-    cfg = _tiny(scenes, tmp_path / "cl", "train.channels_last=true")
+    cfg = tiny_dense_config(scenes, tmp_path / "cl", "train.channels_last=true")
     setting, method = build(cfg, torch.device("cpu"))
     convs = [layer.base for layer in method.model.adapted_layers().values()]
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
@@ -184,7 +167,7 @@ def test_channels_last_option_trains_and_its_files_load_in_the_default_layout(sc
     (tmp_path / "files").mkdir()
     path = method.save_task("semseg", tmp_path / "files")
     # The same task loaded into a model built in the default layout computes the same outputs.
-    plain_cfg = _tiny(scenes, tmp_path / "plain")
+    plain_cfg = tiny_dense_config(scenes, tmp_path / "plain")
     _, plain = build(plain_cfg, torch.device("cpu"))
     plain.load_task("semseg", setting.head(setting.data("semseg")), path)
     x = torch.stack([setting.data("semseg").test[i]["image"] for i in range(2)])

@@ -12,7 +12,7 @@ from ftn.training.engine import train_task
 from ftn.training.methods import make_method
 from ftn.training.setting import Classify, TaskData
 
-from conftest import SmallCNN, randomize_norms
+from helpers import SmallCNN, randomize_norms
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"

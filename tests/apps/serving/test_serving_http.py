@@ -21,8 +21,11 @@ from ftn.core.adapters import read_adapter
 from ftn.apps.serving.loadtest import ServerProcess, run_load
 from ftn.apps.serving.predict import InputSpec, decode_image, preprocess, top_k
 
-from conftest import SmallCNN
-from serving_utils import SERVER_ARGS, make_adapters, png_bytes, solid_png, tiny_model
+from helpers import SmallCNN
+from helpers.serving import SERVER_ARGS, make_adapters, png_bytes, solid_png, tiny_model
+
+# Every test here starts a server process: end-to-end, so `slow`.
+pytestmark = pytest.mark.slow
 
 TOKEN = "s3cret-token"
 TASKS = [f"t{i}" for i in range(8)]

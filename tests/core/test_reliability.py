@@ -9,7 +9,7 @@ from safetensors.torch import save as st_save
 from ftn import AdapterFileError, FTNModel
 from ftn.core.adapters import FORMAT
 
-from conftest import SmallCNN, randomize_norms
+from helpers import SmallCNN, randomize_norms
 
 
 def _model():

@@ -1,7 +1,7 @@
 """A baseline added in one file, as a user would: BitFit (Ben Zaken et al., ACL 2022) — per task,
 the backbone's biases and the head train; everything else, BatchNorm statistics included, stays
 the pretrained network's. Importing this module registers ``method.name=bitfit``; nothing else in
-the package is edited (``tests/harness/test_new_method.py`` runs it through `ftn train`,
+the package is edited (``tests/training/test_new_method.py`` runs it through `ftn train`,
 `ftn sweep` and `ftn demo`)."""
 
 from __future__ import annotations

@@ -18,31 +18,14 @@ from ftn.core.adapters import read_adapter
 from ftn.apps.cli import main
 from ftn.training.config import load_config
 
-from tiny import CONFIGS
+from helpers import needs_minilm
+from helpers.tiny import CONFIGS
 
 CLI = [sys.executable, "-m", "ftn.apps.cli", "train", "--no-progress"]
 EMBEDDED = CONFIGS / "embedded_mobilenetv2_ftn.yaml"
 TINY = ["model.backbone=tiny_convnet", "model.pretrained=false", "data.image_size=16", "data.train_limit=64",
         "data.val_limit=32", "data.test_limit=32", "data.batch_size=8", "method.ftn.rank=2", "train.warmup_steps=0",
         "data.domains=[mnist]"]
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> Path:
-    from ftn.settings.dense import write_nyud_layout
-
-    return write_nyud_layout(tmp_path_factory.mktemp("nyud") / "data", n_train=4, n_val=2, size=(32, 48), seed=0,
-                             workers=1)
-
-
-def _needs_minilm():
-    pytest.importorskip("transformers")
-    from ftn.settings.text.backbone import minilm_path
-
-    try:
-        minilm_path()
-    except Exception as exc:  # the pretrained model is an optional, separately installed package
-        pytest.skip(str(exc))
 
 
 def tiny_overrides(setting: str, tmp: Path) -> tuple[Path, list[str]]:
@@ -58,7 +41,7 @@ def tiny_overrides(setting: str, tmp: Path) -> tuple[Path, list[str]]:
             "model.aspp_channels=16", "model.low_channels=8", "model.decoder_channels=16", "data.crop=[32,48]",
             "data.batch_size=2", "data.num_workers=0", "train.max_steps=2", "train.device=cpu",
             "train.recalibrate_batches=1"]
-    _needs_minilm()
+    needs_minilm()
     return CONFIGS / "text_minilm.yaml", ["data.tasks=[sentiment,tweets]", "data.train_limit=16", "data.test_limit=16",
                                           "data.max_len=16", "train.max_steps=2"]
 

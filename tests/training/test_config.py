@@ -5,7 +5,7 @@ import pytest
 from ftn import ConfigError
 from ftn.training.config import ExperimentConfig, apply_overrides, load_config, new_config
 
-from tiny import CONFIGS
+from helpers.tiny import CONFIGS
 
 NYUD = CONFIGS / "nyud_resnet18_r30.yaml"
 

@@ -17,7 +17,7 @@ CLASSES = 345
 
 
 @pytest.fixture(scope="module")
-def domainnet(tmp_path_factory):
+def clipart_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("domainnet")
     # 4 images per class: 3 in the train list, 1 in test; the list is grouped by class.
     fixture = write_domainnet_fixture(root, domains=("clipart",), classes=CLASSES, per_class=4, size=16)
@@ -32,8 +32,8 @@ def _all_images(dataset):
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
-def test_recalibration_sample_covers_every_class(domainnet):
-    _, data = domainnet
+def test_recalibration_sample_covers_every_class(clipart_data):
+    _, data = clipart_data
     loader = recalibration_loader(data.recal, batch_size=32, max_batches=20, seed=0)
     seen = torch.cat([y for _, y in loader])
     assert len(seen) == 640 < len(data.train)
@@ -47,8 +47,8 @@ def test_recalibration_sample_covers_every_class(domainnet):
     assert sum(len(y) for _, y in full) == len(data.recal)
 
 
-def test_recalibration_reads_training_images_with_the_evaluation_transform(domainnet):
-    _, data = domainnet
+def test_recalibration_reads_training_images_with_the_evaluation_transform(clipart_data):
+    _, data = clipart_data
     assert len(data.recal) == len(data.train)
     first, again = data.recal[5][0], data.recal[5][0]
     assert torch.equal(first, again)  # no random crop / flip
@@ -56,11 +56,11 @@ def test_recalibration_reads_training_images_with_the_evaluation_transform(domai
     assert not all(torch.equal(data.train[5][0], data.train[5][0]) for _ in range(4))  # train is augmented
 
 
-def test_engine_recalibrates_on_the_whole_split(domainnet, tmp_path):
+def test_engine_recalibrates_on_the_whole_split(clipart_data, tmp_path):
     """After training, the domain's BatchNorm statistics match a pass over the whole (shuffled,
     un-augmented) training split; the first BN sees the input, so its statistics are the
     per-channel pixel mean and variance of the split."""
-    cfg, data = domainnet
+    cfg, data = clipart_data
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     method_cfg = MethodConfig(name="ftn")

@@ -14,7 +14,7 @@ from ftn.training.config import TrainConfig, load_config
 from ftn.training.methods import GatedDelta, ProximalScoreSGD, TAPSConfig, last_block_patterns
 
 from test_train_configs import EMBEDDED, TINY
-from tiny import run, tiny_data, tiny_method
+from helpers.tiny import run, tiny_data, tiny_method
 
 
 def gates(method):

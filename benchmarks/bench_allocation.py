@@ -1,5 +1,5 @@
-"""Automatic vs uniform rank allocation at the same ΔW budget on the embedded multi-domain benchmark
-(issue 14): one seed, a short schedule; accuracy, ΔW used, time (probe + training) and a picture
+"""Automatic vs uniform rank allocation at the same ΔW budget on the embedded multi-domain benchmark:
+one seed, a short schedule; accuracy, ΔW used, time (probe + training) and a picture
 of the chosen rank by layer depth.
 
     nice -n 5 python benchmarks/bench_allocation.py --out outputs/allocation \\

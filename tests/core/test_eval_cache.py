@@ -313,7 +313,7 @@ def test_batched_checks_run_once_per_pass(monkeypatch):
 
 
 def test_a_pass_over_one_task_compares_only_that_tasks_entries(monkeypatch):
-    """Issue 15 (GPU: the per-task loop got slower as T grew): the batched check of a pass with
+    """On a GPU the per-task loop once got slower as T grew: the batched check of a pass with
     task a compares task a's entries only, not every task's, so a loop over T tasks costs T
     checks of one task each instead of T checks of T tasks."""
     monkeypatch.setattr(ftn.core.cache, "_batched", lambda device: True)
@@ -340,7 +340,7 @@ def test_a_pass_over_one_task_compares_only_that_tasks_entries(monkeypatch):
 
 
 def test_eval_fast_path_serves_the_cache_without_rebuilding(monkeypatch):
-    # Issue 15 (unmerged inference): a hit goes from the wrapper's forward straight to the conv,
+    # Unmerged inference: a hit goes from the wrapper's forward straight to the conv,
     # with every check of the entry, and gives the output of the uncached forward.
     from ftn.core.layers import FTNLayer
 

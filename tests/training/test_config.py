@@ -1,9 +1,15 @@
 """One config schema: settings, typed overrides, close-key suggestions, validation."""
 
+import multiprocessing as mp
+import pickle
+from concurrent.futures import ProcessPoolExecutor
+
 import pytest
+import yaml
 
 from ftn import ConfigError
-from ftn.training.config import ExperimentConfig, apply_overrides, load_config, new_config
+from ftn.training.config import ExperimentConfig, apply_overrides, config_to_dict, load_config, new_config
+from ftn.training.methods import METHODS, LoRAConfig, MethodConfig, TAPSConfig
 
 from helpers.tiny import CONFIGS
 
@@ -71,3 +77,87 @@ def test_dense_config_errors_name_the_key():
         load_config(NYUD, ["data.batch_size=1"])
     with pytest.raises(ConfigError, match=r"task must be one of .* got 'depht'"):
         load_config(NYUD, ["data.tasks=[semseg,depht]"])
+
+
+# ------------------------------------------------------------- each method's own section
+def test_method_sections_are_declared_by_their_methods():
+    cfg = new_config()
+    assert isinstance(cfg.method.taps, TAPSConfig) and isinstance(cfg.method.lora, LoRAConfig)
+    assert {name for name, cls in METHODS.items() if cls.options is not None} >= {"taps", "lora"}
+    assert set(cfg.method.sections()) == {name for name, cls in METHODS.items() if cls.options is not None}
+    cfg = load_config(None, ["method.name=lora", "method.lora.rank=4", "method.lora.alpha=8",
+                             "method.taps.penalty=0.3"])
+    assert (cfg.method.lora.rank, cfg.method.lora.alpha, cfg.method.taps.penalty) == (4, 8.0, 0.3)
+    assert MethodConfig(name="taps", taps=TAPSConfig(penalty=2.0)).taps.penalty == 2.0
+
+
+def test_method_section_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"'method.taps.penlty' \(did you mean 'method.taps.penalty'\?\)"):
+        load_config(None, ["method.taps.penlty=0.3"])
+    # a section's key one level up, or a misspelt section, is named with its section
+    with pytest.raises(ConfigError, match=r"'method.penalty' \(did you mean 'method.taps.penalty'\?\)"):
+        load_config(None, ["method.penalty=0.3"])
+    with pytest.raises(ConfigError, match=r"did you mean 'method.taps'\?\); valid keys here: .*taps, lora"):
+        load_config(None, ["method.tap.penalty=0.3"])
+    with pytest.raises(ConfigError, match="method.lora.rank: cannot use .four."):
+        load_config(None, ["method.lora.rank=four"])
+    with pytest.raises(ConfigError, match="method.lora.rank must be >= 1"):
+        load_config(None, ["method.lora.rank=0"])
+    with pytest.raises(ConfigError, match="method.taps.tau must be > 0"):  # validated by TAPSConfig
+        load_config(None, ["method.taps.tau=0"])
+    with pytest.raises(ConfigError, match="method.taps is a section"):
+        load_config(None, ["method.taps=1"])
+
+
+def test_old_lora_keys_name_the_new_ones(tmp_path):
+    for old, new in (("lora_rank", "rank"), ("lora_alpha", "alpha")):
+        with pytest.raises(ConfigError, match=f"'method.{old}' is now 'method.lora.{new}'"):
+            load_config(None, [f"method.{old}=4"])
+        path = tmp_path / f"{old}.yaml"
+        path.write_text(f"method:\n  name: lora\n  {old}: 4\n")
+        with pytest.raises(ConfigError, match=f"'method.{old}' is now 'method.lora.{new}'"):
+            load_config(path)
+
+
+def test_budget_error_lists_the_methods_that_support_one():
+    with pytest.raises(ConfigError, match=r"not supported by method 'linear' \(ftn, ftn_unfreeze, lora\)"):
+        load_config(None, ["method.name=linear", "method.budget=0.01"])
+
+
+_OVERRIDES = ["method.name=taps", "method.taps.penalty=0.3", "method.taps.weighting=params",
+              "method.lora.rank=4", "method.ftn.rank=2", "train.lr=3e-4"]
+
+
+def test_config_round_trips_through_its_dict_and_yaml(tmp_path):
+    cfg = load_config(None, _OVERRIDES)
+    data = config_to_dict(cfg)
+    assert data["method"]["taps"]["penalty"] == 0.3 and data["method"]["lora"] == {"rank": 4, "alpha": None}
+    assert "lora_rank" not in data["method"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    again = load_config(path)
+    assert again == cfg and config_to_dict(again) == data
+    assert again != load_config(None, _OVERRIDES[:-2])  # the sections count in equality too
+    assert load_config(None, ["method.lora.alpha=2"]) != new_config()
+
+
+def test_config_pickles_with_its_method_sections():
+    from helpers import bitfit_method  # noqa: F401  (registers "bitfit" and its section)
+
+    cfg = load_config(None, [*_OVERRIDES, "method.bitfit.norm_biases=false"])
+    again = pickle.loads(pickle.dumps(cfg))
+    assert again == cfg and again.method.taps.penalty == 0.3 and again.method.bitfit.norm_biases is False
+    assert "taps=TAPSConfig(tau=0.1, penalty=0.3" in repr(cfg.method)
+
+
+@pytest.mark.slow
+def test_config_reaches_a_spawned_worker_with_a_test_modules_method():
+    """`ftn demo` / `ftn sweep --workers` train in spawned processes: the config arrives whole,
+    and unpickling the section of a method registered in a test module imports that module,
+    which registers the method there too (repr lists the sections of the registered methods)."""
+    from helpers import bitfit_method  # noqa: F401
+
+    cfg = load_config(None, [*_OVERRIDES, "method.name=bitfit", "method.bitfit.norm_biases=false"])
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        there = pool.submit(repr, cfg.method).result()
+    assert "bitfit=BitFitConfig(norm_biases=False)" in there and there == repr(cfg.method)

@@ -5,8 +5,8 @@ import torch
 
 from ftn import ConfigError
 from ftn.training.config import TrainConfig
-from ftn.training.methods import (METHODS, delta_used, ftn_delta_budget, lora_delta_params, matched_lora_rank,
-                                  method_class)
+from ftn.training.methods import (METHODS, LoRAConfig, delta_used, ftn_delta_budget, lora_delta_params,
+                                  matched_lora_rank, method_class)
 
 from helpers import SmallCNN, randomize_norms, tensor_hash
 from helpers.tiny import bn_head, run, tiny_method
@@ -95,6 +95,9 @@ def test_lora_rank_matches_ftn_budget():
     assert budget == ftn_delta_budget(backbone, rank=8) > ftn_delta_budget(backbone, rank=2) > 0
     assert tensor_hash(backbone.state_dict().values()) == before  # the probe works on a copy
     assert tiny_method("lora").lora_rank == matched_lora_rank(SmallCNN(), ftn_delta_budget(SmallCNN(), rank=2))
+    given = tiny_method("lora", lora=LoRAConfig(rank=3, alpha=6.0))  # method.lora.rank / alpha
+    assert given.info() == {"lora_rank": 3, "lora_alpha": 6.0}
+    assert tiny_method("lora", lora=LoRAConfig(rank=3)).info()["lora_alpha"] == 3.0
 
 
 def test_unknown_and_renamed_method_names():

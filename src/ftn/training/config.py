@@ -2,13 +2,16 @@
 
 An experiment is ``setting`` (classification | dense | text) + ``data`` and ``model`` sections
 whose keys depend on the setting (declared by the setting, see :mod:`ftn.training.setting`) +
-``method`` and ``train`` sections that are the same everywhere. Every key is declared with its
+``method`` and ``train`` sections that are the same everywhere; ``method`` also holds one section
+per registered method that declares options (``method.taps.*``, declared by the method, see
+:mod:`ftn.training.methods`). Every key is declared with its
 default, so a misspelt key in a file or on the command line is an error that suggests the
 closest valid key, never a silently ignored setting.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field, fields
@@ -20,7 +23,7 @@ import yaml
 from ..core.allocation import check_budget
 from ..core.errors import ConfigError, did_you_mean
 from ..core.model import FTNConfig
-from .methods import MethodConfig, TAPSConfig, method_class
+from .methods import METHODS, MethodConfig, method_class
 from .settings_registry import SETTINGS, setting_class
 
 __all__ = ["DataConfig", "ModelConfig", "MethodConfig", "TrainConfig", "ExperimentConfig", "SETTINGS",
@@ -116,15 +119,16 @@ class ExperimentConfig:
             FTNConfig(**dataclasses.asdict(self.method.ftn))
         except ConfigError as exc:
             raise ConfigError(f"method.ftn: {exc}") from None
-        TAPSConfig(**dataclasses.asdict(self.method.taps))  # validates method.taps.*
+        self.method.validate_sections()  # method.<name>.*, each by the method that declares it
         check_choice("method.budget_allocation", self.method.budget_allocation, ("auto", "uniform"))
         check_choice("method.budget_score", self.method.budget_score, ("taylor", "magnitude"))
         check_choice("method.budget_init", self.method.budget_init, ("probe", "fresh"))
         budget = self.method.budget
         if budget is not None:
             if not method_class(self.method.name).supports_budget:
+                able = ", ".join(n for n, c in METHODS.items() if c.supports_budget)
                 raise ConfigError(f"method.budget is not supported by method {self.method.name!r} "
-                                  f"(ftn, lora); set method.budget=null")
+                                  f"({able}); set method.budget=null")
             try:
                 check_budget(budget)
             except ConfigError as exc:
@@ -204,12 +208,21 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
+def _keys(obj: Any) -> list[str]:
+    """The keys of a config section: its dataclass fields, then the sections it holds beside
+    them (``MethodConfig.sections()``: one per method with options)."""
+    extra = obj.sections() if callable(getattr(type(obj), "sections", None)) else {}
+    return [f.name for f in fields(obj)] + list(extra)
+
+
 def _unknown_key(obj: Any, head: str, full_key: str, prefix: str) -> ConfigError:
-    names = [f.name for f in fields(obj)]
+    names = _keys(obj)
+    moved = getattr(type(obj), "moved_keys", {})
+    if head in moved:
+        return ConfigError(f"config key {full_key!r} is now '{prefix}{moved[head]}'")
     # A key that lives one section further down (method.rank → method.ftn.rank) is named as such.
-    nested = [f"{prefix}{f.name}.{head}" for f in fields(obj)
-              if dataclasses.is_dataclass(getattr(obj, f.name)) and head in
-              {g.name for g in fields(getattr(obj, f.name))}]
+    nested = [f"{prefix}{name}.{head}" for name in names
+              if dataclasses.is_dataclass(getattr(obj, name)) and head in _keys(getattr(obj, name))]
     hint = f" (did you mean {nested[0]!r}?)" if nested else \
         did_you_mean(head, names).replace("mean '", f"mean '{prefix}")
     return ConfigError(f"unknown config key {full_key!r}{hint}; valid keys here: {', '.join(names)}")
@@ -218,8 +231,7 @@ def _unknown_key(obj: Any, head: str, full_key: str, prefix: str) -> ConfigError
 def _set(obj: Any, dotted: str, value: Any, full_key: str | None = None) -> None:
     full_key = full_key or dotted
     head, _, rest = dotted.partition(".")
-    names = [f.name for f in fields(obj)]
-    if head not in names:
+    if head not in _keys(obj):
         raise _unknown_key(obj, head, full_key, full_key[: len(full_key) - len(dotted)])
     current = getattr(obj, head)
     if dataclasses.is_dataclass(current):
@@ -291,4 +303,16 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as plain data (``config.json``), method sections included: ``load_config`` of
+    it written as YAML gives the same config."""
+    return _to_dict(cfg)
+
+
+def _to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {key: _to_dict(getattr(obj, key)) for key in _keys(obj)}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_dict(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _to_dict(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)

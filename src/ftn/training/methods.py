@@ -12,7 +12,8 @@ text, DeepLabv3+ decoders for dense), so every method works in every setting.
 - ``linear``: linear probe; frozen backbone *including* its BatchNorm statistics, head only.
 - ``norm_head``: per-task norms (BatchNorm or LayerNorm) + head (FTN with rank 0).
 - ``lora``: LoRA from Hugging Face PEFT on every non-grouped Conv/Linear, per-task norms and
-  head through ``modules_to_save``; the rank is matched to FTN's ΔW budget unless given.
+  head through ``modules_to_save``; the rank is matched to FTN's ΔW budget unless given
+  (``method.lora.*``).
 - ``taps``: TAPS (Wallingford et al., CVPR 2022): every adapted layer W + 1[s ≥ τ]·δW with a
   learned gate per layer and task, plus a penalty on the parameters of the layers switched on
   (``method.taps.*``); per-task norms and head as FTN.
@@ -23,16 +24,17 @@ A new baseline is one class with ``@register`` (here or in any module imported b
 is read): its class attributes say everything the rest of the system needs — ``label`` (tables),
 ``default_lr`` / ``default_head_lr`` (the rate the demos and ``ftn sweep``'s grid start from),
 ``full_size_update`` (a dense update per layer: the text and dense demos start it from full
-fine-tuning's settings), ``supports_budget`` — and ``method.name=<its name>`` then works in every
-setting, ``ftn train``, ``ftn eval``, ``ftn sweep`` and the demos. :class:`MethodConfig` is the
-config's ``method`` section.
+fine-tuning's settings), ``supports_budget``, ``options`` (a dataclass of its own settings, read as
+``method.<its name>.*``) — and ``method.name=<its name>`` then works in every setting,
+``ftn train``, ``ftn eval``, ``ftn sweep`` and the demos. :class:`MethodConfig` is the config's
+``method`` section: the keys every method shares plus each registered method's options section.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -49,7 +51,7 @@ from ..core.model import FTNConfig, FTNModel
 from ..core.norms import is_norm, task_batchnorms
 from ..core.updates import GatedDelta
 
-__all__ = ["MethodConfig", "TAPSConfig", "ProximalScoreSGD", "TrainableTask", "Method", "METHODS", "register", "method_class", "make_method", "WithHead",
+__all__ = ["MethodConfig", "TAPSConfig", "LoRAConfig", "ProximalScoreSGD", "TrainableTask", "Method", "METHODS", "register", "method_class", "make_method", "WithHead",
            "ftn_delta_budget", "lora_targets", "lora_delta_params", "matched_lora_rank"]
 
 
@@ -87,6 +89,10 @@ class TAPSConfig:
     score_travel: float = 2.0
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Called on every config's validation too: overrides set the fields after construction."""
         if not self.tau > 0:
             raise ConfigError(f"method.taps.tau must be > 0, got {self.tau!r}")
         if self.score_lr is not None and not self.score_lr > 0:
@@ -111,18 +117,36 @@ class TAPSConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """``method.lora``: the LoRA rank and scale."""
+
+    rank: int | None = None  # None: matched to FTN's ΔW budget at method.ftn.rank (or to method.budget)
+    alpha: float | None = None  # None: equal to the LoRA rank (scale 1)
+
+    def validate(self) -> None:
+        if self.rank is not None and self.rank < 1:
+            raise ConfigError(f"method.lora.rank must be >= 1 (or null: matched to FTN's budget), got {self.rank!r}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"method.lora.alpha must be > 0 (or null: the rank), got {self.alpha!r}")
+
+
+@dataclass(init=False, eq=False)
 class MethodConfig:
-    """The ``method`` section of an experiment config."""
+    """The ``method`` section of an experiment config: the keys below, which every method reads
+    (or may), plus one section per registered method that declares ``options``, under the
+    method's name (``method.taps.penalty``, ``method.lora.rank``). The sections are attributes,
+    not dataclass fields, because methods register after this class exists (a user's baseline in
+    its own module); :meth:`sections` lists them, and the config loader, ``config_to_dict`` and
+    equality read them from there. They pickle as attributes, so a spawned worker gets them (and,
+    by importing a section's module, the method that declared it).
+    """
 
     name: str = "ftn"  # a key of METHODS: ftn | full | linear | norm_head | lora | taps | ftn_unfreeze
     # FTN's options as the core declares them (rank, rank_pattern, include, exclude, init, ...);
     # ftn.rank is also the budget LoRA is matched to.
     ftn: FTNConfig = field(default_factory=FTNConfig)
     ranks: dict[str, int] = field(default_factory=dict)  # per-task rank, e.g. {edge: 16}
-    lora_rank: int | None = None  # None: matched to FTN's ΔW budget at ftn.rank
-    lora_alpha: float | None = None  # None: equal to the LoRA rank (scale 1)
     load_adapters: list[str] = field(default_factory=list)  # tasks trained earlier (FTN adapter files)
-    taps: TAPSConfig = field(default_factory=TAPSConfig)
     # A ΔW parameter budget per task instead of a rank (docs/allocation.md): a number of
     # parameters, or a fraction in (0, 1) of the backbone's; None = use the rank.
     budget: int | float | None = None
@@ -131,6 +155,58 @@ class MethodConfig:
     budget_probe: float = 0.25  # the probe trains this fraction of the task's steps
     budget_score: str = "taylor"  # taylor (EMA of |a_r·∂L/∂a_r|) | magnitude (‖a‖‖b‖‖c‖/‖W‖)
     budget_init: str = "probe"  # probe (start from the kept components, norms, head) | fresh
+
+    # Keys that moved into a method's section: the loader's error names the new spelling.
+    moved_keys: ClassVar[dict[str, str]] = {"lora_rank": "lora.rank", "lora_alpha": "lora.alpha"}
+
+    def __init__(self, **values: Any) -> None:
+        """Keyword arguments: the keys above and method sections (``taps=TAPSConfig(...)``);
+        what is not given takes its default."""
+        for f in fields(self):
+            if f.name in values:
+                setattr(self, f.name, values.pop(f.name))
+            else:
+                setattr(self, f.name, f.default_factory() if f.default_factory is not MISSING else f.default)
+        for key, section in self.sections().items():
+            if key in values:
+                given = values.pop(key)
+                if not isinstance(given, type(section)):
+                    raise ConfigError(f"method.{key} is a {type(section).__name__}, got {type(given).__name__}")
+                setattr(self, key, given)
+        if values:
+            raise TypeError(f"MethodConfig got unknown keys {sorted(values)}; sections: {sorted(self.sections())}")
+
+    def __getattr__(self, key: str) -> Any:
+        # Only reached for a missing attribute: the section of a method registered after this
+        # config was made gets its defaults.
+        cls = METHODS.get(key) if not key.startswith("_") else None
+        if cls is None or cls.options is None:
+            raise AttributeError(f"{type(self).__name__!r} has no attribute {key!r}")
+        section = self.__dict__[key] = cls.options()
+        return section
+
+    def sections(self) -> dict[str, Any]:
+        """Each registered method's options section, by method name (created at its defaults
+        for a method registered after this config was made)."""
+        return {name: getattr(self, name) for name, cls in METHODS.items() if cls.options is not None}
+
+    def validate_sections(self) -> None:
+        """Each section's own checks (its ``validate()``, when it has one)."""
+        for section in self.sections().values():
+            check = getattr(section, "validate", None)
+            if check is not None:
+                check()
+
+    def __repr__(self) -> str:
+        values = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)]
+        values += [f"{key}={section!r}" for key, section in self.sections().items()]
+        return f"{type(self).__name__}({', '.join(values)})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return (all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self))
+                and self.sections() == other.sections())  # type: ignore[attr-defined]
 
     def rank_of(self, task: str) -> int:
         return self.ranks.get(task, self.ftn.rank)
@@ -219,7 +295,13 @@ _RENAMED = {"bn_head": "norm_head", "ln_head": "norm_head"}  # former names: an 
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``cls`` available as ``method.name=<cls.name>``."""
+    """Class decorator: make ``cls`` available as ``method.name=<cls.name>`` (and its ``options``
+    as ``method.<cls.name>.*``)."""
+    if cls.options is not None:
+        if not (isinstance(cls.options, type) and is_dataclass(cls.options)):
+            raise TypeError(f"{cls.__name__}.options must be a dataclass, got {cls.options!r}")
+        if hasattr(MethodConfig, cls.name) or cls.name in MethodConfig.__dataclass_fields__:
+            raise TypeError(f"method {cls.name!r} cannot have options: method.{cls.name} is a key of every method")
     METHODS[cls.name] = cls
     return cls
 
@@ -249,7 +331,10 @@ class Method:
     # A full-size update per layer (full fine-tuning, TAPS's δW): settings whose demos have a
     # single-task variant start it from full fine-tuning's settings instead of FTN's.
     full_size_update: ClassVar[bool] = False
-    supports_budget: ClassVar[bool] = False  # method.budget chooses its ranks (ftn, lora)
+    supports_budget: ClassVar[bool] = False  # method.budget chooses its ranks (ftn, ftn_unfreeze, lora)
+    # A dataclass of this method's own settings, its config section ``method.<name>``
+    # (``self.cfg.<name>``); a ``validate()`` on it is run with the config's. None: no section.
+    options: ClassVar[type | None] = None
 
     def __init__(self, backbone: nn.Module, cfg: MethodConfig, device: torch.device) -> None:
         self.pretrained = backbone
@@ -522,6 +607,10 @@ class TAPSMethod(FTNMethod):
 
     name = "taps"
     label = "TAPS"
+    options = TAPSConfig
+    # Its updates are dense and gated, not ranked: a ΔW budget has no ranks to choose here
+    # (the per-layer ranks a budget yields are refused by add_task).
+    supports_budget = False
     default_lr = 5e-4  # its updates are dense like full fine-tuning's: full fine-tuning's rate
     full_size_update = True
 
@@ -674,6 +763,7 @@ class LoRAMethod(Method):
     label = "LoRA (PEFT)"
     default_lr = 3e-3
     supports_budget = True  # the LoRA rank closest to the budget (uniform only)
+    options = LoRAConfig
 
     def __init__(self, backbone, cfg, device):
         super().__init__(backbone, cfg, device)
@@ -681,13 +771,14 @@ class LoRAMethod(Method):
             import peft  # noqa: F401
         except ImportError:
             raise ConfigError("method 'lora' needs Hugging Face PEFT: pip install 'factorized-tensor-networks[peft]'") from None
-        if cfg.lora_rank is None and cfg.budget is not None:  # the same ΔW budget as FTN's
+        lora = cfg.lora
+        if lora.rank is None and cfg.budget is not None:  # the same ΔW budget as FTN's
             self.lora_rank = matched_lora_rank(backbone, budget_count(cfg.budget, self.backbone_params))
-        elif cfg.lora_rank is None:
+        elif lora.rank is None:
             self.lora_rank = matched_lora_rank(backbone, ftn_delta_budget(backbone, ftn_options(cfg)))
         else:
-            self.lora_rank = cfg.lora_rank
-        self.lora_alpha = cfg.lora_alpha if cfg.lora_alpha is not None else float(self.lora_rank)
+            self.lora_rank = lora.rank
+        self.lora_alpha = lora.alpha if lora.alpha is not None else float(self.lora_rank)
 
     def info(self) -> dict[str, Any]:
         return {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha}

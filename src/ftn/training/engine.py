@@ -174,7 +174,7 @@ def _optimizers(model: TrainableTask, cfg: TrainConfig) -> list[torch.optim.Opti
                           *({"params": g["params"], "lr": g["lr"]} for g in shared)) if g["params"]]
     # foreach: one multi-tensor op per update term instead of a Python loop over the tensors.
     # PyTorch takes it by default only on accelerators; on the CPU it gives bit-identical updates
-    # (tests/harness/test_engine.py) and halves the optimizer step of a task with hundreds of
+    # (tests/training/test_engine.py) and halves the optimizer step of a task with hundreds of
     # small factor tensors (MobileNetV2 FTN: 262 tensors, 6.5 → 3.6 ms per step, 1 thread).
     if cfg.optimizer == "adamw":
         main = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)

@@ -27,7 +27,7 @@ deviation over seeds and paired intervals for the difference between two methods
     normal theory it calls up to 7.8 % of null comparisons significant at 3 seeds (nominal 5 %);
     the unsquared ratio keeps 3.8–5.7 % at 3 to 5 seeds whatever the test component's share.
 
-  Simulated false-positive rates (nominal 5 %; ``tests/harness/test_stats.py``, numbers in
+  Simulated false-positive rates (nominal 5 %; ``tests/training/test_stats.py``, numbers in
   ``docs/sweep.md``): about 5 % with 3 and 5 seeds where the seed spread dominates, and on the
   conservative side (2.5 %) where the test-example component dominates; the t over seeds alone
   then calls 12.5 %.

@@ -19,6 +19,7 @@ from torch import Tensor
 
 __all__ = [
     "cp_add",
+    "cp_add_unfolded",
     "conv_modes",
     "linear_modes",
     "weight_modes",
@@ -91,6 +92,13 @@ def cp_add(base: Tensor, factors: Sequence[Tensor]) -> Tensor:
     to float rounding (bit for bit with the development machine's MKL; tests/core/test_cp.py)
     and is 1.1-1.6× faster there (a 512×512×3×3 weight at rank 8: 2.0 → 1.3 ms, 1 thread)."""
     first, other = _unfolded(factors)
+    return cp_add_unfolded(base, first, other)
+
+
+def cp_add_unfolded(base: Tensor, first: Tensor, other: Tensor) -> Tensor:
+    """:func:`cp_add` from the unfolded factors: ``first`` (d_0 × R) and ``other`` =
+    KhatriRao(F_1, ..., F_{K-1}) (Π_{k≥1} d_k × R), for callers that keep the Khatri-Rao product
+    (the fast backward reuses the forward's instead of building it again)."""
     if base.dtype != first.dtype:  # addmm takes one dtype; keep the sum's type promotion
         return base + (first @ other.T).reshape(base.shape)
     return torch.addmm(base.reshape(base.shape[0], -1), first, other.T).reshape(base.shape)

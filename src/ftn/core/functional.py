@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cp import cp_add, khatri_rao
+from .cp import cp_add, cp_add_unfolded, khatri_rao
 
 __all__ = [
     "cp_conv",
@@ -113,7 +113,7 @@ def _autocast_off(device_type: str):
 class _CPConv(torch.autograd.Function):
     """y = conv(x, W + A∘B∘C, bias); see the module docstring for the backward.
 
-    Saves x, the frozen W (no copy) and the factors, never the materialized W + ΔW: the backward
+    Saves x, the frozen W (no copy), the factors and KR(B, C), never the materialized W + ΔW: the backward
     rebuilds it (one small matmul per layer) for the input gradient. ``thin`` picks how the
     factor gradients are computed: thin contractions, or (``thin=False``, where those do not pay
     off, e.g. depthwise convs) the dense weight gradient contracted onto the factors — what
@@ -122,8 +122,9 @@ class _CPConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, c, stride, padding, dilation, groups, dtype, thin):
-        y, x_c = _cp_conv_value(x, weight, bias, (a, b, c), stride, padding, dilation, groups, dtype)
-        ctx.save_for_backward(x_c, weight, a, b, c)
+        y, x_c, kr = _cp_conv_value(x, weight, bias, (a, b, c), stride, padding, dilation, groups, dtype)
+        # KR(B, C) is kept (Π kernel · C_in/g × R: tiny) so the backward does not build it again.
+        ctx.save_for_backward(x_c, weight, a, b, c, kr)
         ctx.conv = (stride, padding, dilation, groups)
         ctx.dtype, ctx.thin = dtype, thin
         ctx.bias_shape = None if bias is None else list(bias.shape)
@@ -133,7 +134,7 @@ class _CPConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, a, b, c = ctx.saved_tensors
+        x, weight, a, b, c, kr = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         need_x, _, need_bias, need_a, need_b, need_c = ctx.needs_input_grad[:6]
         need_factors = need_a or need_b or need_c
@@ -144,7 +145,7 @@ class _CPConv(torch.autograd.Function):
         gx = gbias = ga = gb = gc = None
         with _autocast_off(x.device.type):
             if need_x or need_bias or dense:
-                w = _merged(weight, (a, b, c), ctx.dtype)
+                w = _cast(cp_add_unfolded(weight, a, kr), ctx.dtype)
                 prepad = dense and _slow_depthwise_weight_grad(x, w, stride, padding, dilation, groups)
                 gx, gw, gbias = _aten.convolution_backward(
                     gy, x, w, ctx.bias_shape, stride, padding, dilation, False, out_pad, groups,
@@ -155,9 +156,9 @@ class _CPConv(torch.autograd.Function):
                 gx = gx.to(ctx.x_dtype) if gx is not None else None
                 gbias = gbias.to(ctx.bias_dtype) if gbias is not None else None
                 if dense:
-                    ga, gb, gc = _dense_factor_grads(gw, a, b, c)
+                    ga, gb, gc = _dense_factor_grads(gw, a, b, c, kr)
             if need_factors and ctx.thin:
-                ga, gb, gc = _factor_grads(gy, x, a, b, c, weight.shape, stride, padding, dilation, groups)
+                ga, gb, gc = _factor_grads(gy, x, a, b, c, kr, weight.shape, stride, padding, dilation, groups)
         return gx, None, gbias, ga, gb, gc, None, None, None, None, None, None
 
 
@@ -194,9 +195,10 @@ def _cp_conv_value(x, weight, bias, factors, stride, padding, dilation, groups, 
     x_c, b_c = _cast(x, dtype), _cast(bias, dtype)
     nd = weight.dim() - 2
     with _autocast_off(x.device.type):
-        merged = _merged(weight, factors, dtype)
+        kr = khatri_rao(factors[1:])
+        merged = _cast(cp_add_unfolded(weight, factors[0], kr), dtype)
         y = _aten.convolution(x_c, merged, b_c, stride, padding, dilation, False, [0] * nd, groups)
-    return y, x_c
+    return y, x_c, kr
 
 
 def cp_conv_recompute(x: Tensor, weight: Tensor, bias: Tensor | None, factors: Sequence[Tensor],
@@ -209,17 +211,12 @@ def cp_conv_recompute(x: Tensor, weight: Tensor, bias: Tensor | None, factors: S
     return lambda: _cp_conv_value(x, weight, bias, factors, *args)[0]
 
 
-def _merged(weight: Tensor, factors: Sequence[Tensor], dtype: torch.dtype | None) -> Tensor:
-    """W + ΔW, built in the factors' dtype (one GEMM onto W), then cast to the compute dtype (autocast)."""
-    return _cast(cp_add(weight, factors), dtype)
-
-
-def _dense_factor_grads(gw: Tensor, a: Tensor, b: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _dense_factor_grads(gw: Tensor, a: Tensor, b: Tensor, c: Tensor, kr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Factor gradients from the dense weight gradient gW (C_out, C_in/g, *kernel), as autograd
-    through ΔW = A·KhatriRao(B, C)ᵀ computes them: dA = gW·KR, dKR = gWᵀ·A, then dB and dC."""
+    through ΔW = A·KhatriRao(B, C)ᵀ computes them: dA = gW·KR, dKR = gWᵀ·A, then dB and dC
+    (``kr``: KhatriRao(B, C), (C_in/g · S, R), in the factors' dtype)."""
     rank = a.shape[1]
     gw2 = gw.to(a.dtype).reshape(a.shape[0], -1)  # (C_out, C_in/g · S)
-    kr = khatri_rao([b, c])  # (C_in/g · S, R)
     ga = gw2 @ kr
     gkr = (gw2.T @ a).reshape(b.shape[0], c.shape[0], rank)  # (C_in/g, S, R)
     gb = (gkr * c[None, :, :]).sum(1)
@@ -231,13 +228,15 @@ def _dense_factor_grads(gw: Tensor, a: Tensor, b: Tensor, c: Tensor) -> tuple[Te
 _FLAT_MAX_POSITIONS = 16
 
 
-def _factor_grads(gy, x, a, b, c, w_shape, stride, padding, dilation, groups):
+def _factor_grads(gy, x, a, b, c, kr, w_shape, stride, padding, dilation, groups):
     c_out, c_in_g, *kernel = w_shape
     nd = len(kernel)
     rank = a.shape[1]
     g = groups
     n = gy.shape[0]
     a_c, b_c, c_c = _cast(a, x.dtype), _cast(b, x.dtype), _cast(c, x.dtype)
+    # KR(B, C) in the compute dtype: the forward's when the dtypes agree (fp32), else built here.
+    kr_c = kr if kr.dtype == x.dtype else khatri_rao([b_c, c_c])  # (C_in/g · S, R)
     pointwise = all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding)
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
     if pointwise and g == 1 and (channels_last or math.prod(x.shape[2:]) <= _FLAT_MAX_POSITIONS):
@@ -247,7 +246,7 @@ def _factor_grads(gy, x, a, b, c, w_shape, stride, padding, dilation, groups):
         # where MKL runs it well: the (N·P × C)·(C × R) forms were 3-10× slower on MobileNetV2.
         x2 = x.movedim(1, -1).reshape(-1, c_in_g)  # (N·P, C_in)
         gy2 = gy.movedim(1, -1).reshape(-1, c_out)  # (N·P, C_out)
-        ga = ((b_c * c_c).T @ x2.T @ gy2).T  # dA = dYᵀ·Z, Zᵀ = Kᵀ·Xᵀ: (C_out, R)
+        ga = (kr_c.T @ x2.T @ gy2).T  # dA = dYᵀ·Z, Zᵀ = Kᵀ·Xᵀ: (C_out, R)
         h = ((a_c.T @ gy2.T) @ x2)[:, :, None]  # H = (Aᵀ·dYᵀ)·X: (R, C_in, 1)
         return _factor_grads_from(ga, h, a, b, c, b_c, c_c)
     gy4 = gy.reshape(n, g, c_out // g, -1)  # (N, g, C_out/g, P)
@@ -257,12 +256,12 @@ def _factor_grads(gy, x, a, b, c, w_shape, stride, padding, dilation, groups):
         # A 1×1 conv is a matmul over channels: skip the conv machinery (and its weight
         # reorders), which dominates for thin R-channel convs on small maps.
         x4 = x.reshape(n, g, c_in_g, -1)  # (N, g, C_in/g, P)
-        k2 = (b_c * c_c).T  # (R, C_in/g), S = 1
+        k2 = kr_c.T  # (R, C_in/g), S = 1
         z4 = torch.matmul(k2, x4)  # (N, g, R, P)
         h = torch.matmul(proj, x4.transpose(-1, -2)).sum((0, 1))[:, :, None]  # (R, C_in/g, 1)
     else:
         # K[r, i, s] = B[i, r]·C[s, r], the same for every group: g·R output channels in all.
-        k = khatri_rao([b_c, c_c]).T.reshape(rank, c_in_g, *kernel)
+        k = kr_c.T.reshape(rank, c_in_g, *kernel)
         k_rep = k.repeat(g, *([1] * (nd + 1))) if g > 1 else k
         out_pad = [0] * nd
         z = _aten.convolution(x, k_rep, None, stride, padding, dilation, False, out_pad, g)

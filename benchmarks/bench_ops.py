@@ -8,6 +8,7 @@ or machine load: one step of each method is enough, and the numbers are exact.
 
     python benchmarks/bench_ops.py                      # MobileNetV2, ResNet-18/34, ViT-Tiny; fp32 and bf16 autocast
     python benchmarks/bench_ops.py --models resnet18 --json out.json
+    python benchmarks/bench_ops.py --device cuda --sync-debug   # on a GPU: any host sync in a step raises
 
 Counted with ``ftn.core.opcount.count_ops``: forward, backward and the AdamW (foreach) step; the
 ``.item()`` reads of AdamW's CPU step counters are host bookkeeping and not counted. Images
@@ -44,27 +45,49 @@ def vit_tiny() -> tuple[nn.Module, int]:
     return vit, 192
 
 
+def sync_debug():
+    """On CUDA with --sync-debug: any host-device synchronisation inside raises (torch's own
+    detector, ``torch.cuda.set_sync_debug_mode("error")``), which a CPU count can only infer."""
+    if not (SYNC_DEBUG and bt.DEVICE.type == "cuda"):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def mode():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return mode()
+
+
+SYNC_DEBUG = False
+
+
 def train_step_ops(m: bt.Method, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None):
     opt = bt.make_optimizer(m.params)
     loss_fn = nn.CrossEntropyLoss()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=amp) if amp else contextlib.nullcontext():
+        with torch.autocast(bt.DEVICE.type, dtype=amp) if amp else contextlib.nullcontext():
             loss = loss_fn(m.train_model(x), y)
         loss.backward()
         opt.step()
 
     step()  # the optimizer's state exists from the second step on, as in training
     steps = [s["step"] for s in opt.state.values() if "step" in s]
-    return count_ops(step, host_tensors=steps)[1]
+    with sync_debug():
+        return count_ops(step, host_tensors=steps)[1]
 
 
 def eval_ops(m: bt.Method, x: torch.Tensor):
     model = m.eval_unmerged.eval()
     with torch.no_grad():
         model(x)  # fills the eval cache
-        return count_ops(lambda: model(x))[1]
+        with sync_debug():
+            return count_ops(lambda: model(x))[1]
 
 
 def main() -> None:
@@ -72,12 +95,21 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--json", help="write the counts here")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the counts are the same; cuda adds --sync-debug)")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="CUDA: run each counted step under torch.cuda.set_sync_debug_mode('error')")
     args = p.parse_args()
+    global SYNC_DEBUG
+    SYNC_DEBUG = args.sync_debug
+    bt.DEVICE = torch.device(args.device)
     torch.set_num_threads(1)
     results = {}
     for arch in args.models:
         backbone, dim = vit_tiny() if arch == "vit_tiny" else bt.make_backbone(arch)
-        x, y = torch.randn(4, 3, 64, 64), torch.randint(0, bt.NUM_CLASSES, (4,))
+        if arch == "vit_tiny":
+            backbone = backbone.to(bt.DEVICE)
+        x = torch.randn(4, 3, 64, 64, device=bt.DEVICE)
+        y = torch.randint(0, bt.NUM_CLASSES, (4,), device=bt.DEVICE)
         built = {}
         for method in args.methods:
             try:
@@ -87,7 +119,13 @@ def main() -> None:
                 print(f"{arch} {method}: not built ({type(exc).__name__}: {exc})")
         for amp in (None, torch.bfloat16):
             tag = f"{arch} {'bf16' if amp else 'fp32'}"
-            rows = {name: train_step_ops(m, x, y, amp) for name, m in built.items()}
+            rows = {}
+            for name, m in built.items():
+                try:
+                    rows[name] = train_step_ops(m, x, y, amp)
+                except RuntimeError as exc:  # --sync-debug: a host sync in the step
+                    print(f"  {name:16s} {tag} training step synchronised with the host: {exc}")
+                    results[f"{tag} train {name}"] = {"sync_error": str(exc)}
             full = rows["full"].ops if "full" in rows else None
             print(f"\n{tag}: ops per training step (ratio to full fine-tuning), host syncs")
             for name, c in rows.items():
@@ -95,12 +133,18 @@ def main() -> None:
                 print(f"  {name:16s} {c.ops:6d}  {ratio}  syncs {c.host_syncs}   top: "
                       + ", ".join(f"{k} {v}" for k, v in c.top(5)))
                 results[f"{tag} train {name}"] = {"ops": c.ops, "syncs": c.host_syncs, "top": c.top(12)}
-        x1 = torch.randn(1, 3, 32 if arch != "vit_tiny" else 64, 32 if arch != "vit_tiny" else 64)
+        size = 64 if arch == "vit_tiny" else 32
+        x1 = torch.randn(1, 3, size, size, device=bt.DEVICE)
         plain = eval_ops(built["full"], x1) if "full" in built else None
         print(f"\n{arch} fp32: ops per eval forward, batch 1")
         for name in ("full", "ftn", "lora"):
             if name in built and built[name].eval_unmerged is not None:
-                c = eval_ops(built[name], x1)
+                try:
+                    c = eval_ops(built[name], x1)
+                except RuntimeError as exc:  # --sync-debug: a host sync in the forward
+                    print(f"  {name:16s} eval forward synchronised with the host: {exc}")
+                    results[f"{arch} eval {name}"] = {"sync_error": str(exc)}
+                    continue
                 ratio = f"{c.ops / plain.ops:5.2f}×" if plain else "  -  "
                 print(f"  {name:16s} {c.ops:6d}  {ratio}  syncs {c.host_syncs}")
                 results[f"{arch} eval {name}"] = {"ops": c.ops, "syncs": c.host_syncs}

@@ -77,6 +77,9 @@ if [ "$t_compile" != 0 ]; then
     step $t_compile "$py" benchmarks/bench_training.py --device $device --compile --configs $compile_configs \
         --methods $compile_methods "${compile_train[@]}" --json "$out/results_gpu_train_compile.json"
 fi
+# (f) ops per step and host syncs: every counted training step and eval forward runs under
+# torch.cuda.set_sync_debug_mode("error"), so a sync in FTN code fails the step.
+step 120 "$py" benchmarks/bench_ops.py --device $device --sync-debug --json "$out/results_gpu_ops.json"
 # (c) all tasks in one pass vs the per-task loop, batch 1.
 step $t_multi "$py" benchmarks/bench_multitask.py --device $device "${multi[@]}"
 # (d) mixed-task batches.

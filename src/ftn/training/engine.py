@@ -390,6 +390,7 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
             model.train()
             started = time.perf_counter()
             for batch in loader:
+                objective.check(batch, "train")  # on the host: no device sync
                 batch = to_device(batch, device)
                 if data.augment is not None:
                     batch = data.augment(batch)

@@ -44,7 +44,15 @@ class Objective:
         raise NotImplementedError
 
     def loss(self, model: TrainableTask, batch: Any) -> Tensor:
+        """The training loss of a batch already on the device. It must not read a value back to
+        the host (``.item()``, ``int(t)``, a branch on a tensor): on a GPU that waits for every
+        queued kernel, each step. Checks of the data belong in :meth:`check`."""
         raise NotImplementedError
+
+    def check(self, batch: Any, split: str) -> None:
+        """Refuse a bad batch with a clear error. Called by the engine on the batch as the loader
+        gives it, before it is moved to the device, so looking at values costs no device sync.
+        Default: nothing to check."""
 
     def metrics(self, model: TrainableTask, batches: Iterable[Any]) -> dict[str, float]:
         raise NotImplementedError
@@ -83,22 +91,22 @@ class Classify(Objective):
         return tuple(batch[:-1])
 
     @torch.no_grad()
-    def _check(self, y: Tensor, split: str) -> None:
+    def check(self, batch: Any, split: str) -> None:
         """Cross-entropy would fail deep inside (or, on GPU, assert) on a bad label: say which."""
+        y = batch[-1]
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             bad = y[(y < 0) | (y >= self.num_classes)].unique().tolist()[:5]
             raise DataError(f"task {self.task!r} ({split} data): labels {bad} are outside the class range "
                             f"0..{self.num_classes - 1}")
 
     def loss(self, model: TrainableTask, batch: Any) -> Tensor:
-        self._check(batch[-1], "train")
         return F.cross_entropy(model(*self.inputs(batch)).float(), batch[-1])
 
     def metrics(self, model: TrainableTask, batches: Iterable[Any]) -> dict[str, float]:
         counts, device = torch.zeros(2, dtype=torch.float64), None
         for batch in batches:
             y = batch[-1]
-            self._check(y, "evaluation")
+            self.check(batch, "evaluation")
             counts[0] += (model(*self.inputs(batch)).argmax(-1) == y).sum().item()
             counts[1] += y.numel()
             device = y.device
@@ -113,7 +121,7 @@ class Classify(Objective):
         rows = []
         for batch in batches:
             y = batch[-1]
-            self._check(y, "evaluation")
+            self.check(batch, "evaluation")
             correct = (model(*self.inputs(batch)).argmax(-1) == y).double().cpu().numpy()
             rows.append(np.stack([correct, np.ones_like(correct)], axis=1))
         return np.concatenate(rows) if rows else np.zeros((0, 2))

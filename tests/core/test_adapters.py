@@ -12,8 +12,7 @@ from ftn import AdapterFileError, FTNModel, TaskError
 from ftn.core.adapters import FORMAT_VERSION, read_adapter
 from ftn.core.io import atomic_write_bytes
 
-from helpers import SmallCNN, fresh_model, randomize_norms
-from test_model import train_steps
+from helpers import SmallCNN, fresh_model, randomize_norms, train_steps
 
 
 @pytest.fixture

@@ -9,19 +9,7 @@ from ftn import ConfigError, FTNLayer, FTNModel, ShapeError, TaskError, cp_num_p
 from ftn.training.backbones import build_backbone, strip_classifier
 from ftn.core.norms import TaskNorm
 
-from helpers import SmallCNN, randomize_norms, tensor_hash
-
-
-def train_steps(model, task, images, steps=3, lr=0.05):
-    model.train()
-    opt = torch.optim.SGD(model.task_parameters(task), lr=lr)
-    target = torch.randn_like(model(images, task=task))
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = (model(images, task=task) - target).pow(2).mean()
-        loss.backward()
-        opt.step()
-    model.eval()
+from helpers import SmallCNN, randomize_norms, tensor_hash, train_steps
 
 
 def test_init_is_bit_identical_to_pretrained_backbone(small_cnn, images):

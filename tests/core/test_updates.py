@@ -14,8 +14,7 @@ from ftn import CPFactors, DenseDelta, FTNModel, GatedDelta
 from ftn.core.adapters import read_adapter
 from ftn.core.multitask import forward_all_tasks
 
-from helpers import SmallCNN, fresh_model, randomize_norms
-from test_model import train_steps
+from helpers import SmallCNN, fresh_model, randomize_norms, train_steps
 
 UNFROZEN = ["same", "pointwise", "fc"]  # a conv subclass (functional_call), a plain conv, a Linear
 

@@ -107,3 +107,16 @@ def tiny_dense_config(scenes: Path, out: Path, *extra: str):
         "model.backbone=mobilenet_v2", "model.pretrained=false", "model.aspp_channels=16",
         "model.low_channels=8", "model.decoder_channels=16", "method.ftn.rank=4", "train.max_steps=2",
         "train.device=cpu", "train.recalibrate_batches=2", f"output_dir={out}", "train.resume=false", *extra])
+
+
+def train_steps(model, task, images, steps=3, lr=0.05):
+    """A few SGD steps of ``task`` towards a random target, then eval mode: a trained-looking task."""
+    model.train()
+    opt = torch.optim.SGD(model.task_parameters(task), lr=lr)
+    target = torch.randn_like(model(images, task=task))
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (model(images, task=task) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+    model.eval()

@@ -12,7 +12,7 @@ from ftn.training.engine import train_task
 from ftn.training.methods import make_method
 from ftn.training.setting import Classify, TaskData
 
-from helpers import SmallCNN, randomize_norms
+from helpers import SmallCNN, needs_minilm, randomize_norms
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -49,3 +49,27 @@ def run(tmp, method_name="ftn", stop=None, train=None, data=None, method=None, h
     result = train_task(task, data or tiny_data(), train, DataConfig(batch_size=8, eval_batch_size=16), tmp,
                         seed=0, progress=False, stop_after_steps=stop)
     return method, task, result
+
+
+EMBEDDED = CONFIGS / "embedded_mobilenetv2_ftn.yaml"
+TINY = ["model.backbone=tiny_convnet", "model.pretrained=false", "data.image_size=16", "data.train_limit=64",
+        "data.val_limit=32", "data.test_limit=32", "data.batch_size=8", "method.ftn.rank=2", "train.warmup_steps=0",
+        "data.domains=[mnist]"]
+
+
+def tiny_overrides(setting: str, tmp: Path) -> tuple[Path, list[str]]:
+    """The cheapest 2-step run of each setting: (config file, overrides)."""
+    if setting == "classification":
+        return EMBEDDED, [*TINY[:-1], "data.domains=[mnist,optdigits]", "train.max_steps=2"]
+    if setting == "dense":
+        from ftn.settings.dense import write_nyud_layout
+
+        root = write_nyud_layout(tmp / "scenes", n_train=4, n_val=2, size=(32, 48), seed=0, workers=1)
+        return CONFIGS / "nyud_resnet18_r30.yaml", [
+            f"data.root={root}", "data.tasks=[semseg,depth]", "model.backbone=mobilenet_v2", "model.pretrained=false",
+            "model.aspp_channels=16", "model.low_channels=8", "model.decoder_channels=16", "data.crop=[32,48]",
+            "data.batch_size=2", "data.num_workers=0", "train.max_steps=2", "train.device=cpu",
+            "train.recalibrate_batches=1"]
+    needs_minilm()
+    return CONFIGS / "text_minilm.yaml", ["data.tasks=[sentiment,tweets]", "data.train_limit=16", "data.test_limit=16",
+                                          "data.max_len=16", "train.max_steps=2"]

@@ -14,7 +14,7 @@ from ftn.training.config import load_config
 from ftn.training.methods import delta_used
 from ftn.training.runner import run_experiment
 
-from test_train_configs import EMBEDDED, TINY
+from helpers.tiny import EMBEDDED, TINY
 
 ARGS = [*TINY[:-1], "data.domains=[mnist]", "train.max_steps=2", "method.budget=0.01", "train.checkpoint_every=1"]
 

@@ -122,7 +122,7 @@ def bitfit():
 def test_a_new_method_works_in_every_setting(bitfit, setting, tmp_path, capsys):
     from ftn.apps.cli import main
 
-    from test_train_configs import tiny_overrides
+    from helpers.tiny import tiny_overrides
 
     config, overrides = tiny_overrides(setting, tmp_path)
     args = ["--config", str(config), *overrides, f"method.name={bitfit}", f"output_dir={tmp_path / 'out'}"]

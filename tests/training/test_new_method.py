@@ -16,7 +16,7 @@ from ftn.training.config import load_config
 from ftn.training.methods import METHODS
 
 from apps.sweep.test_sweep import TINY as SWEEP_TINY
-from test_train_configs import EMBEDDED, TINY
+from helpers.tiny import EMBEDDED, TINY
 
 
 def test_the_new_method_is_registered_with_what_it_declares():

@@ -13,7 +13,7 @@ from ftn.apps.cli import main
 from ftn.training.config import TrainConfig, load_config
 from ftn.training.methods import GatedDelta, ProximalScoreSGD, TAPSConfig, last_block_patterns
 
-from test_train_configs import EMBEDDED, TINY
+from helpers.tiny import EMBEDDED, TINY
 from helpers.tiny import run, tiny_data, tiny_method
 
 
@@ -162,3 +162,41 @@ def test_score_lr_overrides_the_rate_from_the_schedule(tmp_path):
     for bad in (dict(score_lr=0.0), dict(weighting="size"), dict(warmup=1.0), dict(init_score=0.05)):
         with pytest.raises(ConfigError):
             TAPSConfig(**bad)
+
+
+def _reference_prox_step(scores, bufs, grads, lr, mu, penalty, weights, step, warmup):
+    """The per-score arithmetic the optimizer documents, one score at a time."""
+    for i, (s, g, w) in enumerate(zip(scores, grads, weights)):
+        bufs[i] = g.clone() if bufs[i] is None else bufs[i] * mu + g
+        s -= lr * bufs[i]
+        if step > warmup and penalty:
+            shrink = lr * penalty * w / (1 - mu)
+            s.copy_(s.sign() * (s.abs() - shrink).clamp_min(0))
+
+
+def test_the_score_optimizer_is_the_per_score_arithmetic_in_a_fixed_number_of_ops():
+    from ftn.core.opcount import count_ops
+    from ftn.training.methods import ProximalScoreSGD
+
+    def run(n, steps=12):
+        g = torch.Generator().manual_seed(n)
+        scores = [torch.nn.Parameter(torch.rand(1, generator=g) * 0.3) for _ in range(n)]
+        ref = [s.detach().clone() for s in scores]
+        weights = [float(w) for w in torch.rand(n, generator=g) + 0.5]
+        opt = ProximalScoreSGD(scores, lr=0.05, momentum=0.9, penalty=0.3, weights=weights, warmup_steps=3)
+        bufs = [None] * n
+        counts = []
+        for step in range(1, steps + 1):
+            grads = [torch.randn(1, generator=g) * 0.1 for _ in range(n)]
+            for s, gr in zip(scores, grads):
+                s.grad = gr.clone()
+            _, count = count_ops(opt.step)
+            counts.append(count.ops)
+            _reference_prox_step(ref, bufs, grads, 0.05, 0.9, 0.3, weights, step, 3)
+            for s, r in zip(scores, ref):
+                torch.testing.assert_close(s.detach(), r, rtol=0, atol=0)
+        return counts
+
+    few, many = run(3), run(40)
+    assert few == many  # the same ops for 3 scores and for 40: multi-tensor, not a loop
+    assert max(many) <= 12

@@ -18,34 +18,9 @@ from ftn.core.adapters import read_adapter
 from ftn.apps.cli import main
 from ftn.training.config import load_config
 
-from helpers import needs_minilm
-from helpers.tiny import CONFIGS
+from helpers.tiny import CONFIGS, EMBEDDED, TINY, tiny_overrides
 
 CLI = [sys.executable, "-m", "ftn.apps.cli", "train", "--no-progress"]
-EMBEDDED = CONFIGS / "embedded_mobilenetv2_ftn.yaml"
-TINY = ["model.backbone=tiny_convnet", "model.pretrained=false", "data.image_size=16", "data.train_limit=64",
-        "data.val_limit=32", "data.test_limit=32", "data.batch_size=8", "method.ftn.rank=2", "train.warmup_steps=0",
-        "data.domains=[mnist]"]
-
-
-def tiny_overrides(setting: str, tmp: Path) -> tuple[Path, list[str]]:
-    """The cheapest 2-step run of each setting: (config file, overrides)."""
-    if setting == "classification":
-        return EMBEDDED, [*TINY[:-1], "data.domains=[mnist,optdigits]", "train.max_steps=2"]
-    if setting == "dense":
-        from ftn.settings.dense import write_nyud_layout
-
-        root = write_nyud_layout(tmp / "scenes", n_train=4, n_val=2, size=(32, 48), seed=0, workers=1)
-        return CONFIGS / "nyud_resnet18_r30.yaml", [
-            f"data.root={root}", "data.tasks=[semseg,depth]", "model.backbone=mobilenet_v2", "model.pretrained=false",
-            "model.aspp_channels=16", "model.low_channels=8", "model.decoder_channels=16", "data.crop=[32,48]",
-            "data.batch_size=2", "data.num_workers=0", "train.max_steps=2", "train.device=cpu",
-            "train.recalibrate_batches=1"]
-    needs_minilm()
-    return CONFIGS / "text_minilm.yaml", ["data.tasks=[sentiment,tweets]", "data.train_limit=16", "data.test_limit=16",
-                                          "data.max_len=16", "train.max_steps=2"]
-
-
 def test_train_without_config_prints_what_it_needs(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[2])
     assert main(["train", f"output_dir={tmp_path / 'out'}"]) == 2

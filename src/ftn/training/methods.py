@@ -578,21 +578,38 @@ class ProximalScoreSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        # One multi-tensor op per term over all the scores (one per adapted layer), not a few
+        # scalar ops per score: on a GPU each would be a kernel launch. The arithmetic is the
+        # per-score loop's: buf = μ·buf + g; s -= lr·buf; s = sign(s)·max(|s| − shrink, 0).
         for group in self.param_groups:
             lr, mu = group["lr"], group["momentum"]
-            for p, w in zip(group["params"], group["weights"]):
+            params, weights = group["params"], group["weights"]
+            for p in params:
                 state = self.state[p]
                 state["step"] = state.get("step", 0) + 1
-                if p.grad is not None:
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = p.grad.detach().clone()
-                    else:
-                        buf.mul_(mu).add_(p.grad)
-                    p.sub_(lr * buf)
-                if state["step"] > group["warmup_steps"] and group["penalty"]:
-                    shrink = lr * group["penalty"] * w / (1 - mu)
-                    p.copy_(p.sign() * (p.abs() - shrink).clamp_min(0))
+            with_grad = [p for p in params if p.grad is not None]
+            if with_grad:
+                fresh = [p for p in with_grad if "momentum_buffer" not in self.state[p]]
+                old = [p for p in with_grad if "momentum_buffer" in self.state[p]]
+                if fresh:
+                    for p, buf in zip(fresh, torch._foreach_clone([p.grad.detach() for p in fresh])):
+                        self.state[p]["momentum_buffer"] = buf
+                if old:
+                    bufs = [self.state[p]["momentum_buffer"] for p in old]
+                    torch._foreach_mul_(bufs, mu)
+                    torch._foreach_add_(bufs, [p.grad for p in old])
+                torch._foreach_sub_(with_grad, torch._foreach_mul([self.state[p]["momentum_buffer"]
+                                                                    for p in with_grad], lr))
+            if group["penalty"]:
+                due = [(p, w) for p, w in zip(params, weights) if self.state[p]["step"] > group["warmup_steps"]]
+                if due:
+                    scores = [p for p, _ in due]
+                    shrink = [lr * group["penalty"] * w / (1 - mu) for _, w in due]
+                    kept = torch._foreach_abs(scores)
+                    torch._foreach_sub_(kept, shrink)
+                    torch._foreach_clamp_min_(kept, 0)
+                    torch._foreach_mul_(kept, torch._foreach_sign(scores))
+                    torch._foreach_copy_(scores, kept)
 
 
 @register

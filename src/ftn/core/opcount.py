@@ -50,7 +50,8 @@ class _Counter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._overloadpacket.__name__
-        if any(isinstance(a, torch.Tensor) and a.data_ptr() in self.host for a in args):
+        if self.host and any(isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.data_ptr() in self.host
+                             for a in args):
             self.count.host[name] += 1  # host-side bookkeeping: no kernel, no wait
         elif name in _SYNC_OPS:
             self.count.syncs[name] += 1
@@ -74,6 +75,8 @@ def count_ops(fn: Callable[[], Any], *, host_tensors: Iterable[torch.Tensor] = (
     which torch reads with ``.item()`` without waiting for the device); reading them is not
     counted as a sync."""
     count = OpCount()
+    # Recognised by address (reading it dispatches nothing); only CPU tensors are compared, since
+    # others cannot be host bookkeeping and some tensor kinds have no address to read.
     with _Counter(count, {t.data_ptr() for t in host_tensors}):
         result = fn()
     return result, count

@@ -67,6 +67,11 @@ class TrainConfig:
     device: str = "auto"
     checkpoint_every: int = 0  # steps; 0 = only at epoch ends
     resume: bool = True
+    # False: once a run is finished (its results.json written), each task's checkpoint.pt(.prev)
+    # is deleted; the adapters, results and logs stay. ``ftn sweep`` sets it: a finished run is
+    # never resumed there, and full fine-tuning's checkpoints (weights + optimizer state, per task)
+    # would otherwise fill the disk (a 45-run text sweep kept 33 GB of them).
+    keep_checkpoints: bool = True
     recalibrate_bn: bool = True
     recalibrate_batches: int = 50
     on_nonfinite: str = "stop"  # stop | skip

@@ -147,6 +147,17 @@ def _write(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, json.dumps(payload, indent=2, default=float).encode())
 
 
+def _finish(cfg: ExperimentConfig, summary: dict[str, Any]) -> None:
+    """Write the run's ``results.json`` (the mark of a finished run); then, unless
+    ``train.keep_checkpoints``, delete its tasks' checkpoints (only resuming reads them)."""
+    out = Path(cfg.output_dir)
+    _write(out / "results.json", summary)
+    if not cfg.train.keep_checkpoints:
+        for task in summary["tasks"]:
+            for name in ("checkpoint.pt", "checkpoint.pt.prev"):
+                (out / task / name).unlink(missing_ok=True)
+
+
 def run_experiment(cfg: ExperimentConfig, progress: bool = True, stop_after_steps: int | None = None,
                    on_result: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train every task of the config in turn; write ``results.json`` and per-task files under
@@ -170,7 +181,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, stop_after_step
     parts = distributed.all_gather_object(part) if by_task else [part]
     summary = _summary(cfg, setting, parts, loaded, info.world_size, time.perf_counter() - started)
     if info.is_main:
-        _write(out / "results.json", summary)
+        _finish(cfg, summary)
     distributed.barrier()
     return summary
 
@@ -213,6 +224,15 @@ def run_experiments(cfgs: Sequence[ExperimentConfig], progress: bool = True, wor
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         _write(Path(cfg.output_dir) / "config.json", config_to_dict(cfg))
     parts: list[list[dict[str, Any]]] = [[] for _ in cfgs]
+    summaries: list[dict[str, Any] | None] = [None] * len(cfgs)
+
+    def finish(i: int) -> None:
+        # As soon as its last task is done: a crash later leaves this config finished.
+        cfg = cfgs[i]
+        loaded = [Path(p).name.removesuffix(".safetensors") for p in cfg.method.load_adapters]
+        summaries[i] = _summary(cfg, settings[i], parts[i], loaded, 1, time.perf_counter() - started)
+        _finish(cfg, summaries[i])
+
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(_job, (cfg, name, threads)): (i, name)
                    for i, (cfg, setting) in enumerate(zip(cfgs, settings)) for name in setting.tasks()}
@@ -224,14 +244,13 @@ def run_experiments(cfgs: Sequence[ExperimentConfig], progress: bool = True, wor
             bar.update(1)
             if on_result is not None:
                 on_result(i, name, part["results"][name])
+            if len(parts[i]) == len(settings[i].tasks()):
+                finish(i)
         bar.close()
-    summaries = []
-    for cfg, setting, cfg_parts in zip(cfgs, settings, parts):
-        loaded = [Path(p).name.removesuffix(".safetensors") for p in cfg.method.load_adapters]
-        summary = _summary(cfg, setting, cfg_parts, loaded, 1, time.perf_counter() - started)
-        _write(Path(cfg.output_dir) / "results.json", summary)
-        summaries.append(summary)
-    return summaries
+    for i, summary in enumerate(summaries):
+        if summary is None:  # a config without tasks
+            finish(i)
+    return summaries  # type: ignore[return-value]
 
 
 def evaluate_tasks(cfg: ExperimentConfig, files: Sequence[str | Path], split: str = "test") -> dict[str, Any]:

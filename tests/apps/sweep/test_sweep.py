@@ -68,6 +68,10 @@ def test_quick_sweep_protocol_rows_resume_and_plot(tmp_path, capsys):
     accs = [r["test/mnist/acc"] for r in rows if r["method"] == "ftn" and r["chosen"]]
     assert ftn_group["per_task_metrics"]["mnist"]["acc"][0] == pytest.approx(np.mean(accs))
     assert "| method | grid point | mnist | fashion |" in table
+    # Finished runs keep adapters, logs and results; their checkpoints (only resuming reads them) go.
+    assert not list(out.rglob("checkpoint.pt*"))
+    assert len(list(out.rglob("adapters/*.safetensors"))) == 8 * 2
+    assert len(list(out.rglob("log.csv"))) == 8 * 2
     # Resume: the same command trains nothing again.
     import ftn.training.runner as runner
 

@@ -31,7 +31,8 @@ QUICK = ["train.max_steps=2", "train.epochs=1", "data.train_limit=32", "data.val
          "train.recalibrate_batches=2", "train.warmup_steps=0"]
 #: Keys a grid axis may not set: the sweep sets them itself.
 _RESERVED = {"method.name": "--methods", "seed": "--seeds", "train.lr": "--lr-grid", "output_dir": "--output",
-             "train.resume": "the sweep (always true)", "train.evaluate_test": "the sweep"}
+             "train.resume": "the sweep (always true)", "train.evaluate_test": "the sweep",
+             "train.keep_checkpoints": "the sweep (false: a finished run's checkpoints are deleted)"}
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -218,7 +219,7 @@ def _run_config(base: ExperimentConfig, point: tuple[tuple[str, str], ...], lr: 
     probe, whose only parameters are its head, is searched too)."""
     cfg = apply_overrides(copy.deepcopy(base), [f"{k}={v}" for k, v in point])
     overrides = [f"train.lr={lr!r}", f"seed={seed}", f"output_dir={folder}", "train.resume=true",
-                 "train.evaluate_test=false", f"name={base.method.name}-{_folder_name(point)}-lr{_lr_text(lr)}-s{seed}"]
+                 "train.evaluate_test=false", "train.keep_checkpoints=false", f"name={base.method.name}-{_folder_name(point)}-lr{_lr_text(lr)}-s{seed}"]
     if cfg.train.head_lr is not None:
         overrides.append(f"train.head_lr={cfg.train.head_lr * lr / cfg.train.lr!r}")
     return apply_overrides(cfg, overrides)

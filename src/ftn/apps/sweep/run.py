@@ -58,7 +58,7 @@ def _same_config(run: Run) -> None:
 
 
 _MISSING = object()
-_PLACEMENT = {"train.device", "output_dir", "train.recompute_depthwise"}
+_PLACEMENT = {"train.device", "output_dir", "train.recompute_depthwise", "train.keep_checkpoints"}
 
 
 def _diff(a: Any, b: Any, default: Any = _MISSING, prefix: str = "") -> list[str]:

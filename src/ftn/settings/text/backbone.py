@@ -7,10 +7,10 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ...core.errors import FTNError
+from ...training.backbones import MeanPooler  # noqa: F401 - re-exported: the text setting's pooler
 
 __all__ = ["minilm_path", "load_minilm", "MeanPooler"]
 
@@ -49,18 +49,3 @@ def load_minilm() -> nn.Module:
         else:
             os.environ["HF_HUB_OFFLINE"] = previous
     return model.eval()
-
-
-class MeanPooler(nn.Module):
-    """``(ids, attention_mask)`` → mean of the encoder's token embeddings over real tokens
-    (as sentence-transformers does for this model)."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.dim = int(encoder.config.hidden_size)
-
-    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
-        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)

@@ -48,9 +48,13 @@ class TextSetting(Setting):
 
     @classmethod
     def validate(cls, cfg: ExperimentConfig) -> None:
-        if cfg.model.backbone != MINILM or not cfg.model.pretrained or cfg.model.weights_path:
+        m = cfg.model
+        if m.backbone.startswith("hf:"):
+            pass  # any Hugging Face text encoder (its tokenizer must be the data's: BERT uncased here)
+        elif m.backbone != MINILM or not m.pretrained or m.weights_path:
             raise ConfigError(f"the text setting uses the pretrained {MINILM} (model.backbone={MINILM}, "
-                              f"model.pretrained=true, no model.weights_path)")
+                              f"model.pretrained=true, no model.weights_path) or a Hugging Face text encoder "
+                              f"(model.backbone=hf:PATH_OR_ID)")
         if cfg.data.max_len < 2:
             raise ConfigError("data.max_len must be >= 2")
 
@@ -73,7 +77,16 @@ class TextSetting(Setting):
     def backbone(self) -> nn.Module:
         from .backbone import MeanPooler, load_minilm
 
-        self.encoder = MeanPooler(load_minilm())
+        m = self.cfg.model
+        if m.backbone == MINILM:
+            self.encoder = MeanPooler(load_minilm())
+            return self.encoder
+        from ...training.backbones import build_backbone
+
+        encoder, _ = build_backbone(m.backbone, pretrained=m.pretrained, weights_path=m.weights_path)
+        if not isinstance(encoder, MeanPooler):
+            raise ConfigError(f"{m.backbone} is not a text encoder (it does not take input_ids)")
+        self.encoder = encoder
         return self.encoder
 
     def data(self, task: str) -> TaskData:

@@ -12,7 +12,7 @@ from helpers import SmallCNN, randomize_norms
 
 TESTS = Path(__file__).resolve().parent
 #: tests/<folder>/ mirrors src/ftn/<folder>/; each folder is a marker (``pytest -m core``).
-FOLDER_MARKERS = ("core", "training", "settings", "apps", "docs")
+FOLDER_MARKERS = ("core", "training", "settings", "apps", "docs", "peft")
 
 
 @pytest.fixture

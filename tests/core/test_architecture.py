@@ -21,7 +21,9 @@ CORE = ["version"] + ["core." + m for m in [
 # listed: safetensors.torch.save needs it, so it is a core dependency.
 BLOCKED = ["yaml", "tqdm", "matplotlib", "torchvision", "PIL", "transformers", "peft", "timm"]
 # The package's layers, lowest first: a module imports only from its own layer or a lower one.
-LAYERS = ["version", "core", "training", "settings", "apps"]
+# ``peft`` (FTN as a PEFT method, the optional peft extra) stands on the core alone; no layer
+# above imports it, so the engine and the apps never need PEFT.
+LAYERS = ["version", "core", "peft", "training", "settings", "apps"]
 
 
 def _module_name(path: Path) -> str:
@@ -66,6 +68,14 @@ def test_layers_import_downward_only():
         for target in _ftn_imports(module):
             if target and LAYERS.index(target.split(".")[0]) > level:
                 bad.append((module, target))
+    assert not bad, bad
+
+
+def test_nothing_imports_the_peft_layer():
+    """ftn.peft is an optional extra on top of the core: nothing else in ftn may import it."""
+    bad = [(module, target) for path in sorted((SRC / "ftn").rglob("*.py"))
+           if (module := _module_name(path)) and module != "__main__" and module.split(".")[0] != "peft"
+           for target in _ftn_imports(module) if target.split(".")[0] == "peft"]
     assert not bad, bad
 
 

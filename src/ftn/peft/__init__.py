@@ -28,7 +28,9 @@ from ..core.errors import FTNError
 MIN_PEFT = (0, 21)
 
 
-def _check_peft() -> None:
+def check_peft() -> None:
+    """FTNError unless PEFT >= MIN_PEFT is installed (register_peft_method and the state-dict hooks
+    used here are from that version on)."""
     try:
         version = importlib.metadata.version("peft")
     except importlib.metadata.PackageNotFoundError:
@@ -43,7 +45,7 @@ def _check_peft() -> None:
                        f"pip install 'factorized-tensor-networks[peft]'")
 
 
-_check_peft()
+check_peft()
 
 from .config import FTNPeftConfig  # noqa: E402  (after the version check: a clear error first)
 from .layers import FTNPeftFactors, FTNPeftLayer, FTNPeftNorm  # noqa: E402
@@ -52,5 +54,5 @@ from .tuner import FTNPeftModel, parameter_report  # noqa: E402
 
 register(FTNPeftConfig, FTNPeftModel)
 
-__all__ = ["FTNPeftConfig", "FTNPeftModel", "FTNPeftLayer", "FTNPeftFactors", "FTNPeftNorm", "parameter_report",
+__all__ = ["FTNPeftConfig", "FTNPeftModel", "FTNPeftLayer", "FTNPeftFactors", "FTNPeftNorm", "parameter_report", "check_peft",
            "PEFT_NAME", "register"]

@@ -95,6 +95,11 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     PEFT's ``print_trainable_parameters`` calls trainable while that adapter is the one trained,
     and ``total_stored`` its "all params"."""
     configs = dict(getattr(model, "peft_config", {}) or {})
+    # Layer names as in the user's model: below PeftModel.base_model.model (or a tuner's .model).
+    if isinstance(getattr(model, "base_model", None), BaseTuner):
+        model = model.base_model
+    if isinstance(model, BaseTuner):
+        model = model.model
     layers = {n: m for n, m in model.named_modules() if isinstance(m, FTNPeftFactors)}
     norms = {n: m for n, m in model.named_modules() if isinstance(m, FTNPeftNorm)}
     saved = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]

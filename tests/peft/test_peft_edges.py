@@ -138,6 +138,9 @@ def test_targets_ftn_cannot_adapt_are_refused():
     net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
     with pytest.raises(ConfigError, match=r"cannot adapt '0' \(Embedding\).*nn.Linear, nn.Conv1d/2d/3d"):
         get_peft_model(net, ftn.peft.FTNPeftConfig(target_modules=["0", "1"]))
+    attention = nn.Sequential(nn.MultiheadAttention(4, 2))
+    with pytest.raises(ConfigError, match=r"'0.out_proj' on its own: nn.MultiheadAttention"):
+        get_peft_model(attention, ftn.peft.FTNPeftConfig(target_modules=["out_proj"]))
     with pytest.raises(ConfigError, match="needs target_modules"):
         get_peft_model(base(), ftn.peft.FTNPeftConfig())
 
@@ -171,3 +174,20 @@ def test_loaded_adapter_can_be_trained_further(tmp_path):
     trainable = [n for n, p in loaded.named_parameters() if p.requires_grad]
     assert trainable and all(".ftn_" in n for n in trainable)
     assert len(trainable) == sum(1 for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv3d])
+def test_conv1d_and_conv3d(conv):
+    """The other conv dimensions, grouped: exact start, a trained adapter merges to the same outputs."""
+    torch.manual_seed(0)
+    net = nn.Sequential(conv(4, 8, 3, padding=1, groups=2), nn.ReLU(), conv(8, 8, 1))
+    x = torch.randn(2, 4, *([6] * (1 if conv is nn.Conv1d else 3)))
+    with torch.no_grad():
+        want = net(x)
+    model = get_peft_model(net, ftn.peft.FTNPeftConfig(r=2, target_modules=["0", "2"])).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+        nudge(model)
+        task = model(x)
+        assert not torch.allclose(task, want)
+        torch.testing.assert_close(model.merge_and_unload()(x), task, rtol=1e-5, atol=1e-6)

@@ -57,6 +57,11 @@ class FTNPeftModel(BaseTuner):
         if isinstance(target, FTNPeftLayer):
             target.update_layer(adapter_name, peft_config, rank)
             return
+        if isinstance(parent, nn.MultiheadAttention):
+            # It computes with its projections' tensors directly (as ftn's own wrapping knows), so
+            # a wrapped out_proj would be silently ignored.
+            raise ConfigError(f"FTN cannot adapt {current_key!r} on its own: nn.MultiheadAttention reads its "
+                              f"projection weights directly; use ftn.FTNModel for attention layers")
         layer = make_layer(target, current_key)
         layer._active_adapter = adapter_name
         layer.update_layer(adapter_name, peft_config, rank)

@@ -3,6 +3,7 @@ ftn error naming the problem."""
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 
@@ -191,3 +192,36 @@ def test_conv1d_and_conv3d(conv):
         task = model(x)
         assert not torch.allclose(task, want)
         torch.testing.assert_close(model.merge_and_unload()(x), task, rtol=1e-5, atol=1e-6)
+
+
+def test_half_precision_base_keeps_its_adapters_in_its_dtype(tmp_path):
+    """A bfloat16 model: the adapters stay bfloat16 (PEFT would upcast them to float32, which ftn's
+    layers do not mix with half-precision weights), train, round-trip and merge."""
+    model = get_peft_model(base().to(torch.bfloat16), ftn.peft.FTNPeftConfig(r=3, target_modules=CONVS))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+    x = images().to(torch.bfloat16)
+    model.train()
+    model(x).float().square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    nudge(model)
+    model.eval()
+    with torch.no_grad():
+        task = model(x)
+        model.save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(base().to(torch.bfloat16), tmp_path).eval()
+        assert torch.equal(loaded(x), task)
+        torch.testing.assert_close(model.merge_and_unload()(x), task, rtol=2e-2, atol=2e-2)
+
+
+def test_a_deep_copy_computes_with_its_own_tensors():
+    """The ftn wrapper each layer computes with sits outside the module tree; a deep copy of the
+    model (what Trainer / EMA / model soups do) must still compute with the copy's own tensors."""
+    model = get_peft_model(base(), ftn.peft.FTNPeftConfig(r=3, target_modules=CONVS)).eval()
+    twin = copy.deepcopy(model)
+    layer = twin.base_model.model.stem
+    assert layer.ftn_engine.base is layer.base_layer and layer.ftn_engine.tasks is layer.ftn_factors
+    x = images()
+    with torch.no_grad():
+        before = model(x)
+        nudge(twin)
+        assert torch.equal(model(x), before) and not torch.allclose(twin(x), before)

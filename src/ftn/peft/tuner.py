@@ -69,6 +69,12 @@ class FTNPeftModel(BaseTuner):
             layer.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, layer, target)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # Keep each adapter in its base layer's dtype, as ftn makes it: PEFT's default upcast of
+        # float16/bfloat16 adapters to float32 would feed ftn's conv/linear (and the norm copies)
+        # float32 weights beside half-precision inputs and base weights.
+        return None
+
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # Only the swap. PEFT's default also copies ``child.weight`` onto a new module without a
         # base_layer, which fails when merge_and_unload unwraps modules_to_save of a container

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..core.errors import FTNError
 
@@ -142,7 +143,8 @@ class _SettingDemoFlag(argparse.Action):
 
     def __init__(self, option_strings: list[str], dest: str, setting: str = "", **kwargs: object) -> None:
         self.setting = setting
-        super().__init__(option_strings, dest, nargs=0, default=[], **kwargs)  # type: ignore[arg-type]
+        kwargs.setdefault("default", [])  # the parser's set_defaults(setting_demo=[]) may pass it
+        super().__init__(option_strings, dest, nargs=0, **kwargs)  # type: ignore[arg-type]
 
     @property  # type: ignore[override]
     def help(self) -> str:
@@ -177,6 +179,19 @@ class _DemoNames:
         return iter(self._names())
 
 
+class _DemoChoice(argparse.Action):
+    """``ftn sweep --demo NAME``, checked against :class:`_DemoNames` when given. Not argparse's
+    ``choices``: rendering any help line of an option with choices lists them, which would import
+    every setting for ``ftn sweep --help``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        if values not in _DemoNames():
+            parser.error(f"argument --demo: invalid choice: {values!r} (choose from "
+                         f"{', '.join(map(repr, _DemoNames()))})")
+        setattr(namespace, self.dest, values)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..core.errors import ConfigError
     from ..training.settings_registry import DEFAULT_SETTING, resolve, setting_entry, setting_names
@@ -190,7 +205,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     demo = entry.demo
     if demo is None:
         raise ConfigError(f"the {entry.name} setting has no demo")
-    output = args.output or demo.output
+    # A quick run has its own folder, so it never replaces a full run's results and adapters.
+    output = args.output or (f"{demo.output}-quick" if args.quick else demo.output)
+    _claim_demo_folder(Path(output), entry.name, args.quick, args.overwrite)
+    if args.quick:
+        print(_QUICK_NOTE, flush=True)
     options: dict[str, object] = {"quick": args.quick, "progress": not args.no_progress, "extra": args.overrides}
     if demo.methods:
         # `--methods ftn method.ftn.rank=2`: argparse gives the trailing overrides to --methods.
@@ -205,7 +224,93 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     results = resolve(demo.run)(output, **options)
     print("\n" + resolve(demo.table)(results))
     print("\n" + demo.done.format(output=output, results=results))
+    if args.quick:
+        print(_QUICK_NOTE)
+    steps = demo_next_steps(Path(output))
+    if steps:
+        print("\n" + "\n".join(steps))
     return 0
+
+
+_QUICK_NOTE = ("--quick is a smoke test on a small slice of the data: its numbers show that everything runs, "
+               "they are not results (ftn demo without --quick gives those).")
+#: What a demo folder holds (setting, full or quick), written before training starts.
+_DEMO_MARKER = ".ftn-demo.json"
+
+
+def _claim_demo_folder(output: Path, setting: str, quick: bool, overwrite: bool) -> None:
+    """Refuse a folder holding a different run (another demo, full vs quick, an ``ftn train``
+    run) unless ``--overwrite``: the demos train with resume off and would replace its results
+    and adapters. Then record what this run is."""
+    import json
+
+    from ..core.errors import ConfigError
+    from ..core.io import atomic_write_bytes
+
+    this = {"setting": setting, "quick": quick}
+    marker, results = output / _DEMO_MARKER, output / "results.json"
+    held = None
+    try:
+        if marker.is_file():
+            held = json.loads(marker.read_text())
+        elif results.is_file():  # a folder written before the marker existed, or another command's
+            found = json.loads(results.read_text())
+            held = {"setting": None, "quick": found.get("quick") if isinstance(found, dict) else None}
+    except (OSError, ValueError):
+        held = {"setting": None, "quick": None}
+    same = held is None or (held.get("quick") is quick and held.get("setting") in (None, setting))
+    if not same and not overwrite:
+        kind = {True: "a --quick run", False: "a full run"}.get(held.get("quick"), "another run")
+        of = f" of the {held['setting']} demo" if held.get("setting") else ""
+        raise ConfigError(f"{output} holds {kind}{of}, which this {'--quick ' if quick else ''}run would replace "
+                          f"(results and adapters): give another --output, or --overwrite to replace it")
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(marker, json.dumps(this).encode())
+
+
+def demo_next_steps(output: Path) -> list[str]:
+    """The lines ``ftn demo`` ends with: where its adapters are and the ``ftn predict`` /
+    ``ftn serve`` commands that use them (FTN's, else the first method's), on the sample images
+    the demo wrote to ``output/samples`` (per task in ``samples/<task>/``, or for every task).
+    Empty when the run saved no adapters."""
+    import json
+    import shlex
+
+    from ..core.adapters import read_adapter
+
+    folders = sorted({f.parent for f in output.glob("*/adapters/*.safetensors")})
+    if not folders:
+        return []
+    adapters = output / "ftn" / "adapters" if output / "ftn" / "adapters" in folders else folders[0]
+    files = sorted(adapters.glob("*.safetensors"))
+    lines = [f"Adapters (one <task>.safetensors per task): {output}/<method>/adapters/; FTN's: {adapters}"]
+    info = read_adapter(files[0])[1].get("info", {})
+    if "input" not in info:  # not an image task: ftn predict / ftn serve take images
+        return lines
+    config_file = adapters.parent / "config.json"
+    model = json.loads(config_file.read_text()).get("model", {}) if config_file.is_file() else {}
+    backbone = ["--backbone", str(model.get("backbone", "mobilenet_v2"))]
+    if model.get("weights_path"):
+        backbone += ["--weights-path", str(model["weights_path"])]
+    elif model.get("pretrained") is False:  # the weights a seed made cannot be rebuilt here
+        return lines + ["(a backbone without pretrained weights: give ftn predict / ftn serve its --weights-path)"]
+    samples = output / "samples"
+    per_task = [f for f in files if (samples / f.stem).is_dir()]
+    if per_task:
+        chosen = next((f for f in per_task if f.stem == "fashion"), per_task[0])  # readable class names
+        predict = ["--adapter", str(chosen), str(samples / chosen.stem)]
+    elif samples.is_dir():
+        predict = ["--adapter", str(adapters), str(samples)]
+    else:
+        predict = ["--adapter", str(adapters), "IMAGE.png"]
+    lines += ["Label images with them, and serve them over HTTP (docs/serving.md):",
+              "  " + shlex.join(["ftn", "predict", *backbone, *predict]),
+              "  " + shlex.join(["ftn", "serve", *backbone, "--adapters", str(adapters), "--port", "8000"])]
+    if per_task and "outputs" not in info:
+        image = sorted((samples / chosen.stem).iterdir())[0]
+        lines.append(f"  curl -s --data-binary @{shlex.quote(str(image))} "
+                     f"'localhost:8000/tasks/{chosen.stem}/predict?k=3'   # while ftn serve runs")
+    return lines
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -249,6 +354,22 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    """``ftn predict``, each image labelled once: one named directly and through its folder (or
+    twice) is the same file (resolved path), kept where it first appears."""
+    from .serving import server
+    from .serving.predict import collect_images
+
+    seen: set[Path] = set()
+    files = []
+    for f in collect_images(args.images):
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            files.append(str(f))
+    args.images = files
+    return server.cmd_predict(args)
+
+
 def _demo_settings() -> list[str]:
     """The settings other than the default one, each a flag of ``ftn demo``: their names only,
     nothing imported. Without the train extra there are none (``ftn demo`` then names the extra)."""
@@ -261,12 +382,43 @@ def _demo_settings() -> list[str]:
     return [name for name in setting_names() if name != DEFAULT_SETTING]
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose ``complete`` callbacks add arguments the first time it parses or shows its
+    help: ``ftn demo``'s setting flags need the settings registry (the training package, hence
+    torch), which ``ftn --help`` and the other commands' help must not import."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.complete: list[object] = []
+
+    def _completed(self) -> None:
+        while self.complete:
+            self.complete.pop(0)(self)  # type: ignore[operator]
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        self._completed()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._completed()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._completed()
+        return super().format_usage()
+
+
+def _add_demo_flags(p: argparse.ArgumentParser) -> None:
+    for name in _demo_settings():
+        p.add_argument(f"--{name}", action=_SettingDemoFlag, setting=name, dest="setting_demo")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..version import __version__
 
-    parser = argparse.ArgumentParser(prog="ftn", description="Factorized Tensor Networks for PyTorch")
+    parser = _Parser(prog="ftn", description="Factorized Tensor Networks for PyTorch")
     parser.add_argument("--version", action="version", version=f"ftn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("params", help="parameter report for a torchvision architecture (no weights needed)")
     p.add_argument("--backbone", default="resnet34", help="torchvision model name (default resnet34)")
@@ -293,10 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="FTN and every baseline on the embedded benchmark")
-    p.add_argument("--quick", action="store_true", help="a small slice in under 3 minutes (CI)")
-    for name in _demo_settings():
-        p.add_argument(f"--{name}", action=_SettingDemoFlag, setting=name, dest="setting_demo")
-    p.add_argument("--output", help="folder for results.json, table.md and the plot")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test on a small slice (CI), its numbers are not results; writes to the demo's "
+                        "folder + '-quick' (outputs/demo-quick)")
+    p.complete.append(_add_demo_flags)  # type: ignore[attr-defined]
+    p.add_argument("--output", help="folder for results.json, table.md, the plot and each method's adapters "
+                                    "(default outputs/demo, outputs/demo-quick with --quick)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different run in --output (full vs --quick, another demo)")
     p.add_argument("--methods", nargs="*", help="methods to compare (default: ftn full linear norm_head lora; also taps, ftn_unfreeze)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every method's config")
@@ -306,9 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "validation, paired intervals, results.csv and a plot (docs/sweep.md)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--config", help="YAML config every run starts from (any setting)")
-    # The demos are the registry's, looked up when --demo is used (set after add_argument, which
-    # would otherwise list them while the parser is built).
-    source.add_argument("--demo", help="an embedded demo's configs").choices = _DemoNames()
+    # The demos are the registry's, looked up when --demo is used (_DemoChoice).
+    source.add_argument("--demo", metavar="NAME", action=_DemoChoice,
+                        help="an embedded demo's configs: multidomain (ftn demo's), dense, text or a setting "
+                             "package's")
     p.add_argument("--methods", nargs="+", default=["ftn", "full"], help="methods of the registry (default ftn full)")
     p.add_argument("--grid", action="append", default=[], metavar="[METHODS:]KEY=V1,V2",
                    help="a grid axis of config overrides, repeatable; 'ftn,lora:method.ftn.rank=1,2,4' applies "
@@ -343,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k labels (or dense prediction images) for image files")
     server.add_predict_arguments(p)
-    p.set_defaults(func=server.cmd_predict)
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("serve", help="serve every adapter of a folder over HTTP from one backbone")
     server.add_serve_arguments(p)

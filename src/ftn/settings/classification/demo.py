@@ -19,7 +19,7 @@ from ...training.methods import method_class
 from ...training.runner import run_experiment
 
 __all__ = ["DEMO_METHODS", "DEFAULT_LR", "DEFAULT_HEAD_LR", "method_lr", "demo_config", "run_demo", "format_table",
-           "plot_results"]
+           "plot_results", "write_samples"]
 
 DEMO_METHODS = ("ftn", "full", "linear", "norm_head", "lora")  # `--methods taps ftn_unfreeze ...` adds others
 # The rates a method without its own (``Method.default_lr`` / ``default_head_lr``) trains with.
@@ -70,7 +70,34 @@ def run_demo(output: str | Path = "outputs/demo", quick: bool = False, methods: 
     atomic_write_bytes(output / "results.json", json.dumps(results, indent=2).encode())
     (output / "table.md").write_text(format_table(results) + "\n")
     plot_results(results, output / "accuracy_vs_parameters.png")
+    if rows:
+        write_samples(output / "samples", list(next(iter(rows.values()))["tasks"]))
     return results
+
+
+def write_samples(folder: Path, domains: list[str], per_domain: int = 3) -> list[Path]:
+    """The first test images of each domain as PNG files, ``folder/<domain>/<i>_<label>.png``:
+    what the ``ftn predict`` command ``ftn demo`` prints last runs on (the benchmark itself is
+    one ``.npz`` inside the package)."""
+    import re
+
+    from PIL import Image
+
+    from .multidomain import load_multidomain
+
+    data = load_multidomain()["domains"]
+    written = []
+    for domain in domains:
+        if domain not in data:  # a folder dataset given by overrides: no embedded images to show
+            continue
+        test = data[domain]["splits"]["test"]
+        (folder / domain).mkdir(parents=True, exist_ok=True)
+        for i in range(min(per_domain, len(test["labels"]))):
+            label = re.sub(r"[^A-Za-z0-9]+", "-", data[domain]["classes"][int(test["labels"][i])]).strip("-")
+            path = folder / domain / f"{i}_{label}.png"
+            Image.fromarray(test["images"][i]).save(path)
+            written.append(path)
+    return written
 
 
 def format_row(method: str, s: dict[str, Any]) -> str:

@@ -32,8 +32,8 @@ from .scenes import CLASS_NAMES, write_nyud_layout
 from .setting import compare
 from .tasks import dense_task, main_metrics
 
-__all__ = ["run_dense_demo", "format_dense_table", "dense_demo_config", "save_predictions", "FULL", "QUICK",
-           "VARIANTS"]
+__all__ = ["run_dense_demo", "format_dense_table", "dense_demo_config", "save_predictions", "write_samples", "FULL",
+           "QUICK", "VARIANTS"]
 
 _LABELS = {"single": "single-task (full FT ×4)", "mtl": "multi-task (shared encoder)", "ftn": "FTN"}
 
@@ -124,11 +124,25 @@ def run_dense_demo(output: str | Path = "outputs/dense_demo", quick: bool = Fals
     if preview:
         previews = {v: predict(cfg, preview) for v, cfg in zip(names, cfgs)}
         save_predictions(cfgs[0], previews, preview, output / "predictions.png")
-    if progress:
-        print(table, flush=True)
+    write_samples(scenes, output / "samples", size["preview"])
+    if progress:  # the table is printed by the caller (`ftn demo`), once
         print(f"wall time {results['wall_seconds']:.0f} s (CPU time {results['machine']['cpu_seconds']:.0f} s); "
               f"results in {output}", flush=True)
     return results
+
+
+def write_samples(scenes: Path, folder: Path, indices: tuple[int, ...]) -> list[Path]:
+    """Copy a few test-split scene images to ``folder``: the images the commands ``ftn demo``
+    prints last (``ftn predict`` on the demo's adapters) run on."""
+    import shutil
+
+    ids = [line.strip() for line in (scenes / "gt_sets" / "val.txt").read_text().splitlines() if line.strip()]
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in indices[: len(ids)]:
+        source = next((scenes / "images").glob(f"{ids[i]}.*"))
+        written.append(Path(shutil.copyfile(source, folder / source.name)))
+    return written
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -254,4 +268,4 @@ def save_predictions(cfg: ExperimentConfig, previews: dict[str, dict[str, torch.
 if __name__ == "__main__":  # pragma: no cover
     import sys
 
-    run_dense_demo(sys.argv[1] if len(sys.argv) > 1 else "outputs/dense_demo", quick="--quick" in sys.argv)
+    print(run_dense_demo(sys.argv[1] if len(sys.argv) > 1 else "outputs/dense_demo", quick="--quick" in sys.argv)["table"])

@@ -14,6 +14,8 @@ from typing import Any
 
 from peft.utils import PeftType, register_peft_method
 
+from ..core.errors import ConfigError
+
 __all__ = ["PEFT_NAME", "peft_type", "register"]
 
 PEFT_NAME = "ftn"  # PEFT's name for the method; its PeftType member is the upper case
@@ -45,7 +47,7 @@ def register(config_cls: type, model_cls: type) -> None:
     registered: Any = PEFT_TYPE_TO_CONFIG_MAPPING.get(kind)
     if registered is not None:
         if registered.__qualname__ != config_cls.__qualname__:
-            raise KeyError(f"another PEFT method is already registered as {PEFT_NAME!r}: {registered!r}")
+            raise ConfigError(f"another PEFT method is already registered as {PEFT_NAME!r}: {registered!r}")
         # A reloaded ftn.peft: point PEFT at the new classes.
         from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 

@@ -34,13 +34,16 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
 import struct
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
@@ -52,7 +55,8 @@ from .errors import AdapterFileError, ConfigError, TaskError
 from .updates import KINDS
 from ..version import __version__
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "save_task", "load_task", "read_adapter",
+__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_DECLARED", "save_task", "load_task", "read_adapter",
+           "read_adapter_header", "check_adapter", "declared_parameters", "AdapterHeader", "read_state",
            "validate_task_info", "tensor_digest", "TaskRecords"]
 
 FORMAT = "ftn-adapter"
@@ -71,11 +75,12 @@ def _head_spec(head: nn.Module) -> dict[str, Any]:
     return {"type": "custom", "class": f"{type(head).__module__}.{type(head).__qualname__}"}
 
 
-def _build_head(spec: dict[str, Any]) -> nn.Module | None:
+def _build_head(spec: dict[str, Any], device: str | None = None) -> nn.Module | None:
+    """The head a spec describes; call only with a spec :func:`_check_declared` accepted."""
     if spec.get("type") == "Identity":
         return nn.Identity()
     if spec.get("type") == "Linear":
-        return nn.Linear(int(spec["in_features"]), int(spec["out_features"]), bias=bool(spec["bias"]))
+        return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], device=device)
     return None
 
 
@@ -239,23 +244,67 @@ def save_task(model: nn.Module, name: str, path: str | Path, info: Mapping[str, 
     return atomic_write_bytes(path, st_save(tensors, metadata=metadata))
 
 
-def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read and verify an adapter file: tensors and decoded metadata, or AdapterFileError."""
+# Bytes per element of each safetensors dtype (the format's spec), to check a header's declared
+# shapes against its data offsets without loading anything.
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "C64": 8,
+                "U64": 8, "U32": 4, "U16": 2}
+#: Largest dimension, rank or feature count a file may declare (torch's own index limit); every
+#: declared size must also match a tensor the file really holds, so a file's bytes bound what
+#: loading it allocates.
+MAX_DECLARED = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class AdapterHeader:
+    """What an adapter file declares, from its header alone (no tensor is read): the decoded and
+    type-checked metadata, each tensor's shape, and what loading the tensors costs in bytes.
+    Every size the metadata declares (layer ranks, a Linear head's features) has been checked
+    against these shapes, so building a task from it allocates no more than the file holds."""
+
+    path: Path
+    meta: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]
+    tensor_bytes: int
+    file_bytes: int
+
+
+def _open_error(path: Path, exc: OSError) -> AdapterFileError:
+    if isinstance(exc, FileNotFoundError):
+        return AdapterFileError(f"adapter file not found: {path}")
+    return AdapterFileError(f"cannot read adapter file {path}: {exc}")
+
+
+def read_adapter_header(path: str | Path) -> AdapterHeader:
+    """Read and check an adapter file's header only (a few kB however large the file is):
+    format, version, metadata types and declared sizes against the declared tensors. The tensor
+    bytes and their checksum are checked when the task is loaded (:func:`read_adapter`)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise AdapterFileError(f"adapter file not found: {path}") from None
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) == 8:
+                (n,) = struct.unpack("<Q", prefix)
+                if n <= min(size - 8, _MAX_HEADER):
+                    prefix += f.read(n)
     except OSError as exc:
-        raise AdapterFileError(f"cannot read adapter file {path}: {exc}") from None
-    if len(data) < 8:
-        raise AdapterFileError(f"{path} is not an adapter file: only {len(data)} bytes (truncated or empty)")
+        raise _open_error(path, exc) from None
+    return _parse_header(prefix, size, path)
+
+
+def _parse_header(data: bytes, file_size: int, path: Path) -> AdapterHeader:
+    """``data``: at least the length field and the header of a file of ``file_size`` bytes."""
+    if file_size < 8 or len(data) < 8:
+        raise AdapterFileError(f"{path} is not an adapter file: only {file_size} bytes (truncated or empty)")
     (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(len(data) - 8, _MAX_HEADER):
+    if header_len > min(file_size - 8, _MAX_HEADER) or len(data) < 8 + header_len:
         raise AdapterFileError(f"{path} is truncated or not a safetensors file: header claims "
-                               f"{header_len} bytes, file has {len(data) - 8} after the length field")
+                               f"{header_len} bytes, file has {file_size - 8} after the length field")
     try:
         header = json.loads(data[8:8 + header_len].decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a mapping")
         raw_meta = header.get("__metadata__") or {}
         if not isinstance(raw_meta, dict):
             raise ValueError("metadata is not a mapping")
@@ -266,15 +315,12 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
                                f"(format {raw_meta.get('format')!r})")
     try:
         version = int(raw_meta.get("format_version", ""))
-    except ValueError:
+    except (ValueError, TypeError):
         raise AdapterFileError(f"{path} has an invalid format_version {raw_meta.get('format_version')!r}") from None
     if version > FORMAT_VERSION:
         raise AdapterFileError(f"{path} uses adapter format v{version}, written by ftn "
                                f"{raw_meta.get('ftn_version', '?')}; this ftn reads up to v{FORMAT_VERSION}: upgrade ftn")
-    try:
-        tensors = st_load(data)
-    except Exception as exc:  # safetensors raises its own error types on malformed data
-        raise AdapterFileError(f"{path} is truncated or corrupt: {exc}") from None
+    shapes, tensor_bytes = _tensor_shapes(header, file_size - 8 - header_len, path)
     try:
         meta = {key: json.loads(raw_meta[key]) for key in ("config", "layers", "norms", "head", "task_spec")}
         meta.update({key: str(raw_meta[key]) for key in ("task", "backbone_fingerprint", "content_sha256")})
@@ -287,9 +333,106 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         meta["info"] = validate_task_info(json.loads(raw_meta["info"])) if "info" in raw_meta else {}
     except (ValueError, TypeError) as exc:
         raise AdapterFileError(f"{path} has corrupt task info (labels / input / outputs): {exc}") from None
-    if tensor_digest(tensors) != meta["content_sha256"]:
-        raise AdapterFileError(f"{path} is corrupt: its tensors do not match the checksum stored in it")
-    return tensors, meta
+    _check_declared(meta, shapes, path)
+    return AdapterHeader(path, meta, shapes, tensor_bytes, file_size)
+
+
+def _tensor_shapes(header: dict[str, Any], data_len: int, path: Path) -> tuple[dict[str, tuple[int, ...]], int]:
+    """Each tensor's declared shape, checked against its dtype and byte range (so a shape cannot
+    claim more than the file holds)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    total = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if dtype not in _DTYPE_BYTES:
+                raise ValueError(f"unknown dtype {dtype!r}")
+            if not isinstance(shape, list) or not all(
+                    type(d) is int and 0 <= d <= MAX_DECLARED for d in shape):
+                raise ValueError(f"shape {shape!r} is not a list of integers in 0..{MAX_DECLARED}")
+            if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_len):
+                raise ValueError(f"data offsets {[begin, end]} fall outside the {data_len} data bytes")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AdapterFileError(f"{path} is truncated or corrupt: tensor {key!r}: {exc}") from None
+        nbytes = math.prod(shape) * _DTYPE_BYTES[dtype]
+        if nbytes != end - begin:
+            raise AdapterFileError(f"{path} is truncated or corrupt: tensor {key!r} declares shape {tuple(shape)} "
+                                   f"({nbytes} bytes) but holds {end - begin} bytes")
+        shapes[key] = tuple(shape)
+        total += nbytes
+    return shapes, total
+
+
+def _declared_int(value: Any, what: str, path: Path, low: int = 0) -> int:
+    # JSON numbers like 1e11 or 4.0 decode as floats: refuse anything but a plain integer in range.
+    if type(value) is not int or not low <= value <= MAX_DECLARED:
+        raise AdapterFileError(f"{path}: {what} must be an integer in {low}..{MAX_DECLARED}, got {value!r}")
+    return value
+
+
+def _check_declared(meta: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], path: Path) -> None:
+    """Type-check every per-layer entry and the head spec, and check the head's declared size
+    against the head tensors the file really holds: nothing is built from metadata alone."""
+    for ln, entry in meta["layers"].items():
+        if not isinstance(entry, dict):
+            raise AdapterFileError(f"{path}: layer {ln} has corrupt metadata: {entry!r}")
+        shape = entry.get("shape")
+        if not isinstance(shape, list):
+            raise AdapterFileError(f"{path}: layer {ln} has no valid weight shape: {shape!r}")
+        for d in shape:
+            _declared_int(d, f"layer {ln}'s weight shape", path)
+        _declared_int(entry.get("rank"), f"layer {ln}'s rank", path)
+        _declared_int(entry.get("requested_rank", 0), f"layer {ln}'s requested_rank", path)
+        if not isinstance(entry.get("kind", "cp"), str) or not isinstance(entry.get("options", {}), dict):
+            raise AdapterFileError(f"{path}: layer {ln} has a corrupt update kind or options")
+    for ln, entry in meta["norms"].items():
+        if not isinstance(entry, dict):
+            raise AdapterFileError(f"{path}: norm layer {ln} has corrupt metadata: {entry!r}")
+    spec = meta["head"]
+    head_shapes = {k[len("head."):]: s for k, s in shapes.items() if k.startswith("head.")}
+    if spec.get("type") == "Linear":
+        n_in = _declared_int(spec.get("in_features"), "the head's in_features", path, low=1)
+        n_out = _declared_int(spec.get("out_features"), "the head's out_features", path, low=1)
+        if not isinstance(spec.get("bias"), bool):
+            raise AdapterFileError(f"{path}: the head's bias must be true or false, got {spec.get('bias')!r}")
+        expected = {"weight": (n_out, n_in), **({"bias": (n_out,)} if spec["bias"] else {})}
+    elif spec.get("type") == "Identity":
+        expected = {}
+    else:
+        return  # a custom head: the caller's module is checked against the tensors in load_task
+    if head_shapes != expected:
+        raise AdapterFileError(
+            f"{path}: the head's metadata declares {spec.get('type')} "
+            f"{', '.join(f'{k} {v}' for k, v in sorted(expected.items(), reverse=True)) or 'with no tensors'} "
+            f"but the file's head tensors are "
+            f"{', '.join(f'{k} {v}' for k, v in sorted(head_shapes.items(), reverse=True)) or 'none'}")
+
+
+def _read_file(path: str | Path) -> tuple[bytes, AdapterHeader]:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+    return data, _parse_header(data, len(data), path)
+
+
+def _load_tensors(data: bytes, header: AdapterHeader) -> dict[str, Tensor]:
+    try:
+        tensors = st_load(data)
+    except Exception as exc:  # safetensors raises its own error types on malformed data
+        raise AdapterFileError(f"{header.path} is truncated or corrupt: {exc}") from None
+    if tensor_digest(tensors) != header.meta["content_sha256"]:
+        raise AdapterFileError(f"{header.path} is corrupt: its tensors do not match the checksum stored in it")
+    return tensors
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read and verify an adapter file: tensors and decoded metadata, or AdapterFileError."""
+    data, header = _read_file(path)
+    return _load_tensors(data, header), header.meta
 
 
 def _stored_shapes(kind: str, layer: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
@@ -305,19 +448,29 @@ def _summarise(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_task(model: nn.Module, path: str | Path, name: str | None = None, head: nn.Module | None = None,
-              check_fingerprint: bool = True) -> str:
-    """Add the task stored at ``path`` to ``model`` under ``name`` (default: the stored name).
+@dataclass
+class _Plan:
+    """What :func:`check_adapter` decided: enough to add the task without looking again."""
 
-    Everything is checked before the model is touched: layers, shapes, ranks, norms, head and the
-    backbone fingerprint. On any mismatch the model is left as it was and AdapterFileError says
-    what differs. Returns the task name.
-    """
-    tensors, meta = read_adapter(path)
-    name = validate_task_name(name if name is not None else meta["task"])
-    if name in model.heads:
-        raise TaskError(f"task {name!r} already exists; pass name=... or remove_task({name!r}) first")
+    ranks: dict[str, tuple[int, int]]
+    updates: dict[str, dict[str, Any]]
+    norm_keys: dict[str, list[str]]
+    head: nn.Module | None  # None: build it from the file's (checked) spec
 
+
+def check_adapter(model: nn.Module, adapter: str | Path | AdapterHeader, head: nn.Module | None = None,
+                  check_fingerprint: bool = True) -> AdapterHeader:
+    """Every check :func:`load_task` makes that does not need the tensor bytes — layers, shapes,
+    ranks, norms, head, labels and (with ``check_fingerprint``) the backbone fingerprint —
+    from the file's header alone, without changing or allocating anything. ``head`` may live on
+    the ``meta`` device (only its state's shapes are compared). Returns the header."""
+    header = adapter if isinstance(adapter, AdapterHeader) else read_adapter_header(adapter)
+    _plan(model, header, head, check_fingerprint)
+    return header
+
+
+def _plan(model: nn.Module, header: AdapterHeader, head: nn.Module | None, check_fingerprint: bool) -> _Plan:
+    path, meta, shapes = header.path, header.meta, header.shapes
     layers = model.adapted_layers()
     file_layers: dict[str, Any] = meta["layers"]
     missing = sorted(set(layers) - set(file_layers))
@@ -345,8 +498,8 @@ def load_task(model: nn.Module, path: str | Path, name: str | None = None, head:
     ranks: dict[str, tuple[int, int]] = {}
     updates: dict[str, dict[str, Any]] = {}
     for ln, layer in layers.items():
-        rank = int(file_layers[ln]["rank"])
-        ranks[ln] = (int(file_layers[ln].get("requested_rank", rank)), rank)
+        rank = file_layers[ln]["rank"]
+        ranks[ln] = (file_layers[ln].get("requested_rank", rank), rank)
         kind = file_layers[ln].get("kind", "cp")
         if kind not in KINDS:
             raise AdapterFileError(f"{path}: layer {ln} has an update of unknown kind {kind!r}; "
@@ -356,36 +509,36 @@ def load_task(model: nn.Module, path: str | Path, name: str | None = None, head:
         for key, shape in (_stored_shapes(kind, layer, rank) if rank else {}).items():
             key = f"delta.{ln}.{key}"
             expected_keys.add(key)
-            if key not in tensors or tuple(tensors[key].shape) != shape:
-                got = tuple(tensors[key].shape) if key in tensors else "missing"
+            if shapes.get(key) != shape:
+                got = shapes[key] if key in shapes else "missing"
                 raise AdapterFileError(f"{path}: {kind} update tensor {key} should have shape {shape}, got {got}")
-    norm_states: dict[str, dict[str, Tensor]] = {}
+    norm_keys: dict[str, list[str]] = {}
     for ln, norm in norms.items():
         reference = norm.base.state_dict()
-        state = {key: tensors.get(f"norm.{ln}.{key}") for key in reference}
-        bad = [key for key, t in state.items() if t is None or t.shape != reference[key].shape]
+        bad = [key for key, t in reference.items() if shapes.get(f"norm.{ln}.{key}") != tuple(t.shape)]
         if bad:
             raise AdapterFileError(f"{path}: norm layer {ln} has missing or mis-shaped entries {bad}")
         expected_keys.update(f"norm.{ln}.{key}" for key in reference)
-        norm_states[ln] = state
+        norm_keys[ln] = list(reference)
 
-    if head is None:
-        head = _build_head(meta["head"])
-        if head is None:
-            raise AdapterFileError(f"{path} has a custom head ({meta['head'].get('class')}); "
-                                   f"pass a module of that structure as load_task(..., head=...)")
-    head_state = {k[len("head."):]: t for k, t in tensors.items() if k.startswith("head.")}
-    expected_keys.update(f"head.{k}" for k in head_state)
-    head_reference = head.state_dict()
-    if set(head_state) != set(head_reference) or any(
-            head_state[k].shape != head_reference[k].shape for k in head_reference):
+    # The head to compare with: the caller's, or the file's spec built on the meta device (no
+    # memory; its declared size was already checked against the head tensors in the header).
+    probe = head if head is not None else _build_head(meta["head"], device="meta")
+    if probe is None:
+        raise AdapterFileError(f"{path} has a custom head ({meta['head'].get('class')}); "
+                               f"pass a module of that structure as load_task(..., head=...)")
+    head_shapes = {k[len("head."):]: s for k, s in shapes.items() if k.startswith("head.")}
+    expected_keys.update(f"head.{k}" for k in head_shapes)
+    head_reference = probe.state_dict()
+    if set(head_shapes) != set(head_reference) or any(
+            head_shapes[k] != tuple(head_reference[k].shape) for k in head_reference):
         raise AdapterFileError(f"{path}: the head in the file does not fit the given head "
-                               f"(file keys/shapes {[(k, tuple(v.shape)) for k, v in head_state.items()]})")
+                               f"(file keys/shapes {list(head_shapes.items())})")
     try:
-        validate_task_info(meta["info"], head)
+        validate_task_info(meta["info"], probe)
     except ConfigError as exc:
         raise AdapterFileError(f"{path}: task info does not fit the head: {exc}") from None
-    unexpected = sorted(set(tensors) - expected_keys)
+    unexpected = sorted(set(shapes) - expected_keys)
     if unexpected:
         raise AdapterFileError(f"{path} holds unexpected tensors: {_summarise(unexpected)}")
 
@@ -396,9 +549,54 @@ def load_task(model: nn.Module, path: str | Path, name: str | None = None, head:
                 f"{path} was trained on a backbone with other weights (fingerprint "
                 f"{meta['backbone_fingerprint'][:12]}…, this backbone {fingerprint[:12]}…); "
                 f"pass check_fingerprint=False only if you know the difference is harmless")
+    return _Plan(ranks, updates, norm_keys, head)
+
+
+def declared_parameters(model: nn.Module, header: AdapterHeader, head: nn.Module | None = None) -> dict[str, int]:
+    """The task's parameter counts as the model's parameter report gives them once it is loaded
+    (``delta``, ``norms``, ``norm_buffers``, ``head``), from the header of a file
+    :func:`check_adapter` accepted; ``head`` as there (may live on the ``meta`` device)."""
+    probe = head if head is not None else _build_head(header.meta["head"], device="meta")
+    head_params = {f"head.{k}" for k, _ in probe.named_parameters()} if probe is not None else set()
+    norm_params = {f"norm.{ln}.{k}" for ln, norm in model.task_norm_layers().items()
+                   for k, _ in norm.base.named_parameters()}
+    counts = {"delta": 0, "norms": 0, "norm_buffers": 0, "head": 0}
+    for key, shape in header.shapes.items():
+        n = math.prod(shape)
+        if key.startswith("delta."):
+            counts["delta"] += n
+        elif key.startswith("norm."):
+            counts["norms" if key in norm_params else "norm_buffers"] += n
+        elif key in head_params:  # the head's buffers (a decoder's BatchNorm statistics) are not parameters
+            counts["head"] += n
+    return counts
+
+
+def load_task(model: nn.Module, path: str | Path, name: str | None = None, head: nn.Module | None = None,
+              check_fingerprint: bool = True) -> str:
+    """Add the task stored at ``path`` to ``model`` under ``name`` (default: the stored name).
+
+    Everything is checked before the model is touched, and before anything the metadata declares
+    is built: layers, shapes, ranks, norms, head (its declared size against the tensors the file
+    holds) and the backbone fingerprint, then the tensor bytes against their checksum. On any
+    mismatch the model is left as it was and AdapterFileError says what differs. Returns the
+    task name.
+    """
+    data, header = _read_file(path)
+    meta = header.meta
+    name = validate_task_name(name if name is not None else meta["task"])
+    if name in model.heads:
+        raise TaskError(f"task {name!r} already exists; pass name=... or remove_task({name!r}) first")
+    plan = _plan(model, header, head, check_fingerprint)
+    tensors = _load_tensors(data, header)
+    del data
+    head = plan.head if plan.head is not None else _build_head(meta["head"])
+    assert head is not None  # _plan refused custom heads without a module
 
     # All checks passed: now change the model, and undo everything if anything still fails.
-    model.add_task_with_ranks(name, ranks, head, spec=meta["task_spec"], info=meta["info"], updates=updates)
+    layers, norms = model.adapted_layers(), model.task_norm_layers()
+    model.add_task_with_ranks(name, plan.ranks, head, spec=meta["task_spec"], info=meta["info"],
+                              updates=plan.updates)
     try:
         with torch.no_grad():
             for ln, layer in layers.items():
@@ -406,9 +604,32 @@ def load_task(model: nn.Module, path: str | Path, name: str | None = None, head:
                     for key, t in layer.tasks[name].parameters_by_key().items():
                         t.copy_(tensors[f"delta.{ln}.{key}"])
             for ln, norm in norms.items():
-                norm.tasks[name].load_state_dict(norm_states[ln])
-            model.heads[name].load_state_dict(head_state)
+                norm.tasks[name].load_state_dict({key: tensors[f"norm.{ln}.{key}"] for key in plan.norm_keys[ln]})
+            model.heads[name].load_state_dict(
+                {k[len("head."):]: t for k, t in tensors.items() if k.startswith("head.")})
     except Exception:
         model.remove_task(name)
         raise
     return name
+
+
+def read_state(path: str | Path, reference: Mapping[str, Tensor], device: str | torch.device = "cpu"
+               ) -> dict[str, Tensor]:
+    """A plain safetensors state file (what a baseline method saves for a task), checked key by
+    key against ``reference``'s shapes from its header before any tensor is read."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            keys = set(f.keys())
+            wrong = sorted(k for k in keys & set(reference)
+                           if tuple(f.get_slice(k).get_shape()) != tuple(reference[k].shape))
+            if keys != set(reference) or wrong:
+                parts = [f"{label} {_summarise(sorted(names))}" for label, names in (
+                    ("missing", set(reference) - keys), ("unexpected", keys - set(reference)),
+                    ("mis-shaped", wrong)) if names]
+                raise AdapterFileError(f"{path} does not fit this task: {'; '.join(parts)}")
+            return {k: f.get_tensor(k) for k in keys}
+    except FileNotFoundError:
+        raise AdapterFileError(f"task file not found: {path}") from None
+    except (OSError, SafetensorError) as exc:
+        raise AdapterFileError(f"{path} is truncated or corrupt: {exc}") from None

@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..core.io import atomic_write_bytes
+from ..core.adapters import read_state
 from ..core.allocation import budget_count
 from ..core.errors import ConfigError, did_you_mean
 from ..core.model import FTNConfig, FTNModel
@@ -366,7 +366,11 @@ class Method:
     def load_task(self, name: str, head: nn.Module, path: str | Path) -> TrainableTask:
         """Add a task trained earlier from the file :meth:`save_task` wrote."""
         task = self.add_task(name, head)
-        task.load_state_dict(st_load(str(path), device=str(self.device)))
+        try:  # keys and shapes checked from the file's header before a tensor is read
+            task.load_state_dict(read_state(path, task.state_dict(), self.device))
+        except Exception:
+            self.remove_task(name)
+            raise
         return task
 
     def save_task(self, name: str, folder: Path, info: dict[str, Any] | None = None) -> Path:

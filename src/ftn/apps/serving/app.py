@@ -83,7 +83,24 @@ class _Metrics:
         self.admin = Counter("ftn_admin_requests", "Admin requests by operation and HTTP status",
                              ["op", "code"], registry=r)
         Gauge("ftn_tasks", "Tasks served", registry=r).set_function(lambda: len(service.catalog))
+        Gauge("ftn_resident_tasks", "Tasks loaded in the model (the resident set)",
+              registry=r).set_function(lambda: len(service.resident))
+        Gauge("ftn_resident_bytes", "Bytes of adapter tensors loaded in the model", registry=r).set_function(
+            lambda: service.resident_bytes)
+        self.loads = Counter("ftn_adapter_loads", "Adapters loaded into the model, by reason (start: room left "
+                             "after a scan, request: a cold load, upload)", ["reason"], registry=r)
+        self.evictions = Counter("ftn_adapter_evictions", "Resident tasks evicted (least recently used) to make "
+                                 "room", registry=r)
+        self.cold_load = Histogram("ftn_adapter_cold_load_seconds", "Loading a task a request asked for",
+                                   buckets=_LATENCY_BUCKETS, registry=r)
+        service.on_load = self.on_load
+        service.on_evict = lambda task: self.evictions.inc()
         Gauge("ftn_queue_depth", "Requests waiting for a batch", registry=r).set_function(lambda: batcher.queued)
+
+    def on_load(self, task: str, reason: str, seconds: float) -> None:
+        self.loads.labels(reason).inc()
+        if reason == "request":
+            self.cold_load.observe(seconds)
 
     def on_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(len(stats.tasks))
@@ -242,8 +259,9 @@ def create_app(service: TaskService, settings: ServeSettings | None = None) -> F
     @app.get("/tasks")
     async def list_tasks() -> dict[str, Any]:
         catalog = service.catalog
-        return {"backbone": service.backbone_summary(),
-                "tasks": [catalog[n].summary() for n in sorted(catalog)],
+        resident = set(service.resident)
+        return {"backbone": service.backbone_summary(), "residency": service.residency(),
+                "tasks": [{**catalog[n].summary(), "resident": n in resident} for n in sorted(catalog)],
                 "not_loaded": dict(service.skipped)}
 
     @app.get("/tasks/{name}")

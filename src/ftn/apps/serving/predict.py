@@ -20,12 +20,12 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from ...core.adapters import read_adapter
+from ...core.adapters import AdapterHeader, check_adapter, declared_parameters, read_adapter, read_adapter_header
 from ...core.errors import AdapterFileError, ConfigError, DataError, ShapeError
 from ...core.model import FTNModel
 
 __all__ = ["InputSpec", "decode_image", "preprocess", "top_k", "build_model", "adapter_info",
-           "task_head", "save_dense_prediction", "IMAGE_SUFFIXES", "DEFAULT_IMAGE_SIZE", "MAX_PIXELS"]
+           "task_head", "inspect_adapter", "load_adapter", "save_dense_prediction", "IMAGE_SUFFIXES", "DEFAULT_IMAGE_SIZE", "MAX_PIXELS"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -167,29 +167,81 @@ def _escape_glob(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def task_head(model: FTNModel, info: Mapping[str, Any]) -> nn.Module | None:
-    """The head module to pass to ``load_task`` (None: the file's own Identity/Linear spec)."""
+def task_head(model: FTNModel, info: Mapping[str, Any], header: AdapterHeader | None = None) -> nn.Module | None:
+    """The head module to pass to ``load_task`` (None: the file's own Identity/Linear spec).
+
+    A dense head is built from the recipe in the adapter's info (task, classes, decoder sizes):
+    with ``header``, it is first built on the ``meta`` device (no memory) and checked against
+    the head tensors the file holds, so a recipe declaring a huge decoder is refused before
+    anything is allocated."""
     dense = _dense_spec(info)
     if dense is None:
         return None
+    if header is not None:
+        check_adapter(model, header, head=_head_probe(model, header), check_fingerprint=False)
+    return _dense_head(model, dense, header.path if header is not None else "the adapter")
+
+
+def _head_probe(model: FTNModel, header: AdapterHeader) -> nn.Module | None:
+    """The adapter's dense head built on the meta device (shapes only), or None (a head the
+    file's own spec describes)."""
+    dense = _dense_spec(header.meta["info"])
+    if dense is None:
+        return None
+    with torch.device("meta"):
+        return _dense_head(model, dense, header.path)
+
+
+def _dense_head(model: FTNModel, dense: Mapping[str, Any], path: Any) -> nn.Module:
     from ...settings.dense.model import SingleDenseHead, build_head
 
-    head = build_head(model.backbone, dense["task"], int(dense.get("num_classes", 1)), **dict(dense.get("head", {})))
+    try:
+        head = build_head(model.backbone, dense["task"], int(dense.get("num_classes", 1)),
+                          **dict(dense.get("head", {})))
+    except Exception as exc:  # noqa: BLE001 - the recipe comes from the file: anything wrong is the file's fault
+        raise AdapterFileError(f"{path}: its dense head recipe cannot be built: {type(exc).__name__}: {exc}") from None
     # layout "dict": the head of `ftn train`'s dense setting, DenseHeads({task: decoder})
     return SingleDenseHead({dense["task"]: head}) if dense.get("layout") == "dict" else head
+
+
+def inspect_adapter(model: FTNModel, path: str | Path, fingerprint: str | None = None
+                    ) -> tuple[AdapterHeader, dict[str, int]]:
+    """Every check ``load_adapter`` makes except the tensors' checksum, from the file's header
+    alone: nothing is loaded or allocated (what a server does for tasks it loads later).
+    ``fingerprint``: the model's, computed once by the caller; None computes it. Returns the
+    header and the task's parameter counts (as the model's parameter report will give them)."""
+    header = read_adapter_header(path)
+    _check_fingerprint(header, fingerprint if fingerprint is not None else model.backbone_fingerprint())
+    probe = _head_probe(model, header)
+    check_adapter(model, header, head=probe, check_fingerprint=False)
+    return header, declared_parameters(model, header, head=probe)
+
+
+def _check_fingerprint(header: AdapterHeader, fingerprint: str) -> None:
+    declared = header.meta["backbone_fingerprint"]
+    if declared != fingerprint:
+        raise AdapterFileError(f"{header.path} was trained on a backbone with other weights (fingerprint "
+                               f"{declared[:12]}…, this backbone {fingerprint[:12]}…)")
 
 
 def load_adapter(model: FTNModel, path: str | Path, name: str | None = None, fingerprint: str | None = None) -> str:
     """``model.load_task`` with the head a dense adapter needs. ``fingerprint``: the model's
     backbone fingerprint, computed once by the caller (a server loading many adapters) instead of
-    once per file; the check is the same."""
-    meta, info = adapter_info(path)
-    if fingerprint is not None and meta["backbone_fingerprint"] != fingerprint:
-        raise AdapterFileError(
-            f"{path} was trained on a backbone with other weights (fingerprint "
-            f"{meta['backbone_fingerprint'][:12]}…, this backbone {fingerprint[:12]}…)")
-    name = model.load_task(path, name=name, head=task_head(model, info), check_fingerprint=fingerprint is None)
-    model.eval()  # the new task's norms and head (BatchNorm: running statistics, not the batch's)
+    once per file; the check is the same. The header is checked before any head is built."""
+    header = read_adapter_header(path)
+    if fingerprint is not None:
+        _check_fingerprint(header, fingerprint)
+    name = model.load_task(path, name=name, head=task_head(model, header.meta["info"], header),
+                           check_fingerprint=fingerprint is None)
+    # The new task's modules in eval mode (BatchNorm: running statistics, not the batch's): only
+    # its own, as model.eval() walks every module of every loaded task (ms per cold load).
+    if model.training:
+        model.eval()
+    else:
+        model.heads[name].eval()
+        for part in [*model.adapted_layers().values(), *model.task_norm_layers().values()]:
+            if name in part.tasks:
+                part.tasks[name].eval()
     return name
 
 

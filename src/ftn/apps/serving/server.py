@@ -28,6 +28,19 @@ def _backbone_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads (default: torch's choice; 1 is often best on a busy or small machine)")
 
 
+def _byte_size(text: str) -> int:
+    """``123``, ``64K``, ``512M``, ``2G`` (powers of 1024) as bytes."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 1073741824, 512M, 2G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a byte size must be >= 0, got {text!r}")
+    return int(value)
+
+
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     _backbone_arguments(p)
     p.add_argument("--adapter", dest="adapters", action="append", required=True,
@@ -70,6 +83,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hot-tasks", type=int, default=8,
                    help="tasks whose dense W+ΔW stays cached (LRU); others rebuild it per batch")
     p.add_argument("--merged", type=int, default=0, help="most used tasks also kept as merged plain models")
+    p.add_argument("--max-resident", type=int, default=0,
+                   help="most tasks loaded in the model at once (LRU by use; others load on their first "
+                        "request); 0 = no limit: every task loads at start")
+    p.add_argument("--max-resident-bytes", type=_byte_size, default=0,
+                   help="most bytes of adapter tensors loaded at once (e.g. 512M, 2G; LRU as above); 0 = no limit")
     p.add_argument("--rescan-s", type=float, default=0.0,
                    help="rescan the adapter folder every N seconds (replicas sharing a folder); 0 = never")
     p.add_argument("--max-image-bytes", type=int, default=10 * 2**20)
@@ -107,7 +125,8 @@ def build_service(args: argparse.Namespace):
     model = build_model(args.backbone, [reference] if reference else [], pretrained=not args.no_pretrained,
                         weights_path=args.weights_path)
     return TaskService(model, folder, default_image_size=args.image_size, batching=args.batching,
-                       hot_tasks=args.hot_tasks, merged=args.merged)
+                       hot_tasks=args.hot_tasks, merged=args.merged, max_resident=args.max_resident,
+                       max_resident_bytes=args.max_resident_bytes)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -26,6 +26,14 @@ where the model keeps what a file holds besides tensors: each task's spec and in
 Version 2 differs from version 1 only by the per-layer ``kind``: a task of CP factors only is
 still written as version 1 (readable by older ftn), and every version-1 file still loads.
 
+Loading reads the header first (:func:`read_adapter_header`: a few kB) and checks every size the
+metadata declares — layer ranks and shapes, a Linear head's features, each tensor's shape against
+its bytes — against the tensors the file holds, and the task against the model
+(:func:`check_adapter`), before anything is built: the checksum covers the tensors only, so
+metadata alone must never decide an allocation (a head declaring 4,000,000 outputs is refused,
+not allocated). Then the tensors are read and checked against their checksum, then the task is
+added.
+
 No pickle is involved anywhere. Files are written to a temporary file in the same folder,
 flushed, fsync'ed and renamed over the target, so a crash never leaves a half-written adapter.
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import pytest
@@ -206,3 +207,58 @@ def test_ftn_predict_writes_dense_prediction_images(tmp_path, capsys):
     with torch.no_grad():
         expected = model(x[None], task="semseg")["semseg"][0].argmax(0)
     assert torch.equal(torch.from_numpy(__import__("numpy").array(seg)).long(), expected)
+
+
+@pytest.mark.parametrize("head, message", [
+    ({"type": "Linear", "in_features": 64, "out_features": 4_000_000, "bias": True},
+     r"declares Linear weight \(4000000, 64\), bias \(4000000,\) but the file's head tensors are weight \(5, 64\)"),
+    ({"type": "Linear", "in_features": 64, "out_features": 1e11, "bias": True}, r"out_features must be an integer"),
+])
+def test_ftn_predict_refuses_a_metadata_bomb_before_building_its_head(tmp_path, capsys, monkeypatch, head, message):
+    """The head's declared size is not covered by the checksum: `ftn predict` must refuse it from
+    the header, with a message, instead of allocating it."""
+    paths = make_adapters(tmp_path / "adapters", ["alpha"])
+    rewrite_metadata(paths["alpha"], head=json.dumps(head))
+    (tmp_path / "img.png").write_bytes(png_bytes(0))
+    built = []
+    original = nn.Linear.reset_parameters
+    monkeypatch.setattr(nn.Linear, "reset_parameters",
+                        lambda self: (built.append(self.weight.numel()) if self.weight.device.type != "meta" else None,
+                                      original(self))[1])
+    assert main(["predict", *SERVER_ARGS, "--adapter", str(paths["alpha"]), str(tmp_path / "img.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ftn predict: error: ") and re.search(message, err)
+    assert not [n for n in built if n >= 4_000_000]
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"decoder_channels": 1_000_000}, r"the head in the file does not fit the given head"),
+    ({"decoder_channels": "wide"}, r"dense head recipe cannot be built: TypeError"),
+    ({"no_such_option": 1}, r"dense head recipe cannot be built: TypeError"),
+])
+def test_a_dense_head_recipe_is_checked_on_the_meta_device_before_it_is_built(tmp_path, recipe, message):
+    """A dense adapter's decoder is built from its info (not covered by the checksum): a recipe
+    declaring a huge decoder is compared with the file's head tensors on the meta device first."""
+    from ftn.apps.serving.predict import build_model, inspect_adapter, load_adapter
+    from ftn.settings.dense.model import DenseHeads, build_encoder, build_head
+
+    torch.manual_seed(0)
+    encoder = build_encoder("mobilenet_v2", pretrained=False, output_stride=16)
+    head = {"aspp_channels": 8, "low_channels": 4, "decoder_channels": 8}
+    model = FTNModel(encoder, rank=1, include=["encoder.high.17.*"])
+    model.add_task("depth", head=DenseHeads({"depth": build_head(encoder, "depth", 1, **head)}))
+    outputs = {"kind": "dense", "task": "depth", "num_classes": 1, "head": head, "layout": "dict",
+               "encoder": {"backbone": "mobilenet_v2", "output_stride": 16}}
+    path = model.save_task("depth", tmp_path / "depth.safetensors", info={"outputs": outputs})
+    torch.manual_seed(0)  # the same random backbone
+    fresh = build_model("mobilenet_v2", [path], pretrained=False)
+    assert load_adapter(fresh, path) == "depth"  # the untouched file loads
+    fresh.remove_task("depth")
+    info = json.loads(json.loads(path.read_bytes()[8:8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])
+                      ["__metadata__"]["info"])
+    info["outputs"]["head"] = {**head, **recipe}
+    rewrite_metadata(path, info=json.dumps(info))
+    for attempt in (lambda: load_adapter(fresh, path), lambda: inspect_adapter(fresh, path)):
+        with pytest.raises(AdapterFileError, match=message):
+            attempt()
+        assert fresh.tasks == []

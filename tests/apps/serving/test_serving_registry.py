@@ -126,3 +126,76 @@ def test_task_names_cannot_escape_the_folder():
         with pytest.raises(ConfigError):
             validate_name(bad)
     assert validate_name("Task_1-b") == "Task_1-b"
+
+
+def test_a_broken_file_that_is_removed_leaves_not_loaded(setup):
+    service, _, folder = setup
+    (folder / "junk.safetensors").write_bytes(b"not an adapter")
+    (folder / "bad name.safetensors").write_bytes(b"x")
+    service.sync_folder()
+    assert set(service.skipped) == {"junk.safetensors", "bad name.safetensors"}
+    (folder / "junk.safetensors").unlink()
+    (folder / "bad name.safetensors").unlink()
+    assert service.sync_folder() == {"added": [], "removed": [], "failed": {}}
+    assert service.skipped == {}
+    # a good file later written under the broken one's name is served (not remembered as failed)
+    (folder / "junk.safetensors").write_bytes((folder / "a.safetensors").read_bytes())
+    assert service.sync_folder()["added"] == ["junk"] and service.skipped == {}
+
+
+def test_replicas_sharing_a_folder_keep_each_others_uploads_in_progress(setup, monkeypatch):
+    """Replica B starting up while replica A verifies an upload must not delete A's staging file
+    (A's rename would fail); a staging file left by an upload that died long ago is removed."""
+    import ftn.apps.serving.registry as registry
+
+    a, _, folder = setup
+    stale = folder / ".x.safetensors.upload-otherhost-1-dead.tmp"
+    stale.write_bytes(b"left by a crashed upload")
+    old = os.stat(stale).st_mtime - registry.STALE_STAGING_S - 60
+    os.utime(stale, (old, old))
+    b = TaskService(bn_model(), folder)
+    seen = []
+    verify = registry.load_adapter
+
+    def verify_while_b_starts(model, path, name=None, fingerprint=None):
+        if model is a.model:  # A is verifying its upload: B starts meanwhile
+            seen.append(sorted(p.name for p in folder.iterdir() if p.name.startswith(".")))
+            b.load_folder()
+            seen.append(sorted(p.name for p in folder.iterdir() if p.name.startswith(".")))
+        return verify(model, path, name, fingerprint)
+
+    monkeypatch.setattr(registry, "load_adapter", verify_while_b_starts)
+    a.add("d", (folder / "a.safetensors").read_bytes())
+    assert (folder / "d.safetensors").exists() and "d" in a.catalog
+    staging = [n for n in seen[0] if n.startswith(".d.safetensors.upload-")]
+    assert len(staging) == 1 and staging[0] in seen[1]  # B left A's upload in progress alone
+    assert stale.name in seen[0] and stale.name not in seen[1]  # and removed the stale one
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # A cleaned up its own
+    assert sorted(b.sync_folder()["added"]) == ["d"]  # B picks A's upload up on its next rescan
+
+
+@pytest.mark.parametrize("head", [
+    {"type": "Linear", "in_features": 16, "out_features": 4_000_000, "bias": True},
+    {"type": "Linear", "in_features": 16, "out_features": 1e11, "bias": True},
+    {"type": "Linear", "in_features": -16, "out_features": 4, "bias": True},
+])
+def test_an_uploaded_metadata_bomb_is_refused_and_changes_nothing(setup, head):
+    import json
+    import struct
+
+    from safetensors.torch import save as st_save
+
+    from ftn.core.adapters import read_adapter
+
+    service, _, folder = setup
+    data = (folder / "a.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    metadata = json.loads(data[8:8 + n])["__metadata__"]
+    bomb = st_save(read_adapter(folder / "a.safetensors")[0], metadata={**metadata, "head": json.dumps(head)})
+    before = (dict(service.catalog), service.resident, sorted(os.listdir(folder)), service.model.tasks)
+    with pytest.raises(AdapterFileError, match=r"the uploaded adapter: the head's"):
+        service.add("bomb", bomb)
+    assert (dict(service.catalog), service.resident, sorted(os.listdir(folder)), service.model.tasks) == before
+    (folder / "bomb.safetensors").write_bytes(bomb)  # the same file dropped into the folder
+    assert list(service.sync_folder()["failed"]) == ["bomb.safetensors"] and "bomb" not in service.catalog
+    assert service.model.tasks == before[3]

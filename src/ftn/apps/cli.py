@@ -16,7 +16,8 @@ __all__ = ["main"]
 #: a command that needs more names the extra instead of ending in an ImportError traceback.
 _EXTRAS = {"yaml": "train", "tqdm": "train", "matplotlib": "train", "scipy": "train", "torchvision": "train",
            "PIL": "train", "peft": "peft", "transformers": "text", "fastapi": "serve", "uvicorn": "serve",
-           "multipart": "serve", "prometheus_client": "serve", "httpx": "serve", "psutil": "serve"}
+           "multipart": "serve", "prometheus_client": "serve", "httpx": "serve", "psutil": "serve",
+           "onnx": "export", "onnxscript": "export", "onnxruntime": "export"}
 
 
 def _missing_extra(exc: ModuleNotFoundError) -> str | None:
@@ -505,6 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve every adapter of a folder over HTTP from one backbone")
     server.add_serve_arguments(p)
     p.set_defaults(func=server.cmd_serve)
+
+    from . import export
+
+    p = sub.add_parser("export", help="one task, merged, as an ONNX file or a torch.export program (docs/export.md)")
+    export.add_export_arguments(p)
+    p.set_defaults(func=export.cmd_export)
     return parser
 
 

@@ -289,13 +289,13 @@ def _timm_backbone(name: str, pretrained: bool, weights_path: str | Path | None,
             model = timm.create_model(name, pretrained=True, **options)
         except Exception as exc:  # offline, not cached, hash mismatch, no pretrained tag...
             cfg = timm.models.get_pretrained_cfg(name)
-            source = (f"`hf download {cfg.hf_hub_id}` (it lands in the Hugging Face hub cache, {_hub_cache()}; "
-                      f"$HF_HOME / $HF_HUB_CACHE move it)" if cfg is not None and cfg.hf_hub_id else
-                      f"{cfg.url} into {torch.hub.get_dir()}/checkpoints/" if cfg is not None and cfg.url else
-                      "them")
-            raise FTNError(f"could not get pretrained weights for timm:{name}: {str(exc).splitlines()[0]}. "
-                           f"Download {source}, or pass a local file or folder as model.weights_path "
-                           f"(--weights-path), or use model.pretrained=false.") from None
+            fetch = (f"download them once with `hf download {cfg.hf_hub_id}` (into the Hugging Face hub cache, "
+                     f"{_hub_cache()}; $HF_HOME / $HF_HUB_CACHE move it)" if cfg is not None and cfg.hf_hub_id else
+                     f"download {cfg.url} into {torch.hub.get_dir()}/checkpoints/" if cfg is not None and cfg.url else
+                     "download them")
+            raise FTNError(f"could not get pretrained weights for timm:{name} ({_reason(exc)}): {fetch}, or pass "
+                           f"a local file or folder as model.weights_path (--weights-path), or use "
+                           f"model.pretrained=false") from None
     else:
         model = timm.create_model(name, pretrained=False, **options)
     return model, _feature_dim(model, lambda: getattr(model, "num_features", None))
@@ -335,16 +335,21 @@ class MeanPooler(nn.Module):
         return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
+def _reason(exc: BaseException) -> str:
+    """The first line of a library's error, without its closing full stop."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__).rstrip(".")
+
+
 def _hf_missing(source: str, exc: Exception) -> FTNError:
     local = Path(source).expanduser()
     if local.exists() or source.startswith((".", "/", "~")):
-        return FTNError(f"cannot load the Hugging Face model in {source}: {str(exc).splitlines()[0]} "
-                        f"(a save_pretrained folder needs config.json and its weights)")
+        return FTNError(f"cannot load the Hugging Face model in {source} ({_reason(exc)}): a save_pretrained "
+                        f"folder needs config.json and its weights")
     return FTNError(
-        f"could not get the Hugging Face model {source!r}: {str(exc).splitlines()[0]} "
-        f"Download it once with `hf download {source}` (it lands in the hub cache, {_hub_cache()}; "
-        f"$HF_HOME / $HF_HUB_CACHE move it), or save it to a folder and use hf:/that/folder "
-        f"(or model.weights_path=/that/folder).")
+        f"could not get the Hugging Face model {source!r} ({_reason(exc)}): download it once with "
+        f"`hf download {source}` (into the Hugging Face hub cache, {_hub_cache()}; $HF_HOME / $HF_HUB_CACHE "
+        f"move it), or save it to a folder and use hf:/that/folder (or model.weights_path=/that/folder)")
 
 
 def _hf_backbone(source: str, pretrained: bool, weights_path: str | Path | None,

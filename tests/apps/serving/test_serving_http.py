@@ -136,6 +136,31 @@ def test_adapter_for_another_backbone_is_refused_with_the_reason(server, tmp_pat
     assert not (folder / "foreign.safetensors").exists() and "foreign" not in httpx.get(f"{srv.url}/tasks").text
 
 
+@pytest.mark.parametrize("out_features", [4_000_000, 1e11, -5])
+def test_an_uploaded_metadata_bomb_is_refused_at_once_and_changes_nothing(server, library, out_features):
+    """A file whose head metadata declares a huge (or invalid) size, the checksum intact: 422 with
+    the reason, nothing allocated or written, the served tasks unchanged."""
+    import json
+    import struct
+
+    from safetensors.torch import save as st_save
+
+    srv, folder = server
+    _, paths, _ = library
+    raw = paths["t0"].read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    metadata = json.loads(raw[8:8 + n])["__metadata__"]
+    head = {**json.loads(metadata["head"]), "out_features": out_features}
+    bomb = st_save(read_adapter(paths["t0"])[0], metadata={**metadata, "head": json.dumps(head)})
+    before = httpx.get(f"{srv.url}/tasks").json()
+    r = httpx.put(f"{srv.url}/tasks/bomb", content=bomb, headers=AUTH, timeout=10)
+    assert r.status_code == 422 and "the uploaded adapter: the head's" in r.json()["error"], r.text
+    after = httpx.get(f"{srv.url}/tasks").json()
+    assert [t["name"] for t in after["tasks"]] == [t["name"] for t in before["tasks"]]
+    assert not (folder / "bomb.safetensors").exists()
+    assert httpx.post(f"{srv.url}/tasks/t2/predict", content=png_bytes(2)).status_code == 200
+
+
 def metric(text, name):
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
 

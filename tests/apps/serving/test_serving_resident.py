@@ -4,16 +4,12 @@ that is not resident loads it; answers are each task's own model's."""
 
 from __future__ import annotations
 
-import json
-import struct
-
 import pytest
 import torch
-from safetensors.torch import save as st_save
 from torch import nn
 
 from ftn import FTNModel
-from ftn.core.adapters import read_adapter, tensor_digest
+from ftn.apps.serving.loadtest import clone_adapters
 from ftn.apps.serving.registry import TaskService
 
 from helpers import SmallCNN, randomize_norms
@@ -28,24 +24,12 @@ def small_model() -> FTNModel:
 
 
 def generate_adapters(folder, count: int, seed: int = 0) -> list[str]:
-    """``count`` adapters of the small model, each with its own random factors and head: one is
-    saved by ``save_task``, the others are that file with new tensors (checksum and task name
-    rewritten), which costs a millisecond each instead of adding and saving a task."""
+    """``count`` adapters of the small model, each with its own random factors and head."""
     model = small_model()
     model.add_task("base", head=nn.Linear(16, 4))
-    base = model.save_task("base", folder / "base.safetensors", info={"labels": list("abcd")})
-    tensors, _ = read_adapter(base)
-    raw = base.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    metadata = json.loads(raw[8:8 + n])["__metadata__"]
-    base.unlink()
-    g = torch.Generator().manual_seed(seed)
+    template = model.save_task("base", folder.parent / "template.safetensors", info={"labels": list("abcd")})
     names = [f"task{i:04d}" for i in range(count)]
-    for name in names:
-        own = {k: (torch.randn(v.shape, generator=g) * 0.3 if k.startswith(("delta.", "head.")) else v)
-               for k, v in tensors.items()}
-        (folder / f"{name}.safetensors").write_bytes(
-            st_save(own, metadata={**metadata, "task": name, "content_sha256": tensor_digest(own)}))
+    clone_adapters(template, folder, names, seed=seed)
     return names
 
 

@@ -6,6 +6,8 @@ clients (httpx). Used by the tests and by ``benchmarks/bench_serving.py``.
 - :func:`run_load` runs ``clients`` concurrent clients, each with its own connection, sending
   predictions round-robin over a list of ``(task, image bytes)`` for ``duration_s`` seconds or
   ``max_requests`` requests; it returns counts, errors, throughput and latency percentiles.
+- :func:`clone_adapters` writes many distinct adapters from one (a folder of 1,000 tasks in
+  seconds, for the resident-set tests and ``benchmarks/bench_serving_resident.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,35 @@ from typing import Any
 
 import httpx
 
-__all__ = ["ServerProcess", "LoadResult", "run_load", "free_port", "percentile"]
+__all__ = ["ServerProcess", "LoadResult", "run_load", "free_port", "percentile", "clone_adapters"]
+
+
+def clone_adapters(template: str | Path, folder: str | Path, names: Sequence[str], *, seed: int = 0,
+                   scale: float = 0.3) -> list[Path]:
+    """One adapter per name: the ``template`` adapter file with new random ΔW factors and head
+    (N(0, scale²)), its task name and checksum rewritten; norms as in the template. A
+    millisecond per file, where adding, filling and saving a task costs a QR per factor."""
+    import json
+    import struct
+
+    import torch
+    from safetensors.torch import save as st_save
+
+    from ...core.adapters import read_adapter, tensor_digest
+
+    tensors, _ = read_adapter(template)
+    raw = Path(template).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    metadata = json.loads(raw[8:8 + n])["__metadata__"]
+    g = torch.Generator().manual_seed(seed)
+    paths = []
+    for name in names:
+        own = {k: (torch.randn(v.shape, generator=g) * scale if k.startswith(("delta.", "head.")) else v)
+               for k, v in tensors.items()}
+        path = Path(folder) / f"{name}.safetensors"
+        path.write_bytes(st_save(own, metadata={**metadata, "task": name, "content_sha256": tensor_digest(own)}))
+        paths.append(path)
+    return paths
 
 
 def free_port() -> int:

@@ -186,7 +186,10 @@ class TaskService:
         skipped = {k: v for k, v in self.skipped.items() if (self.folder / k).is_file() and k not in misnamed}
         skipped.update(misnamed)
         for name, path in found.items():
-            stat = path.stat()
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # removed by another replica since the scan: the next rescan sees it
+                continue
             signature = (stat.st_mtime_ns, stat.st_size)
             if self._files.get(name) == signature:
                 continue
@@ -220,7 +223,10 @@ class TaskService:
 
     def _catalog_file(self, name: str, path: Path, signature: tuple[int, int]) -> TaskEntry:
         """Check a file from its header (nothing loaded) and list it in the catalog."""
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise AdapterFileError(f"cannot read adapter file {path}: {exc}") from None
         header, parameters = inspect_adapter(self.model, path, self.fingerprint)
         self._check_fits(header)
         self._files[name] = signature

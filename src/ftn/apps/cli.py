@@ -17,7 +17,7 @@ __all__ = ["main"]
 _EXTRAS = {"yaml": "train", "tqdm": "train", "matplotlib": "train", "scipy": "train", "torchvision": "train",
            "PIL": "train", "peft": "peft", "transformers": "text", "fastapi": "serve", "uvicorn": "serve",
            "multipart": "serve", "prometheus_client": "serve", "httpx": "serve", "psutil": "serve",
-           "onnx": "export", "onnxscript": "export", "onnxruntime": "export"}
+           "onnx": "export", "onnxscript": "export", "onnxruntime": "export", "ray": "ray"}
 
 
 def _missing_extra(exc: ModuleNotFoundError) -> str | None:
@@ -355,6 +355,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """``ftn serve``: one process (uvicorn), or with ``--ray`` the same app on Ray Serve replicas."""
+    if args.ray:
+        from .serving.ray_serve import run_ray
+
+        return run_ray(args)
+    from .serving.server import cmd_serve
+
+    return cmd_serve(args)
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     """``ftn predict``, each image labelled once: one named directly and through its folder (or
     twice) is the same file (resolved path), kept where it first appears."""
@@ -505,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve every adapter of a folder over HTTP from one backbone")
     server.add_serve_arguments(p)
-    p.set_defaults(func=server.cmd_serve)
+    p.set_defaults(func=_cmd_serve)
 
     from . import export
 

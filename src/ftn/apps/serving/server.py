@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ...core.errors import ConfigError
 
-__all__ = ["add_predict_arguments", "add_serve_arguments", "cmd_predict", "cmd_serve", "build_service"]
+__all__ = ["add_predict_arguments", "add_serve_arguments", "cmd_predict", "cmd_serve", "build_service",
+           "serve_settings"]
 
 log = logging.getLogger("ftn.serve")
 
@@ -97,6 +98,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="environment variable holding the admin token (admin endpoints are off without one)")
     p.add_argument("--prep-threads", type=int, default=1, help="threads decoding and preparing images")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--ray", action="store_true",
+                   help="scale out on Ray Serve (the 'ray' extra): --replicas processes, each task a multiplexed model "
+                        "(docs/serving.md); RAY_ADDRESS joins an existing cluster")
+    p.add_argument("--replicas", type=int, default=2, help="with --ray: replicas (processes, --threads CPUs each)")
+    p.add_argument("--tasks-per-replica", type=int, default=64,
+                   help="with --ray: tasks a replica keeps loaded (LRU; Ray Serve's max_num_models_per_replica)")
 
 
 def build_service(args: argparse.Namespace):
@@ -129,11 +136,24 @@ def build_service(args: argparse.Namespace):
                        max_resident_bytes=args.max_resident_bytes)
 
 
+def serve_settings(args: argparse.Namespace):
+    """The HTTP app's settings from the command line; the admin token from the environment."""
+    from .app import ServeSettings
+
+    token = os.environ.get(args.admin_token_env) or None
+    if token is None:
+        log.warning("no admin token in $%s: adding and removing adapters over HTTP is disabled",
+                    args.admin_token_env)
+    return ServeSettings(admin_token=token, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                         max_image_bytes=args.max_image_bytes, max_adapter_bytes=args.max_adapter_bytes,
+                         max_pixels=args.max_pixels, rescan_s=args.rescan_s, prep_threads=args.prep_threads)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .app import ServeSettings, create_app
+        from .app import create_app
     except ImportError as exc:
         raise ConfigError(f"ftn serve needs the serve extra: pip install 'factorized-tensor-networks[serve]' "
                           f"({exc})") from None
@@ -143,14 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     service = build_service(args)
-    token = os.environ.get(args.admin_token_env) or None
-    if token is None:
-        log.warning("no admin token in $%s: adding and removing adapters over HTTP is disabled",
-                    args.admin_token_env)
-    settings = ServeSettings(admin_token=token, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                             max_image_bytes=args.max_image_bytes, max_adapter_bytes=args.max_adapter_bytes,
-                             max_pixels=args.max_pixels, rescan_s=args.rescan_s, prep_threads=args.prep_threads)
-    app = create_app(service, settings)
+    app = create_app(service, serve_settings(args))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=30, access_log=False)
     uvicorn.Server(config).run()

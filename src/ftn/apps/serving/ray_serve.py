@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse
 
 from ...core.errors import ConfigError
 from .app import create_app
-from .registry import TASK_NAME
+from .registry import SUFFIX, TASK_NAME
 from .server import add_serve_arguments, build_service, serve_settings
 
 __all__ = ["FTNReplica", "application", "build_app", "replica_config", "parse_serve_run_args", "run_ray",
@@ -76,7 +76,10 @@ class FTNReplica:
         self.service = build_service(args)
         self.ftn_app = create_app(self.service, serve_settings(args))
         self._executor = self.ftn_app.state.batcher.executor  # the model thread
-        self._seen: dict[str, tuple[int, int] | None] = {}  # task -> its file's (mtime_ns, size) at the last scan
+        # task -> its file's (mtime_ns, size) when this replica last scanned; taken before the app's
+        # start-up scan, so a file changed in between is rescanned at its first request, not missed.
+        self._seen: dict[str, tuple[int, int] | None] = {
+            path.name[:-len(SUFFIX)]: _signature(path) for path in self.service.folder.glob(f"*{SUFFIX}")}
 
         async def load_task(name: str) -> str:
             # The task loads on the model thread when its first request's batch runs (a cold load,

@@ -64,7 +64,8 @@ from .updates import KINDS
 from ..version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_DECLARED", "save_task", "load_task", "read_adapter",
-           "read_adapter_header", "check_adapter", "declared_parameters", "AdapterHeader", "read_state",
+           "read_adapter_header", "check_adapter", "declared_parameters", "AdapterHeader", "ModelLayout",
+           "read_state",
            "validate_task_info", "tensor_digest", "TaskRecords"]
 
 FORMAT = "ftn-adapter"
@@ -443,17 +444,44 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return _load_tensors(data, header), header.meta
 
 
-def _stored_shapes(kind: str, layer: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
+def _stored_shapes(kind: str, layer: _LayerShape, rank: int) -> dict[str, tuple[int, ...]]:
     """The tensors a layer's update of ``kind`` stores, by key, with their shapes."""
     if kind == "cp":
         return {str(k): (d, rank) for k, d in enumerate(layer.modes)}
-    shapes = {"weight": tuple(layer.base.weight.shape)}
+    shapes = {"weight": layer.shape}
     return {**shapes, "score": ()} if kind == "gated" else shapes
 
 
 def _summarise(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+@dataclass(frozen=True)
+class _LayerShape:
+    shape: tuple[int, ...]  # the frozen weight's
+    modes: tuple[int, ...]  # its CP modes
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What checking an adapter file needs of a model, read once: each adapted layer's weight
+    shape and CP modes, each task norm's state shapes and which of its keys are parameters.
+    A model's layout never changes (tasks come and go, layers do not), so a server checking
+    thousands of files passes one layout instead of walking the model's modules per file."""
+
+    layers: dict[str, _LayerShape]
+    norms: dict[str, dict[str, tuple[int, ...]]]
+    norm_parameters: frozenset[str]  # "norm.<layer>.<key>" of the norms' parameters (not buffers)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelLayout:
+        layers = {ln: _LayerShape(tuple(layer.base.weight.shape), tuple(layer.modes))
+                  for ln, layer in model.adapted_layers().items()}
+        norm_layers = model.task_norm_layers()
+        norms = {ln: {k: tuple(t.shape) for k, t in norm.base.state_dict().items()} for ln, norm in norm_layers.items()}
+        params = frozenset(f"norm.{ln}.{k}" for ln, norm in norm_layers.items() for k, _ in norm.base.named_parameters())
+        return cls(layers, norms, params)
 
 
 @dataclass
@@ -467,19 +495,22 @@ class _Plan:
 
 
 def check_adapter(model: nn.Module, adapter: str | Path | AdapterHeader, head: nn.Module | None = None,
-                  check_fingerprint: bool = True) -> AdapterHeader:
+                  check_fingerprint: bool = True, layout: ModelLayout | None = None) -> AdapterHeader:
     """Every check :func:`load_task` makes that does not need the tensor bytes — layers, shapes,
     ranks, norms, head, labels and (with ``check_fingerprint``) the backbone fingerprint —
     from the file's header alone, without changing or allocating anything. ``head`` may live on
-    the ``meta`` device (only its state's shapes are compared). Returns the header."""
+    the ``meta`` device (only its state's shapes are compared); ``layout``: the model's
+    :class:`ModelLayout`, read once by a caller checking many files. Returns the header."""
     header = adapter if isinstance(adapter, AdapterHeader) else read_adapter_header(adapter)
-    _plan(model, header, head, check_fingerprint)
+    _plan(model, header, head, check_fingerprint, layout)
     return header
 
 
-def _plan(model: nn.Module, header: AdapterHeader, head: nn.Module | None, check_fingerprint: bool) -> _Plan:
+def _plan(model: nn.Module, header: AdapterHeader, head: nn.Module | None, check_fingerprint: bool,
+          layout: ModelLayout | None = None) -> _Plan:
     path, meta, shapes = header.path, header.meta, header.shapes
-    layers = model.adapted_layers()
+    layout = layout or ModelLayout.of(model)
+    layers = layout.layers
     file_layers: dict[str, Any] = meta["layers"]
     missing = sorted(set(layers) - set(file_layers))
     extra = sorted(set(file_layers) - set(layers))
@@ -491,12 +522,12 @@ def _plan(model: nn.Module, header: AdapterHeader, head: nn.Module | None, check
             parts.append(f"{len(missing)} adapted layer(s) of this model are not in the file ({_summarise(missing)})")
         raise AdapterFileError(f"{path} was made for another backbone or other include/exclude patterns: "
                                + "; ".join(parts))
-    shape_diff = [f"{ln}: file {tuple(file_layers[ln]['shape'])} vs model {tuple(layer.base.weight.shape)}"
-                  for ln, layer in layers.items() if tuple(file_layers[ln]["shape"]) != tuple(layer.base.weight.shape)]
+    shape_diff = [f"{ln}: file {tuple(file_layers[ln]['shape'])} vs model {layer.shape}"
+                  for ln, layer in layers.items() if tuple(file_layers[ln]["shape"]) != layer.shape]
     if shape_diff:
         raise AdapterFileError(f"{path} was made for a backbone with other layer shapes: {_summarise(shape_diff)}")
 
-    norms = model.task_norm_layers()
+    norms = layout.norms
     file_norms: dict[str, Any] = meta["norms"]
     if set(norms) != set(file_norms):
         diff = sorted(set(norms) ^ set(file_norms))
@@ -521,9 +552,8 @@ def _plan(model: nn.Module, header: AdapterHeader, head: nn.Module | None, check
                 got = shapes[key] if key in shapes else "missing"
                 raise AdapterFileError(f"{path}: {kind} update tensor {key} should have shape {shape}, got {got}")
     norm_keys: dict[str, list[str]] = {}
-    for ln, norm in norms.items():
-        reference = norm.base.state_dict()
-        bad = [key for key, t in reference.items() if shapes.get(f"norm.{ln}.{key}") != tuple(t.shape)]
+    for ln, reference in norms.items():
+        bad = [key for key, shape in reference.items() if shapes.get(f"norm.{ln}.{key}") != shape]
         if bad:
             raise AdapterFileError(f"{path}: norm layer {ln} has missing or mis-shaped entries {bad}")
         expected_keys.update(f"norm.{ln}.{key}" for key in reference)
@@ -560,14 +590,14 @@ def _plan(model: nn.Module, header: AdapterHeader, head: nn.Module | None, check
     return _Plan(ranks, updates, norm_keys, head)
 
 
-def declared_parameters(model: nn.Module, header: AdapterHeader, head: nn.Module | None = None) -> dict[str, int]:
+def declared_parameters(model: nn.Module, header: AdapterHeader, head: nn.Module | None = None,
+                        layout: ModelLayout | None = None) -> dict[str, int]:
     """The task's parameter counts as the model's parameter report gives them once it is loaded
     (``delta``, ``norms``, ``norm_buffers``, ``head``), from the header of a file
-    :func:`check_adapter` accepted; ``head`` as there (may live on the ``meta`` device)."""
+    :func:`check_adapter` accepted; ``head`` and ``layout`` as there."""
     probe = head if head is not None else _build_head(header.meta["head"], device="meta")
     head_params = {f"head.{k}" for k, _ in probe.named_parameters()} if probe is not None else set()
-    norm_params = {f"norm.{ln}.{k}" for ln, norm in model.task_norm_layers().items()
-                   for k, _ in norm.base.named_parameters()}
+    norm_params = (layout or ModelLayout.of(model)).norm_parameters
     counts = {"delta": 0, "norms": 0, "norm_buffers": 0, "head": 0}
     for key, shape in header.shapes.items():
         n = math.prod(shape)

@@ -20,7 +20,8 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from ...core.adapters import AdapterHeader, check_adapter, declared_parameters, read_adapter, read_adapter_header
+from ...core.adapters import (AdapterHeader, ModelLayout, check_adapter, declared_parameters, read_adapter,
+                              read_adapter_header)
 from ...core.errors import AdapterFileError, ConfigError, DataError, ShapeError
 from ...core.model import FTNModel
 
@@ -204,17 +205,19 @@ def _dense_head(model: FTNModel, dense: Mapping[str, Any], path: Any) -> nn.Modu
     return SingleDenseHead({dense["task"]: head}) if dense.get("layout") == "dict" else head
 
 
-def inspect_adapter(model: FTNModel, path: str | Path, fingerprint: str | None = None
-                    ) -> tuple[AdapterHeader, dict[str, int]]:
+def inspect_adapter(model: FTNModel, path: str | Path, fingerprint: str | None = None,
+                    layout: ModelLayout | None = None) -> tuple[AdapterHeader, dict[str, int]]:
     """Every check ``load_adapter`` makes except the tensors' checksum, from the file's header
     alone: nothing is loaded or allocated (what a server does for tasks it loads later).
-    ``fingerprint``: the model's, computed once by the caller; None computes it. Returns the
-    header and the task's parameter counts (as the model's parameter report will give them)."""
+    ``fingerprint`` and ``layout``: the model's, computed once by a caller checking many files
+    (None: computed here). Returns the header and the task's parameter counts (as the model's
+    parameter report will give them)."""
     header = read_adapter_header(path)
     _check_fingerprint(header, fingerprint if fingerprint is not None else model.backbone_fingerprint())
     probe = _head_probe(model, header)
-    check_adapter(model, header, head=probe, check_fingerprint=False)
-    return header, declared_parameters(model, header, head=probe)
+    layout = layout or ModelLayout.of(model)
+    check_adapter(model, header, head=probe, check_fingerprint=False, layout=layout)
+    return header, declared_parameters(model, header, head=probe, layout=layout)
 
 
 def _check_fingerprint(header: AdapterHeader, fingerprint: str) -> None:

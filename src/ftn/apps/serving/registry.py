@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...core.adapters import AdapterHeader
+from ...core.adapters import AdapterHeader, ModelLayout
 from ...core.io import atomic_write_bytes
 from ...core.errors import AdapterFileError, ConfigError, FTNError, TaskError
 from ...core.model import FTNModel
@@ -131,6 +131,7 @@ class TaskService:
         self.skipped: dict[str, str] = {}  # file name -> why it is not served
         self.fingerprint = model.backbone_fingerprint()
         self._backbone_report = model.parameter_report()
+        self._layout = ModelLayout.of(model)  # what checking a file needs of the model, read once
         # Loads by reason ("start": filling free room after a scan, "request": a cold load, "upload")
         # and evictions; on_load(task, reason, seconds) / on_evict(task) feed the server's metrics.
         self.loads: collections.Counter[str] = collections.Counter()
@@ -227,7 +228,7 @@ class TaskService:
             data = path.read_bytes()
         except OSError as exc:
             raise AdapterFileError(f"cannot read adapter file {path}: {exc}") from None
-        header, parameters = inspect_adapter(self.model, path, self.fingerprint)
+        header, parameters = inspect_adapter(self.model, path, self.fingerprint, self._layout)
         self._check_fits(header)
         self._files[name] = signature
         return self._register(name, header, parameters, data)
@@ -334,7 +335,7 @@ class TaskService:
         atomic_write_bytes(staging, data)
         try:
             try:
-                header, parameters = inspect_adapter(self.model, staging, self.fingerprint)  # header only
+                header, parameters = inspect_adapter(self.model, staging, self.fingerprint, self._layout)
                 self._check_fits(header)
                 self._make_room(header.tensor_bytes)
                 started = time.perf_counter()

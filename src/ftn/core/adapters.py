@@ -611,21 +611,22 @@ def declared_parameters(model: nn.Module, header: AdapterHeader, head: nn.Module
 
 
 def load_task(model: nn.Module, path: str | Path, name: str | None = None, head: nn.Module | None = None,
-              check_fingerprint: bool = True) -> str:
+              check_fingerprint: bool = True, layout: ModelLayout | None = None) -> str:
     """Add the task stored at ``path`` to ``model`` under ``name`` (default: the stored name).
 
     Everything is checked before the model is touched, and before anything the metadata declares
     is built: layers, shapes, ranks, norms, head (its declared size against the tensors the file
     holds) and the backbone fingerprint, then the tensor bytes against their checksum. On any
-    mismatch the model is left as it was and AdapterFileError says what differs. Returns the
-    task name.
+    mismatch the model is left as it was and AdapterFileError says what differs. ``layout``:
+    the model's :class:`ModelLayout`, read once by a caller loading many files. Returns the task
+    name.
     """
     data, header = _read_file(path)
     meta = header.meta
     name = validate_task_name(name if name is not None else meta["task"])
     if name in model.heads:
         raise TaskError(f"task {name!r} already exists; pass name=... or remove_task({name!r}) first")
-    plan = _plan(model, header, head, check_fingerprint)
+    plan = _plan(model, header, head, check_fingerprint, layout)
     tensors = _load_tensors(data, header)
     del data
     head = plan.head if plan.head is not None else _build_head(meta["head"])

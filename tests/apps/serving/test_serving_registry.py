@@ -157,12 +157,12 @@ def test_replicas_sharing_a_folder_keep_each_others_uploads_in_progress(setup, m
     seen = []
     verify = registry.load_adapter
 
-    def verify_while_b_starts(model, path, name=None, fingerprint=None):
+    def verify_while_b_starts(model, path, *args):
         if model is a.model:  # A is verifying its upload: B starts meanwhile
             seen.append(sorted(p.name for p in folder.iterdir() if p.name.startswith(".")))
             b.load_folder()
             seen.append(sorted(p.name for p in folder.iterdir() if p.name.startswith(".")))
-        return verify(model, path, name, fingerprint)
+        return verify(model, path, *args)
 
     monkeypatch.setattr(registry, "load_adapter", verify_while_b_starts)
     a.add("d", (folder / "a.safetensors").read_bytes())

@@ -20,8 +20,8 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from ...core.adapters import (AdapterHeader, ModelLayout, check_adapter, declared_parameters, read_adapter,
-                              read_adapter_header)
+from ...core.adapters import (AdapterHeader, ModelLayout, check_adapter, declared_parameters, load_task,
+                              read_adapter, read_adapter_header)
 from ...core.errors import AdapterFileError, ConfigError, DataError, ShapeError
 from ...core.model import FTNModel
 
@@ -227,24 +227,23 @@ def _check_fingerprint(header: AdapterHeader, fingerprint: str) -> None:
                                f"{declared[:12]}…, this backbone {fingerprint[:12]}…)")
 
 
-def load_adapter(model: FTNModel, path: str | Path, name: str | None = None, fingerprint: str | None = None) -> str:
-    """``model.load_task`` with the head a dense adapter needs. ``fingerprint``: the model's
-    backbone fingerprint, computed once by the caller (a server loading many adapters) instead of
-    once per file; the check is the same. The header is checked before any head is built."""
+def load_adapter(model: FTNModel, path: str | Path, name: str | None = None, fingerprint: str | None = None,
+                 layout: ModelLayout | None = None) -> str:
+    """``model.load_task`` with the head a dense adapter needs. ``fingerprint`` and ``layout``:
+    the model's backbone fingerprint and :class:`~ftn.core.adapters.ModelLayout`, computed once
+    by a caller loading many adapters (a server) instead of once per file; the checks are the
+    same. The header is checked before any head is built."""
     header = read_adapter_header(path)
     if fingerprint is not None:
         _check_fingerprint(header, fingerprint)
-    name = model.load_task(path, name=name, head=task_head(model, header.meta["info"], header),
-                           check_fingerprint=fingerprint is None)
-    # The new task's modules in eval mode (BatchNorm: running statistics, not the batch's): only
-    # its own, as model.eval() walks every module of every loaded task (ms per cold load).
+    name = load_task(model, path, name=name, head=task_head(model, header.meta["info"], header),
+                     check_fingerprint=fingerprint is None, layout=layout)
+    # The new task's head in eval mode (its norm copies take their layer's mode, eval in an eval
+    # model): model.eval() would walk every module of every loaded task, ms per cold load.
     if model.training:
         model.eval()
     else:
         model.heads[name].eval()
-        for part in [*model.adapted_layers().values(), *model.task_norm_layers().values()]:
-            if name in part.tasks:
-                part.tasks[name].eval()
     return name
 
 

@@ -272,7 +272,7 @@ class TaskService:
         started = time.perf_counter()
         path = self.path_of(name)
         try:
-            load_adapter(self.model, path, name, self.fingerprint)
+            load_adapter(self.model, path, name, self.fingerprint, self._layout)
         except FTNError as exc:
             signature = self._files.get(name)
             self._drop(name)
@@ -339,7 +339,7 @@ class TaskService:
                 self._check_fits(header)
                 self._make_room(header.tensor_bytes)
                 started = time.perf_counter()
-                load_adapter(self.model, staging, name, self.fingerprint)
+                load_adapter(self.model, staging, name, self.fingerprint, self._layout)
             except FTNError as exc:  # say "the uploaded adapter", not the staging file's path
                 raise type(exc)(str(exc).replace(str(staging), "the uploaded adapter")) from None
             try:

@@ -207,6 +207,31 @@ def test_load_with_mixed_traffic_while_adapters_are_added_and_removed(server, li
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{t}.safetensors" for t in TASKS)
 
 
+def test_max_resident_serves_every_task_with_two_loaded_and_shows_it_in_the_metrics(library, tmp_path):
+    """`ftn serve --max-resident 2` over 8 adapters: every task answers as its own model does,
+    at most 2 are loaded at a time, and /metrics and /tasks show the cold loads and evictions."""
+    root, paths, _ = library
+    folder = tmp_path / "adapters"
+    shutil.copytree(root / "served", folder)
+    image = png_bytes(4)
+    with ServerProcess(folder, [*SERVER_ARGS, "--max-resident", "2", "--max-resident-bytes", "1M"],
+                       log_path=tmp_path / "server.log") as srv:
+        listing = httpx.get(f"{srv.url}/tasks").json()
+        assert len(listing["tasks"]) == 8 and sum(t["resident"] for t in listing["tasks"]) == 2
+        for task in [*TASKS, *TASKS[:2]]:
+            r = httpx.post(f"{srv.url}/tasks/{task}/predict?k=3", content=image)
+            assert r.status_code == 200, r.text
+            assert_same_predictions(r.json()["predictions"], expected_predictions(paths, task, image, k=3))
+        text = httpx.get(f"{srv.url}/metrics").text
+        residency = httpx.get(f"{srv.url}/tasks").json()["residency"]
+    assert metric(text, "ftn_resident_tasks") == 2 == residency["resident"]
+    assert metric(text, "ftn_resident_bytes") == residency["resident_bytes"] > 0
+    assert metric(text, "ftn_adapter_loads_total") == 10  # every reason: 2 at start + 8 cold loads
+    assert residency["loads"] == {"start": 2, "request": 8} and residency["max_resident_bytes"] == 2**20
+    assert metric(text, "ftn_adapter_evictions_total") == residency["evictions"] == 8
+    assert metric(text, "ftn_adapter_cold_load_seconds_count") == 8
+
+
 def test_sigkill_mid_load_loses_nothing_and_restart_gives_the_same_answers_then_drains(library, tmp_path):
     root, _, spare = library
     folder = tmp_path / "adapters"

@@ -374,6 +374,28 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
             "step": step, "epoch": epoch, "skip": skip, "best": best, "history": history,
             "skipped": skipped, "train_seconds": train_seconds, "rng": _rng_state()})
 
+    # train.on_nonfinite=stop: the losses are summed on the device (one op per step) and the sum's
+    # finiteness is read where the loop reads anyway (log lines, checkpoints, epoch ends), so a
+    # GPU step waits for nothing; a non-finite loss stops training at the next such read, before
+    # any checkpoint or validation of the state it updated (a NaN/inf loss makes the sum NaN/inf).
+    skip_nonfinite = train_cfg.on_nonfinite == "skip"
+    loss_sum = torch.zeros((), device=device)
+    checked = {"step": step}
+
+    def check_finite() -> None:
+        if skip_nonfinite or checked["step"] == step:
+            return
+        total = loss_sum.reshape(1)
+        finite = bool(dist.all_reduce_min(torch.isfinite(total).float()).item()) if info.enabled \
+            else math.isfinite(total.item())
+        if not finite:
+            raise NonFiniteLossError(
+                f"task {data.name!r}: the loss was nan or inf at a step in {checked['step'] + 1}..{step}; "
+                f"training stopped, the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'} "
+                f"(set train.on_nonfinite=skip to skip such batches, or lower train.lr)")
+        loss_sum.zero_()
+        checked["step"] = step
+
     log_file = (out_dir / "log.csv").open("a", newline="") if main else io.StringIO()
     writer = csv.writer(log_file)
     if log_file.tell() == 0:
@@ -398,18 +420,17 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
                     loss = objective.loss(model, batch)
                 # Every rank must take the same branch, so finiteness and batch size are agreed on.
                 local_n = _batch_len(batch)
-                finite = bool(dist.all_reduce_min(torch.isfinite(loss.detach()).float().reshape(1)).item()) \
-                    if info.enabled else bool(torch.isfinite(loss))
                 global_n = int(dist.all_reduce_sum(torch.tensor([local_n], device=device)).item()) \
                     if info.enabled else local_n
                 for o in optimizers:
                     o.zero_grad(set_to_none=True)
+                if skip_nonfinite:  # deciding per batch needs the loss's finiteness now: one read per step
+                    finite = bool(dist.all_reduce_min(torch.isfinite(loss.detach()).float().reshape(1)).item()) \
+                        if info.enabled else bool(torch.isfinite(loss))
+                else:  # "stop": summed on the device, read back only where the loop reads anyway
+                    finite = True
+                    loss_sum.add_(loss.detach().float())
                 if not finite:
-                    if train_cfg.on_nonfinite == "stop":
-                        raise NonFiniteLossError(
-                            f"task {data.name!r}: loss is {loss.item()} at step {step + 1}; training stopped, "
-                            f"the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'} "
-                            f"(set train.on_nonfinite=skip to skip such batches, or lower train.lr)")
                     skipped += 1
                     log.warning("task %s: non-finite loss at step %d, batch skipped (%d so far)",
                                 data.name, step + 1, skipped)
@@ -437,11 +458,13 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
                 skip += global_n
                 bar.update(1)
                 if step % train_cfg.log_every == 0 or step == total_steps:
+                    check_finite()
                     writer.writerow([step, epoch, f"{loss.item():.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
                                      f"{train_seconds + time.perf_counter() - started:.2f}"])
                     log_file.flush()  # a crash must not lose the log
                     bar.set_postfix(loss=f"{loss.item():.3f}")
                 if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < total_steps:
+                    check_finite()  # never checkpoint a state a non-finite loss has updated
                     train_seconds += time.perf_counter() - started
                     started = time.perf_counter()
                     checkpoint()
@@ -450,6 +473,7 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
                 if step >= total_steps:
                     break
             train_seconds += time.perf_counter() - started
+            check_finite()
             if info.enabled:
                 dist.average_tensors(b for bn in model.batchnorms() for b in bn.buffers())
             # --- model selection: the epoch with the best validation score (without a

@@ -93,10 +93,11 @@ def test_cli_exports_one_task_per_file_and_checks_it(tmp_path, capsys):
     for p in sorted(folder.glob("*.safetensors")):
         model.load_task(p)
     model.eval()
-    out = tmp_path / "out"
-    out.mkdir()
+    assert main([*base, "--format", "torch-export", "--task", "dogs", "-o", str(tmp_path / "dogs.bin")]) == 2
+    assert "must end in .pt2" in capsys.readouterr().err
+    out = tmp_path / "out"  # made by the first export ("out/" names a folder), reused by the second
     for fmt in FORMAT_NAMES:
-        assert main([*base, "--format", fmt, "--task", "dogs", "-o", str(out)]) == 0
+        assert main([*base, "--format", fmt, "--task", "dogs", "-o", f"{out}/"]) == 0
         printed = capsys.readouterr().out
         path = out / f"dogs{FORMATS[fmt]}"
         assert f"wrote {path}" in printed and "checked on a batch of 3: max |file - merged model|" in printed

@@ -117,9 +117,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         task = names[0]
     info = model.task_info(task)
     inputs, input_names = example_batch(model, info, image_size=args.image_size)
-    out = Path(args.output) if args.output else Path(f"{task}{FORMATS[args.fmt]}")
-    if out.is_dir():
-        out = out / f"{task}{FORMATS[args.fmt]}"
+    suffix = FORMATS[args.fmt]
+    out = Path(args.output) if args.output else Path(f"{task}{suffix}")
+    if out.is_dir() or str(args.output or "").endswith(("/", "\\")):
+        out = out / f"{task}{suffix}"
+    if args.fmt == "torch-export" and out.suffix != suffix:
+        raise ConfigError(f"a torch-export file must end in {suffix} (torch.export.load reads no other), got {out}")
     metadata = {"ftn.task": task, "ftn.backbone": args.backbone, "ftn.info": json.dumps(info)}
     export_task(model, task, inputs, out, args.fmt, input_names=input_names, metadata=metadata)
     size = out.stat().st_size / 2**20

@@ -11,6 +11,7 @@ file is written then.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import re
@@ -115,8 +116,10 @@ def _onnx_bytes(module: nn.Module, inputs: tuple[Tensor, ...], shapes: tuple[tup
         raise FTNError(f"ONNX export needs {' and '.join(missing)}: pip install 'factorized-tensor-networks[export]'")
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # axis-renaming notes when several inputs share a Dim
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        # Quiet: axis-renaming warnings when inputs share a Dim, and the exporter prints its
+        # progress ("[torch.onnx] Obtain model graph...") even with verbose=False.
+        warnings.simplefilter("ignore")
         program = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=shapes, input_names=list(input_names),
                                     output_names=["output"], verbose=False)
     proto = program.model_proto

@@ -432,8 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ftn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("params", help="parameter report for a torchvision architecture (no weights needed)")
-    p.add_argument("--backbone", default="resnet34", help="torchvision model name (default resnet34)")
+    p = sub.add_parser("params", help="parameter report for an architecture by name (no weights needed)")
+    p.add_argument("--backbone", default="resnet34",
+                   help="a torchvision name, torchvision:NAME, timm:NAME or hf:PATH_OR_ID (default resnet34)")
     p.add_argument("--rank", type=int, default=40)
     p.add_argument("--tasks", type=int, default=1)
     p.add_argument("--include", nargs="*", help="glob patterns of layers to adapt (default: all)")

@@ -132,3 +132,18 @@ def test_a_wrong_example_would_be_caught():
         _check_text("train", _commands()["train"], "train overrides", "e.g. method.rank=16", False)
     with pytest.raises(AssertionError, match="--no-such-flag"):
         _check_text("train", _commands()["train"], "train", "see --no-such-flag", False)
+
+
+def test_every_install_hint_names_an_extra_the_project_has():
+    """A command that needs an optional package says `pip install '...[<extra>]'`: every extra it
+    can name is declared in pyproject.toml (the docs' own install lines: tests/docs)."""
+    import tomllib
+
+    from ftn.apps.cli import _EXTRAS, _missing_extra
+    from helpers import REPO
+
+    extras = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    assert set(_EXTRAS.values()) <= extras, sorted(set(_EXTRAS.values()) - extras)
+    message = _missing_extra(ModuleNotFoundError("No module named 'yaml'", name="yaml"))
+    assert message is not None and "[train]" in message
+    assert _missing_extra(ModuleNotFoundError("No module named 'nope'", name="nope")) is None

@@ -227,7 +227,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print("\n" + demo.done.format(output=output, results=results))
     if args.quick:
         print(_QUICK_NOTE)
-    steps = demo_next_steps(Path(output))
+    steps = _demo_next_steps(Path(output))
     if steps:
         print("\n" + "\n".join(steps))
     return 0
@@ -269,7 +269,7 @@ def _claim_demo_folder(output: Path, setting: str, quick: bool, overwrite: bool)
     atomic_write_bytes(marker, json.dumps(this).encode())
 
 
-def demo_next_steps(output: Path) -> list[str]:
+def _demo_next_steps(output: Path) -> list[str]:
     """The lines ``ftn demo`` ends with: where its adapters are and the ``ftn predict`` /
     ``ftn serve`` commands that use them (FTN's, else the first method's), on the sample images
     the demo wrote to ``output/samples`` (per task in ``samples/<task>/``, or for every task).

@@ -37,9 +37,11 @@ def method_lr(method: str) -> tuple[float, float]:
 def _label(method: str) -> str:
     return method_class(method).display_name()
 
-# Full run: the whole embedded benchmark (≈ 20 min on 2 CPU cores for all five methods).
+# Full run: the whole embedded benchmark (all five methods: 28 min of wall time on 2 CPU cores shared
+# with another demo, docs/demo_results.json).
 FULL = ["data.image_size=64", "train.epochs=5", "data.batch_size=64", "method.ftn.rank=8"]
-# Quick run (CI): a small slice of every domain, one short epoch, smaller images (< 3 min).
+# Quick run (CI, a smoke test, not results): a small slice of every domain, one short epoch, smaller
+# images (its measured time: the README's Quick start).
 QUICK = ["data.image_size=32", "train.epochs=1", "data.batch_size=32", "data.train_limit=192",
          "data.val_limit=96", "data.test_limit=200", "method.ftn.rank=4", "train.recalibrate_batches=4"]
 

@@ -79,3 +79,4 @@ def test_the_engines_step_reads_the_loss_only_when_it_must(tmp_path, on_nonfinit
     counters = _optimizer_reads_per_step()
     assert counters > 0
     assert extra == 8 * (counters + per_step)
+

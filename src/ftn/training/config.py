@@ -49,6 +49,10 @@ class ModelConfig:
     weights_path: str | None = None
 
 
+#: ``train.compile``'s values: off, a torch.compile mode, or the aot_eager backend.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "aot_eager")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 3
@@ -86,6 +90,11 @@ class TrainConfig:
     # trains about 1.1-1.8× faster on the CPU (docs/performance.md, "CPU, third round"); results
     # equal the default layout's up to float rounding, and files saved either way load either way.
     channels_last: bool = False
+    # torch.compile the training step's forward and backward (one graph pair; FTN's layers trace
+    # without graph breaks): off | default (inductor) | reduce-overhead (inductor + CUDA graphs
+    # on CUDA: one launch per step) | max-autotune | aot_eager (traced, not code-generated: for
+    # checking a model traces). The first steps pay the compilation (tens of seconds to minutes).
+    compile: str = "off"
     # False: the test split is not scored after training (``ftn sweep``'s learning-rate search
     # runs; the chosen run's test split is scored once afterwards from its saved tasks).
     evaluate_test: bool = True
@@ -119,6 +128,7 @@ class ExperimentConfig:
         check_choice("train.schedule", self.train.schedule, ("cosine", "poly"))
         check_choice("train.amp", self.train.amp, ("auto", "off", "bf16", "fp16"))
         check_choice("train.on_nonfinite", self.train.on_nonfinite, ("stop", "skip"))
+        check_choice("train.compile", self.train.compile, COMPILE_MODES)
         check_choice("train.distributed", self.train.distributed, ("data", "tasks"))
         try:
             FTNConfig(**dataclasses.asdict(self.method.ftn))

@@ -304,6 +304,17 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def _compiled(fn: Callable[[Any], Tensor], mode: str) -> Callable[[Any], Tensor]:
+    """``train.compile``: the step's loss (forward, and through AOTAutograd its backward) as one
+    compiled graph pair. The optimizer step stays eager: it is a few multi-tensor (foreach) ops,
+    and compiling it would recompile at every new learning rate of the schedule."""
+    if mode == "off":
+        return fn
+    if mode == "aot_eager":
+        return torch.compile(fn, backend="aot_eager")
+    return torch.compile(fn, mode=mode)
+
+
 # ----------------------------------------------------------------------------- training
 def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, data_cfg: DataConfig, out_dir: Path,
                seed: int = 0, device: torch.device | None = None, progress: bool = True,
@@ -338,6 +349,7 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
     own_ids = _own_optimizer_params(model)
     clipped = [p for p in model.parameters if id(p) not in own_ids]
     autocast, scaler = _autocast(train_cfg.amp, device)
+    step_loss = _compiled(lambda batch: objective.loss(model, batch), train_cfg.compile)
 
     # --- resume
     step, epoch, skip, skipped = 0, 0, 0, 0
@@ -417,7 +429,7 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
                 if data.augment is not None:
                     batch = data.augment(batch)
                 with autocast:
-                    loss = objective.loss(model, batch)
+                    loss = step_loss(batch)
                 # Every rank must take the same branch, so finiteness and batch size are agreed on.
                 local_n = _batch_len(batch)
                 global_n = int(dist.all_reduce_sum(torch.tensor([local_n], device=device)).item()) \

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ....core.errors import ShapeError
 
-__all__ = ["IGNORE_INDEX", "map_shape", "same_maps", "vector_maps", "zero_loss"]
+__all__ = ["IGNORE_INDEX", "map_shape", "same_maps", "vector_maps"]
 
 #: Label of pixels no loss or metric counts (semantic void, augmentation padding of edges).
 IGNORE_INDEX = 255
@@ -44,9 +44,3 @@ def vector_maps(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
             f"normals must both be (N, 3, H, W) or (3, H, W), got {tuple(pred.shape)} and {tuple(target.shape)}"
         )
     return p, t
-
-
-def zero_loss(x: Tensor) -> Tensor:
-    # A loss of exactly 0 that still belongs to the graph, so backward() works on an all-invalid
-    # batch (e.g. a crop that fell entirely into padding).
-    return x.sum() * 0.0

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ....core.errors import ConfigError, DataError, ShapeError
-from .common import IGNORE_INDEX, same_maps, zero_loss
+from .common import IGNORE_INDEX, same_maps
 
 __all__ = ["edge_loss", "EdgeMeter", "edge_nms", "thin_edges", "correspond_counts"]
 
@@ -39,9 +39,9 @@ def edge_loss(logits: Tensor, target: Tensor, pos_weight: float = 0.95, ignore_i
         raise ConfigError(f"pos_weight must lie in [0, 1], got {pos_weight}")
     x, t = same_maps(logits, target)
     valid = t != ignore_index
-    n = valid.sum()
-    if int(n) == 0:
-        return zero_loss(logits)
+    # At least 1: an all-invalid batch gives 0 (every term is masked), still in the graph, and
+    # no count is read back to the host.
+    n = valid.sum().clamp_min(1)
     y = (t >= 0.5) & valid
     weight = torch.where(y, pos_weight, 1.0 - pos_weight) * valid
     bce = F.binary_cross_entropy_with_logits(x, y.to(x.dtype), reduction="none")  # stable log σ

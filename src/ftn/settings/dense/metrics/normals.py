@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ....core.errors import ConfigError
-from .common import vector_maps, zero_loss
+from .common import vector_maps
 
 __all__ = ["normals_loss", "NormalsMeter"]
 
@@ -29,9 +29,9 @@ def normals_loss(pred: Tensor, target: Tensor, kind: str = "l1") -> Tensor:
         raise ConfigError(f"normals loss kind must be 'l1' or 'cosine', got {kind!r}")
     p, t = vector_maps(pred, target)
     valid = t.norm(dim=1) > 0  # (N, H, W)
-    n = valid.sum()
-    if int(n) == 0:
-        return zero_loss(pred)
+    # At least 1: an all-invalid batch gives 0 (every term is masked), still in the graph, and
+    # no count is read back to the host.
+    n = valid.sum().clamp_min(1)
     p = F.normalize(p, dim=1, eps=1e-12)
     if kind == "l1":
         return ((p - t).abs().sum(dim=1) * valid).sum() / (3 * n)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ....core.errors import ConfigError, DataError, ShapeError
-from .common import IGNORE_INDEX, map_shape, zero_loss
+from .common import IGNORE_INDEX, map_shape
 
 __all__ = ["semseg_loss", "SegmentationMeter"]
 
@@ -22,9 +22,10 @@ def semseg_loss(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX
     """
     if logits.dim() != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
         raise ShapeError(f"expected logits (N, C, H, W) and target (N, H, W), got {tuple(logits.shape)} and {tuple(target.shape)}")
-    if not bool((target != ignore_index).any()):
-        return zero_loss(logits)
-    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
+    # Summed, then divided by the labelled count (at least 1): the mean where pixels are labelled,
+    # 0 (still in the graph) where none is, without reading the count back to the host.
+    total = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="sum")
+    return total / (target != ignore_index).sum().clamp_min(1)
 
 
 

@@ -22,7 +22,6 @@ def test_compiled_training_equals_eager(tmp_path):
     _, compiled, compiled_result = run(tmp_path / "compiled", train=TrainConfig(**cfg, compile="aot_eager"))
     a, b = eager.state_dict(), compiled.state_dict()
     assert a.keys() == b.keys()
-    moved = 0
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     assert compiled_result.steps == eager_result.steps == 4

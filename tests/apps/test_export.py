@@ -180,23 +180,26 @@ def test_bad_requests_are_refused(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_text_task_exports_with_dynamic_batch_and_length(tmp_path):
+def test_text_task_exports_with_dynamic_batch_and_length(tmp_path, capsys):
     from helpers import needs_minilm
 
     needs_minilm()
     from ftn.settings.text.backbone import MeanPooler, load_minilm
 
     torch.manual_seed(0)
-    model = FTNModel(MeanPooler(load_minilm()), rank=2).eval()
+    model = FTNModel(MeanPooler(load_minilm()), rank=2).eval()  # as the text setting builds it
     model.add_task("t", head=nn.Linear(384, 3))
     with torch.no_grad():
         for _, p in model.named_task_parameters("t"):
             p.add_(torch.randn_like(p) * 0.02)
-    ids, mask = torch.randint(0, 30000, (2, 12)), torch.ones(2, 12, dtype=torch.long)
-    path = export_task(model, "t", [ids, mask], tmp_path / "t.pt2", "torch-export")
+    adapter = model.save_task("t", tmp_path / "t.safetensors")
+    # The text setting's backbone by its config name: ftn builds the packaged MiniLM as hf:<folder>.
+    assert main(["export", "--backbone", "all-MiniLM-L6-v2", "--adapter", str(adapter), "--format", "torch-export",
+                 "-o", str(tmp_path / "t.pt2")]) == 0
+    assert "inputs input_ids, attention_mask" in capsys.readouterr().out
     merged = MergedTask(model.merge("t")).eval()
     for n, length in ((1, 5), (3, 16), (8, 9)):
         ids, mask = torch.randint(0, 30000, (n, length)), torch.ones(n, length, dtype=torch.long)
         mask[0, length // 2:] = 0
         with torch.no_grad():
-            assert (run_program(path, ids, mask) - merged(ids, mask)).abs().max().item() < 1e-4
+            assert (run_program(tmp_path / "t.pt2", ids, mask) - merged(ids, mask)).abs().max().item() < 1e-4

@@ -183,7 +183,7 @@ def test_minilm_by_hf_path_trains_and_the_server_loads_it(tmp_path):
     from ftn.settings.text.backbone import MeanPooler, load_minilm
 
     assert FTNModel(MeanPooler(load_minilm()), rank=1).load_task(adapter) == "sentiment"
-    model = build_model(backbone, [adapter])
+    model = build_model("all-MiniLM-L6-v2", [adapter])  # the text setting's name: the packaged model, by hf:
     service = TaskService(model, out / "adapters")
     service.load_folder()
     assert list(service.catalog) == ["sentiment"]

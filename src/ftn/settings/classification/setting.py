@@ -138,10 +138,13 @@ class ClassificationSetting(Setting):
         return list(self.cfg.data.domains)
 
     def backbone(self) -> nn.Module:
-        from ...training.backbones import build_backbone
+        from ...training.backbones import MeanPooler, build_backbone
 
         m = self.cfg.model
         backbone, self.feature_dim = build_backbone(m.backbone, pretrained=m.pretrained, weights_path=m.weights_path)
+        if isinstance(backbone, MeanPooler):
+            raise ConfigError(f"{m.backbone} is a text encoder; the classification setting needs an image model "
+                              f"(the text setting takes text encoders: setting: text)")
         return backbone
 
     def data(self, task: str) -> TaskData:

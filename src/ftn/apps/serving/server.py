@@ -18,7 +18,7 @@ log = logging.getLogger("ftn.serve")
 
 
 def _backbone_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="mobilenet_v2", help="torchvision backbone the adapters were trained on")
+    p.add_argument("--backbone", default="mobilenet_v2", help="backbone the adapters were trained on: a torchvision name, timm:NAME or hf:PATH_OR_ID (docs/backbones.md)")
     p.add_argument("--weights-path", help="local state dict of the backbone (instead of its pretrained weights)")
     p.add_argument("--no-pretrained", action="store_true",
                    help="randomly initialised backbone (only for adapters trained on one: seeded, see --seed)")

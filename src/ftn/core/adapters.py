@@ -46,7 +46,7 @@ import math
 import os
 import struct
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -473,15 +473,19 @@ class ModelLayout:
     layers: dict[str, _LayerShape]
     norms: dict[str, dict[str, tuple[int, ...]]]
     norm_parameters: frozenset[str]  # "norm.<layer>.<key>" of the norms' parameters (not buffers)
+    # The modules themselves, to fill a loaded task's tensors without walking the model again
+    # (a walk visits every module of every loaded task: tens of ms with 64 MobileNetV2 tasks).
+    layer_modules: dict[str, nn.Module] = field(default_factory=dict, compare=False, repr=False)
+    norm_modules: dict[str, nn.Module] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelLayout:
+        layer_modules, norm_layers = model.adapted_layers(), model.task_norm_layers()
         layers = {ln: _LayerShape(tuple(layer.base.weight.shape), tuple(layer.modes))
-                  for ln, layer in model.adapted_layers().items()}
-        norm_layers = model.task_norm_layers()
+                  for ln, layer in layer_modules.items()}
         norms = {ln: {k: tuple(t.shape) for k, t in norm.base.state_dict().items()} for ln, norm in norm_layers.items()}
         params = frozenset(f"norm.{ln}.{k}" for ln, norm in norm_layers.items() for k, _ in norm.base.named_parameters())
-        return cls(layers, norms, params)
+        return cls(layers, norms, params, layer_modules, norm_layers)
 
 
 @dataclass
@@ -626,6 +630,7 @@ def load_task(model: nn.Module, path: str | Path, name: str | None = None, head:
     name = validate_task_name(name if name is not None else meta["task"])
     if name in model.heads:
         raise TaskError(f"task {name!r} already exists; pass name=... or remove_task({name!r}) first")
+    layout = layout or ModelLayout.of(model)
     plan = _plan(model, header, head, check_fingerprint, layout)
     tensors = _load_tensors(data, header)
     del data
@@ -633,7 +638,7 @@ def load_task(model: nn.Module, path: str | Path, name: str | None = None, head:
     assert head is not None  # _plan refused custom heads without a module
 
     # All checks passed: now change the model, and undo everything if anything still fails.
-    layers, norms = model.adapted_layers(), model.task_norm_layers()
+    layers, norms = layout.layer_modules, layout.norm_modules
     model.add_task_with_ranks(name, plan.ranks, head, spec=meta["task_spec"], info=meta["info"],
                               updates=plan.updates)
     try:

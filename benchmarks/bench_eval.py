@@ -1,12 +1,15 @@
 """Unmerged-inference overhead: plain backbone vs FTN merged vs FTN unmerged (cached W + ΔW).
 
-Interleaves the three models round by round in one process (``no_grad``, eval) and prints the
+Interleaves the models round by round in one process (``no_grad``, eval) and prints the
 medians, the ratios to the plain backbone and the absolute per-forward overhead of the wrappers
-(unmerged − merged). With a tiny input (``--size 32 --batch 1``) the convs cost almost nothing,
-so that difference is the Python dispatch of the wrappers and task norms, which a benchmark batch
-then divides by its forward time.
+(unmerged − merged). With a tiny input (``32 px, batch 1``) the convs cost almost nothing, so
+that difference is the framework's Python, which a benchmark batch then divides by its forward
+time. ``unmerged`` is ``model(x, task=...)``: the task's backbone as plain modules with the cached
+W + ΔW, checked once per pass; ``wrappers`` runs the same model through its wrappers
+(``backbone_features``, the path of mixed batches and of models it cannot flatten), the way
+every unmerged forward ran before.
 
-    python benchmarks/bench_eval.py --threads 1 --rounds 300 --configs mobilenet_v2@32:1
+    python benchmarks/bench_eval.py --threads 1 --rounds 300 --configs resnet18@32:1 mobilenet_v2@32:1
     python benchmarks/bench_eval.py --threads 1 --rounds 40     # the bench_training.py configs
 """
 
@@ -48,13 +51,16 @@ def main() -> None:
         batch = int(batch) if batch else default_batch
         backbone, dim = bt.make_backbone(arch)
         m = bt.build("ftn", backbone, dim)
+        ftn_model = m.train_model
         models = {"backbone": bt.Net(copy.deepcopy(backbone), nn.Linear(dim, bt.NUM_CLASSES)),
-                  "merged": bt.merged_eval_model(m), "unmerged": m.train_model}
+                  "merged": bt.merged_eval_model(m), "unmerged": ftn_model,
+                  "wrappers": lambda x: ftn_model.heads["t"](ftn_model.backbone_features(x, task="t"))}
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
         times = {k: [] for k in models}
         with torch.no_grad():
             for model in models.values():
-                model.eval()
+                if isinstance(model, nn.Module):
+                    model.eval()
                 model(x)
                 model(x)
             for _ in range(args.rounds):
@@ -66,11 +72,13 @@ def main() -> None:
         # Spread: the ratio of each round's unmerged time to the backbone's in the same round.
         per_round = sorted(u / b for u, b in zip(times["unmerged"], times["backbone"]))
         q1, q3 = per_round[len(per_round) // 4], per_round[(3 * len(per_round)) // 4]
+        paired = statistics.median(per_round)
         print(f"{arch}@{size} b{batch} ({args.rounds} rounds): backbone {med['backbone']:.2f} ms, "
               f"merged {med['merged']:.2f} ms (× {med['merged'] / med['backbone']:.3f}), "
-              f"unmerged {med['unmerged']:.2f} ms (× {med['unmerged'] / med['backbone']:.3f}; "
-              f"per-round IQR {q1:.3f}–{q3:.3f}); wrapper overhead unmerged − merged "
-              f"{med['unmerged'] - med['merged']:.3f} ms over {len(m.train_model.adapted_layers())} "
+              f"unmerged {med['unmerged']:.2f} ms (× {med['unmerged'] / med['backbone']:.3f}; paired "
+              f"{paired:.3f}, per-round IQR {q1:.3f}–{q3:.3f}); through the wrappers {med['wrappers']:.2f} ms "
+              f"(× {med['wrappers'] / med['backbone']:.3f}); overhead unmerged − merged "
+              f"{med['unmerged'] - med['merged']:.3f} ms over {len(ftn_model.adapted_layers())} "
               f"adapted layers", flush=True)
 
 

@@ -358,3 +358,42 @@ def test_eval_fast_path_serves_the_cache_without_rebuilding(monkeypatch):
     calls.clear()  # (the reference forward under autograd called it for the non-plain layer)
     _loop(model, inputs, tasks)
     assert calls == [(layer.layer_name, "a")]  # that layer missed and rebuilt; the others hit
+
+
+def test_unmerged_eval_runs_the_plain_modules_and_still_sees_every_change(monkeypatch):
+    # Eval without autograd runs the task's backbone as plain modules with the cached W + ΔW
+    # (no wrapper forward at all), after one check of every entry per pass.
+    from ftn.core.layers import FTNLayer
+    from ftn.core.norms import TaskNorm
+
+    model, inputs, tasks = _multitask_model()
+    first = _loop(model, inputs, tasks)
+
+    def refuse(self, x):
+        raise AssertionError("a wrapper ran in the eval fast path")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FTNLayer, "forward", refuse)
+        patch.setattr(TaskNorm, "forward", refuse)
+        again = _loop(model, inputs, tasks)
+        for t in tasks:
+            torch.testing.assert_close(again[t], first[t], rtol=0, atol=0)
+        _mutate("data_add", model, inputs, "t0")  # no version bump: the values are compared
+        changed = _loop(model, inputs, tasks)
+    expected = _per_task(model, inputs, tasks)
+    for t in tasks:
+        torch.testing.assert_close(changed[t], expected[t], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(changed["t0"], first["t0"], rtol=1e-3, atol=1e-3)
+    # A hook on a wrapper is honoured: that forward goes through the wrappers again.
+    seen = []
+    layer = next(iter(model.adapted_layers().values()))
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(m))
+    _loop(model, inputs, tasks)
+    assert seen == [layer, layer]
+    handle.remove()
+    # A child swapped in a container is seen too.
+    model.backbone[2] = nn.Tanh()
+    swapped = _loop(model, inputs, tasks)
+    expected = _per_task(model, inputs, tasks)
+    for t in tasks:
+        torch.testing.assert_close(swapped[t], expected[t], rtol=1e-5, atol=1e-5)

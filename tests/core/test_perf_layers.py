@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftn import FTNModel
-from ftn.core.cp import cp_add, cp_to_tensor
-from ftn.core.functional import (_FLAT_MAX_POSITIONS, _slow_depthwise_weight_grad, cp_conv, cp_linear,
-                            fast_backward_cost_ratio, fast_backward_pays_off)
+from ftn.core.cp import cp_add, cp_to_tensor, weight_modes
+from ftn.core.functional import (_FLAT_MAX_POSITIONS, _slow_depthwise_weight_grad, cp_add_grouped, cp_conv,
+                            cp_linear, fast_backward_cost_ratio, fast_backward_pays_off)
 from ftn.core.injection import wrap_layer
 from ftn.core.layers import FTNLayer
 
@@ -381,3 +381,81 @@ def test_autocast_forward_builds_w_plus_delta_in_float32():
         merged = cp_add(weight, factors).bfloat16()
         assert torch.equal(conv_out, F.conv2d(x.bfloat16(), merged, None, 1, 1))
         assert torch.equal(lin_out, F.linear(x.mean((2, 3)).bfloat16(), cp_add(lin_w, (a, b)).bfloat16()))
+
+
+# ------------------------------------------------------------------ W + ΔW of all layers together
+def _repeated_shapes_backbone():
+    """Groups of equal shapes (three 8→8 3×3 convs, two 8→8 Linear layers), single layers, a
+    Linear layer next to convs: what the grouped build must handle."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+
+
+def test_grouped_build_equals_the_per_layer_build_and_its_gradients():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 4, 3, 3), (8, 4, 3, 3), (6, 8, 1, 1), (8, 4, 3, 3), (5, 7), (5, 7), (3, 9), (4, 4, 3, 3)]
+    weights = [torch.randn(s, generator=g) for s in shapes]
+    factors = [[torch.randn(d, 3, generator=g, requires_grad=True) for d in weight_modes(s)] for s in shapes]
+    flat = [f for fs in factors for f in fs]
+    grouped = cp_add_grouped(weights, factors)
+    single = [cp_add(w, fs) for w, fs in zip(weights, factors)]
+    assert all(torch.equal(a, b) for a, b in zip(grouped, single))  # the same products and sums
+    outputs = [torch.randn(s, generator=g) for s in shapes]
+    used = [0, 2, 3, 4, 6]  # layer 1, 5 and 7 not used: their groups' other layers still are
+    got = torch.autograd.grad(sum((grouped[i] * outputs[i]).sum() for i in used), flat, allow_unused=True)
+    ref = torch.autograd.grad(sum((single[i] * outputs[i]).sum() for i in used), flat, allow_unused=True)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-5, atol=1e-6)
+        assert a.is_contiguous() and a.shape == flat[i].shape  # no copy when the optimizer takes it
+
+
+def test_training_step_builds_the_weights_together_with_the_same_gradients(monkeypatch):
+    import ftn.core.layers as layers_module
+
+    torch.manual_seed(0)
+    model = FTNModel(_repeated_shapes_backbone(), rank=3)
+    model.add_task("a", head=nn.Linear(8, 5))
+    with torch.no_grad():
+        for p in model.task_parameters("a"):
+            p.add_(torch.randn_like(p) * 0.05)
+    model.train()
+    for layer in model.adapted_layers().values():
+        layer.fast_backward = False
+    x = torch.randn(4, 3, 8, 8)
+    calls = []
+    original = layers_module.cp_add_grouped
+    monkeypatch.setattr(layers_module, "cp_add_grouped", lambda *a: calls.append(len(a[0])) or original(*a))
+    grads = {}
+    for grouped in (True, False):
+        if not grouped:  # the per-layer path, as a layer that builds its own weight takes it
+            monkeypatch.setattr(FTNLayer, "_groupable", lambda self, task: None)
+        for amp in (False, True):
+            model.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                model(x, task="a").float().square().mean().backward()
+            grads[grouped, amp] = [p.grad.clone() for p in model.task_parameters("a")]
+    assert calls == [8, 8]  # every adapted layer in one call per training forward (one rank)
+    for a, b in zip(grads[True, False], grads[False, False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # Under autocast the grouped W + ΔW is built in float32 and cast once; autograd's per-layer
+    # path builds ΔW in bfloat16 (autocast's matmul): equal to bfloat16's precision.
+    for a, b in zip(grads[True, True], grads[False, True]):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=2e-3)
+
+
+def test_ops_of_the_grouped_build_do_not_grow_with_the_layers_of_a_group():
+    """Eight more layers of a shape already present add no op to the step's weight build."""
+    from ftn.core.opcount import count_ops
+
+    def ops(n_layers):
+        torch.manual_seed(0)
+        ws = [torch.randn(8, 8, 3, 3) for _ in range(n_layers)]
+        fs = [[torch.randn(d, 2, requires_grad=True) for d in (8, 8, 9)] for _ in range(n_layers)]
+        return count_ops(lambda: torch.stack(cp_add_grouped(ws, fs)).sum().backward())[1].ops
+
+    assert ops(4) == ops(12)

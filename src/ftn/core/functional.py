@@ -38,6 +38,7 @@ from torch import Tensor
 from .cp import cp_add, cp_add_unfolded, khatri_rao
 
 __all__ = [
+    "cp_add_grouped",
     "cp_conv",
     "cp_conv_recompute",
     "cp_linear",
@@ -350,3 +351,179 @@ def cp_linear(x: Tensor, weight: Tensor, bias: Tensor | None, factors: Sequence[
         raise ValueError("cp_linear treats the base weight as frozen; it must not require grad")
     a, b = factors
     return _CPLinear.apply(x, weight, bias, a, b, _compute_dtype(x), bool(thin))
+
+
+
+# ---------------------------------------------------------------------------------------------
+# W + ΔW for many layers at once (the launch-bound training step)
+#
+# Built one layer at a time, W + ΔW and its factor gradients cost about 8 small ops per layer
+# (Khatri-Rao product, addmm; two GEMMs, two products and two sums back). On a GPU at the batch
+# sizes people use each op is a kernel launch and sets the step's cost. cp_add_grouped builds
+# them for all layers together, with a fixed number of ops per group of equally shaped layers:
+#
+#   F    = cat(every factor)                          all factors as rows of one (Σd × R) matrix
+#   KR   = F[idx_b] * F[idx_c]                        every layer's KhatriRao(B, C) rows at once
+#   W̃_g  = baddbmm(stack(W of group g), A_g, KR_gᵀ)   one batched GEMM per group of equal shapes
+#
+# and back, from each group's stacked weight gradient gW̃_g (what autograd's unbind gives):
+#
+#   dA_g  = gW̃_g · KR_g,   dKR_g = gW̃_gᵀ · A_g        two batched GEMMs per group
+#   dB, dC: one index_add_ of dKR·C and dKR·B rows    for all layers at once
+#
+# A_g, KR_g and every factor's gradient are views of F, KR and dF (a group's factors are
+# consecutive rows), so nothing is copied per layer. Linear layers (ΔW = A·Bᵀ) are the same
+# with C one constant row of ones. The arithmetic is that of the per-layer path (the same
+# products; the sums over the kernel / input positions run in the same order).
+
+
+class _GroupPlan:
+    """Where each factor sits in F, each group's KR rows, and the gather indices, for one list of
+    layers (one rank, dtype and device), in call order. Built once per layout and cached: the
+    index tensors are the only thing built from Python lists, and building them costs ops."""
+
+    def __init__(self, weight_shapes: tuple, factor_shapes: tuple, dtype: torch.dtype, device: torch.device) -> None:
+        self.rank = factor_shapes[0][0][1]
+        by_shape: dict[tuple, list[int]] = {}
+        for i, key in enumerate(zip(weight_shapes, factor_shapes)):
+            by_shape.setdefault(key, []).append(i)
+        groups = list(by_shape.values())  # layer indices of each group of equal shapes
+        # Each group's size, C_out and Π of the other modes (W̃_g is (size, C_out, cols)).
+        self.dims = [(len(m), factor_shapes[m[0]][0][0], math.prod(weight_shapes[m[0]][1:])) for m in groups]
+        starts = [0]  # index of layer i's first factor in the flat argument list
+        for shapes in factor_shapes:
+            starts.append(starts[-1] + len(shapes))
+        # Rows of F: every group's A's (consecutive, so A_g is one view), then all B's, all C's.
+        self.cat_order: list[int] = []  # flat argument indices in F's row order
+        self.row_of: list[int] = [0] * starts[-1]  # first row of each flat argument in F
+        row = 0
+        for k in range(3):
+            for members in groups:
+                for i in members:
+                    if k < len(factor_shapes[i]):
+                        self.cat_order.append(starts[i] + k)
+                        self.row_of[starts[i] + k] = row
+                        row += factor_shapes[i][k][0]
+            if k == 0:
+                self.a_rows = row
+        self.group_rows = [self.row_of[starts[m[0]]] for m in groups]  # first A row of each group
+        # A row of ones ends F where there are Linear layers (their KR is B times it).
+        linear = any(len(shapes) == 2 for shapes in factor_shapes)
+        self.ones = torch.ones(1, self.rank, dtype=dtype, device=device) if linear else None
+        idx_b: list[int] = []
+        idx_c: list[int] = []
+        self.kr_rows: list[int] = []  # first KR row of each group; a layer's rows are (i, s), s fastest
+        for members in groups:
+            self.kr_rows.append(len(idx_b))
+            for i in members:
+                b_row = self.row_of[starts[i] + 1]
+                if len(factor_shapes[i]) == 3:
+                    c_row, d_c = self.row_of[starts[i] + 2], factor_shapes[i][2][0]
+                else:
+                    c_row, d_c = row, 1  # the ones row
+                for b in range(factor_shapes[i][1][0]):
+                    idx_b += [b_row + b] * d_c
+                    idx_c += range(c_row, c_row + d_c)
+        self.kr_count = len(idx_b)
+        # Gathered as one (2, n) block [C rows; B rows]: KR is the product of its halves, and the
+        # backward's [dKR·C; dKR·B] one broadcast product with it, summed into [B rows; C rows].
+        self.idx_cb = torch.tensor(idx_c + idx_b, dtype=torch.long, device=device)
+        self.idx_bc = torch.tensor(idx_b + idx_c, dtype=torch.long, device=device)
+        self.groups = groups
+        self.factor_shapes = [shape for shapes in factor_shapes for shape in shapes]
+
+
+_PLANS: dict[tuple, _GroupPlan] = {}
+_MAX_PLANS = 64  # layouts kept (a model has one per task and rank); beyond, start again
+
+
+def _group_plan(weights: Sequence[Tensor], factors: Sequence[Tensor], counts: Sequence[int]) -> _GroupPlan:
+    weight_shapes = tuple(tuple(w.shape) for w in weights)
+    shapes, start = [], 0
+    for n in counts:
+        shapes.append(tuple(tuple(f.shape) for f in factors[start:start + n]))
+        start += n
+    key = (weight_shapes, tuple(shapes), factors[0].dtype, factors[0].device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _GroupPlan(weight_shapes, tuple(shapes), *key[2:])
+    return plan
+
+
+class _GroupedCPAdd(torch.autograd.Function):
+    """Every layer's W + ΔW, stacked per group of equal shapes (see the comment above);
+    ``weights`` are frozen (no gradient), ``factors`` flat in layer order."""
+
+    @staticmethod
+    def forward(ctx, plan: _GroupPlan, weights: list[Tensor], *factors: Tensor):
+        rank, n = plan.rank, plan.kr_count
+        parts = [factors[j] for j in plan.cat_order]
+        if plan.ones is not None:
+            parts.append(plan.ones)
+        with _autocast_off(factors[0].device.type):
+            f = torch.cat(parts)
+            sel = f.index_select(0, plan.idx_cb).view(2, n, rank)  # [C rows; B rows] of each KR row
+            kr = sel[0] * sel[1]  # C·B = B·C exactly: the per-layer path's products
+            outs = []
+            for members, (g, out, cols), a_row, k_row in zip(plan.groups, plan.dims, plan.group_rows, plan.kr_rows):
+                a = f.narrow(0, a_row, g * out).view(g, out, rank)
+                k_t = kr.narrow(0, k_row, g * cols).view(g, cols, rank).transpose(1, 2)
+                if g == 1:
+                    outs.append(torch.baddbmm(weights[members[0]].reshape(1, out, cols), a, k_t))
+                else:  # the stacked copy of the W's becomes W + ΔW in place: one buffer per group
+                    stacked = torch.stack([weights[i].reshape(out, cols) for i in members])
+                    outs.append(stacked.baddbmm_(a, k_t))
+        ctx.save_for_backward(f, kr, sel)
+        ctx.plan = plan
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        f, kr, sel = ctx.saved_tensors
+        plan = ctx.plan
+        rank, n = plan.rank, plan.kr_count
+        gf = torch.empty_like(f)
+        gf[plan.a_rows:].zero_()  # the B and C rows are summed into below
+        gkr = torch.empty_like(kr)
+        with _autocast_off(f.device.type):
+            for (g, out, cols), rows, k_row, grad in zip(plan.dims, plan.group_rows, plan.kr_rows, grads):
+                ga = gf.narrow(0, rows, g * out).view(g, out, rank)
+                gk = gkr.narrow(0, k_row, g * cols).view(g, cols, rank)
+                if grad is None:  # no layer of the group ran
+                    ga.zero_()
+                    gk.zero_()
+                    continue
+                grad = grad.to(f.dtype)
+                torch.bmm(grad, kr.narrow(0, k_row, g * cols).view(g, cols, rank), out=ga)
+                torch.bmm(grad.transpose(1, 2), f.narrow(0, rows, g * out).view(g, out, rank), out=gk)
+            # [dKR·C; dKR·B] summed into the B and C rows they came from, for every layer at once.
+            gf.index_add_(0, plan.idx_bc, (gkr * sel).view(2 * n, rank))
+        grads_out = [gf.narrow(0, row, shape[0]) for row, shape in zip(plan.row_of, plan.factor_shapes)]
+        return (None, None, *grads_out)
+
+
+def cp_add_grouped(weights: Sequence[Tensor], factors: Sequence[Sequence[Tensor]],
+                   dtype: torch.dtype | None = None) -> list[Tensor]:
+    """``[W_l + cp_to_tensor(factors_l) for each layer l]`` in a fixed number of ops per group of
+    equally shaped layers (see the comment above), differentiable in the factors; the frozen
+    ``weights`` get no gradient. Every layer must have the same rank, dtype and device; its
+    factors are (A, B, C) for a conv weight, (A, B) for a Linear one. Each result is a view of
+    its group's stacked W + ΔW, in the weight's shape; with ``dtype`` (autocast's), W + ΔW is
+    built in the factors' dtype and then cast, once per group."""
+    if not weights:
+        return []
+    counts = [len(fs) for fs in factors]
+    flat = [f for fs in factors for f in fs]
+    plan = _group_plan(weights, flat, counts)
+    stacked = _GroupedCPAdd.apply(plan, list(weights), *flat)
+    result: list[Tensor | None] = [None] * len(weights)
+    for members, w in zip(plan.groups, stacked):
+        w = w if dtype is None else w.to(dtype)
+        # unbind, not indexing: its backward is one stack of the group's gradients, where
+        # indexing would cost a zeros and a copy per layer.
+        parts = (w.view(-1),) if len(members) == 1 else w.unbind(0)
+        for i, part in zip(members, parts):
+            result[i] = part.view(weights[i].shape)
+    return result  # type: ignore[return-value]

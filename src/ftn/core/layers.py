@@ -24,7 +24,8 @@ from torch.func import functional_call
 from .cache import CheckGroup, EvalCachedModule
 from .cp import weight_modes
 from .errors import ShapeError, TaskError
-from .functional import cp_conv, cp_conv_recompute, cp_linear, fast_backward_pays_off
+from .functional import (_autocast_off, _cast, _compute_dtype, cp_add_grouped, cp_conv, cp_conv_recompute, cp_linear,
+                         fast_backward_pays_off)
 from .recompute import OutputRecompute
 from .updates import CPFactors, FactorInit, GatedDelta, TaskUpdate, full_rank, make_update
 
@@ -37,6 +38,7 @@ __all__ = [
     "FTNConv",
     "FTNLinear",
     "BaseWrapper",
+    "build_task_weights",
 ]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -47,12 +49,15 @@ class TaskContext:
     task is a single assignment rather than a walk over all layers. ``checks`` groups the
     model's eval caches (:func:`ftn.core.cache.eval_pass`)."""
 
-    __slots__ = ("active", "checks", "recompute")
+    __slots__ = ("active", "checks", "recompute", "weights")
 
     def __init__(self) -> None:
         self.active: str | MixedTasks | None = None
         self.checks = CheckGroup()
         self.recompute: OutputRecompute | None = None  # FTNModel.recompute_depthwise
+        # (task, {layer: W + ΔW}) built for all layers at once for one training forward
+        # (build_task_weights, set by FTNModel.forward); None outside it.
+        self.weights: tuple[str, dict] | None = None
 
 
 class MixedTasks:
@@ -231,6 +236,12 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
                                        self.context.checks)
 
     def _forward_task(self, task: str | None, x: Tensor) -> Tensor:
+        prebuilt = self.context.weights
+        if prebuilt is not None and prebuilt[0] == task:
+            weight = prebuilt[1].get(self)
+            if weight is not None:  # built with the other layers' (build_task_weights)
+                self._check_input(x)
+                return self._forward_prebuilt(x, weight)
         if task is None or task not in self.tasks:
             return self.base(x)
         update = self.tasks[task]
@@ -241,6 +252,26 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
         if kind is not None:
             return self._fast_forward(x, update.tensors(), thin=kind == "thin")
         return self._forward_with_weight(x, self.task_weight(task))
+
+    def _groupable(self, task: str) -> TaskUpdate | None:
+        """The task's CP factors if this layer's W + ΔW may be built with other layers'
+        (:func:`build_task_weights`): CP factors whose gradient goes through the dense weight
+        gradient (not the thin contractions, which need the layer's input and output gradient),
+        and a frozen W. A layer whose ``task_weight`` is replaced (by a subclass or on the
+        instance, e.g. to watch W + ΔW) builds its weight itself, through that method, and so
+        does one whose class writes its own ``forward`` (it would not read the built weight)."""
+        cls = type(self)
+        if ("task_weight" in self.__dict__ or cls.task_weight is not FTNLayer.task_weight
+                or cls.forward is not FTNLayer.forward):
+            return None
+        update = self._modules["tasks"]._modules.get(task)
+        if not isinstance(update, CPFactors) or self._modules["base"].weight.requires_grad:
+            return None
+        return update if self._backward_kind(update) != "thin" else None
+
+    def _forward_prebuilt(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The training forward with W + ΔW from :func:`build_task_weights`."""
+        return self._forward_with_weight(x, weight)
 
     def _use_fast_backward(self, factors: TaskUpdate) -> bool:
         """Whether a training forward takes the thin-contraction backward."""
@@ -315,6 +346,21 @@ class FTNConv(FTNLayer):
     def _groups(self) -> int:
         return self.base.groups
 
+    def _forward_prebuilt(self, x: Tensor, weight: Tensor) -> Tensor:
+        y = self._forward_with_weight(x, weight)
+        recompute = self.context.recompute
+        if self.recompute_output and recompute is not None and recompute.active and self._plain:
+            # Rebuilt in the backward (outside autocast) as autocast ran it: the same conv on
+            # the same, equally cast inputs, so bit for bit the output it replaces.
+            base, dtype = self._modules["base"], _compute_dtype(x)
+            weight = weight.detach()
+
+            def rebuild() -> Tensor:
+                with _autocast_off(x.device.type):
+                    return base._conv_forward(_cast(x, dtype), _cast(weight, dtype), _cast(base.bias, dtype))
+            recompute.mark(y, rebuild)
+        return y
+
     def _fast_forward(self, x: Tensor, factors: list[Tensor], thin: bool = True) -> Tensor:
         base = self.base
         nd = len(base.kernel_size)
@@ -358,3 +404,26 @@ class FTNLinear(FTNLayer):
     def _fast_forward(self, x: Tensor, factors: list[Tensor], thin: bool = True) -> Tensor:
         return cp_linear(x, self.base.weight, self.base.bias, factors, thin=thin)
 
+
+
+def build_task_weights(layers: list[FTNLayer], task: str) -> dict[FTNLayer, Tensor]:
+    """W + ΔW of ``task`` for every layer of ``layers`` that allows it (``FTNLayer._groupable``),
+    built together: one call of :func:`~ftn.core.functional.cp_add_grouped` per rank, dtype and
+    device, a fixed number of ops per group of equally shaped layers instead of about eight per
+    layer (a training step at the batch sizes people use is bound by the ops it launches). Under
+    autocast each group's W + ΔW is cast once, so the layers run the autocast dtype's weight
+    without a cast each. The layers then run their base module with these weights; autograd
+    takes the gradient through the dense weight gradient, as the per-layer path does."""
+    classes: dict[tuple, list[tuple[FTNLayer, list[Tensor]]]] = {}
+    for layer in layers:
+        update = layer._groupable(task)
+        if update is not None:
+            factors = update.tensors()
+            key = (update.rank, factors[0].dtype, factors[0].device, layer.base.weight.dtype)
+            classes.setdefault(key, []).append((layer, factors))
+    built: dict[FTNLayer, Tensor] = {}
+    for (_, _, device, _), members in classes.items():
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        weights = cp_add_grouped([layer.base.weight for layer, _ in members], [f for _, f in members], dtype)
+        built.update(zip((layer for layer, _ in members), weights))
+    return built

@@ -26,12 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from . import adapters, allocation, merge, norms, recompute, report
+import copy
+
 from .cache import eval_pass
 from .config import FTNConfig, validate_task_name
 from .digest import tensor_digest
 from .errors import ConfigError, ShapeError, TaskError
 from .injection import inject
-from .layers import FTNLayer, MixedTasks, TaskContext
+from .layers import BaseWrapper, FTNConv, FTNLayer, FTNLinear, MixedTasks, TaskContext, build_task_weights
 from .norms import TaskNorm
 
 __all__ = ["FTNConfig", "FTNModel", "SingleTaskView"]
@@ -228,16 +230,46 @@ class FTNModel(nn.Module):
         self.check_task(name)
         previous = self.context.active
         self.context.active = name
+        if not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            try:
+                out = self._eval_forward(name, inputs, kwargs)
+            finally:
+                self.context.active = previous
+            if out is not None:
+                return out
+            self.context.active = name
         recomputer = self.context.recompute
         # Not under torch.compile: the compiled graph decides for itself what to keep.
         recomputing = (recomputer is not None and self.training and torch.is_grad_enabled()
                        and not torch.compiler.is_compiling())
+        previous_weights = self.context.weights
         try:
             # eval_pass: one check of the cached weights per pass
             with recomputer.forward() if recomputing else nullcontext(), eval_pass(self.context.checks):
+                if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                    # Every layer's W + ΔW in a few ops per shape group, before the layers run
+                    # (not compiled: the compiler fuses the per-layer ops itself).
+                    self.context.weights = (name, build_task_weights(list(self.adapted_layers().values()), name))
                 return self.heads[name](self.backbone(*inputs, **kwargs))
         finally:
             self.context.active = previous
+            self.context.weights = previous_weights
+
+    def _eval_forward(self, name: str, inputs: tuple, kwargs: dict) -> Any:
+        """Eval without autograd: the task's :class:`_PlainBackbone` (plain modules running the
+        cached W + ΔW, checked once per pass), then the head; None where it does not apply or
+        the input is refused (the wrappers' path then runs and raises ftn's own error)."""
+        views = self.__dict__.setdefault("_plain_views", {})
+        view = views.get(name)
+        if view is None or not view.valid():
+            view = views[name] = _PlainBackbone.build(self, name)
+        if view is _PlainBackbone.UNSUPPORTED:
+            return None
+        try:
+            features = view.module(*inputs, **kwargs)
+        except Exception:  # e.g. a wrongly shaped input: the wrappers say what is wrong
+            return None
+        return self.heads[name](features)
 
     def backbone_features(self, *inputs: Any, task: str | None = None, **kwargs: Any) -> Any:
         """The backbone's output under ``task`` (no head)."""
@@ -413,3 +445,103 @@ class SingleTaskView(nn.Module):
         super().train(mode)
         self.model.train(mode)  # the wrappers' own state (eval caches, frozen norms) follows
         return self
+
+
+class _PlainBackbone:
+    """One task's backbone as plain modules, for eval without autograd at framework speed.
+
+    Each adapted layer becomes a shallow copy of its base module whose ``weight`` is the task's
+    cached W + ΔW (the layer's own eval-cache entry, :meth:`FTNLayer.task_weight`), each task
+    norm is the task's own norm module (live: its statistics and affine are read as they are),
+    and each container that holds either is a shallow copy with those children. The forward then
+    runs exactly the plain backbone's modules: none of the wrappers' per-layer Python.
+
+    Never stale: :meth:`valid` runs before every forward and compares, in one loop, what each
+    layer's eval cache would compare at its own lookup (every input by identity and value, the
+    frozen W by identity, address, version and layout, the optimizer-step generation), that each
+    cache still holds the same entry (``train()``, ``.to()`` and ``remove_task`` drop entries),
+    that each container still holds the same children in the same mode, and that no wrapper
+    has gained a hook. Any difference rebuilds the view.
+    """
+
+    UNSUPPORTED: Any = None  # set below: a view that never applies (a wrapper it cannot flatten)
+
+    def __init__(self) -> None:
+        self.module: nn.Module | None = None
+        self.layers: list[tuple[FTNLayer, Any, Any]] = []  # (layer, its entry, its update)
+        self.norms: list[tuple[TaskNorm, nn.Module]] = []
+        self.containers: list[tuple[nn.Module, nn.Module, list[nn.Module]]] = []
+        self.task = ""
+
+    @classmethod
+    def build(cls, model: FTNModel, task: str) -> _PlainBackbone:
+        view = cls()
+        view.task = task
+        module = view._convert(model.backbone)
+        if module is None:
+            return cls.UNSUPPORTED
+        view.module = module
+        return view
+
+    def _convert(self, module: nn.Module) -> nn.Module | None:
+        task = self.task
+        if isinstance(module, FTNLayer):
+            # The built-in wrappers of plain Conv / Linear modules only: a subclass may compute
+            # more than base-with-W + ΔW (a task bias), which a copy of the base would not.
+            if (type(module) not in (FTNConv, FTNLinear) or not module._plain or module._forward_hooks
+                    or module._forward_pre_hooks):
+                return None
+            if task not in module.tasks:
+                return module.base
+            weight = module.task_weight(task)  # fills the eval cache
+            entry = module._eval_cache._entries.get(task)
+            if entry is None or entry.exact.batched:  # off the CPU: the per-pass batched check
+                return None
+            plain = copy.copy(module.base)
+            plain.__dict__["_parameters"] = {k: v for k, v in module.base._parameters.items() if k != "weight"}
+            plain.__dict__["weight"] = weight
+            self.layers.append((module, entry, module.tasks[task]))
+            return plain
+        if isinstance(module, TaskNorm):
+            if module._forward_hooks or module._forward_pre_hooks:
+                return None
+            norm = module.task_module(task)
+            self.norms.append((module, norm))
+            return norm
+        if isinstance(module, BaseWrapper):  # another wrapper (attention): not flattened
+            return None
+        if any(isinstance(m, BaseWrapper) for m in module.modules()):
+            children = {}
+            for name, child in module._modules.items():
+                converted = self._convert(child) if child is not None else None
+                if child is not None and converted is None:
+                    return None
+                children[name] = converted
+            plain = copy.copy(module)
+            plain.__dict__["_modules"] = children
+            self.containers.append((module, plain, list(module._modules.values())))
+            return plain
+        return module  # nothing adapted inside: the module itself
+
+    def valid(self) -> bool:
+        task = self.task
+        for layer, entry, update in self.layers:
+            if (layer._eval_cache._entries.get(task) is not entry or layer._forward_hooks
+                    or layer._forward_pre_hooks or layer._modules["tasks"]._modules.get(task) is not update):
+                return False
+            tensors = update.tensors()
+            if not (entry.same_tensors(tensors, [layer._modules["base"].weight])
+                    and entry.exact.same_values(tensors)):
+                return False
+        for norm, module in self.norms:
+            if norm.task_module(task) is not module or norm._forward_hooks or norm._forward_pre_hooks:
+                return False
+        for original, plain, children in self.containers:
+            if original.training != plain.training or len(original._modules) != len(children):
+                return False
+            if any(a is not b for a, b in zip(original._modules.values(), children)):
+                return False
+        return True
+
+
+_PlainBackbone.UNSUPPORTED = _PlainBackbone()

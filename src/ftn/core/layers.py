@@ -259,10 +259,13 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
         gradient (not the thin contractions, which need the layer's input and output gradient),
         and a frozen W. A layer whose ``task_weight`` is replaced (by a subclass or on the
         instance, e.g. to watch W + ΔW) builds its weight itself, through that method, and so
-        does one whose class writes its own ``forward`` (it would not read the built weight)."""
+        does one whose class writes its own ``forward`` (it would not read the built weight).
+        Plain ``nn.Conv*d`` / ``nn.Linear`` bases only: a subclass's weight may be read by its
+        parent module directly (``nn.MultiheadAttention``'s ``out_proj``), not through this
+        forward, and a weight built for it would go unused."""
         cls = type(self)
         if ("task_weight" in self.__dict__ or cls.task_weight is not FTNLayer.task_weight
-                or cls.forward is not FTNLayer.forward):
+                or cls.forward is not FTNLayer.forward or not self._plain):
             return None
         update = self._modules["tasks"]._modules.get(task)
         if not isinstance(update, CPFactors) or self._modules["base"].weight.requires_grad:

@@ -278,14 +278,27 @@ def _demo_next_steps(output: Path) -> list[str]:
     import shlex
 
     from ..core.adapters import read_adapter
+    from ..core.errors import AdapterFileError
 
     folders = sorted({f.parent for f in output.glob("*/adapters/*.safetensors")})
     if not folders:
         return []
-    adapters = output / "ftn" / "adapters" if output / "ftn" / "adapters" in folders else folders[0]
+    ftn_first = sorted(folders, key=lambda f: f != output / "ftn" / "adapters")
+
+    def metadata(folder: Path) -> dict | None:
+        # A baseline's task file (a full copy, LoRA, ...) is not an adapter ftn predict/serve load.
+        try:
+            return read_adapter(sorted(folder.glob("*.safetensors"))[0])[1]
+        except AdapterFileError:
+            return None
+
+    adapters, meta = next(((f, m) for f in ftn_first if (m := metadata(f)) is not None), (None, None))
+    if adapters is None or meta is None:
+        return [f"Task files (one <task>.safetensors per task): {output}/<method>/adapters/ "
+                "(ftn predict / ftn serve take FTN adapters; this run trained none)"]
     files = sorted(adapters.glob("*.safetensors"))
     lines = [f"Adapters (one <task>.safetensors per task): {output}/<method>/adapters/; FTN's: {adapters}"]
-    info = read_adapter(files[0])[1].get("info", {})
+    info = meta.get("info", {})
     if "input" not in info:  # not an image task: ftn predict / ftn serve take images
         return lines
     config_file = adapters.parent / "config.json"

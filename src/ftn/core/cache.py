@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["EvalCache", "EvalCachedModule", "CheckGroup", "eval_pass", "caching_enabled",
+__all__ = ["EvalCache", "EvalCachedModule", "CheckGroup", "EntryWatch", "eval_pass", "caching_enabled",
            "invalidate_eval_caches"]
 
 _generation = 0
@@ -185,6 +185,54 @@ class _Entry:
             if r() is not _owner(t) or _stamp(t) != s:
                 return False
         return self.exact.same_tensors(exact)
+
+
+class EntryWatch:
+    """One entry's lookup checks, prepared once so that many entries are checked in one tight
+    loop (``FTNModel``'s eval view checks every layer's entry once per pass): the same
+    comparisons as :meth:`EvalCache.lookup` on the CPU (the entry still the cache's, the
+    generation, ``tracked`` by identity and stamp, ``exact`` by identity, shape and a ``memcmp``
+    of the values), with what a lookup derives each time derived here once. ``source()`` gives
+    the current exact tensors (e.g. ``update.tensors``), ``tracked()`` the current tracked ones
+    (re-read each time: a replaced tensor is a change). None from :meth:`of` where the entry's
+    values are not compared by ``memcmp`` (off the CPU, joined copies): use lookups there."""
+
+    __slots__ = ("entries", "key", "entry", "source", "exact", "raw", "tracked", "stamps")
+
+    @classmethod
+    def of(cls, cache: EvalCache, key: Any, source: Callable[[], list[Tensor]],
+           tracked: Callable[[], list[Tensor]]) -> EntryWatch | None:
+        entry = cache._entries.get(key)
+        if entry is None or entry.exact.joined is not None or any(r is None for r in entry.exact.raw):
+            return None
+        watch = cls()
+        watch.entries, watch.key, watch.entry, watch.source = cache._entries, key, entry, source
+        watch.exact = [(r(), meta[0]) for r, meta in zip(entry.exact.refs, entry.exact.meta)]
+        watch.raw = entry.exact.raw
+        watch.tracked, watch.stamps = tracked, entry.stamps
+        if not entry.same_tensors(source(), tracked()):
+            return None
+        return watch
+
+    def ok(self) -> bool:
+        entry = self.entry
+        if self.entries.get(self.key) is not entry or entry.generation != _generation:
+            return False
+        tracked = self.tracked()
+        if len(tracked) != len(self.stamps):
+            return False
+        for t, r, s in zip(tracked, entry.refs, self.stamps):
+            if r() is not _owner(t) or _stamp(t) != s:
+                return False
+        current = self.source()
+        if len(current) != len(self.exact):
+            return False
+        for t, (ref, shape), (address, size) in zip(current, self.exact, self.raw):
+            if t is not ref or t.shape != shape or not t.is_contiguous():
+                return False
+            if size and _MEMCMP(t.data_ptr(), address, size) != 0:
+                return False
+        return True
 
 
 class CheckGroup:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import adapters, allocation, merge, norms, recompute, report
 import copy
 
-from .cache import eval_pass
+from .cache import EntryWatch, eval_pass
 from .config import FTNConfig, validate_task_name
 from .digest import tensor_digest
 from .errors import ConfigError, ShapeError, TaskError
@@ -468,8 +468,8 @@ class _PlainBackbone:
 
     def __init__(self) -> None:
         self.module: nn.Module | None = None
-        self.layers: list[tuple[FTNLayer, Any, Any]] = []  # (layer, its entry, its update)
-        self.norms: list[tuple[TaskNorm, nn.Module]] = []
+        self.layers: list[tuple[FTNLayer, EntryWatch]] = []  # (layer, its entry's checks)
+        self.norms: list[tuple[TaskNorm, nn.Module, dict]] = []  # (wrapper, the module run, its copies)
         self.containers: list[tuple[nn.Module, nn.Module, list[nn.Module]]] = []
         self.task = ""
 
@@ -494,19 +494,25 @@ class _PlainBackbone:
             if task not in module.tasks:
                 return module.base
             weight = module.task_weight(task)  # fills the eval cache
-            entry = module._eval_cache._entries.get(task)
-            if entry is None or entry.exact.batched:  # off the CPU: the per-pass batched check
+            updates, base = module._modules["tasks"]._modules, module.base
+
+            def current(updates=updates, task=task) -> list:  # the task's update as it is now
+                update = updates.get(task)
+                return [] if update is None else update.tensors()
+            # Off the CPU the entries are compared in one batch per pass instead (a sync each).
+            watch = EntryWatch.of(module._eval_cache, task, current, lambda base=base: [base._parameters["weight"]])
+            if watch is None:
                 return None
-            plain = copy.copy(module.base)
-            plain.__dict__["_parameters"] = {k: v for k, v in module.base._parameters.items() if k != "weight"}
+            plain = copy.copy(base)
+            plain.__dict__["_parameters"] = {k: v for k, v in base._parameters.items() if k != "weight"}
             plain.__dict__["weight"] = weight
-            self.layers.append((module, entry, module.tasks[task]))
+            self.layers.append((module, watch))
             return plain
         if isinstance(module, TaskNorm):
             if module._forward_hooks or module._forward_pre_hooks:
                 return None
             norm = module.task_module(task)
-            self.norms.append((module, norm))
+            self.norms.append((module, norm, module._modules["tasks"]._modules))
             return norm
         if isinstance(module, BaseWrapper):  # another wrapper (attention): not flattened
             return None
@@ -525,16 +531,11 @@ class _PlainBackbone:
 
     def valid(self) -> bool:
         task = self.task
-        for layer, entry, update in self.layers:
-            if (layer._eval_cache._entries.get(task) is not entry or layer._forward_hooks
-                    or layer._forward_pre_hooks or layer._modules["tasks"]._modules.get(task) is not update):
+        for layer, watch in self.layers:
+            if not watch.ok() or layer._forward_hooks or layer._forward_pre_hooks:
                 return False
-            tensors = update.tensors()
-            if not (entry.same_tensors(tensors, [layer._modules["base"].weight])
-                    and entry.exact.same_values(tensors)):
-                return False
-        for norm, module in self.norms:
-            if norm.task_module(task) is not module or norm._forward_hooks or norm._forward_pre_hooks:
+        for norm, module, copies in self.norms:
+            if copies.get(task, norm.base) is not module or norm._forward_hooks or norm._forward_pre_hooks:
                 return False
         for original, plain, children in self.containers:
             if original.training != plain.training or len(original._modules) != len(children):

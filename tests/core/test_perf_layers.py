@@ -260,6 +260,22 @@ def test_automatic_choice_follows_cost_estimate():
         assert wrap_layer(nn.Conv2d(512, 512, 3))._backward_kind(layer.tasks["t"]) is None
 
 
+def test_automatic_choice_is_made_for_the_device():
+    """On the CPU the thin contractions where they pay off by FLOPs; on any other device (a GPU
+    step is bound by launches) plain autograd, whose W + ΔW the model builds for all layers
+    together. The meta device stands in for CUDA here: the rule reads only the device type."""
+    layer = wrap_layer(nn.Conv2d(512, 512, 3, bias=False))
+    layer.add_task("t", rank=8)
+    assert layer._backward_kind(layer.tasks["t"]) == "thin"
+    assert layer._groupable("t") is None  # its factor gradients need its own input and output
+    layer.to("meta")
+    assert layer.base.weight.device.type == "meta"
+    assert layer._backward_kind(layer.tasks["t"]) is None
+    assert layer._groupable("t") is layer.tasks["t"]
+    layer.fast_backward = True  # an explicit choice is kept on every device
+    assert layer._backward_kind(layer.tasks["t"]) == "thin"
+
+
 def _small_model(seed=0):
     torch.manual_seed(seed)
     model = FTNModel(randomize_norms(SmallCNN()), rank=3)

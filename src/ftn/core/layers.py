@@ -124,10 +124,11 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
     ``fast_backward`` picks how a training step back-propagates into the factors (plain
     ``nn.Conv*d`` / ``nn.Linear`` bases only; see :mod:`ftn.core.functional`):
 
-    - ``None`` (default): per layer, the custom thin-contraction backward where its estimated
-      cost is well below the dense weight gradient (:func:`~ftn.core.functional.fast_backward_pays_off`),
-      else the same custom Function in its dense mode (e.g. depthwise convs); neither keeps
-      W + ΔW alive for the backward;
+    - ``None`` (default): chosen per device. On the CPU, per layer, the custom thin-contraction
+      backward where its estimated cost is well below the dense weight gradient
+      (:func:`~ftn.core.functional.fast_backward_pays_off`), else the same custom Function in its
+      dense mode (e.g. depthwise convs); neither keeps W + ΔW alive for the backward. On any other
+      device (CUDA: launch-bound) plain autograd, with W + ΔW of all layers built together;
     - ``True``: always the custom backward; ``False``: always autograd (the "materialized" baseline).
 
     Set it on the class to change every layer, or on one instance.
@@ -295,6 +296,13 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
         if self.base.weight.requires_grad or not any(f.requires_grad for f in factors.factors):
             return None
         if self.fast_backward is None:
+            # Per device. On an accelerator a step at the batch sizes people use is bound by
+            # launches, not arithmetic: the thin contractions' extra, smaller kernels made FTN's
+            # step 1.15-1.62x plain autograd's on an H100 (docs/performance.md), and plain
+            # autograd with the grouped W + ΔW build dispatches 1.13-1.30x full fine-tuning's ops.
+            # On the CPU arithmetic bounds the step, and the thin contractions win by FLOPs.
+            if self.base.weight.device.type != "cpu":
+                return None
             pays = fast_backward_pays_off(self.base.weight.shape, factors.rank, self._groups(),
                                           getattr(self.base, "stride", ()))
             return "thin" if pays else "dense"

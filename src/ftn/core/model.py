@@ -17,6 +17,7 @@ the methods of those names here only hand over to them.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -26,8 +27,6 @@ import torch
 from torch import Tensor, nn
 
 from . import adapters, allocation, merge, norms, recompute, report
-import copy
-
 from .cache import EntryWatch, eval_pass
 from .config import FTNConfig, validate_task_name
 from .digest import tensor_digest

@@ -392,21 +392,22 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
     # any checkpoint or validation of the state it updated (a NaN/inf loss makes the sum NaN/inf).
     skip_nonfinite = train_cfg.on_nonfinite == "skip"
     loss_sum = torch.zeros((), device=device)
-    checked = {"step": step}
+    checked_step = step  # the losses up to here were finite
 
     def check_finite() -> None:
-        if skip_nonfinite or checked["step"] == step:
+        nonlocal checked_step
+        if skip_nonfinite or checked_step == step:
             return
         total = loss_sum.reshape(1)
         finite = bool(dist.all_reduce_min(torch.isfinite(total).float()).item()) if info.enabled \
             else math.isfinite(total.item())
         if not finite:
             raise NonFiniteLossError(
-                f"task {data.name!r}: the loss was nan or inf at a step in {checked['step'] + 1}..{step}; "
+                f"task {data.name!r}: the loss was nan or inf at a step in {checked_step + 1}..{step}; "
                 f"training stopped, the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'} "
                 f"(set train.on_nonfinite=skip to skip such batches, or lower train.lr)")
         loss_sum.zero_()
-        checked["step"] = step
+        checked_step = step
 
     log_file = (out_dir / "log.csv").open("a", newline="") if main else io.StringIO()
     writer = csv.writer(log_file)
@@ -430,7 +431,8 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
                     batch = data.augment(batch)
                 with autocast:
                     loss = step_loss(batch)
-                # Every rank must take the same branch, so finiteness and batch size are agreed on.
+                # Every rank must take the same branch, so batch size (and, skipping bad batches,
+                # finiteness) are agreed on.
                 local_n = _batch_len(batch)
                 global_n = int(dist.all_reduce_sum(torch.tensor([local_n], device=device)).item()) \
                     if info.enabled else local_n
@@ -471,10 +473,11 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
                 bar.update(1)
                 if step % train_cfg.log_every == 0 or step == total_steps:
                     check_finite()
-                    writer.writerow([step, epoch, f"{loss.item():.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
+                    value = loss.item()  # one read for the log and the bar
+                    writer.writerow([step, epoch, f"{value:.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
                                      f"{train_seconds + time.perf_counter() - started:.2f}"])
                     log_file.flush()  # a crash must not lose the log
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                    bar.set_postfix(loss=f"{value:.3f}")
                 if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < total_steps:
                     check_finite()  # never checkpoint a state a non-finite loss has updated
                     train_seconds += time.perf_counter() - started

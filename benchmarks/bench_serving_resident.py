@@ -29,9 +29,8 @@ from pathlib import Path
 
 import psutil
 import torch
-from torch import nn
 
-from ftn.apps.serving.loadtest import clone_adapters, percentile
+from ftn.apps.serving.loadtest import generate_adapters, percentile
 from ftn.apps.serving.predict import build_model
 from ftn.apps.serving.registry import TaskService
 
@@ -46,17 +45,8 @@ def model_for(backbone: str) -> "torch.nn.Module":
 
 def make_adapters(folder: Path, backbone: str, count: int, rank: int, seed: int = 0) -> list[str]:
     """One adapter saved by ``save_task``, cloned with new random factors and heads."""
-    model = model_for(backbone)
-    with torch.no_grad():
-        features = model(torch.zeros(1, 3, SIZE, SIZE)).shape[1]
-    model.add_task("base", head=nn.Linear(features, CLASSES), rank=rank)
-    info = {"labels": [f"c{j}" for j in range(CLASSES)],
-            "input": {"size": SIZE, "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                      "resize": "stretch"}}
-    template = model.save_task("base", folder.parent / f"{folder.name}-template.safetensors", info=info)
     names = [f"task{i:04d}" for i in range(count)]
-    clone_adapters(template, folder, names, seed=seed, scale=0.02)
-    template.unlink()
+    generate_adapters(folder, names, backbone=backbone, rank=rank, classes=CLASSES, size=SIZE, seed=seed)
     return names
 
 

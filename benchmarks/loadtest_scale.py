@@ -338,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    results: dict[str, object] = {"args": vars(args), "cpus": os.cpu_count(),
+    import ftn
+
+    results: dict[str, object] = {"args": vars(args), "cpus": os.cpu_count(), "ftn": str(Path(ftn.__file__).parent),
                                   "load_avg_at_start": [round(x, 1) for x in os.getloadavg()]}
 
     with tempfile.TemporaryDirectory(prefix="ftn-loadtest-") as tmp:
@@ -403,12 +405,17 @@ def main(argv: list[str] | None = None) -> int:
                     results["ray"] = out
                     checks += churn_checks("ray", out, args.tasks, args.max_resident, args)
 
-        correctness = check_answers(answers, folder, image_files, args, random.Random(args.seed))
-        results["answers"] = correctness
-        checks.append(("answers equal ftn predict's on the sample", correctness["mismatched"] == 0
-                       and correctness["answers_checked"] > 0,
-                       f"{correctness['answers_checked']} answers of {correctness['sample_tasks']} tasks checked, "
-                       f"{correctness['mismatched']} differ, max |prob diff| {correctness['max_prob_diff']:.2e}"))
+        try:
+            correctness = check_answers(answers, folder, image_files, args, random.Random(args.seed))
+        except Exception as exc:  # noqa: BLE001 - the figures above are still reported, the check fails
+            results["answers"] = {"failed": f"{type(exc).__name__}: {exc}"}
+            checks.append(("answers equal ftn predict's on the sample", False, results["answers"]["failed"]))
+        else:
+            results["answers"] = correctness
+            checks.append(("answers equal ftn predict's on the sample", correctness["mismatched"] == 0
+                           and correctness["answers_checked"] > 0,
+                           f"{correctness['answers_checked']} answers of {correctness['sample_tasks']} tasks checked, "
+                           f"{correctness['mismatched']} differ, max |prob diff| {correctness['max_prob_diff']:.2e}"))
 
     print(f"\n{HEADER}")
     for key in ("single", "ray"):

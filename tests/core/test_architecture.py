@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 # leaves; adapters, allocation, report, merge, norms and recompute work on a model through its
 # public methods and are imported by it.
 CORE = ["version"] + ["core." + m for m in [
-    "errors", "io", "opcount", "cp", "functional", "recompute", "cache", "report", "digest", "updates", "layers", "config", "norms",
+    "errors", "io", "opcount", "cp", "functional", "recompute", "cache", "report", "digest", "updates", "mixed", "layers", "config", "norms",
     "attention", "injection", "merge", "adapters", "allocation", "model", "multitask"]]
 # What the core must never need (the `train` extra and other optional packages). NumPy is not
 # listed: safetensors.torch.save needs it, so it is a core dependency.

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ["EvalCache", "EvalCachedModule", "CheckGroup", "EntryWatch", "eval_pass", "caching_enabled",
-           "invalidate_eval_caches"]
+           "invalidate_eval_caches", "current_generation"]
 
 _generation = 0
 
@@ -53,6 +53,12 @@ def invalidate_eval_caches() -> None:
     a frozen base weight in place through ``.data`` (or NumPy / DLPack) without an optimizer step."""
     global _generation
     _generation += 1
+
+
+def current_generation() -> int:
+    """The process-wide generation (advanced by every ``optimizer.step()`` and by
+    :func:`invalidate_eval_caches`): a cache built at another generation is stale."""
+    return _generation
 
 
 def _after_step(optimizer: Any, args: Any, kwargs: Any) -> None:

@@ -26,6 +26,7 @@ from .cp import weight_modes
 from .errors import ShapeError, TaskError
 from .functional import (_autocast_off, _cast, _compute_dtype, cp_add_grouped, cp_conv, cp_conv_recompute, cp_linear,
                          fast_backward_pays_off)
+from .mixed import drop_stacks, mixed_layer_forward
 from .recompute import OutputRecompute
 from .updates import CPFactors, FactorInit, GatedDelta, TaskUpdate, full_rank, make_update
 
@@ -63,15 +64,31 @@ class TaskContext:
 class MixedTasks:
     """A batch whose samples belong to different tasks, set as the active "task" by
     ``FTNModel.forward_mixed``. The batch is sorted by task once on entry, so each task's samples
-    are one contiguous slice along dim 0 (``segments``: (task, start, length)); every wrapper runs
-    each task once on its slice (a view, no copy) and concatenates. Total work equals one pass
-    over the batch, and BatchNorm in train mode sees each task's own samples."""
+    are one contiguous slice along dim 0 (``segments``: (task, start, length)).
 
-    __slots__ = ("segments", "size")
+    With ``grouped`` (eval without autograd) each wrapper that can runs the whole batch in one
+    pass, each row with its own task's correction, affine or weight gathered by a per-row index
+    (:mod:`ftn.core.mixed`); the others, and every wrapper in training, run each task once on
+    its slice (a view, no copy) and concatenate (:meth:`apply`): total work equals one pass over
+    the batch, and BatchNorm in train mode sees each task's own samples."""
 
-    def __init__(self, segments: list[tuple[str, int, int]]) -> None:
+    __slots__ = ("segments", "size", "grouped", "_rows")
+
+    def __init__(self, segments: list[tuple[str, int, int]], grouped: bool = False) -> None:
         self.segments = segments
         self.size = sum(length for _, _, length in segments)
+        self.grouped = grouped
+        self._rows: dict[tuple, Tensor] = {}
+
+    def rows(self, slots: tuple[int, ...], device: torch.device) -> Tensor:
+        """The per-row index of a module whose tasks sit at ``slots`` (one per segment) in its
+        stacks; made once per batch and reused by every module with the same slots."""
+        key = (slots, device)
+        rows = self._rows.get(key)
+        if rows is None:
+            index = [slot for slot, (_, _, length) in zip(slots, self.segments) for _ in range(length)]
+            rows = self._rows[key] = torch.tensor(index, dtype=torch.long, device=device)
+        return rows
 
     def apply(self, x: Tensor, fn) -> Tensor:
         """``torch.cat([fn(task, its slice of x) for each task])``."""
@@ -191,6 +208,7 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
             del self.tasks[task]
         self.requested_ranks.pop(task, None)
         self._eval_cache.pop(task)
+        drop_stacks(self)  # its slot in the mixed-batch stacks
 
     def rank(self, task: str) -> int:
         return self.tasks[task].rank if task in self.tasks else 0
@@ -223,8 +241,20 @@ class FTNLayer(BaseWrapper, EvalCachedModule):
                 self._check_input(x)
                 return self._forward_with_weight(x, weight)
         if isinstance(active, MixedTasks):
+            if active.grouped and self._mixed_grouped():
+                self._check_input(x)
+                y = mixed_layer_forward(self, x, active)
+                if y is not None:
+                    return y
             return active.apply(x, self._forward_task)
         return self._forward_task(active, x)
+
+    def _mixed_grouped(self) -> bool:
+        """Whether a mixed batch may run this layer in one pass (:mod:`ftn.core.mixed`): the
+        built-in wrappers of plain Conv / Linear modules, with ``task_weight`` not replaced (a
+        subclass may compute more than base with W + ΔW, and a replaced ``task_weight`` is
+        someone watching W + ΔW)."""
+        return type(self) in (FTNConv, FTNLinear) and self._plain and "task_weight" not in self.__dict__
 
     def _cached_weight(self, task: str) -> Tensor | None:
         """The cached W + ΔW of ``task`` if the eval cache may serve it now (every check of

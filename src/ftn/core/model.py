@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import adapters, allocation, merge, norms, recompute, report
-from .cache import EntryWatch, eval_pass
+from .cache import EntryWatch, caching_enabled, eval_pass
 from .config import FTNConfig, validate_task_name
 from .digest import tensor_digest
 from .errors import ConfigError, ShapeError, TaskError
@@ -279,12 +279,16 @@ class FTNModel(nn.Module):
         """Rebuild adapted depthwise convs' outputs in the backward: :func:`ftn.core.recompute.recompute_depthwise`."""
         return recompute.recompute_depthwise(self, enabled)
 
-    def forward_mixed(self, x: Tensor, tasks: Sequence[str]) -> dict[str, Any]:
+    def forward_mixed(self, x: Tensor, tasks: Sequence[str], *, grouped: bool = True) -> dict[str, Any]:
         """One pass over a batch whose samples belong to different tasks: sample i runs under
-        ``tasks[i]`` (its ΔW, norms and head). Each adapted layer runs once per task present, on
-        that task's samples only, so the work equals one pass over the batch; in train mode each
-        task's BatchNorm sees only its own samples. Returns ``{task: outputs of its samples}``,
-        in batch order within each task."""
+        ``tasks[i]`` (its ΔW, norms and head). In eval without autograd each adapted layer runs
+        once for the whole batch, whatever the number of tasks: the frozen W on every row plus
+        each row's own low-rank correction, or each row's W + ΔW gathered per row, and each norm
+        with each row's own affine (:mod:`ftn.core.mixed`). Otherwise (training, autograd,
+        ``grouped=False``, and layers the grouped path does not cover) each layer runs once per
+        task present, on that task's samples only; in train mode each task's BatchNorm sees only
+        its own samples. Returns ``{task: outputs of its samples}``, in batch order within each
+        task."""
         if len(tasks) != x.shape[0]:
             raise ShapeError(f"forward_mixed got {len(tasks)} task names for a batch of {x.shape[0]}")
         for name in dict.fromkeys(tasks):
@@ -304,7 +308,9 @@ class FTNModel(nn.Module):
             segments.append((name, start, len(idx)))
             start += len(idx)
         previous = self.context.active
-        self.context.active = MixedTasks(segments)
+        # Eval without autograd: each layer runs the whole batch once, each row with its own
+        # task's correction and norm (ftn.core.mixed); otherwise each task on its own slice.
+        self.context.active = MixedTasks(segments, grouped=grouped and not self.training and caching_enabled())
         try:
             with eval_pass(self.context.checks):
                 features = self.backbone(x.index_select(0, order))

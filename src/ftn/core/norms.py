@@ -18,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import DataError, TaskError
 from .layers import BaseWrapper, MixedTasks, TaskContext
+from .mixed import drop_stacks, mixed_norm_forward
 
 __all__ = ["TaskNorm", "is_norm", "NORM_TYPES", "recalibrate_batchnorm", "task_batchnorms", "recalibrate_norms"]
 
@@ -57,6 +58,7 @@ class TaskNorm(BaseWrapper):
     def remove_task(self, task: str) -> None:
         if task in self.tasks:
             del self.tasks[task]
+        drop_stacks(self)  # its slot in the mixed-batch stacks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         active = self.context.active
@@ -64,6 +66,10 @@ class TaskNorm(BaseWrapper):
             norm = self._modules["tasks"]._modules.get(active)
             return (norm if norm is not None else self._modules["base"])(x)
         if isinstance(active, MixedTasks):
+            if active.grouped:
+                y = mixed_norm_forward(self, x, active)  # one pass, each row's own affine
+                if y is not None:
+                    return y
             return active.apply(x, lambda task, part: self.task_module(task)(part))
         return self.task_module(active)(x)
 

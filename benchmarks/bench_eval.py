@@ -7,7 +7,11 @@ that difference is the framework's Python, which a benchmark batch then divides 
 time. ``unmerged`` is ``model(x, task=...)``: the task's backbone as plain modules with the cached
 W + ΔW, checked once per pass; ``wrappers`` runs the same model through its wrappers
 (``backbone_features``, the path of mixed batches and of models it cannot flatten), the way
-every unmerged forward ran before.
+every unmerged forward ran before. ``check`` and ``view`` split ``unmerged`` into its two parts,
+timed in the same rounds: the per-pass check that the task's view is still valid
+(``_PlainBackbone.valid()``: the factors compared by value with the copies kept, the rest by
+identity and stamp) and the view's forward alone (plain modules with the cached W + ΔW, then
+the head: what unmerged inference costs without the check).
 
     python benchmarks/bench_eval.py --threads 1 --rounds 300 --configs resnet18@32:1 mobilenet_v2@32:1
     python benchmarks/bench_eval.py --threads 1 --rounds 40     # the bench_training.py configs
@@ -52,8 +56,12 @@ def main() -> None:
         backbone, dim = bt.make_backbone(arch)
         m = bt.build("ftn", backbone, dim)
         ftn_model = m.train_model
+        # In this order each round: ``check`` runs after another model (its tensors as cold as
+        # in ``unmerged``, which runs after the plain backbone), ``view`` after it, as in ``unmerged``.
         models = {"backbone": bt.Net(copy.deepcopy(backbone), nn.Linear(dim, bt.NUM_CLASSES)),
-                  "merged": bt.merged_eval_model(m), "unmerged": ftn_model,
+                  "unmerged": ftn_model, "merged": bt.merged_eval_model(m),
+                  "check": lambda x: ftn_model._plain_views["t"].valid(),
+                  "view": lambda x: ftn_model.heads["t"](ftn_model._plain_views["t"].module(x)),
                   "wrappers": lambda x: ftn_model.heads["t"](ftn_model.backbone_features(x, task="t"))}
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
         times = {k: [] for k in models}
@@ -63,6 +71,7 @@ def main() -> None:
                     model.eval()
                 model(x)
                 model(x)
+            assert models["check"](x), "the view is not valid after two forwards: nothing to time"
             for _ in range(args.rounds):
                 for k, model in models.items():
                     t0 = time.perf_counter()
@@ -73,13 +82,15 @@ def main() -> None:
         per_round = sorted(u / b for u, b in zip(times["unmerged"], times["backbone"]))
         q1, q3 = per_round[len(per_round) // 4], per_round[(3 * len(per_round)) // 4]
         paired = statistics.median(per_round)
+        paired_view = statistics.median(v / b for v, b in zip(times["view"], times["backbone"]))
         print(f"{arch}@{size} b{batch} ({args.rounds} rounds): backbone {med['backbone']:.2f} ms, "
               f"merged {med['merged']:.2f} ms (× {med['merged'] / med['backbone']:.3f}), "
               f"unmerged {med['unmerged']:.2f} ms (× {med['unmerged'] / med['backbone']:.3f}; paired "
               f"{paired:.3f}, per-round IQR {q1:.3f}–{q3:.3f}); through the wrappers {med['wrappers']:.2f} ms "
               f"(× {med['wrappers'] / med['backbone']:.3f}); overhead unmerged − merged "
               f"{med['unmerged'] - med['merged']:.3f} ms over {len(ftn_model.adapted_layers())} "
-              f"adapted layers", flush=True)
+              f"adapted layers; its parts: check {med['check']:.3f} ms, view forward {med['view']:.2f} ms "
+              f"(× {med['view'] / med['backbone']:.3f}; paired {paired_view:.3f})", flush=True)
 
 
 if __name__ == "__main__":

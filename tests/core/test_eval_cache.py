@@ -397,3 +397,144 @@ def test_unmerged_eval_runs_the_plain_modules_and_still_sees_every_change(monkey
     expected = _per_task(model, inputs, tasks)
     for t in tasks:
         torch.testing.assert_close(swapped[t], expected[t], rtol=1e-5, atol=1e-5)
+
+
+class _Skip(nn.Module):
+    """A block whose forward reads a plain attribute (as torchvision's InvertedResidual reads
+    ``use_res_connect``): the eval view copies such containers and must see it change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.skip = True
+
+    def forward(self, x):
+        y = self.conv(x)
+        return x + y if self.skip else y
+
+
+def _skip_model():
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), _Skip(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    model = FTNModel(randomize_norms(backbone), rank=2)
+    model.add_task("t0")
+    _perturb(model, "t0", 1)
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    return model.eval(), ((x,), {}), ["t0"]
+
+
+def _replace_factor(model):
+    update = model.backbone[0].tasks["t0"]
+    update.factors[0] = nn.Parameter(update.factors[0].detach() + 0.5)
+
+
+def _replace_norm(model):
+    norm = model.backbone[1]
+    copy_ = copy.deepcopy(norm.tasks["t0"])
+    with torch.no_grad():
+        copy_.weight.mul_(3.0)
+    norm.tasks["t0"] = copy_
+
+
+def _replace_bias(model):
+    base = model.backbone[0].base
+    base.bias = nn.Parameter(base.bias.detach() + 1.0)
+
+
+def _set_padding(model):
+    base = model.backbone[3].conv.base
+    base.padding = (2, 2)
+    base.dilation = (2, 2)
+
+
+STRUCTURAL = {
+    "container_attribute": lambda model: setattr(model.backbone[3], "skip", False),
+    "factor_replaced": _replace_factor,
+    "norm_copy_replaced": _replace_norm,
+    "base_bias_replaced": _replace_bias,
+    "base_padding_and_dilation": _set_padding,
+    "base_replaced": lambda model: setattr(model.backbone[0], "base", nn.Conv2d(3, 8, 3, padding=1)),
+    "train_mode_of_a_norm_copy": lambda model: model.backbone[1].tasks["t0"].train(),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STRUCTURAL))
+def test_unmerged_eval_sees_changes_to_what_the_view_copies_or_reads(kind):
+    # The eval view runs shallow copies of the containers and each base conv with the cached
+    # W + ΔW: a changed attribute, a replaced tensor or module must give the uncached output.
+    model, inputs, tasks = _skip_model()
+    before = _loop(model, inputs, tasks)
+    _loop(model, inputs, tasks)  # served by the view
+    STRUCTURAL[kind](model)
+    got = _loop(model, inputs, tasks)
+    expected = _per_task(model, inputs, tasks)
+    torch.testing.assert_close(got["t0"], expected["t0"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before["t0"], expected["t0"], rtol=1e-3, atol=1e-3), "the change moved nothing"
+
+
+def test_eval_view_refused_input_gets_ftns_error():
+    # A wrongly shaped input fails in the plain modules; the wrappers then name the problem.
+    from ftn.core.errors import ShapeError
+
+    model, inputs, tasks = _multitask_model()
+    _loop(model, inputs, tasks)
+    with torch.no_grad(), pytest.raises(ShapeError, match="expects input of shape"):
+        model(torch.randn(2, 5, 12, 12), task="t0")
+    with torch.no_grad():  # and the view still serves the next good input
+        torch.testing.assert_close(model(*inputs[0], task="t0"), _loop(model, inputs, tasks)["t0"])
+    assert model._plain_views["t0"] is not ftn.core.model._PlainBackbone.UNSUPPORTED
+
+
+def test_eval_view_does_not_swallow_a_bug(monkeypatch):
+    # An exception that no wrong input causes (a bug in the view) propagates as it is instead
+    # of being hidden behind the wrappers' path.
+    model, inputs, tasks = _multitask_model()
+    _loop(model, inputs, tasks)
+
+    def broken(self, x):
+        raise AttributeError("a bug in the eval view")
+
+    monkeypatch.setattr(ftn.core.model._ConvWithWeight, "forward", broken)
+    with pytest.raises(AttributeError, match="a bug in the eval view"):
+        _loop(model, inputs, tasks)
+
+
+def test_eval_view_failing_where_the_wrappers_do_not_warns_and_falls_back(monkeypatch):
+    # A torch error in the view on an input the wrappers accept is the view's fault: the
+    # output is the wrappers', a warning says so, and the task keeps the wrappers' path.
+    model, inputs, tasks = _multitask_model()
+    expected = _per_task(model, inputs, tasks)
+    _loop(model, inputs, tasks)
+
+    def broken(self, x):
+        raise RuntimeError("view-only failure")
+
+    monkeypatch.setattr(ftn.core.model._ConvWithWeight, "forward", broken)
+    with pytest.warns(RuntimeWarning, match="view-only failure"):
+        got = _loop(model, inputs, tasks)
+    for t in tasks:
+        torch.testing.assert_close(got[t], expected[t], rtol=1e-5, atol=1e-5)
+    assert model._plain_views["t0"] is ftn.core.model._PlainBackbone.UNSUPPORTED
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the view is not tried again
+        again = _loop(model, inputs, tasks)
+    torch.testing.assert_close(again["t0"], expected["t0"], rtol=1e-5, atol=1e-5)
+
+
+def test_eval_views_start_empty_in_copies():
+    # A copy's views would run the original's modules: copies rebuild their own.
+    model, inputs, tasks = _multitask_model()
+    _loop(model, inputs, tasks)
+    assert model._plain_views
+    clone = copy.deepcopy(model)
+    assert not clone._plain_views
+    restored = pickle.loads(pickle.dumps(model))
+    assert not restored.__dict__.get("_plain_views")
+    with torch.no_grad():
+        clone.backbone[0].tasks["t0"].factors[0].mul_(2.0)  # the copy only
+    torch.testing.assert_close(_loop(model, inputs, tasks)["t0"], _per_task(model, inputs, tasks)["t0"])
+    torch.testing.assert_close(_loop(clone, inputs, tasks)["t0"], _per_task(clone, inputs, tasks)["t0"])
+    torch.testing.assert_close(_loop(restored, inputs, tasks)["t0"], _per_task(restored, inputs, tasks)["t0"])

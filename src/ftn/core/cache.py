@@ -33,6 +33,7 @@ docs/performance.md.
 from __future__ import annotations
 
 import ctypes
+import operator
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -194,51 +195,72 @@ class _Entry:
 
 
 class EntryWatch:
-    """One entry's lookup checks, prepared once so that many entries are checked in one tight
-    loop (``FTNModel``'s eval view checks every layer's entry once per pass): the same
-    comparisons as :meth:`EvalCache.lookup` on the CPU (the entry still the cache's, the
-    generation, ``tracked`` by identity and stamp, ``exact`` by identity, shape and a ``memcmp``
-    of the values), with what a lookup derives each time derived here once. ``source()`` gives
-    the current exact tensors (e.g. ``update.tensors``), ``tracked()`` the current tracked ones
-    (re-read each time: a replaced tensor is a change). None from :meth:`of` where the entry's
-    values are not compared by ``memcmp`` (off the CPU, joined copies): use lookups there."""
+    """The lookup checks of many entries at once (``FTNModel``'s eval view checks all of one
+    task's entries, one per layer, once per pass), prepared when they are added and run as a few
+    loops in C over flat lists rather than Python per entry: the same comparisons as
+    :meth:`EvalCache.lookup` on the CPU. Each entry is still its cache's, the generation has not
+    moved, ``tracked`` is the same tensor objects with the same stamp, and ``exact`` is the same
+    tensor objects, of the same shape and dtype, contiguous, holding the copied values (one
+    ``memcmp`` each). ``exact()`` and ``tracked()`` return the current tensors of all the
+    entries, in the order they were added (re-read each pass: a replaced tensor is a change).
+    Entries whose values are not compared by ``memcmp`` (off the CPU, joined copies) are refused
+    by :meth:`add`: use lookups there."""
 
-    __slots__ = ("entries", "key", "entry", "source", "exact", "raw", "tracked", "stamps")
+    __slots__ = ("exact", "tracked", "generation", "dicts", "keys", "entries", "refs", "stamps", "tensors",
+                 "layouts", "addresses", "sizes")
 
-    @classmethod
-    def of(cls, cache: EvalCache, key: Any, source: Callable[[], list[Tensor]],
-           tracked: Callable[[], list[Tensor]]) -> EntryWatch | None:
+    def __init__(self, exact: Callable[[], list[Tensor]], tracked: Callable[[], list[Tensor]]) -> None:
+        self.exact, self.tracked = exact, tracked
+        self.generation = _generation
+        self.dicts: list[dict] = []  # each entry's cache's entries, and its key there
+        self.keys: list[Any] = []
+        self.entries: list[_Entry] = []
+        self.refs: list[weakref.ref] = []  # the tracked tensors (weak: W is large) and their stamps
+        self.stamps: list[tuple] = []
+        self.tensors: list[Tensor] = []  # the exact tensors, their (shape, dtype), their copies' buffers
+        self.layouts: list[tuple] = []
+        self.addresses: list[int] = []
+        self.sizes: list[int] = []
+
+    def add(self, cache: EvalCache, key: Any, exact: list[Tensor], tracked: list[Tensor]) -> bool:
+        """Watch ``cache``'s entry for ``key``, whose current inputs are ``exact`` and ``tracked``
+        (the next ones that ``exact()`` and ``tracked()`` return); False where it cannot (no valid
+        entry, or its values are not compared by ``memcmp``)."""
         entry = cache._entries.get(key)
-        if entry is None or entry.exact.joined is not None or any(r is None for r in entry.exact.raw):
-            return None
-        watch = cls()
-        watch.entries, watch.key, watch.entry, watch.source = cache._entries, key, entry, source
-        watch.exact = [(r(), meta[0]) for r, meta in zip(entry.exact.refs, entry.exact.meta)]
-        watch.raw = entry.exact.raw
-        watch.tracked, watch.stamps = tracked, entry.stamps
-        if not entry.same_tensors(source(), tracked()):
-            return None
-        return watch
+        if (entry is None or entry.exact.joined is not None or any(r is None for r in entry.exact.raw)
+                or not entry.same_tensors(exact, tracked) or self.generation != _generation):
+            return False
+        self.dicts.append(cache._entries)
+        self.keys.append(key)
+        self.entries.append(entry)
+        self.refs += [weakref.ref(t) for t in tracked]
+        self.stamps += entry.stamps
+        self.tensors += exact
+        self.layouts += [(shape, dtype) for shape, dtype, _ in entry.exact.meta]
+        self.addresses += [address for address, _ in entry.exact.raw]
+        self.sizes += [size for _, size in entry.exact.raw]
+        return True
 
     def ok(self) -> bool:
-        entry = self.entry
-        if self.entries.get(self.key) is not entry or entry.generation != _generation:
+        if self.generation != _generation:
+            return False
+        # _Entry has no __eq__: the list comparison is one of identity.
+        if list(map(dict.get, self.dicts, self.keys)) != self.entries:
             return False
         tracked = self.tracked()
-        if len(tracked) != len(self.stamps):
+        if len(tracked) != len(self.refs) or not all(map(operator.is_, tracked, map(operator.call, self.refs))):
             return False
-        for t, r, s in zip(tracked, entry.refs, self.stamps):
-            if r() is not _owner(t) or _stamp(t) != s:
-                return False
-        current = self.source()
-        if len(current) != len(self.exact):
+        if list(map(_stamp, tracked)) != self.stamps:
             return False
-        for t, (ref, shape), (address, size) in zip(current, self.exact, self.raw):
-            if t is not ref or t.shape != shape or not t.is_contiguous():
-                return False
-            if size and _MEMCMP(t.data_ptr(), address, size) != 0:
-                return False
-        return True
+        exact = self.exact()
+        if len(exact) != len(self.tensors) or not all(map(operator.is_, exact, self.tensors)):
+            return False
+        if list(map(_layout, exact)) != self.layouts or not all(map(Tensor.is_contiguous, exact)):
+            return False
+        return not any(map(_MEMCMP, map(Tensor.data_ptr, exact), self.addresses, self.sizes))
+
+
+_layout = operator.attrgetter("shape", "dtype")
 
 
 class CheckGroup:

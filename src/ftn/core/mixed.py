@@ -60,40 +60,42 @@ _SMALL_MAP = 8  # output positions per row below which a 1×1 correction runs as
 
 
 class _Inputs:
-    """What one task's slot of a stack was built from, and the check that it still holds: the
-    same tensor objects (``exact``: factors, norm tensors; ``tracked``: the frozen W), of the same
-    shape, dtype and device, ``exact`` holding the same values (one ``memcmp`` per tensor against
-    a copy on the CPU, ``torch.equal`` elsewhere) and ``tracked`` with the same version, address
-    and layout: the comparisons of :class:`~ftn.core.cache.EvalCache`, run as C-level loops
-    over the task's tensors (an ``EvalCache.lookup`` per task and module cost 11 µs, as much as
-    a small layer's whole correction)."""
+    """What slots of a stack were built from (one task's, or several tasks' joined), and the check
+    that it still holds: the same tensor objects (factors, norm tensors), of the same shape, dtype
+    and device, holding the same values (one ``memcmp`` per tensor against a copy on the CPU,
+    ``torch.equal`` elsewhere): the comparisons of :class:`~ftn.core.cache.EvalCache`, run as
+    C-level loops over all the batch's tasks at once (an ``EvalCache.lookup`` per task and module
+    cost 11 µs, as much as a small layer's whole correction)."""
 
-    __slots__ = ("exact", "layouts", "copies", "addresses", "sizes", "tracked", "stamps")
+    __slots__ = ("exact", "layouts", "copies", "addresses", "sizes", "memcmp")
 
-    def __init__(self, exact: list[Tensor], tracked: list[Tensor]) -> None:
+    def __init__(self, exact: list[Tensor], copies: list[Tensor] | None = None) -> None:
         self.exact = list(exact)
         self.layouts = list(map(_layout, exact))
-        self.copies = [t.detach().clone(memory_format=torch.contiguous_format) for t in exact]
-        self.addresses = [c.data_ptr() for c in self.copies]
-        self.sizes = [c.nbytes for c in self.copies]
-        self.tracked = list(tracked)
-        self.stamps = list(map(_stamp, tracked))
+        if copies is None:
+            copies = [t.detach().clone(memory_format=torch.contiguous_format) for t in exact]
+        self.copies = copies
+        self.addresses = [c.data_ptr() for c in copies]
+        self.sizes = [c.nbytes for c in copies]
+        self.memcmp = _MEMCMP is not None and all(t.device.type == "cpu" and not t.is_complex() for t in exact)
 
-    def same(self, exact: list[Tensor], tracked: list[Tensor]) -> bool:
+    @classmethod
+    def join(cls, parts: list[_Inputs]) -> _Inputs:
+        return cls([t for p in parts for t in p.exact], [c for p in parts for c in p.copies])
+
+    def same(self, exact: list[Tensor]) -> bool:
         if len(exact) != len(self.exact) or not all(map(operator.is_, exact, self.exact)):
             return False
-        if len(tracked) != len(self.tracked) or not all(map(operator.is_, tracked, self.tracked)):
+        if list(map(_layout, exact)) != self.layouts:  # the devices too: memcmp stays on the CPU
             return False
-        if list(map(_stamp, tracked)) != self.stamps or list(map(_layout, exact)) != self.layouts:
-            return False
-        if _MEMCMP is not None and all(t.device.type == "cpu" and t.is_contiguous() and not t.is_complex()
-                                       for t in exact):
+        if self.memcmp and all(map(Tensor.is_contiguous, exact)):
             return not any(map(_MEMCMP, map(Tensor.data_ptr, exact), self.addresses, self.sizes))
         return all(map(torch.equal, exact, self.copies))
 
 
 _layout = operator.attrgetter("shape", "dtype", "device")
 _MEMCMP = cache_module._MEMCMP  # libc memcmp, or None where it cannot be loaded
+_JOINED_KEPT = 32  # joined checks kept per module (one per set of tasks seen together)
 
 
 def _stamp(t: Tensor) -> tuple:
@@ -103,10 +105,12 @@ def _stamp(t: Tensor) -> tuple:
 class _Stacks:
     """One module's stacked per-task tensors: ``slots[task]`` indexes dim 0 of each of
     ``tensors``; slot ``len(slots)`` holds the frozen module (tasks it does not adapt).
-    ``inputs[task]`` is what the task's slot was built from; ``generation`` the eval caches'
-    generation then (every ``optimizer.step()`` and ``invalidate_eval_caches`` advance it)."""
+    ``inputs[task]`` is what the task's slot was built from, ``tracked`` the frozen tensors (W)
+    the stacks were built from with their ``stamps`` (identity, version, address, layout), and
+    ``generation`` the eval caches' generation then (every ``optimizer.step()`` and
+    ``invalidate_eval_caches`` advance it)."""
 
-    __slots__ = ("kind", "slots", "tensors", "inputs", "generation", "key", "unit")
+    __slots__ = ("kind", "slots", "tensors", "inputs", "joined", "tracked", "stamps", "generation", "key", "unit")
 
     def __init__(self, kind: str, key: Any) -> None:
         self.kind = kind
@@ -114,6 +118,9 @@ class _Stacks:
         self.slots: dict[str, int] = {}
         self.tensors: tuple[Tensor, ...] = ()
         self.inputs: dict[str, _Inputs] = {}
+        self.joined: dict[tuple, _Inputs] = {}  # by the batch's tasks: their inputs joined
+        self.tracked: list[Tensor] = []
+        self.stamps: list[tuple] = []
         self.generation = -1
         self.unit: dict[tuple, tuple[Tensor, Tensor]] = {}  # BatchNorm: zero mean, unit variance by size
 
@@ -131,24 +138,40 @@ def drop_stacks(module: nn.Module) -> None:
     module.__dict__.pop("_mixed_stacks", None)
 
 
-def _current(stacks: _Stacks, present: list[str], inputs: Callable[[str], Any]) -> bool:
-    """Whether the stacks hold the current values of every task in ``present``. Tasks absent
-    from the batch are not compared: their slots are not read."""
+def _current(stacks: _Stacks, present: list[str], exact: Callable[[str], list[Tensor]],
+             tracked: list[Tensor] = ()) -> bool:
+    """Whether the stacks hold the current values of every task in ``present`` and were built
+    from the frozen ``tracked`` as they are. Tasks absent from the batch are not compared: their
+    slots are not read."""
     if not stacks.tensors or stacks.generation != cache_module.current_generation():
         return False
-    recorded = stacks.inputs
-    for task in present:
-        entry = recorded.get(task)
-        if entry is None or not entry.same(*inputs(task)):
+    if tracked and (len(tracked) != len(stacks.tracked) or not all(map(operator.is_, tracked, stacks.tracked))
+                    or list(map(_stamp, tracked)) != stacks.stamps):
+        return False
+    key = tuple(present)
+    joined = stacks.joined.get(key)
+    if joined is None:
+        parts = [stacks.inputs.get(task) for task in present]
+        if any(part is None for part in parts):
             return False
-    return True
+        if len(stacks.joined) >= _JOINED_KEPT:
+            stacks.joined.clear()
+        joined = stacks.joined[key] = _Inputs.join(parts)
+    current: list[Tensor] = []
+    for task in present:
+        current += exact(task)
+    return joined.same(current)
 
 
-def _record(stacks: _Stacks, tasks: list[str], inputs: Callable[[str], Any]) -> None:
+def _record(stacks: _Stacks, tasks: list[str], exact: Callable[[str], list[Tensor]],
+            tracked: list[Tensor] = ()) -> None:
     """Record the inputs the stacks were just built from (all tasks, so that a later batch of
     other tasks finds them current)."""
     stacks.generation = cache_module.current_generation()
-    stacks.inputs = {task: _Inputs(*inputs(task)) for task in tasks}
+    stacks.inputs = {task: _Inputs(exact(task)) for task in tasks}
+    stacks.joined = {}
+    stacks.tracked = list(tracked)
+    stacks.stamps = list(map(_stamp, tracked))
 
 
 def _rows(mixed: Any, stacks: _Stacks, device: torch.device) -> Tensor:
@@ -232,15 +255,14 @@ def _full_stacks(layer: Any, present: list[str], mixed: Any) -> _Stacks:
     updates = layer._modules["tasks"]._modules
     stacks = _state(layer, "full", (weight.dtype, weight.device))
 
-    def inputs(task: str) -> tuple[list[Tensor], list[Tensor]] | None:
-        update = updates.get(task)
-        return None if update is None else (update.tensors(), [base._parameters["weight"]])
+    def exact(task: str) -> list[Tensor]:
+        return updates[task].tensors()
 
-    if not _current(stacks, present, inputs):
+    if not _current(stacks, present, exact, [weight]):
         tasks = list(updates)
         stacks.slots = {t: i for i, t in enumerate(tasks)}
         stacks.tensors = (torch.stack([weight + updates[t].delta(weight.shape) for t in tasks] + [weight]),)
-        _record(stacks, tasks, inputs)
+        _record(stacks, tasks, exact, [weight])
     return stacks
 
 
@@ -256,11 +278,10 @@ def _lowrank_stacks(layer: Any, present: list[str], mixed: Any, fold_kernel: boo
         tasks = [t for t in tasks if isinstance(updates[t], CPFactors)]
     stacks = _state(layer, "lowrank", (weight.dtype, weight.device, fold_kernel))
 
-    def inputs(task: str) -> tuple[list[Tensor], list[Tensor]] | None:
-        update = updates.get(task)
-        return None if update is None else (update.tensors(), [])
+    def exact(task: str) -> list[Tensor]:
+        return updates[task].tensors()
 
-    if not _current(stacks, present, inputs):
+    if not _current(stacks, present, exact):
         rank = max(updates[t].rank for t in tasks)
         pad = lambda f: F.pad(f, (0, rank - f.shape[1]))  # noqa: E731 - zero components add nothing
         factors = [[pad(f.to(weight.dtype)) for f in updates[t].tensors()] for t in tasks]
@@ -276,7 +297,7 @@ def _lowrank_stacks(layer: Any, present: list[str], mixed: Any, fold_kernel: boo
         else:
             stacks.tensors = (a.transpose(1, 2).contiguous(), b)  # Linear: Aᵀ (S+1, R, out), B (S+1, in, R)
         stacks.slots = {t: i for i, t in enumerate(tasks)}
-        _record(stacks, tasks, inputs)
+        _record(stacks, tasks, exact)
     return stacks
 
 
@@ -354,31 +375,37 @@ def _linear_lowrank(base: nn.Module, x: Tensor, stacks: _Stacks, mixed: Any, ran
 
 
 # --------------------------------------------------------------------------- norms
-def _norm_kind(module: nn.Module) -> str | None:
+def _norm_meta(module: nn.Module) -> tuple:
+    """What a norm computes with besides its tensors, read from its ``__dict__`` (cheap: this runs
+    per norm and task at every batch); two norms of equal meta run the same function of their
+    tensors."""
+    d = module.__dict__
+    params, buffers = d["_parameters"], d["_buffers"]
+    return (type(module), d["training"], d.get("eps"), d.get("normalized_shape"), d.get("num_groups"),
+            d.get("track_running_stats"), params.get("weight") is None, params.get("bias") is None,
+            buffers.get("running_mean") is None)
+
+
+def _norm_kind(module: nn.Module, meta: tuple) -> str | None:
     if isinstance(module, _BatchNorm):
-        if module.training or not module.track_running_stats or module.running_mean is None:
-            return None  # batch statistics: per task, on its own rows (the fallback)
+        if meta[1] or not meta[5] or meta[8]:
+            return None  # batch statistics (train mode, none tracked): per task, on its own rows
         return "bn"
     if type(module) is nn.LayerNorm:
         return "ln"
     if type(module) is nn.GroupNorm:
         return "gn"
-    if type(module).__name__ == "RMSNorm" and type(module) is getattr(nn, "RMSNorm", None):
+    if type(module) is getattr(nn, "RMSNorm", None):
         return "rms"
     return None
 
 
-def _norm_inputs(module: nn.Module, kind: str) -> list[Tensor]:
-    tensors = [module.weight, module.bias] if kind != "rms" else [module.weight]
-    if kind == "bn":
-        tensors += [module.running_mean, module.running_var]
+def _norm_tensors(module: nn.Module) -> list[Tensor]:
+    """The tensors the norm computes with (its slot's inputs), read from its dicts."""
+    d = module.__dict__
+    params, buffers = d["_parameters"], d["_buffers"]
+    tensors = [params.get("weight"), params.get("bias"), buffers.get("running_mean"), buffers.get("running_var")]
     return [t for t in tensors if t is not None]
-
-
-def _norm_meta(module: nn.Module, kind: str) -> tuple:
-    """What else the norm computes with (a change in any is a different stack)."""
-    return (kind, type(module), module.eps, getattr(module, "normalized_shape", None),
-            getattr(module, "num_groups", None), module.weight is None, getattr(module, "bias", None) is None)
 
 
 def _norm_affine(module: nn.Module, kind: str) -> tuple[Tensor, Tensor]:
@@ -405,28 +432,24 @@ def mixed_norm_forward(norm: Any, x: Tensor, mixed: Any) -> Tensor | None:
         return None
     copies = norm._modules["tasks"]._modules
     base = norm._modules["base"]
-    modules = [copies.get(task, base) for task, _, _ in mixed.segments]
-    kind = _norm_kind(base)
-    if kind is None or any(_norm_kind(m) != kind for m in modules):
-        return None
-    meta = _norm_meta(base, kind)
-    if any(_norm_meta(m, kind) != meta for m in modules):
+    meta = _norm_meta(base)
+    kind = _norm_kind(base, meta)
+    if kind is None:
         return None
     present = [task for task, _, _ in mixed.segments if task in copies]
-    stacks = _state(norm, "norm", (meta, base.weight.dtype if base.weight is not None else None, x.device))
+    if any(_norm_meta(copies[task]) != meta for task in present):
+        return None  # a task's copy in train mode, or of another configuration: per task
+    stacks = _state(norm, "norm", (meta, x.device))
 
-    def inputs(task: str) -> tuple[list[Tensor], list[Tensor]] | None:
-        module = copies.get(task)
-        return None if module is None else (_norm_inputs(module, kind), [])
+    def exact(task: str) -> list[Tensor]:
+        return _norm_tensors(copies[task])
 
-    if not _current(stacks, present, inputs):
-        tasks = [t for t, m in copies.items() if _norm_kind(m) == kind and _norm_meta(m, kind) == meta]
+    if not _current(stacks, present, exact):
+        tasks = [t for t, m in copies.items() if _norm_meta(m) == meta]
         affines = [_norm_affine(copies[t], kind) for t in tasks] + [_norm_affine(base, kind)]
         stacks.tensors = (torch.stack([s for s, _ in affines]), torch.stack([b for _, b in affines]))
         stacks.slots = {t: i for i, t in enumerate(tasks)}
-        _record(stacks, tasks, inputs)
-    if any(t not in stacks.slots for t in present):
-        return None
+        _record(stacks, tasks, exact)
     rows = _rows(mixed, stacks, x.device)
     scale, shift = (t.index_select(0, rows) for t in stacks.tensors)
     if kind == "bn":

@@ -236,8 +236,6 @@ def mixed_layer_forward(layer: Any, x: Tensor, mixed: Any) -> Tensor | None:
             return _conv_full(base, x, stacks, mixed, padding, one_by_one)
         return _linear_full(base, x, stacks, mixed)
     stacks = _lowrank_stacks(layer, present, mixed, one_by_one)
-    if stacks is None:
-        return None
     if is_conv:
         return _conv_lowrank(base, x, stacks, mixed, padding, one_by_one, rank)
     return _linear_lowrank(base, x, stacks, mixed, rank)
@@ -266,22 +264,20 @@ def _full_stacks(layer: Any, present: list[str], mixed: Any) -> _Stacks:
     return stacks
 
 
-def _lowrank_stacks(layer: Any, present: list[str], mixed: Any, fold_kernel: bool) -> _Stacks | None:
+def _lowrank_stacks(layer: Any, present: list[str], mixed: Any, fold_kernel: bool) -> _Stacks:
     """Stacks of the CP factors per task, zero-padded to the layer's largest rank: A (S+1, C_out,
     R), Bᵀ (S+1, R, C_in) (times the kernel factor when it is a scalar per component: 1×1 convs)
     and, for convs, the kernel factor (S+1, R, k). Slot ``len`` is zero (the frozen layer)."""
     weight = layer._modules["base"].weight
     updates: dict[str, TaskUpdate] = layer._modules["tasks"]._modules
-    tasks = list(updates)
-    if not all(isinstance(updates[t], CPFactors) for t in tasks):
-        # another kind in a task absent from this batch: stack the CP tasks only
-        tasks = [t for t in tasks if isinstance(updates[t], CPFactors)]
     stacks = _state(layer, "lowrank", (weight.dtype, weight.device, fold_kernel))
 
     def exact(task: str) -> list[Tensor]:
         return updates[task].tensors()
 
     if not _current(stacks, present, exact):
+        # the CP tasks (another kind may sit in a task absent from this batch)
+        tasks = [t for t in updates if isinstance(updates[t], CPFactors)]
         rank = max(updates[t].rank for t in tasks)
         pad = lambda f: F.pad(f, (0, rank - f.shape[1]))  # noqa: E731 - zero components add nothing
         factors = [[pad(f.to(weight.dtype)) for f in updates[t].tensors()] for t in tasks]

@@ -327,8 +327,17 @@ class FTNModel(nn.Module):
             raise ShapeError(f"forward_mixed got {len(tasks)} task names for a batch of {x.shape[0]}")
         for name in dict.fromkeys(tasks):
             self.check_task(name)
-        unsupported = sorted({type(m).__name__ for m in self.backbone.modules()
-                              if getattr(type(m), "mixed_batches", True) is False})
+        # A walk that stops at wrappers: their children (the frozen base, one update or norm copy
+        # per task) hold no wrapper, and walking them made this check grow with the task count.
+        found, stack = set(), [self.backbone]
+        while stack:
+            module = stack.pop()
+            if isinstance(module, BaseWrapper):
+                if module.mixed_batches is False:
+                    found.add(type(module).__name__)
+                continue
+            stack.extend(child for child in module._modules.values() if child is not None)
+        unsupported = sorted(found)
         if unsupported:
             raise ConfigError(f"forward_mixed does not support {unsupported} layers yet; "
                               f"run the tasks separately (forward_tasks)")

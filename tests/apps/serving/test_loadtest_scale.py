@@ -63,7 +63,7 @@ def test_quick_run_passes_its_checks_and_reports_the_figures(quick_run):
         assert warm["cold_loads"] == 0 and warm["hit_rate"] == 1.0  # the resident tasks only: no loads
         assert uniform["cold_loads"] > 0 and uniform["evictions"] > 0 and uniform["cold_load_mean_ms"] > 0
         assert uniform["hit_rate"] < 1 and zipf["cold_loads"] > 0
-        assert dep["probe"]["tasks"] == 4 and dep["probe"]["cold_p50_ms"] > 0 and dep["probe"]["warm_p50_ms"] > 0
+        assert dep["probe"]["tasks"] == 4 and dep["probe"]["errors"] == 0 and dep["probe"]["cold_p50_ms"] > 0 and dep["probe"]["warm_p50_ms"] > 0
         assert dep["stop"]["processes_left_killed"] == 0
     single = results["single"]
     assert single["resident_at_start"] == [8] and single["rss_per_resident_task_mib"] is not None
@@ -107,15 +107,21 @@ def _phase(pattern, loads, rss, errors=0, resident=8):
 
 def test_churn_checks_fail_on_errors_growth_per_load_and_too_many_resident():
     churn_checks = _script().churn_checks
-    good = {"phases": [_phase("resident only", 0, 700), _phase("uniform #1", 500, 800), _phase("zipf #1", 300, 810)]}
+    probe = {"tasks": 4, "errors": 0}
+    good = {"phases": [_phase("resident only", 0, 700), _phase("uniform #1", 500, 800), _phase("zipf #1", 300, 810)],
+            "probe": probe}
     assert all(ok for _, ok, _ in churn_checks("single", good, 1000, 64, _args()))
     # A task's 1.1 MiB left behind at each of 300 loads: beyond 48 MiB + 0.05 MiB x 300.
     leaking = {"phases": [_phase("resident only", 0, 700), _phase("uniform #1", 500, 800),
-                          _phase("zipf #1", 300, 800 + 1.1 * 300)]}
+                          _phase("zipf #1", 300, 800 + 1.1 * 300)], "probe": probe}
     failed = {name for name, ok, _ in churn_checks("single", leaking, 1000, 64, _args()) if not ok}
     assert failed == {"single: no RSS growth per load"}
-    broken = {"phases": [_phase("resident only", 0, 700), _phase("uniform #1", 0, 700, errors=3, resident=65)]}
+    broken = {"phases": [_phase("resident only", 0, 700), _phase("uniform #1", 0, 700, errors=3, resident=65)],
+              "probe": probe}
     failed = {name for name, ok, _ in churn_checks("single", broken, 1000, 64, _args()) if not ok}
     assert failed == {"single: every response 200", "single: cold loads > 0", "single: evictions > 0 (tasks > K)",
                       "single: resident <= K per replica"}
     assert all(ok for name, ok, _ in churn_checks("single", broken, 64, 64, _args()) if "evictions" in name)
+    probe_failed = {**good, "probe": {"tasks": 4, "errors": 1}}
+    failed = {name for name, ok, _ in churn_checks("single", probe_failed, 1000, 64, _args()) if not ok}
+    assert failed == {"single: every response 200"}

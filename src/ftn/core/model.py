@@ -559,6 +559,10 @@ _CHILDREN = operator.attrgetter("_modules")
 _PARAMETERS = operator.attrgetter("_parameters")
 _TENSORS = operator.methodcaller("tensors")
 _HOOKS = operator.attrgetter("_forward_hooks", "_forward_pre_hooks")
+# nn.Module's own attributes: dicts and sets (hooks, parameters, buffers) that a shallow copy
+# shares with its original, so that a change inside them reaches the copy; of them only
+# ``training`` is a value the copy holds itself, and ``_modules`` is the copy's own (checked apart).
+_SHARED = frozenset(nn.Module().__dict__) - {"training"}
 
 
 class _WithWeight(nn.Module):
@@ -619,8 +623,12 @@ class _PlainBackbone:
         self.replaced: list[nn.Module] = []  # every module replaced or copied, and its children
         self.children: list[nn.Module] = []
         self.counts: list[int] = []
-        self.copied: list[nn.Module] = []  # each copied container, and its __dict__ as copied
-        self.states: list[dict] = []
+        # Each copied container, the size of its __dict__, and its own attributes as copied (a
+        # getter of them and their values): what the copy holds by value rather than shares.
+        self.copied: list[nn.Module] = []
+        self.sizes: list[int] = []
+        self.getters: list[operator.attrgetter] = []
+        self.values: list[Any] = []
 
     @classmethod
     def build(cls, model: FTNModel, task: str) -> _PlainBackbone:
@@ -679,8 +687,11 @@ class _PlainBackbone:
             plain = copy.copy(module)
             plain.__dict__["_modules"] = children
             self.replaced.append(module)
+            getter = operator.attrgetter(*[k for k in module.__dict__ if k not in _SHARED])
             self.copied.append(module)
-            self.states.append(dict(module.__dict__))
+            self.sizes.append(len(module.__dict__))
+            self.getters.append(getter)
+            self.values.append(getter(module))
             return plain
         return module  # nothing adapted inside: the module itself
 
@@ -706,10 +717,12 @@ class _PlainBackbone:
             return False
         if any(chain.from_iterable(map(_HOOKS, self.wrappers))):
             return False
-        try:  # a copied container's own attributes (dict equality: identical values short-cut)
-            if list(map(_STATE, self.copied)) != self.states:
+        if list(map(len, map(_STATE, self.copied))) != self.sizes:
+            return False
+        try:  # a copied container's own attributes (list equality: identical values short-cut)
+            if list(map(operator.call, self.getters, self.copied)) != self.values:
                 return False
-        except (RuntimeError, ValueError, TypeError):  # an attribute replaced by a tensor or array
+        except (AttributeError, RuntimeError, ValueError, TypeError):  # one deleted, or now a tensor / array
             return False
         return self.watch.ok()
 

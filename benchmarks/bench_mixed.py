@@ -25,6 +25,7 @@ import torchvision
 from torch import nn
 
 from ftn import FTNModel
+from ftn.core import mixed
 from ftn.training.backbones import strip_classifier
 
 
@@ -58,6 +59,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronize)")
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                         help="time each call by process CPU time (robust on a shared machine) or wall time")
+    parser.add_argument("--check-cost", action="store_true",
+                        help="also time forward_mixed with the stacks' staleness check replaced by a membership "
+                             "test (a diagnostic of where the time goes: unsafe, never for serving)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["subbatch", "slices"],
                         help="methods not to time (the slow ones at large T)")
     args = parser.parse_args()
@@ -98,8 +102,19 @@ def main() -> None:
                     out[t] = model(x.index_select(0, idx), task=t)
                 return out
 
+            def unchecked():
+                checked = mixed._current
+                mixed._current = lambda stacks, present, *_: bool(stacks.tensors) and all(
+                    t in stacks.inputs for t in present)
+                try:
+                    return model.forward_mixed(x, tasks())
+                finally:
+                    mixed._current = checked
+
             runs = {"mixed": lambda: model.forward_mixed(x, tasks()), "merged": lambda: merged(x),
                     "subbatch": sub_batches, "slices": lambda: model.forward_mixed(x, tasks(), grouped=False)}
+            if args.check_cost:
+                runs["unchecked"] = unchecked
             for skipped in args.skip:
                 runs.pop(skipped)
             times: dict[str, list[float]] = {k: [] for k in runs}
@@ -118,9 +133,13 @@ def main() -> None:
             first = first or med["mixed"]
             sub = med.get("subbatch", float("nan"))
             slices = med.get("slices", float("nan"))
+            extra = ""
+            if "unchecked" in med:
+                extra = (f"   without the staleness check: {med['unchecked']:.1f} ms, "
+                         f"× merged {med['merged'] / med['unchecked']:.2f}")
             print(f"{num_tasks:>3} {med['mixed']:8.1f} {med['merged']:8.1f} {sub:10.1f} {slices:8.1f} "
                   f"{med['merged'] / med['mixed']:9.2f} {sub / med['mixed']:10.2f} {slices / med['mixed']:13.2f} "
-                  f"{med['mixed'] / first:21.2f}", flush=True)
+                  f"{med['mixed'] / first:21.2f}{extra}", flush=True)
     print(f"\n{load()}")
 
 

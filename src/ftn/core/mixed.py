@@ -53,8 +53,10 @@ __all__ = ["mixed_layer_forward", "mixed_norm_forward", "drop_stacks", "FULL_WEI
 _CONV_FN: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 # A row's whole W + ΔW is gathered instead of adding the low-rank correction when gathering it
 # (memory-bound, one read and write per weight element) costs less than this many FLOPs per
-# element below the correction's FLOPs. Tuned on MobileNetV2 / ResNet-18 at 64 px, batch 32
-# (benchmarks/bench_mixed.py).
+# element below the correction's FLOPs. Chosen from timings of MobileNetV2's and ResNet-18's 1×1
+# and 3×3 layer shapes at 64 px, batch 32, 1 CPU thread (MobileNetV2's first 1×1 convs, 16-24
+# channels on 32×32 / 16×16 maps: per-row weights 1.5-3x faster than conv + correction; its
+# last ones on 2×2 maps and every ResNet-18 3×3 conv: the correction, 2-40x faster).
 FULL_WEIGHT_FACTOR = 16
 _SMALL_MAP = 8  # output positions per row below which a 1×1 correction runs as (P × R)·(R × C_out)
 

@@ -241,3 +241,33 @@ def test_dispatched_ops_do_not_grow_with_the_number_of_tasks():
         _, sliced = count_ops(lambda: model.forward_mixed(x, tasks, grouped=False))
     assert counts[8] == counts[2], counts
     assert sliced.ops > 3 * counts[8]  # the per-task slices: every layer once per task
+
+
+def test_loading_or_removing_a_task_builds_only_its_own_slots():
+    """A resident-set change (serving's load / evict) rebuilds the changed task's slots only, in
+    every module, not every resident task's; a changed input still rebuilds that slot."""
+    model, names = mobilenet_like(6)
+    for i, name in enumerate(names):
+        perturb(model, name, seed=i)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        model.forward_mixed(x, [names[i % 4] for i in range(8)])  # t0..t3 built
+        mixed.slot_builds.clear()
+        model.forward_mixed(x, [names[i % 4] for i in range(8)])
+        assert sum(mixed.slot_builds.values()) == 0  # warm: nothing rebuilt
+        model.remove_task(names[1])
+        model.add_task("new", rank=3)
+        perturb(model, "new", seed=50)
+        tasks = ["new", names[0], names[2], names[3], names[4], "new", names[0], names[3]]
+        model.forward_mixed(x, tasks)
+    built = dict(mixed.slot_builds)
+    assert set(built) == {"new", names[4]}, built  # t4 never ran before; t0, t2, t3 kept theirs
+    assert built["new"] >= len(model.adapted_layers())
+    assert_mixed_equals_per_task(model, x, tasks)
+    layer = next(iter(model.adapted_layers().values()))
+    with torch.no_grad():
+        layer.tasks[names[0]].factors[0].mul_(2)  # one input of one slot changed
+        mixed.slot_builds.clear()
+        model.forward_mixed(x, tasks)
+    assert dict(mixed.slot_builds) == {names[0]: 1}
+    assert_mixed_equals_per_task(model, x, tasks)

@@ -36,7 +36,11 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
+from collections import Counter
 from collections.abc import Callable
+from functools import partial
+from itertools import chain
 from typing import Any
 
 import torch
@@ -45,10 +49,10 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import cache as cache_module
-from .cache import caching_enabled
+from .cache import EntryWatch, EvalCache, caching_enabled
 from .updates import CPFactors, TaskUpdate
 
-__all__ = ["mixed_layer_forward", "mixed_norm_forward", "drop_stacks", "FULL_WEIGHT_FACTOR"]
+__all__ = ["mixed_layer_forward", "mixed_norm_forward", "drop_stacks", "FULL_WEIGHT_FACTOR", "slot_builds"]
 
 _CONV_FN: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 # A row's whole W + ΔW is gathered instead of adding the low-rank correction when gathering it
@@ -61,125 +65,194 @@ FULL_WEIGHT_FACTOR = 16
 _SMALL_MAP = 8  # output positions per row below which a 1×1 correction runs as (P × R)·(R × C_out)
 
 
-class _Inputs:
-    """What slots of a stack were built from (one task's, or several tasks' joined), and the check
-    that it still holds: the same tensor objects (factors, norm tensors), of the same shape, dtype
-    and device, holding the same values (one ``memcmp`` per tensor against a copy on the CPU,
-    ``torch.equal`` elsewhere): the comparisons of :class:`~ftn.core.cache.EvalCache`, run as
-    C-level loops over all the batch's tasks at once (an ``EvalCache.lookup`` per task and module
-    cost 11 µs, as much as a small layer's whole correction)."""
-
-    __slots__ = ("exact", "layouts", "copies", "addresses", "sizes", "memcmp")
-
-    def __init__(self, exact: list[Tensor], copies: list[Tensor] | None = None) -> None:
-        self.exact = list(exact)
-        self.layouts = list(map(_layout, exact))
-        if copies is None:
-            copies = [t.detach().clone(memory_format=torch.contiguous_format) for t in exact]
-        self.copies = copies
-        self.addresses = [c.data_ptr() for c in copies]
-        self.sizes = [c.nbytes for c in copies]
-        self.memcmp = _MEMCMP is not None and all(t.device.type == "cpu" and not t.is_complex() for t in exact)
-
-    @classmethod
-    def join(cls, parts: list[_Inputs]) -> _Inputs:
-        return cls([t for p in parts for t in p.exact], [c for p in parts for c in p.copies])
-
-    def same(self, exact: list[Tensor]) -> bool:
-        if len(exact) != len(self.exact) or not all(map(operator.is_, exact, self.exact)):
-            return False
-        if list(map(_layout, exact)) != self.layouts:  # the devices too: memcmp stays on the CPU
-            return False
-        if self.memcmp and all(map(Tensor.is_contiguous, exact)):
-            return not any(map(_MEMCMP, map(Tensor.data_ptr, exact), self.addresses, self.sizes))
-        return all(map(torch.equal, exact, self.copies))
-
-
-_layout = operator.attrgetter("shape", "dtype", "device")
 _MEMCMP = cache_module._MEMCMP  # libc memcmp, or None where it cannot be loaded
-_JOINED_KEPT = 32  # joined checks kept per module (one per set of tasks seen together)
+# An eval-cache entry keeps one joined copy of more than this many inputs of one dtype, which
+# EntryWatch does not compare: a slot's inputs are split over entries of at most this many.
+_CHUNK = 3
+_FROZEN = object()  # the key of slot 0, the frozen module (tasks a module does not adapt)
+
+slot_builds: Counter[str] = Counter()  # slots (re)built per task, all modules: what tests count
 
 
-def _stamp(t: Tensor) -> tuple:
-    return t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device
+class _TaskWatch:
+    """One task's slots in every module of a model, checked at once at the first module of each
+    batch the task is in (:class:`~ftn.core.cache.EntryWatch`: one pass of C loops over all the
+    slots' inputs rather than a check per module). A slot is trusted without its own check only
+    while it is in the current ``watch``; a failed check starts an empty one, which the modules
+    refill as each checks (and, if stale, rebuilds) its slot on its own."""
+
+    __slots__ = ("watch", "exact", "tracked", "batch")
+
+    def __init__(self) -> None:
+        self.exact: list[Callable[[], list[Tensor]]] = []  # per watched slot: its current inputs
+        self.tracked: list[Callable[[], list[Tensor]]] = []
+        self.watch = EntryWatch(self._exact, self._tracked)
+        self.batch: Any = None  # the MixedTasks batch this was last checked for
+
+    def _exact(self) -> list[Tensor]:
+        return list(chain.from_iterable(map(operator.call, self.exact)))
+
+    def _tracked(self) -> list[Tensor]:
+        return list(chain.from_iterable(map(operator.call, self.tracked)))
+
+
+# per model (its CheckGroup, weakly: TaskContext has no weak references) and task
+_watches: weakref.WeakKeyDictionary[Any, dict[str, _TaskWatch]] = weakref.WeakKeyDictionary()
+
+
+def _watch_ok(watch: EntryWatch) -> bool:
+    return watch.ok()
+
+
+def _task_watch(checks: Any, task: str, mixed: Any) -> _TaskWatch:
+    """The task's watch, checked once for this batch (a failed check empties it)."""
+    watches = _watches.get(checks)
+    if watches is None:
+        watches = _watches[checks] = {}
+    tw = watches.get(task)
+    if tw is None:
+        tw = watches[task] = _TaskWatch()
+        tw.batch = mixed
+    elif tw.batch is not mixed:
+        tw.batch = mixed
+        if not _watch_ok(tw.watch):
+            tw = watches[task] = _TaskWatch()
+            tw.batch = mixed
+    return tw
 
 
 class _Stacks:
-    """One module's stacked per-task tensors: ``slots[task]`` indexes dim 0 of each of
-    ``tensors``; slot ``len(slots)`` holds the frozen module (tasks it does not adapt).
-    ``inputs[task]`` is what the task's slot was built from, ``tracked`` the frozen tensors (W)
-    the stacks were built from with their ``stamps`` (identity, version, address, layout), and
-    ``generation`` the eval caches' generation then (every ``optimizer.step()`` and
-    ``invalidate_eval_caches`` advance it)."""
+    """One module's stacked per-task tensors of one kind: ``slots[task]`` indexes dim 0 of each
+    of ``tensors``; slot 0 holds the frozen module (tasks it does not adapt). A slot is written
+    when its task is added or changed, and freed when its task is removed: adding, changing or
+    removing a task costs that task's slot, whatever the number of others (dim 0 grows by
+    doubling, and a larger rank zero-pads the others in one copy). ``caches[i]`` holds, per task,
+    the eval-cache entries of the inputs its slot was built from (at most ``_CHUNK`` each; the
+    first's value is the slot), compared by the eval cache's rules; ``watched[task]`` the task
+    watch and entries its slot was last added to."""
 
-    __slots__ = ("kind", "slots", "tensors", "inputs", "joined", "tracked", "stamps", "generation", "key", "unit")
+    __slots__ = ("kind", "key", "slots", "free", "tensors", "caches", "watched", "unit")
 
     def __init__(self, kind: str, key: Any) -> None:
         self.kind = kind
         self.key = key
         self.slots: dict[str, int] = {}
+        self.free: list[int] = []
         self.tensors: tuple[Tensor, ...] = ()
-        self.inputs: dict[str, _Inputs] = {}
-        self.joined: dict[tuple, _Inputs] = {}  # by the batch's tasks: their inputs joined
-        self.tracked: list[Tensor] = []
-        self.stamps: list[tuple] = []
-        self.generation = -1
+        self.caches: list[EvalCache] = [EvalCache()]
+        self.watched: dict[str, tuple] = {}
         self.unit: dict[tuple, tuple[Tensor, Tensor]] = {}  # BatchNorm: zero mean, unit variance by size
 
 
-def _state(module: nn.Module, kind: str, key: Any) -> _Stacks:
-    """The module's stacks of ``kind``, new (empty) when its kind or key changed."""
-    stacks = module.__dict__.get("_mixed_stacks")
-    if stacks is None or stacks.kind != kind or stacks.key != key:
-        stacks = module.__dict__["_mixed_stacks"] = _Stacks(kind, key)
+def _state(module: nn.Module, kind: str, key: Any, checks: Any) -> _Stacks:
+    """The module's stacks of ``kind``, new (empty) when their key (dtype, device, ...) changed."""
+    states = module.__dict__.get("_mixed_stacks")
+    if states is None:
+        states = module.__dict__["_mixed_stacks"] = {}
+    stacks = states.get(kind)
+    if stacks is None or stacks.key != key:
+        if stacks is not None:
+            _watches.pop(checks, None)  # their entries would only be compared for nothing
+        stacks = states[kind] = _Stacks(kind, key)
     return stacks
 
 
 def drop_stacks(module: nn.Module) -> None:
-    """Forget ``module``'s stacks (a task was removed: free its slot's memory)."""
-    module.__dict__.pop("_mixed_stacks", None)
+    """Free the slots of the tasks ``module`` no longer holds (a task was removed): the others
+    keep theirs."""
+    states = module.__dict__.get("_mixed_stacks")
+    if not states:
+        return
+    held = module._modules["tasks"]._modules
+    watches = _watches.get(getattr(module, "context", None) and module.context.checks)
+    for stacks in states.values():
+        for task in [t for t in stacks.slots if t not in held]:
+            stacks.free.append(stacks.slots.pop(task))
+            stacks.watched.pop(task, None)
+            for cache in stacks.caches:
+                cache.pop(task)
+            if watches is not None:
+                watches.pop(task, None)  # it holds the task's tensors; a new task starts afresh
 
 
-def _current(stacks: _Stacks, present: list[str], exact: Callable[[str], list[Tensor]],
-             tracked: list[Tensor] = ()) -> bool:
-    """Whether the stacks hold the current values of every task in ``present`` and were built
-    from the frozen ``tracked`` as they are. Tasks absent from the batch are not compared: their
-    slots are not read."""
-    if not stacks.tensors or stacks.generation != cache_module.current_generation():
-        return False
-    if tracked and (len(tracked) != len(stacks.tracked) or not all(map(operator.is_, tracked, stacks.tracked))
-                    or list(map(_stamp, tracked)) != stacks.stamps):
-        return False
-    key = tuple(present)
-    joined = stacks.joined.get(key)
-    if joined is None:
-        parts = [stacks.inputs.get(task) for task in present]
-        if any(part is None for part in parts):
-            return False
-        if len(stacks.joined) >= _JOINED_KEPT:
-            stacks.joined.clear()
-        joined = stacks.joined[key] = _Inputs.join(parts)
-    current: list[Tensor] = []
-    for task in present:
-        current += exact(task)
-    return joined.same(current)
+def _write(stacks: _Stacks, slot: int, parts: tuple[Tensor, ...]) -> None:
+    """Write ``parts`` into ``slot`` of the stacks (zero-padded to the stacks' shape; the stacks
+    grow along dim 0 and along any dim a part exceeds, e.g. a larger rank)."""
+    if not stacks.tensors:
+        stacks.tensors = tuple(p.new_zeros((4, *p.shape)) for p in parts)
+    grown = []
+    for stack, part in zip(stacks.tensors, parts):
+        shape = (max(stack.shape[0], 2 * slot if slot >= stack.shape[0] else 0),
+                 *map(max, stack.shape[1:], part.shape))
+        if tuple(shape) != tuple(stack.shape):
+            bigger = stack.new_zeros(shape)
+            bigger[tuple(slice(0, s) for s in stack.shape)] = stack
+            stack = bigger
+        target = stack[slot]
+        if target.shape != part.shape:
+            target.zero_()  # a freed slot's old values, past this part's rank
+            target = target[tuple(slice(0, s) for s in part.shape)]
+        target.copy_(part)
+        grown.append(stack)
+    stacks.tensors = tuple(grown)
 
 
-def _record(stacks: _Stacks, tasks: list[str], exact: Callable[[str], list[Tensor]],
-            tracked: list[Tensor] = ()) -> None:
-    """Record the inputs the stacks were just built from (all tasks, so that a later batch of
-    other tasks finds them current)."""
-    stacks.generation = cache_module.current_generation()
-    stacks.inputs = {task: _Inputs(exact(task)) for task in tasks}
-    stacks.joined = {}
-    stacks.tracked = list(tracked)
-    stacks.stamps = list(map(_stamp, tracked))
+def _watchable(tensors: list[Tensor]) -> bool:
+    """Whether EntryWatch compares these inputs (memcmp: on the CPU, not complex)."""
+    return _MEMCMP is not None and all(t.device.type == "cpu" and not t.is_complex() for t in tensors)
 
 
-def _rows(mixed: Any, stacks: _Stacks, device: torch.device) -> Tensor:
-    """Per-row slot index for this batch (shared by every module with the same slots)."""
-    default = len(stacks.slots)
-    return mixed.rows(tuple(stacks.slots.get(task, default) for task, _, _ in mixed.segments), device)
+def _slot(stacks: _Stacks, task: Any, tw: _TaskWatch | None, exact: Callable[[Any], list[Tensor]],
+          tracked: Callable[[], list[Tensor]], build: Callable[[Any], tuple[Tensor, ...]]) -> int:
+    """``task``'s slot in the stacks, (re)built if any of its inputs changed. Trusted without a
+    check of its own while it is in the task's watch ``tw``, which passed its check for this
+    batch."""
+    first = stacks.caches[0]._entries.get(task)
+    if tw is not None:
+        held = stacks.watched.get(task)
+        if held is not None and held[0] is tw.watch and held[1] is first:
+            return first.value
+    tensors, frozen = exact(task), tracked()
+    chunks = [tensors[i:i + _CHUNK] for i in range(0, len(tensors), _CHUNK)] or [[]]
+    while len(stacks.caches) < len(chunks):
+        stacks.caches.append(EvalCache())
+    if first is None or not all(cache.lookup(task, chunk, frozen if i == 0 else []) is not None
+                                for i, (cache, chunk) in enumerate(zip(stacks.caches, chunks))):
+        slot = stacks.slots.get(task) if task is not _FROZEN else 0
+        if slot is None:
+            slot = stacks.slots[task] = stacks.free.pop() if stacks.free else len(stacks.slots) + len(stacks.free) + 1
+        _write(stacks, slot, build(task))
+        if task is not _FROZEN:
+            slot_builds[task] += 1
+        for i, cache in enumerate(stacks.caches):
+            cache.pop(task)
+            if i < len(chunks):
+                cache.get(task, lambda: slot, chunks[i], frozen if i == 0 else [])
+        first = stacks.caches[0]._entries[task]
+    if tw is not None and _watchable(tensors):
+        for i, chunk in enumerate(chunks):
+            tw.watch.add(stacks.caches[i], task, chunk, frozen if i == 0 else [])
+        tw.exact.append(partial(exact, task))
+        tw.tracked.append(tracked)
+        stacks.watched[task] = (tw.watch, first)
+    return first.value
+
+
+def _row_slots(stacks: _Stacks, mixed: Any, checks: Any, present: set[str] | dict,
+               exact: Callable[[Any], list[Tensor]], tracked: Callable[[], list[Tensor]],
+               build: Callable[[Any], tuple[Tensor, ...]], frozen: Callable[[Any], tuple[Tensor, ...]] | None,
+               frozen_exact: Callable[[Any], list[Tensor]] = lambda _: []) -> tuple[int, ...]:
+    """Each segment's slot (current), the frozen slot 0 for tasks the module does not adapt."""
+    slots = []
+    for task, _, _ in mixed.segments:
+        if task in present:
+            slots.append(_slot(stacks, task, _task_watch(checks, task, mixed), exact, tracked, build))
+        else:
+            slots.append(0 if frozen is None else _slot(stacks, _FROZEN, None, frozen_exact, tracked, frozen))
+    return tuple(slots)
+
+
+_NO_TRACKED: Callable[[], list[Tensor]] = list
 
 
 # --------------------------------------------------------------------------- conv / Linear
@@ -233,14 +306,16 @@ def mixed_layer_forward(layer: Any, x: Tensor, mixed: Any) -> Tensor | None:
         rows_out = rows_in = math.prod(x.shape[1:-1])
         grouped = one_by_one = False
     if not cp or grouped or _full_pays(weight, rank, rows_out, rows_in):
-        stacks = _full_stacks(layer, present, mixed)
+        stacks, slots = _full_rows(layer, present, mixed)
+        rows = mixed.rows(slots, x.device)
         if is_conv:
-            return _conv_full(base, x, stacks, mixed, padding, one_by_one)
-        return _linear_full(base, x, stacks, mixed)
-    stacks = _lowrank_stacks(layer, present, mixed, one_by_one)
+            return _conv_full(base, x, stacks, rows, padding, one_by_one)
+        return _linear_full(base, x, stacks, rows)
+    stacks, slots = _lowrank_rows(layer, present, mixed, one_by_one)
+    rows = mixed.rows(slots, x.device)
     if is_conv:
-        return _conv_lowrank(base, x, stacks, mixed, padding, one_by_one, rank)
-    return _linear_lowrank(base, x, stacks, mixed, rank)
+        return _conv_lowrank(base, x, stacks, rows, padding, one_by_one, rank)
+    return _linear_lowrank(base, x, stacks, rows, rank)
 
 
 def _conv_out(size: torch.Size, base: nn.Module, padding: tuple[int, ...]) -> list[int]:
@@ -248,55 +323,54 @@ def _conv_out(size: torch.Size, base: nn.Module, padding: tuple[int, ...]) -> li
             for s, p, d, k, st in zip(size, padding, base.dilation, base.kernel_size, base.stride)]
 
 
-def _full_stacks(layer: Any, present: list[str], mixed: Any) -> _Stacks:
-    """Stacks of W + ΔW per task (any update kind), slot ``len`` = W."""
+def _weight_of(base: nn.Module) -> list[Tensor]:
+    return [base._parameters["weight"]]
+
+
+def _full_rows(layer: Any, present: list[str], mixed: Any) -> tuple[_Stacks, tuple[int, ...]]:
+    """Stacks of W + ΔW per task (any update kind), slot 0 = W; and each segment's slot."""
     base = layer._modules["base"]
     weight = base.weight
     updates = layer._modules["tasks"]._modules
-    stacks = _state(layer, "full", (weight.dtype, weight.device))
-
-    def exact(task: str) -> list[Tensor]:
-        return updates[task].tensors()
-
-    if not _current(stacks, present, exact, [weight]):
-        tasks = list(updates)
-        stacks.slots = {t: i for i, t in enumerate(tasks)}
-        stacks.tensors = (torch.stack([weight + updates[t].delta(weight.shape) for t in tasks] + [weight]),)
-        _record(stacks, tasks, exact, [weight])
-    return stacks
+    checks = layer.context.checks
+    stacks = _state(layer, "full", (weight.dtype, weight.device), checks)
+    exact = partial(_update_tensors, updates)
+    build = lambda task: (weight + updates[task].delta(weight.shape),)  # noqa: E731
+    slots = _row_slots(stacks, mixed, checks, present, exact, partial(_weight_of, base), build,
+                       lambda _: (weight,))
+    return stacks, slots
 
 
-def _lowrank_stacks(layer: Any, present: list[str], mixed: Any, fold_kernel: bool) -> _Stacks:
-    """Stacks of the CP factors per task, zero-padded to the layer's largest rank: A (S+1, C_out,
-    R), Bᵀ (S+1, R, C_in) (times the kernel factor when it is a scalar per component: 1×1 convs)
-    and, for convs, the kernel factor (S+1, R, k). Slot ``len`` is zero (the frozen layer)."""
+def _update_tensors(updates: dict, task: Any) -> list[Tensor]:
+    update = updates.get(task)
+    return update.tensors() if update is not None else []
+
+
+def _lowrank_parts(updates: dict, dtype: torch.dtype, fold_kernel: bool, task: str) -> tuple[Tensor, ...]:
+    """One task's slot of the low-rank stacks: A (C_out, R), Bᵀ (R, C_in) (times the kernel factor
+    when it is a scalar per component: 1×1 convs) and, for convs, the kernel factor (R, k);
+    for Linear Aᵀ (R, out), B (in, R)."""
+    factors = [f.to(dtype) for f in updates[task].tensors()]
+    if len(factors) > 2:
+        a, b, k = factors
+        if fold_kernel:
+            return a, (b * k).t().contiguous()  # (C_in, R) * (1, R): the 1×1 kernel factor scales each component
+        return a, b.t().contiguous(), k.t().contiguous()
+    a, b = factors
+    return a.t().contiguous(), b
+
+
+def _lowrank_rows(layer: Any, present: list[str], mixed: Any, fold_kernel: bool) -> tuple[_Stacks, tuple[int, ...]]:
+    """Stacks of the CP factors per task, zero-padded to the largest rank among the tasks they
+    hold (zero components add exactly nothing): A (S, C_out, R), Bᵀ (S, R, C_in), and for convs
+    without a folded kernel, the kernel factor (S, R, k). Slot 0 is zero (the frozen layer)."""
     weight = layer._modules["base"].weight
     updates: dict[str, TaskUpdate] = layer._modules["tasks"]._modules
-    stacks = _state(layer, "lowrank", (weight.dtype, weight.device, fold_kernel))
-
-    def exact(task: str) -> list[Tensor]:
-        return updates[task].tensors()
-
-    if not _current(stacks, present, exact):
-        # the CP tasks (another kind may sit in a task absent from this batch)
-        tasks = [t for t in updates if isinstance(updates[t], CPFactors)]
-        rank = max(updates[t].rank for t in tasks)
-        pad = lambda f: F.pad(f, (0, rank - f.shape[1]))  # noqa: E731 - zero components add nothing
-        factors = [[pad(f.to(weight.dtype)) for f in updates[t].tensors()] for t in tasks]
-        a = torch.stack([f[0] for f in factors] + [torch.zeros_like(factors[0][0])])
-        b = torch.stack([f[1] for f in factors] + [torch.zeros_like(factors[0][1])])
-        if len(factors[0]) > 2:
-            k = torch.stack([f[2] for f in factors] + [torch.zeros_like(factors[0][2])])
-            if fold_kernel:
-                b = b * k  # (S+1, C_in, R) * (S+1, 1, R): the 1×1 kernel factor is a scale per component
-                stacks.tensors = (a, b.transpose(1, 2).contiguous())
-            else:
-                stacks.tensors = (a, b.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous())
-        else:
-            stacks.tensors = (a.transpose(1, 2).contiguous(), b)  # Linear: Aᵀ (S+1, R, out), B (S+1, in, R)
-        stacks.slots = {t: i for i, t in enumerate(tasks)}
-        _record(stacks, tasks, exact)
-    return stacks
+    checks = layer.context.checks
+    stacks = _state(layer, "lowrank", (weight.dtype, weight.device, fold_kernel), checks)
+    slots = _row_slots(stacks, mixed, checks, present, partial(_update_tensors, updates), _NO_TRACKED,
+                       partial(_lowrank_parts, updates, weight.dtype, fold_kernel), None)
+    return stacks, slots
 
 
 def _gather(stack: Tensor, rows: Tensor, rank: int | None = None, dim: int = 0) -> Tensor:
@@ -307,10 +381,9 @@ def _gather(stack: Tensor, rows: Tensor, rank: int | None = None, dim: int = 0) 
     return stack.index_select(0, rows)
 
 
-def _conv_lowrank(base: nn.Module, x: Tensor, stacks: _Stacks, mixed: Any, padding: tuple[int, ...],
+def _conv_lowrank(base: nn.Module, x: Tensor, stacks: _Stacks, rows: Tensor, padding: tuple[int, ...],
                   one_by_one: bool, rank: int) -> Tensor:
     n, nd = x.shape[0], len(base.kernel_size)
-    rows = _rows(mixed, stacks, x.device)
     y = base._conv_forward(x, base.weight, base.bias)
     if one_by_one:
         a, bt = stacks.tensors
@@ -334,10 +407,9 @@ def _conv_lowrank(base: nn.Module, x: Tensor, stacks: _Stacks, mixed: Any, paddi
     return torch.baddbmm(y_flat, a, u).reshape(y.shape)
 
 
-def _conv_full(base: nn.Module, x: Tensor, stacks: _Stacks, mixed: Any, padding: tuple[int, ...],
+def _conv_full(base: nn.Module, x: Tensor, stacks: _Stacks, rows: Tensor, padding: tuple[int, ...],
                one_by_one: bool) -> Tensor:
     n, nd = x.shape[0], len(base.kernel_size)
-    rows = _rows(mixed, stacks, x.device)
     weights = stacks.tensors[0].index_select(0, rows)  # (N, C_out, C_in/g, *k)
     if one_by_one and base.groups == 1:
         if any(s != 1 for s in base.stride):
@@ -354,18 +426,16 @@ def _conv_full(base: nn.Module, x: Tensor, stacks: _Stacks, mixed: Any, padding:
     return y
 
 
-def _linear_full(base: nn.Module, x: Tensor, stacks: _Stacks, mixed: Any) -> Tensor:
+def _linear_full(base: nn.Module, x: Tensor, stacks: _Stacks, rows: Tensor) -> Tensor:
     n = x.shape[0]
-    rows = _rows(mixed, stacks, x.device)
     weights = stacks.tensors[0].index_select(0, rows).transpose(1, 2)  # (N, in, out)
     flat = x.reshape(n, -1, x.shape[-1])
     y = torch.bmm(flat, weights) if base.bias is None else torch.baddbmm(base.bias, flat, weights)
     return y.reshape(*x.shape[:-1], -1)
 
 
-def _linear_lowrank(base: nn.Module, x: Tensor, stacks: _Stacks, mixed: Any, rank: int) -> Tensor:
+def _linear_lowrank(base: nn.Module, x: Tensor, stacks: _Stacks, rows: Tensor, rank: int) -> Tensor:
     n = x.shape[0]
-    rows = _rows(mixed, stacks, x.device)
     at, b = stacks.tensors
     y = F.linear(x, base.weight, base.bias)
     u = torch.bmm(x.reshape(n, -1, x.shape[-1]), _gather(b, rows, rank, 2))  # (N, L, R)
@@ -406,6 +476,11 @@ def _norm_tensors(module: nn.Module) -> list[Tensor]:
     return [t for t in tensors if t is not None]
 
 
+def _copy_tensors(copies: dict, task: Any) -> list[Tensor]:
+    copy = copies.get(task)
+    return _norm_tensors(copy) if copy is not None else []
+
+
 def _norm_affine(module: nn.Module, kind: str) -> tuple[Tensor, Tensor]:
     """(scale, shift) of the norm, applied after an affine-free normalisation (for BatchNorm in
     eval: its running statistics folded in, so the scale and shift are the whole norm)."""
@@ -437,18 +512,12 @@ def mixed_norm_forward(norm: Any, x: Tensor, mixed: Any) -> Tensor | None:
     present = [task for task, _, _ in mixed.segments if task in copies]
     if any(_norm_meta(copies[task]) != meta for task in present):
         return None  # a task's copy in train mode, or of another configuration: per task
-    stacks = _state(norm, "norm", (meta, x.device))
-
-    def exact(task: str) -> list[Tensor]:
-        return _norm_tensors(copies[task])
-
-    if not _current(stacks, present, exact):
-        tasks = [t for t, m in copies.items() if _norm_meta(m) == meta]
-        affines = [_norm_affine(copies[t], kind) for t in tasks] + [_norm_affine(base, kind)]
-        stacks.tensors = (torch.stack([s for s, _ in affines]), torch.stack([b for _, b in affines]))
-        stacks.slots = {t: i for i, t in enumerate(tasks)}
-        _record(stacks, tasks, exact)
-    rows = _rows(mixed, stacks, x.device)
+    checks = norm.context.checks
+    stacks = _state(norm, "norm", (meta, x.device), checks)
+    slots = _row_slots(stacks, mixed, checks, present, partial(_copy_tensors, copies), _NO_TRACKED,
+                       lambda task: _norm_affine(copies[task], kind), lambda _: _norm_affine(base, kind),
+                       lambda _: _norm_tensors(base))
+    rows = mixed.rows(slots, x.device)
     scale, shift = (t.index_select(0, rows) for t in stacks.tensors)
     if kind == "bn":
         # The native BatchNorm kernel over a (1, N·C, ...) view, with zero mean, unit variance and

@@ -538,3 +538,38 @@ def test_eval_views_start_empty_in_copies():
     torch.testing.assert_close(_loop(model, inputs, tasks)["t0"], _per_task(model, inputs, tasks)["t0"])
     torch.testing.assert_close(_loop(clone, inputs, tasks)["t0"], _per_task(clone, inputs, tasks)["t0"])
     torch.testing.assert_close(_loop(restored, inputs, tasks)["t0"], _per_task(restored, inputs, tasks)["t0"])
+
+
+def test_eval_view_keeps_no_dense_weight_the_caches_dropped():
+    # A server bounds the dense W + ΔW it keeps with clear_cache(task); the eval view must not
+    # keep them alive behind its back, nor a removed task's view at all.
+    import gc
+    import weakref
+
+    model, inputs, tasks = _multitask_model()
+    _loop(model, inputs, tasks)
+    _loop(model, inputs, tasks)
+    layers = list(model.adapted_layers().values())
+    weights = [weakref.ref(layer._eval_cache._entries["t0"].value) for layer in layers]
+    for layer in layers:
+        layer.clear_cache("t0")
+    gc.collect()
+    assert all(w() is None for w in weights)
+    torch.testing.assert_close(_loop(model, inputs, tasks)["t0"], _per_task(model, inputs, tasks)["t0"])
+    model.remove_task("t1")
+    assert "t1" not in model._plain_views
+
+
+def test_eval_view_layers_answer_attribute_reads_like_the_wrappers():
+    # Model code reads its layers' attributes directly (Hugging Face ViT: projection.weight.dtype,
+    # others in_channels or kernel_size): the view's layers answer as the wrappers do.
+    model, inputs, tasks = _multitask_model()
+    _loop(model, inputs, tasks)
+    wrapper = model.backbone[0]
+    plain = model._plain_views["t0"].module[0]
+    with torch.no_grad(), model.using_task("t0"):
+        torch.testing.assert_close(plain.weight, wrapper.weight, rtol=0, atol=0)
+    for name in ("bias", "in_channels", "kernel_size", "stride", "padding", "groups"):
+        assert getattr(plain, name) is getattr(wrapper.base, name), name
+    with pytest.raises(AttributeError):
+        plain.no_such_attribute

@@ -174,7 +174,7 @@ def _owner(t: Tensor) -> Tensor:
 
 
 class _Entry:
-    __slots__ = ("value", "exact", "refs", "stamps", "generation", "trusted")
+    __slots__ = ("value", "exact", "refs", "stamps", "generation", "trusted", "__weakref__")
 
     def __init__(self, value: Any, exact: list[Tensor], tracked: list[Tensor]) -> None:
         self.value = value
@@ -214,7 +214,7 @@ class EntryWatch:
         self.generation = _generation
         self.dicts: list[dict] = []  # each entry's cache's entries, and its key there
         self.keys: list[Any] = []
-        self.entries: list[_Entry] = []
+        self.entries: list[weakref.ref] = []  # weak: a dropped entry's value is freed, not kept here
         self.refs: list[weakref.ref] = []  # the tracked tensors (weak: W is large) and their stamps
         self.stamps: list[tuple] = []
         self.tensors: list[Tensor] = []  # the exact tensors, their (shape, dtype), their copies' buffers
@@ -222,30 +222,33 @@ class EntryWatch:
         self.addresses: list[int] = []
         self.sizes: list[int] = []
 
-    def add(self, cache: EvalCache, key: Any, exact: list[Tensor], tracked: list[Tensor]) -> bool:
+    def add(self, cache: EvalCache, key: Any, exact: list[Tensor], tracked: list[Tensor]) -> weakref.ref | None:
         """Watch ``cache``'s entry for ``key``, whose current inputs are ``exact`` and ``tracked``
-        (the next ones that ``exact()`` and ``tracked()`` return); False where it cannot (no valid
-        entry, or its values are not compared by ``memcmp``)."""
+        (the next ones that ``exact()`` and ``tracked()`` return): a weak reference to the entry
+        (its ``value`` is what the caller serves while :meth:`ok`), or None where it cannot (no
+        valid entry, or its values are not compared by ``memcmp``). Weak, so that what drops the
+        entry (``clear_cache``, ``train()``, ``.to()``, ``remove_task``) frees its value too."""
         entry = cache._entries.get(key)
         if (entry is None or entry.exact.joined is not None or any(r is None for r in entry.exact.raw)
                 or not entry.same_tensors(exact, tracked) or self.generation != _generation):
-            return False
+            return None
+        ref = weakref.ref(entry)
         self.dicts.append(cache._entries)
         self.keys.append(key)
-        self.entries.append(entry)
+        self.entries.append(ref)
         self.refs += [weakref.ref(t) for t in tracked]
         self.stamps += entry.stamps
         self.tensors += exact
         self.layouts += [(shape, dtype) for shape, dtype, _ in entry.exact.meta]
         self.addresses += [address for address, _ in entry.exact.raw]
         self.sizes += [size for _, size in entry.exact.raw]
-        return True
+        return ref
 
     def ok(self) -> bool:
         if self.generation != _generation:
             return False
-        # _Entry has no __eq__: the list comparison is one of identity.
-        if list(map(dict.get, self.dicts, self.keys)) != self.entries:
+        current = list(map(dict.get, self.dicts, self.keys))  # None where an entry was dropped
+        if None in current or not all(map(operator.is_, current, map(operator.call, self.entries))):
             return False
         tracked = self.tracked()
         if len(tracked) != len(self.refs) or not all(map(operator.is_, tracked, map(operator.call, self.refs))):

@@ -201,6 +201,7 @@ class FTNModel(nn.Module):
         self._remove_task_parts(name)
 
     def _remove_task_parts(self, name: str) -> None:
+        self.__dict__.get("_plain_views", {}).pop(name, None)
         index = self._layer_index()  # read once: removing the task's modules changes the tree
         for layer in index.layers:
             layer.remove_task(name)
@@ -567,25 +568,41 @@ _SHARED = frozenset(nn.Module().__dict__) - {"training"}
 
 class _WithWeight(nn.Module):
     """An adapted Conv / Linear in the eval view: its base module run with the task's cached
-    W + ΔW. Everything else (bias, stride, padding, groups) is read from the base at each call,
-    as the wrapper does, so no change to the base needs a check of its own. The base and the
-    weight are plain attributes, not a submodule and a parameter: nothing walks the view."""
+    W + ΔW, read from the layer's eval-cache entry through a weak reference (the view keeps no
+    dense weight alive once the cache drops it: a server bounding its cache frees it). Everything
+    else (bias, stride, padding, groups) is read from the base at each call, as the wrapper does,
+    so no change to the base needs a check of its own. Plain attributes, not a submodule and a
+    parameter: nothing walks the view. Code that reads the layer's attributes directly (Hugging
+    Face ViT reads ``projection.weight.dtype``) gets W + ΔW for ``weight`` and the base's own
+    for the rest, as from the wrapper."""
 
-    def __init__(self, base: nn.Module, weight: Tensor) -> None:
+    def __init__(self, base: nn.Module, entry: Any) -> None:
         super().__init__()
         self.__dict__["base"] = base
-        self.__dict__["weight"] = weight
+        self.__dict__["entry"] = entry
+
+    @property
+    def weight(self) -> Tensor:
+        return self.entry().value
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or "base" not in self.__dict__:
+                raise
+        return getattr(self.__dict__["base"], name)
 
 
 class _ConvWithWeight(_WithWeight):
     def forward(self, x: Tensor) -> Tensor:
         base = self.base
-        return base._conv_forward(x, self.weight, base.bias)
+        return base._conv_forward(x, self.entry().value, base.bias)
 
 
 class _LinearWithWeight(_WithWeight):
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.base.bias)
+        return F.linear(x, self.entry().value, self.base.bias)
 
 
 class _PlainBackbone:
@@ -656,16 +673,17 @@ class _PlainBackbone:
             base = module._modules["base"]
             if task not in module._modules["tasks"]._modules:
                 return base
-            weight = module.task_weight(task)  # fills the eval cache
+            module.task_weight(task)  # fills the eval cache
             updates = module._modules["tasks"]._modules
             update = updates[task]
             # Off the CPU the entries are compared in one batch per pass instead (a sync each).
-            if not self.watch.add(module._eval_cache, task, update.tensors(), [base._parameters["weight"]]):
+            entry = self.watch.add(module._eval_cache, task, update.tensors(), [base._parameters["weight"]])
+            if entry is None:
                 return None
             self.updates.append(updates)
             self.update_modules.append(update)
             self.bases.append(base)
-            return (_ConvWithWeight if isinstance(module, FTNConv) else _LinearWithWeight)(base, weight)
+            return (_ConvWithWeight if isinstance(module, FTNConv) else _LinearWithWeight)(base, entry)
         if isinstance(module, TaskNorm):
             if module._forward_hooks or module._forward_pre_hooks:
                 return None

@@ -53,7 +53,7 @@ else
     t_train="${GPU_SH_T_TRAIN:-170}"; t_multi="${GPU_SH_T_MULTI:-90}"; t_mixed="${GPU_SH_T_MIXED:-50}"
     IFS=, read -r -a mconfigs <<< "${GPU_SH_MULTI_CONFIGS:-resnet18@224 b1,resnet34@224 b1,mobilenet_v2@224 b1}"
     multi=(--configs "${mconfigs[@]}" --tasks 2 4 8 --rounds "${GPU_SH_MULTI_ROUNDS:-50}")
-    mixed=(--rounds 20)
+    mixed=(--tasks 2 8 --rounds 20)
     # One config: compiling takes ~30-60 s per method; the JSON is written once the config is done.
     compile_configs="${GPU_SH_COMPILE_CONFIGS:-mobilenet_v2@64:64}"
     compile_train=(--rounds "$r" --warmup 3 --eval-rounds 5)

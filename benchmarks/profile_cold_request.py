@@ -5,7 +5,8 @@ at a time: 64 of 200 generated MobileNetV2 adapters resident (64 px, 1 torch thr
 
 Prints the medians of: evicting the least recently used task, loading the requested one (file
 read, checks, ``load_task``), the whole cold batch, and the same tasks again (warm); then cProfile's
-top entries over a few more cold batches. Used for the cold-request paragraph of docs/serving.md.
+top entries over a few more cold batches, and how many mixed-batch
+slots (one per task and module, :mod:`ftn.core.mixed`) the cold and warm batches built. Used for the cold-request paragraph of docs/serving.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from ftn.apps.serving.loadtest import generate_adapters
 from ftn.apps.serving.predict import build_model
 from ftn.apps.serving.registry import TaskService
+from ftn.core import mixed
 
 
 def main() -> None:
@@ -54,13 +56,18 @@ def main() -> None:
         service.on_load = lambda task, reason, s: times["load"].append(s)
         x = [torch.randn(3, 64, 64)]
         cold = names[args.max_resident + 36:][:args.requests]  # none resident
+        builds = {}
         for kind in ("cold batch", "warm batch"):
+            mixed.slot_builds.clear()
             for name in cold:
                 t0 = time.perf_counter()
                 service.run_batch([name], x)
                 times[kind].append(time.perf_counter() - t0)
+            builds[kind] = sum(mixed.slot_builds.values())
         for kind, values in times.items():
             print(f"{kind:<12} {len(values):>3} times, median {1e3 * statistics.median(values):8.1f} ms")
+        for kind, count in builds.items():  # ftn.core.mixed's per-task slots (re)built, all modules
+            print(f"{kind:<12} mixed-batch slots built: {count} ({count / len(cold):.0f} per request)")
         profile = cProfile.Profile()
         profile.enable()
         for name in names[-8:]:

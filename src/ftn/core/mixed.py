@@ -19,13 +19,17 @@ whatever the number of tasks T in it (S-LoRA / Punica style), in eval mode witho
 - a norm (eval BatchNorm, LayerNorm, GroupNorm, RMSNorm) normalises once and applies each row's
   task affine (BatchNorm: its running statistics folded into a per-row scale and shift).
 
-The stacked per-task tensors of a module (factors, W + ΔW, norm affines) are built once and
-reused. Each task's slot is checked at every batch it appears in, with the eval cache's
-comparisons (:mod:`ftn.core.cache`: the factors and norm tensors by identity and value, W by
-identity, version and layout, the generation every ``optimizer.step()`` advances); any
-difference rebuilds the stacks, so they are never stale. Tasks absent from a batch are not
-checked (their slots are not read), and removing a task drops the stacks. A batch then costs a
-fixed number of ops per layer: gathers by a per-row index, not a loop over tasks.
+The stacked per-task tensors of a module (factors, W + ΔW, norm affines) hold one slot per task,
+written when the task is first in a batch or one of its inputs changed and freed when it is
+removed: loading, evicting or changing one task costs that task's slots, whatever the number of
+resident tasks. Each slot's inputs are eval-cache entries (:mod:`ftn.core.cache`: the factors and
+norm tensors by identity and value, W by identity, version and layout, the generation every
+``optimizer.step()`` advances), and all of one task's slots across the model are checked at once,
+at the task's first module of each batch it is in (:class:`~ftn.core.cache.EntryWatch`: C loops
+over flat lists, not a check per module); a failed check sends each module back to its own
+checks, which rebuild only the slots that changed, so the stacks are never stale. Tasks absent
+from a batch are not checked (their slots are not read). A batch then costs a fixed number of
+ops per layer: gathers by a per-row index, not a loop over tasks.
 
 Anything else (training, autograd, attention composites, conv subclasses with their own
 forward, padding modes other than zeros) returns None here and the caller runs each task on its
@@ -40,7 +44,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any
 
 import torch
@@ -81,19 +85,32 @@ class _TaskWatch:
     while it is in the current ``watch``; a failed check starts an empty one, which the modules
     refill as each checks (and, if stale, rebuilds) its slot on its own."""
 
-    __slots__ = ("watch", "exact", "tracked", "batch")
+    __slots__ = ("task", "watch", "owners", "held", "readers", "bases", "batch")
 
-    def __init__(self) -> None:
-        self.exact: list[Callable[[], list[Tensor]]] = []  # per watched slot: its current inputs
-        self.tracked: list[Callable[[], list[Tensor]]] = []
+    def __init__(self, task: str) -> None:
+        self.task = task
+        # per watched slot: the dict its task's update / norm copy sits in, that module, the
+        # reader of its inputs; the frozen modules whose W a slot holds (W + ΔW)
+        self.owners: list[dict] = []
+        self.held: list[nn.Module] = []
+        self.readers: list[Callable[[nn.Module], list[Tensor]]] = []
+        self.bases: list[nn.Module] = []
         self.watch = EntryWatch(self._exact, self._tracked)
         self.batch: Any = None  # the MixedTasks batch this was last checked for
 
     def _exact(self) -> list[Tensor]:
-        return list(chain.from_iterable(map(operator.call, self.exact)))
+        # C loops: each slot's module still the one in its dict, then all their inputs read
+        if not all(map(operator.is_, map(dict.get, self.owners, repeat(self.task)), self.held)):
+            return [None]  # a replaced or removed update: never equal to the watched tensors
+        return list(chain.from_iterable(map(operator.call, self.readers, self.held)))
 
     def _tracked(self) -> list[Tensor]:
-        return list(chain.from_iterable(map(operator.call, self.tracked)))
+        return list(map(dict.get, map(_PARAMETERS, self.bases), repeat("weight")))
+
+
+_PARAMETERS = operator.attrgetter("_parameters")
+_NO_INPUTS: Callable[[Any], list[Tensor]] = lambda _: []  # noqa: E731 - the frozen W + ΔW slot: W is tracked
+_TENSORS = operator.methodcaller("tensors")
 
 
 # per model (its CheckGroup, weakly: TaskContext has no weak references) and task
@@ -111,12 +128,12 @@ def _task_watch(checks: Any, task: str, mixed: Any) -> _TaskWatch:
         watches = _watches[checks] = {}
     tw = watches.get(task)
     if tw is None:
-        tw = watches[task] = _TaskWatch()
+        tw = watches[task] = _TaskWatch(task)
         tw.batch = mixed
     elif tw.batch is not mixed:
         tw.batch = mixed
         if not _watch_ok(tw.watch):
-            tw = watches[task] = _TaskWatch()
+            tw = watches[task] = _TaskWatch(task)
             tw.batch = mixed
     return tw
 
@@ -202,17 +219,18 @@ def _watchable(tensors: list[Tensor]) -> bool:
     return _MEMCMP is not None and all(t.device.type == "cpu" and not t.is_complex() for t in tensors)
 
 
-def _slot(stacks: _Stacks, task: Any, tw: _TaskWatch | None, exact: Callable[[Any], list[Tensor]],
-          tracked: Callable[[], list[Tensor]], build: Callable[[Any], tuple[Tensor, ...]]) -> int:
-    """``task``'s slot in the stacks, (re)built if any of its inputs changed. Trusted without a
-    check of its own while it is in the task's watch ``tw``, which passed its check for this
-    batch."""
+def _slot(stacks: _Stacks, task: Any, tw: _TaskWatch | None, owner: dict, reader: Callable[[Any], list[Tensor]],
+          base: nn.Module | None, build: Callable[[Any], tuple[Tensor, ...]]) -> int:
+    """``task``'s slot in the stacks, (re)built if any of its inputs (``reader(owner[task])``, and
+    W when ``base`` is given) changed. Trusted without a check of its own while it is in the
+    task's watch ``tw``, which passed its check for this batch."""
     first = stacks.caches[0]._entries.get(task)
     if tw is not None:
         held = stacks.watched.get(task)
         if held is not None and held[0] is tw.watch and held[1] is first:
             return first.value
-    tensors, frozen = exact(task), tracked()
+    module = owner[task]
+    tensors, frozen = reader(module), ([base._parameters["weight"]] if base is not None else [])
     chunks = [tensors[i:i + _CHUNK] for i in range(0, len(tensors), _CHUNK)] or [[]]
     while len(stacks.caches) < len(chunks):
         stacks.caches.append(EvalCache())
@@ -232,27 +250,32 @@ def _slot(stacks: _Stacks, task: Any, tw: _TaskWatch | None, exact: Callable[[An
     if tw is not None and _watchable(tensors):
         for i, chunk in enumerate(chunks):
             tw.watch.add(stacks.caches[i], task, chunk, frozen if i == 0 else [])
-        tw.exact.append(partial(exact, task))
-        tw.tracked.append(tracked)
+        tw.owners.append(owner)
+        tw.held.append(module)
+        tw.readers.append(reader)
+        if base is not None:
+            tw.bases.append(base)
         stacks.watched[task] = (tw.watch, first)
     return first.value
 
 
-def _row_slots(stacks: _Stacks, mixed: Any, checks: Any, present: set[str] | dict,
-               exact: Callable[[Any], list[Tensor]], tracked: Callable[[], list[Tensor]],
+def _row_slots(stacks: _Stacks, mixed: Any, checks: Any, present: list[str], owner: dict,
+               reader: Callable[[Any], list[Tensor]], base: nn.Module | None,
                build: Callable[[Any], tuple[Tensor, ...]], frozen: Callable[[Any], tuple[Tensor, ...]] | None,
-               frozen_exact: Callable[[Any], list[Tensor]] = lambda _: []) -> tuple[int, ...]:
-    """Each segment's slot (current), the frozen slot 0 for tasks the module does not adapt."""
+               frozen_module: nn.Module | None = None, frozen_reader: Callable[[Any], list[Tensor]] | None = None,
+               ) -> tuple[int, ...]:
+    """Each segment's slot (current); for tasks the module does not adapt, the frozen slot 0
+    (built by ``frozen`` from ``frozen_module``, whose inputs ``frozen_reader`` reads, or zero
+    where ``frozen`` is None)."""
     slots = []
     for task, _, _ in mixed.segments:
         if task in present:
-            slots.append(_slot(stacks, task, _task_watch(checks, task, mixed), exact, tracked, build))
+            slots.append(_slot(stacks, task, _task_watch(checks, task, mixed), owner, reader, base, build))
+        elif frozen is None:
+            slots.append(0)
         else:
-            slots.append(0 if frozen is None else _slot(stacks, _FROZEN, None, frozen_exact, tracked, frozen))
+            slots.append(_slot(stacks, _FROZEN, None, {_FROZEN: frozen_module}, frozen_reader or reader, base, frozen))
     return tuple(slots)
-
-
-_NO_TRACKED: Callable[[], list[Tensor]] = list
 
 
 # --------------------------------------------------------------------------- conv / Linear
@@ -323,10 +346,6 @@ def _conv_out(size: torch.Size, base: nn.Module, padding: tuple[int, ...]) -> li
             for s, p, d, k, st in zip(size, padding, base.dilation, base.kernel_size, base.stride)]
 
 
-def _weight_of(base: nn.Module) -> list[Tensor]:
-    return [base._parameters["weight"]]
-
-
 def _full_rows(layer: Any, present: list[str], mixed: Any) -> tuple[_Stacks, tuple[int, ...]]:
     """Stacks of W + ΔW per task (any update kind), slot 0 = W; and each segment's slot."""
     base = layer._modules["base"]
@@ -334,16 +353,10 @@ def _full_rows(layer: Any, present: list[str], mixed: Any) -> tuple[_Stacks, tup
     updates = layer._modules["tasks"]._modules
     checks = layer.context.checks
     stacks = _state(layer, "full", (weight.dtype, weight.device), checks)
-    exact = partial(_update_tensors, updates)
     build = lambda task: (weight + updates[task].delta(weight.shape),)  # noqa: E731
-    slots = _row_slots(stacks, mixed, checks, present, exact, partial(_weight_of, base), build,
-                       lambda _: (weight,))
+    slots = _row_slots(stacks, mixed, checks, present, updates, _TENSORS, base, build, lambda _: (weight,), base,
+                       _NO_INPUTS)
     return stacks, slots
-
-
-def _update_tensors(updates: dict, task: Any) -> list[Tensor]:
-    update = updates.get(task)
-    return update.tensors() if update is not None else []
 
 
 def _lowrank_parts(updates: dict, dtype: torch.dtype, fold_kernel: bool, task: str) -> tuple[Tensor, ...]:
@@ -368,7 +381,7 @@ def _lowrank_rows(layer: Any, present: list[str], mixed: Any, fold_kernel: bool)
     updates: dict[str, TaskUpdate] = layer._modules["tasks"]._modules
     checks = layer.context.checks
     stacks = _state(layer, "lowrank", (weight.dtype, weight.device, fold_kernel), checks)
-    slots = _row_slots(stacks, mixed, checks, present, partial(_update_tensors, updates), _NO_TRACKED,
+    slots = _row_slots(stacks, mixed, checks, present, updates, _TENSORS, None,
                        partial(_lowrank_parts, updates, weight.dtype, fold_kernel), None)
     return stacks, slots
 
@@ -476,11 +489,6 @@ def _norm_tensors(module: nn.Module) -> list[Tensor]:
     return [t for t in tensors if t is not None]
 
 
-def _copy_tensors(copies: dict, task: Any) -> list[Tensor]:
-    copy = copies.get(task)
-    return _norm_tensors(copy) if copy is not None else []
-
-
 def _norm_affine(module: nn.Module, kind: str) -> tuple[Tensor, Tensor]:
     """(scale, shift) of the norm, applied after an affine-free normalisation (for BatchNorm in
     eval: its running statistics folded in, so the scale and shift are the whole norm)."""
@@ -514,9 +522,8 @@ def mixed_norm_forward(norm: Any, x: Tensor, mixed: Any) -> Tensor | None:
         return None  # a task's copy in train mode, or of another configuration: per task
     checks = norm.context.checks
     stacks = _state(norm, "norm", (meta, x.device), checks)
-    slots = _row_slots(stacks, mixed, checks, present, partial(_copy_tensors, copies), _NO_TRACKED,
-                       lambda task: _norm_affine(copies[task], kind), lambda _: _norm_affine(base, kind),
-                       lambda _: _norm_tensors(base))
+    slots = _row_slots(stacks, mixed, checks, present, copies, _norm_tensors, None,
+                       lambda task: _norm_affine(copies[task], kind), lambda _: _norm_affine(base, kind), base)
     rows = mixed.rows(slots, x.device)
     scale, shift = (t.index_select(0, rows) for t in stacks.tensors)
     if kind == "bn":

@@ -83,6 +83,7 @@ def main() -> None:
         q1, q3 = per_round[len(per_round) // 4], per_round[(3 * len(per_round)) // 4]
         paired = statistics.median(per_round)
         paired_view = statistics.median(v / b for v, b in zip(times["view"], times["backbone"]))
+        factors = ftn_model._plain_views["t"].watch.tensors
         print(f"{arch}@{size} b{batch} ({args.rounds} rounds): backbone {med['backbone']:.2f} ms, "
               f"merged {med['merged']:.2f} ms (× {med['merged'] / med['backbone']:.3f}), "
               f"unmerged {med['unmerged']:.2f} ms (× {med['unmerged'] / med['backbone']:.3f}; paired "
@@ -90,7 +91,8 @@ def main() -> None:
               f"(× {med['wrappers'] / med['backbone']:.3f}); overhead unmerged − merged "
               f"{med['unmerged'] - med['merged']:.3f} ms over {len(ftn_model.adapted_layers())} "
               f"adapted layers; its parts: check {med['check']:.3f} ms, view forward {med['view']:.2f} ms "
-              f"(× {med['view'] / med['backbone']:.3f}; paired {paired_view:.3f})", flush=True)
+              f"(× {med['view'] / med['backbone']:.3f}; paired {paired_view:.3f}); the check compares "
+              f"{len(factors)} factor tensors, {sum(t.numel() for t in factors):,} numbers, by value", flush=True)
 
 
 if __name__ == "__main__":

@@ -271,3 +271,22 @@ def test_loading_or_removing_a_task_builds_only_its_own_slots():
         model.forward_mixed(x, tasks)
     assert dict(mixed.slot_builds) == {names[0]: 1}
     assert_mixed_equals_per_task(model, x, tasks)
+
+
+def test_a_model_with_stacks_saves_and_copies():
+    """The stacks (and the watches' weak references) are a cache: a saved or copied model starts
+    without them and still equals the per-task model."""
+    import copy
+    import io
+
+    model, names = mobilenet_like(3)
+    x = torch.randn(6, 3, 32, 32)
+    tasks = [names[i % 3] for i in range(6)]
+    with torch.no_grad():
+        model.forward_mixed(x, tasks)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert all(not s.slots for m in other.modules() for s in m.__dict__.get("_mixed_stacks", {}).values())
+        assert_mixed_equals_per_task(other.eval(), x, tasks)

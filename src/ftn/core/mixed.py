@@ -160,6 +160,14 @@ class _Stacks:
         self.watched: dict[str, tuple] = {}
         self.unit: dict[tuple, tuple[Tensor, Tensor]] = {}  # BatchNorm: zero mean, unit variance by size
 
+    # Copies (copy.deepcopy, pickling a model) start empty: slots belong to the tensors they were
+    # built from, and the watches hold weak references, which cannot be pickled.
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Stacks:
+        return type(self)(self.kind, self.key)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.kind, self.key)
+
 
 def _state(module: nn.Module, kind: str, key: Any, checks: Any) -> _Stacks:
     """The module's stacks of ``kind``, new (empty) when their key (dtype, device, ...) changed."""
@@ -521,7 +529,8 @@ def mixed_norm_forward(norm: Any, x: Tensor, mixed: Any) -> Tensor | None:
     if any(_norm_meta(copies[task]) != meta for task in present):
         return None  # a task's copy in train mode, or of another configuration: per task
     checks = norm.context.checks
-    stacks = _state(norm, "norm", (meta, x.device), checks)
+    dtype = next((t.dtype for t in _norm_tensors(base)), None)  # the stacks' (affines of another dtype: new ones)
+    stacks = _state(norm, "norm", (meta, x.device, dtype), checks)
     slots = _row_slots(stacks, mixed, checks, present, copies, _norm_tensors, None,
                        lambda task: _norm_affine(copies[task], kind), lambda _: _norm_affine(base, kind), base)
     rows = mixed.rows(slots, x.device)

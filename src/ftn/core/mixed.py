@@ -121,6 +121,20 @@ def _watch_ok(watch: EntryWatch) -> bool:
     return watch.ok()
 
 
+_BATCH = object()  # the key, among a model's watches, of the current batch's watches by task
+
+
+def _batch_watches(checks: Any, mixed: Any) -> dict[str, _TaskWatch]:
+    """The watches of the batch's tasks, each checked once for this batch (looked up once per
+    batch, not per module and task)."""
+    watches = _watches.get(checks)
+    batch = watches.get(_BATCH) if watches is not None else None
+    if batch is None or batch[0] is not mixed:
+        batch = (mixed, {task: _task_watch(checks, task, mixed) for task, _, _ in mixed.segments})
+        _watches[checks][_BATCH] = batch
+    return batch[1]
+
+
 def _task_watch(checks: Any, task: str, mixed: Any) -> _TaskWatch:
     """The task's watch, checked once for this batch (a failed check empties it)."""
     watches = _watches.get(checks)
@@ -198,6 +212,7 @@ def drop_stacks(module: nn.Module) -> None:
                 cache.pop(task)
             if watches is not None:
                 watches.pop(task, None)  # it holds the task's tensors; a new task starts afresh
+                watches.pop(_BATCH, None)
 
 
 def _write(stacks: _Stacks, slot: int, parts: tuple[Tensor, ...]) -> None:
@@ -276,9 +291,10 @@ def _row_slots(stacks: _Stacks, mixed: Any, checks: Any, present: list[str], own
     (built by ``frozen`` from ``frozen_module``, whose inputs ``frozen_reader`` reads, or zero
     where ``frozen`` is None)."""
     slots = []
+    watches = _batch_watches(checks, mixed)
     for task, _, _ in mixed.segments:
         if task in present:
-            slots.append(_slot(stacks, task, _task_watch(checks, task, mixed), owner, reader, base, build))
+            slots.append(_slot(stacks, task, watches[task], owner, reader, base, build))
         elif frozen is None:
             slots.append(0)
         else:

@@ -36,6 +36,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TASKS = [f"t{i}" for i in range(8)]
 PER_REPLICA = 4  # 8 tasks on 2 replicas: each replica must evict
 IMAGES = 2
+RESTART_DEADLINE_S = 240
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +204,9 @@ def test_keeps_answering_when_a_replica_process_is_killed(cluster, library):
         killed = time.monotonic()
         errors = answered = 0
         restarted = None
-        while restarted is None and time.monotonic() < killed + 60:
+        # A new replica imports torch and loads the backbone, which took over 60 s on a loaded 2-core
+        # machine: the deadline leaves room; the test asserts that it does restart.
+        while restarted is None and time.monotonic() < killed + RESTART_DEADLINE_S:
             for task in TASKS:
                 r = predict(client, task, image)
                 if r.status_code != 200:
@@ -213,7 +216,7 @@ def test_keeps_answering_when_a_replica_process_is_killed(cluster, library):
                 answered += 1
                 if r.headers[REPLICA_HEADER] not in before:
                     restarted = time.monotonic() - killed
-        assert restarted is not None, "Ray did not restart the killed replica within 60 s"
+        assert restarted is not None, f"Ray did not restart the killed replica within {RESTART_DEADLINE_S} s"
         assert answered > 0
         for task in TASKS:  # recovered: every task answers, as ftn predict does
             r = predict(client, task, image)

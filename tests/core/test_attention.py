@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from ftn import FTNConfig, FTNModel
+from ftn import FTNConfig, FTNLayer, FTNModel
 from ftn.core.attention import (FTNBiasLinear, FTNFusedLinear, FTNMultiheadAttention,
                            FTNProjection, TaskBias)
 from ftn.core.errors import ConfigError
@@ -370,3 +370,20 @@ def test_bias_only_task_with_rank_zero():
     _train(model, "bitfit", _bert_inputs())
     with torch.no_grad():
         assert not torch.allclose(_out(model(*args, task="bitfit", **kwargs)), before)
+
+
+def test_frozen_tensors_skip_every_per_task_tensor_without_walking_them():
+    """frozen_tensors prunes the wrappers' per-task containers instead of walking them: the same
+    names and objects as torch's own walk minus every per-task tensor, with per-task biases
+    (whose base shares the layer's bias Parameter), LayerNorm copies and several tasks."""
+    model = FTNModel(_bert(), config=FTNConfig(rank=2, train_bias=True))
+    for task in ("a", "b", "c"):
+        model.add_task(task)
+    per_task = {id(t) for m in model.backbone.modules() if isinstance(m, (FTNLayer, TaskNorm))
+                for t in (*m.tasks.parameters(), *m.tasks.buffers())}
+    expected = {name: t for name, t in (*model.backbone.named_parameters(), *model.backbone.named_buffers())
+                if id(t) not in per_task}
+    frozen = model.frozen_tensors()
+    assert list(frozen) == list(expected) and all(frozen[k] is expected[k] for k in expected)
+    assert not any(id(t) in per_task for t in frozen.values())
+    assert any(name.endswith("query.base.bias") or name.endswith("query.bias") for name in frozen)

@@ -25,7 +25,7 @@ from ray import serve  # noqa: E402
 from ftn.apps.serving.loadtest import free_port  # noqa: E402
 from ftn.apps.serving.predict import run_predict  # noqa: E402
 from ftn.apps.serving.ray_serve import (  # noqa: E402
-    MODEL_ID_HEADER, REPLICA_HEADER, application, parse_serve_run_args, replica_config)
+    MODEL_ID_HEADER, REPLICA_HEADER, application, parse_serve_run_args, patient_startup_env, replica_config)
 from ftn.core.errors import ConfigError  # noqa: E402
 
 from helpers.serving import make_adapters, png_bytes  # noqa: E402
@@ -66,9 +66,13 @@ def cluster(library):
     port = free_port()
     saved = os.environ.get("FTN_ADMIN_TOKEN")
     os.environ["FTN_ADMIN_TOKEN"] = TOKEN  # replicas are started by this process's Ray: they inherit it
+    patient_startup_env()
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
     try:
         assert [node["NodeManagerAddress"] for node in ray.nodes()] == ["127.0.0.1"]
+        # Ray's own processes (Serve's controller among them) see the patient proxy timeouts
+        seen = ray.get(ray.remote(lambda: os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S")).remote())
+        assert seen == os.environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(application({"adapters": str(root / "adapters"), "backbone": "tiny_convnet", "no_pretrained": True,
                                "seed": 0, "threads": 1, "replicas": 2, "tasks_per_replica": PER_REPLICA,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import signal
 import threading
@@ -50,6 +51,18 @@ MODEL_ID_HEADER = "serve_multiplexed_model_id"
 #: Response header naming the replica that answered (for operators and the tests).
 REPLICA_HEADER = "x-ftn-replica"
 _TASK_PATH = re.compile(r"^/tasks/([^/]+)(/predict)?/?$")
+#: Ray Serve gives its HTTP proxy 5 s to report ready and kills it after three misses, which a
+#: loaded 2-core machine misses while replicas import torch (seen: ``serve.start`` failing with
+#: ActorDiedError at load average 4). Read by the processes ``ray.init`` starts; a user's own
+#: setting wins.
+PATIENT_STARTUP_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+                       "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+
+
+def patient_startup_env() -> None:
+    """Set :data:`PATIENT_STARTUP_ENV`'s defaults; call before ``ray.init`` starts a local Ray."""
+    for key, value in PATIENT_STARTUP_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def _signature(path: Path) -> tuple[int, int] | None:
@@ -213,6 +226,7 @@ def run_ray(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = application(args)
+    patient_startup_env()
     ray.init(logging_level=logging.WARNING)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own

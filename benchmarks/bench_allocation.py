@@ -68,13 +68,30 @@ def sweep_rows(folder: Path, seed: int = 0) -> list[dict]:
     method.budget_allocation=...`` output: each grid point's run of ``seed``, every task's
     ``allocation.json``."""
     rows = []
+    chosen = _chosen_rates(folder)
     for run in sorted((folder / "runs").glob(f"*/*/lr*/seed{seed}")):
+        if chosen and float(run.parent.name[2:]) not in chosen.get(run.parent.parent.name, ()):
+            continue  # a rate of the grid search that validation did not choose
         config = json.loads((run / "config.json").read_text())
         alloc = {t.parent.name: json.loads(t.read_text()) for t in sorted(run.glob("*/allocation.json"))}
         if alloc:
             rows.append({"budget": config["method"]["budget"], "allocation": config["method"]["budget_allocation"],
                          "alloc": alloc, "backbone": config["model"].get("backbone", "")})
     return rows
+
+
+def _chosen_rates(folder: Path) -> dict[str, set[float]]:
+    """Grid-point folder name -> the rates chosen on validation, from the sweep's ``results.json``
+    (empty when there is none: then every rate's run is drawn)."""
+    results = folder / "results.json"
+    if not results.exists():
+        return {}
+    chosen: dict[str, set[float]] = {}
+    for row in json.loads(results.read_text())["rows"]:
+        if row.get("chosen"):
+            key = "__".join(part.replace(" ", "") for part in row["grid_point"].split(","))
+            chosen.setdefault(key, set()).add(float(row["lr"]))
+    return chosen
 
 
 def plot(rows: list[dict], path: Path) -> None:

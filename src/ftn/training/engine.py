@@ -79,14 +79,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor in it (tuples, lists, dicts) moved to ``device``."""
+def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """``batch`` with every tensor in it (tuples, lists, dicts) moved to ``device``;
+    ``channels_last``: its 4-d floating-point tensors (images) in channels-last layout, as
+    ``train.channels_last`` puts the backbone. A conv whose input is channels-last runs
+    channels-last whatever its weight's layout: FTN's W + ΔW is built in the default layout, so
+    without this only methods training the backbone's own weights would get the faster layout."""
     if isinstance(batch, Tensor):
+        if channels_last and batch.dim() == 4 and batch.is_floating_point():
+            return batch.to(device, non_blocking=True, memory_format=torch.channels_last)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(b, device) for b in batch)
+        return type(batch)(to_device(b, device, channels_last) for b in batch)
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
     return batch
 
 
@@ -192,8 +198,9 @@ def _own_optimizer_params(model: TrainableTask) -> set[int]:
 
 @torch.no_grad()
 def evaluate(model: TrainableTask, data: TaskData, split: str, batch_size: int, device: torch.device,
-             amp: str = "off", num_workers: int = 0) -> dict[str, float] | None:
-    """The objective's metrics on ``data.<split>`` (None if that split is absent or empty)."""
+             amp: str = "off", num_workers: int = 0, channels_last: bool = False) -> dict[str, float] | None:
+    """The objective's metrics on ``data.<split>`` (None if that split is absent or empty);
+    ``channels_last``: image batches in that layout (:func:`to_device`)."""
     dataset = getattr(data, split)
     if dataset is None or len(dataset) == 0:  # type: ignore[arg-type]
         return None
@@ -205,12 +212,13 @@ def evaluate(model: TrainableTask, data: TaskData, split: str, batch_size: int, 
                         collate_fn=data.collate)
     context, _ = _autocast(amp, device)
     with context:
-        return data.objective.metrics(model, (to_device(b, device) for b in loader))
+        return data.objective.metrics(model, (to_device(b, device, channels_last) for b in loader))
 
 
 @torch.no_grad()
 def evaluate_examples(model: TrainableTask, data: TaskData, split: str, batch_size: int, device: torch.device,
-                      amp: str = "off", num_workers: int = 0) -> tuple[dict[str, float], np.ndarray | None] | None:
+                      amp: str = "off", num_workers: int = 0,
+                      channels_last: bool = False) -> tuple[dict[str, float], np.ndarray | None] | None:
     """``(metrics, per-example statistics)`` of ``data.<split>`` in one pass, in the split's order
     (None if the split is absent or empty). The statistics are the objective's
     :meth:`~ftn.training.setting.Objective.example_stats` (rows sum back to the metrics); when the
@@ -224,9 +232,9 @@ def evaluate_examples(model: TrainableTask, data: TaskData, split: str, batch_si
                         collate_fn=data.collate)
     context, _ = _autocast(amp, device)
     with context:
-        stats = data.objective.example_stats(model, (to_device(b, device) for b in loader))
+        stats = data.objective.example_stats(model, (to_device(b, device, channels_last) for b in loader))
         if stats is None:
-            return data.objective.metrics(model, (to_device(b, device) for b in loader)), None
+            return data.objective.metrics(model, (to_device(b, device, channels_last) for b in loader)), None
     return data.objective.metrics_from_stats(stats.sum(0)), stats
 
 
@@ -373,7 +381,8 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
         log.info("resumed %s at step %d (epoch %d)", data.name, step, epoch)
 
     def metrics_on(split: str) -> dict[str, float] | None:
-        return evaluate(model, data, split, data_cfg.eval_batch_size, device, train_cfg.amp, data_cfg.num_workers)
+        return evaluate(model, data, split, data_cfg.eval_batch_size, device, train_cfg.amp, data_cfg.num_workers,
+                        train_cfg.channels_last)
 
     def checkpoint() -> None:
         if not main:
@@ -426,7 +435,7 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
             started = time.perf_counter()
             for batch in loader:
                 objective.check(batch, "train")  # on the host: no device sync
-                batch = to_device(batch, device)
+                batch = to_device(batch, device, train_cfg.channels_last)
                 if data.augment is not None:
                     batch = data.augment(batch)
                 with autocast:
@@ -512,7 +521,8 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
         model.eval()
         loader = recalibration_loader(data.recal if data.recal is not None else data.train, data_cfg.batch_size,
                                       train_cfg.recalibrate_batches, seed, data_cfg.num_workers, data.collate)
-        recalibrate_batchnorm(lambda batch: model(*objective.inputs(to_device(batch, device))),
+        layout = train_cfg.channels_last
+        recalibrate_batchnorm(lambda batch: model(*objective.inputs(to_device(batch, device, layout))),
                               model.batchnorms(), loader, input_fn=lambda batch: batch)
         if info.enabled:
             dist.average_tensors(b for bn in model.batchnorms() for b in bn.buffers())

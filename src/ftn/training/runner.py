@@ -9,6 +9,7 @@ own and the backbone is built from the same seed in every process.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -22,12 +23,13 @@ import torch
 from ..core.io import atomic_write_bytes
 from ..core.errors import ConfigError
 from . import budget, distributed
+from .allocator import keep_freed_memory
 from .config import ExperimentConfig, config_to_dict, setting_class
 from .engine import evaluate, evaluate_examples, resolve_device, seed_everything, train_task
 from .methods import Method, make_method
 from .setting import Setting, TaskData
 
-__all__ = ["build", "run_experiment", "run_experiments", "load_tasks", "evaluate_tasks", "evaluate_task_examples"]
+__all__ = ["build", "run_experiment", "run_experiments", "cpu_count", "cpu_seconds", "task_order", "load_tasks", "evaluate_tasks", "evaluate_task_examples"]
 
 log = logging.getLogger("ftn.train")
 
@@ -77,6 +79,8 @@ def _train_tasks(cfg: ExperimentConfig, setting: Setting, method: Method, names:
     out = Path(cfg.output_dir)
     order = setting.tasks()
     results = {}
+    if cfg.train.keep_freed_memory:
+        keep_freed_memory()
     for name in names:
         if name in method.tasks:
             raise ConfigError(f"task {name!r} is already in the model (loaded from a file)")
@@ -197,13 +201,29 @@ def _job(args: tuple[ExperimentConfig, str, int | None]) -> dict[str, Any]:
     return _train_tasks(cfg, setting, method, [name], device, progress=False)
 
 
+def task_order(tasks: Sequence[Sequence[str]], interleave: bool) -> list[tuple[int, str]]:
+    """(config index, task) in the order :func:`run_experiments` starts them: config by config,
+    or round-robin over the configs (``interleave``)."""
+    jobs = [[(i, name) for name in names] for i, names in enumerate(tasks)]
+    if interleave:
+        return [job for rank in itertools.zip_longest(*jobs) for job in rank if job is not None]
+    return [job for config_jobs in jobs for job in config_jobs]
+
+
 def run_experiments(cfgs: Sequence[ExperimentConfig], progress: bool = True, workers: int = 1,
                     threads: int | None = None,
-                    on_result: Callable[[int, str, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+                    on_result: Callable[[int, str, dict[str, Any]], None] | None = None,
+                    interleave: bool = False) -> list[dict[str, Any]]:
     """Run several configs (e.g. the methods of a demo). ``workers > 1`` trains their tasks in
     that many spawned processes, each with ``threads`` torch threads, the tasks of the first
     configs first; the results equal a sequential run. ``on_result(config index, task, result)``
-    is called as each task finishes."""
+    is called as each task finishes.
+
+    ``interleave``: with workers, start the tasks round-robin over the configs (every config's
+    first task, then every config's second, ...). A task's training time depends on what runs
+    beside it; interleaved, every config's tasks run beside the same mix of others, so the
+    configs' times compare (the demo's table shows them). Config by config, a config's last
+    tasks would run beside the next config's or alone."""
     if workers <= 1:
         previous = torch.get_num_threads()
         if threads:
@@ -234,8 +254,8 @@ def run_experiments(cfgs: Sequence[ExperimentConfig], progress: bool = True, wor
         _finish(cfg, summaries[i])
 
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_job, (cfg, name, threads)): (i, name)
-                   for i, (cfg, setting) in enumerate(zip(cfgs, settings)) for name in setting.tasks()}
+        order = task_order([setting.tasks() for setting in settings], interleave)
+        futures = {pool.submit(_job, (cfgs[i], name, threads)): (i, name) for i, name in order}
         bar = tqdm(total=len(futures), desc="tasks", disable=not progress, leave=False)
         for future in as_completed(futures):
             i, name = futures[future]
@@ -253,6 +273,22 @@ def run_experiments(cfgs: Sequence[ExperimentConfig], progress: bool = True, wor
     return summaries  # type: ignore[return-value]
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children (the workers): the
+    wall time the run would take on one dedicated core, whatever the machine's load."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def evaluate_tasks(cfg: ExperimentConfig, files: Sequence[str | Path], split: str = "test") -> dict[str, Any]:
     """Metrics of saved tasks (``ftn eval``): the method of ``cfg`` on the backbone it was trained
     on, each task's file loaded, ``split`` of its data scored with the setting's objective."""
@@ -261,7 +297,7 @@ def evaluate_tasks(cfg: ExperimentConfig, files: Sequence[str | Path], split: st
     metrics = {}
     for name, data in load_tasks(setting, method, files).items():
         metrics[name] = evaluate(method.tasks[name], data, split, cfg.data.eval_batch_size, device, cfg.train.amp,
-                                 cfg.data.num_workers)
+                                 cfg.data.num_workers, cfg.train.channels_last)
     return metrics
 
 
@@ -276,7 +312,7 @@ def evaluate_task_examples(cfg: ExperimentConfig, files: Sequence[str | Path], s
     out: dict[str, dict[str, Any]] = {}
     for name, data in load_tasks(setting, method, files).items():
         found = evaluate_examples(method.tasks[name], data, split, cfg.data.eval_batch_size, device, cfg.train.amp,
-                                  cfg.data.num_workers)
+                                  cfg.data.num_workers, cfg.train.channels_last)
         if found is None:
             raise ConfigError(f"task {name!r} has no {split} split to evaluate")
         metrics, stats = found

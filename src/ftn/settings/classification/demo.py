@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ...core.io import atomic_write_bytes
 from ...training.config import ExperimentConfig, apply_overrides, new_config
 from ...training.methods import method_class
-from ...training.runner import run_experiment
+from ...training.runner import cpu_count, cpu_seconds, run_experiments
 
 __all__ = ["DEMO_METHODS", "DEFAULT_LR", "DEFAULT_HEAD_LR", "method_lr", "demo_config", "run_demo", "format_table",
            "plot_results", "write_samples"]
@@ -37,9 +39,13 @@ def method_lr(method: str) -> tuple[float, float]:
 def _label(method: str) -> str:
     return method_class(method).display_name()
 
-# Full run: the whole embedded benchmark (all five methods: 28 min of wall time on 2 CPU cores shared
-# with another demo, docs/demo_results.json).
+# Full run: the whole embedded benchmark (its wall time: the README's Quick start and
+# docs/demo_results.json).
 FULL = ["data.image_size=64", "train.epochs=5", "data.batch_size=64", "method.ftn.rank=8"]
+# How `ftn demo` runs them, beyond what `ftn sweep --demo multidomain` shares (FULL): channels-last
+# makes every method's CPU step 1.5-1.6x faster at 64 px (benchmarks/bench_training.py
+# --channels-last; docs/performance.md) and changes results only by float rounding.
+DEMO_RUN = ["train.channels_last=true"]
 # Quick run (CI, a smoke test, not results): a small slice of every domain, one short epoch, smaller
 # images (its measured time: the README's Quick start).
 QUICK = ["data.image_size=32", "train.epochs=1", "data.batch_size=32", "data.train_limit=192",
@@ -57,18 +63,33 @@ def demo_config(method: str, output: Path, quick: bool, extra: list[str] = ()) -
 
 
 def run_demo(output: str | Path = "outputs/demo", quick: bool = False, methods: tuple[str, ...] = DEMO_METHODS,
-             progress: bool = True, extra: list[str] = ()) -> dict[str, Any]:
+             progress: bool = True, extra: list[str] = (), workers: int | None = None) -> dict[str, Any]:
+    """Train ``methods`` on every domain and write the table, ``results.json`` and the plot.
+
+    The (method, domain) runs are independent, so they train in ``workers`` processes of one torch
+    thread each (default: one per CPU, at most 2). On a 2-core CPU two single-thread runs side by
+    side finish sooner than one after another with two threads each: these 64-px convolutions are
+    too small for a second thread to pay. Each run's result equals a sequential run's up to the
+    float rounding of the thread count."""
     output = Path(output)
-    started = time.perf_counter()
-    rows = {}
-    for method in methods:
-        cfg = demo_config(method, output, quick, list(extra))
-        summary = run_experiment(cfg, progress=progress)
-        rows[method] = summary
+    workers = min(2, cpu_count()) if workers is None else workers
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    cfgs = [demo_config(method, output, quick, [*DEMO_RUN, *extra]) for method in methods]
+
+    def report(i: int, task: str, res: dict[str, Any]) -> None:
+        if progress:
+            print(f"[{_label(methods[i])} / {task}] test {res['test']['acc']:.1f}%", flush=True)
+
+    summaries = run_experiments(cfgs, progress=progress, workers=workers, threads=1 if workers > 1 else None,
+                                on_result=report, interleave=True)
+    rows = dict(zip(methods, summaries))
+    for method, summary in rows.items():
         print(format_row(method, summary), flush=True)
     results = {"quick": quick, "wall_seconds": round(time.perf_counter() - started, 1), "methods": rows,
-               "settings": {"quick_overrides" if quick else "overrides": QUICK if quick else FULL,
-                            "lr": {m: method_lr(m)[0] for m in methods}}}
+               "settings": {"quick_overrides" if quick else "overrides": [*(QUICK if quick else FULL), *DEMO_RUN],
+                            "lr": {m: method_lr(m)[0] for m in methods}},
+               "machine": {"workers": workers, "torch_threads_per_worker": 1 if workers > 1 else torch.get_num_threads(),
+                           "cpu_count": cpu_count(), "cpu_seconds": round(cpu_seconds() - cpu_started, 1)}}
     atomic_write_bytes(output / "results.json", json.dumps(results, indent=2).encode())
     (output / "table.md").write_text(format_table(results) + "\n")
     plot_results(results, output / "accuracy_vs_parameters.png")

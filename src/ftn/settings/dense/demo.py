@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ...training.config import ExperimentConfig, apply_overrides, new_config
-from ...training.runner import build, load_tasks, run_experiments
+from ...training.runner import build, cpu_count, cpu_seconds, load_tasks, run_experiments
 from .scenes import CLASS_NAMES, write_nyud_layout
 from .setting import compare
 from .tasks import dense_task, main_metrics
@@ -88,7 +88,7 @@ def run_dense_demo(output: str | Path = "outputs/dense_demo", quick: bool = Fals
     n_train = size["n_train"] if n_train is None else n_train
     n_val = size["n_val"] if n_val is None else n_val
     started = time.perf_counter()
-    cpu_started = _cpu_seconds()
+    cpu_started = cpu_seconds()
     scenes = output / "scenes"
     write_nyud_layout(scenes, n_train, n_val, size=(size["size"], size["size"]), seed=0, workers=2)
     render_seconds = time.perf_counter() - started
@@ -115,8 +115,8 @@ def run_dense_demo(output: str | Path = "outputs/dense_demo", quick: bool = Fals
                                "scenes": {"train": n_train, "val": n_val, "size": size["size"],
                                           "render_seconds": round(render_seconds, 1)}}
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
-    results["machine"] = {"torch_threads_per_worker": 1, "workers": workers, "cpu_count": _cpu_count(),
-                          "cpu_seconds": round(_cpu_seconds() - cpu_started, 1)}
+    results["machine"] = {"torch_threads_per_worker": 1, "workers": workers, "cpu_count": cpu_count(),
+                          "cpu_seconds": round(cpu_seconds() - cpu_started, 1)}
     table = format_dense_table(results)
     results["table"] = table
     _write_json(output / "results.json", results)
@@ -167,21 +167,6 @@ def predict(cfg: ExperimentConfig, indices: tuple[int, ...]) -> dict[str, torch.
         model.eval()
         out.update({t: y.float() for t, y in model(x).items()})
     return out
-
-
-def _cpu_seconds() -> float:
-    """CPU time (user + system) of this process and its finished children (the workers): the
-    wall time the run would take on one dedicated core, whatever the machine's load."""
-    import resource
-
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def format_dense_table(results: dict[str, Any]) -> str:

@@ -27,6 +27,37 @@ def test_compiled_training_equals_eager(tmp_path):
     assert compiled_result.steps == eager_result.steps == 4
 
 
+def test_the_optimizer_step_compiles_once_over_a_changing_schedule(tmp_path):
+    # The rates are tensors the schedule fills (warm-up then cosine: a new rate every step), so
+    # the step compiles to one graph beside the loss's and never recompiles.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = TrainConfig(epochs=1, max_steps=6, warmup_steps=2, checkpoint_every=0, lr=1e-2, recalibrate_bn=False,
+                      compile="aot_eager")
+    _, task, _ = run(tmp_path, train=cfg)
+    assert counters["stats"]["unique_graphs"] == 2  # the loss (forward + backward) and the optimizer step
+    assert not counters["recompiles"]
+
+
+@pytest.mark.parametrize("first, second", [("off", "aot_eager"), ("aot_eager", "off")])
+def test_resuming_across_compile_settings_continues_the_same_run(tmp_path, first, second):
+    # A checkpoint holds float rates without train.compile and tensor rates with it; a resume
+    # with the other setting converts them and ends where an uninterrupted run ends.
+    cfg = dict(epochs=2, checkpoint_every=2, lr=1e-2, recalibrate_bn=False)
+    _, reference, _ = run(tmp_path / "ref", train=TrainConfig(**cfg))
+    torch._dynamo.reset()
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", stop=4, train=TrainConfig(**cfg, compile=first))
+    torch._dynamo.reset()
+    _, resumed, result = run(tmp_path / "run", train=TrainConfig(**cfg, compile=second))
+    a, b = reference.state_dict(), resumed.state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert result.steps == 12
+
+
 def test_unknown_compile_mode_is_refused():
     with pytest.raises(ConfigError, match="train.compile"):
         load_config(None, ["train.compile=fast"])

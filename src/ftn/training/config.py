@@ -90,10 +90,12 @@ class TrainConfig:
     # trains about 1.1-1.8× faster on the CPU (docs/performance.md, "CPU, third round"); results
     # equal the default layout's up to float rounding, and files saved either way load either way.
     channels_last: bool = False
-    # torch.compile the training step's forward and backward (one graph pair; FTN's layers trace
-    # without graph breaks): off | default (inductor) | reduce-overhead (inductor + CUDA graphs
-    # on CUDA: one launch per step) | max-autotune | aot_eager (traced, not code-generated: for
-    # checking a model traces). The first steps pay the compilation (tens of seconds to minutes).
+    # torch.compile the training step: the loss's forward and backward (one graph pair; FTN's
+    # layers trace without graph breaks) and the main optimizer's step (one more graph; its rates
+    # become tensors so the schedule never recompiles it; not under fp16's GradScaler): off |
+    # default (inductor) | reduce-overhead (inductor + CUDA graphs on CUDA: one launch per step) |
+    # max-autotune | aot_eager (traced, not code-generated: for checking a model traces). The
+    # first steps pay the compilation (tens of seconds to minutes).
     compile: str = "off"
     # Keep freed memory in the training process (glibc's malloc thresholds raised, see
     # ftn.training.allocator): no page faults on each step's activation buffers. A MobileNetV2

@@ -182,14 +182,30 @@ def _optimizers(model: TrainableTask, cfg: TrainConfig) -> list[torch.optim.Opti
     # PyTorch takes it by default only on accelerators; on the CPU it gives bit-identical updates
     # (tests/training/test_engine.py) and halves the optimizer step of a task with hundreds of
     # small factor tensors (MobileNetV2 FTN: 262 tensors, 6.5 → 3.6 ms per step, 1 thread).
+    # train.compile also compiles the main optimizer's step (_compiled_step). PyTorch's recipe for
+    # that: the rates as tensors on the parameters' device, so the schedule writes a new value into
+    # the same tensor (LRScheduler fills it) instead of a new constant that would recompile the step
+    # every time; AdamW takes tensor rates only with capturable=True, which also keeps its step
+    # counters on the device (no reads of a CPU counter, a CUDA graph can replay the step).
+    compiled = cfg.compile != "off"
+    # The schedule's base rates stay floats ("initial_lr", which LRScheduler would otherwise clone
+    # from the tensor): it then fills each tensor from a float, never reading one back from the device.
+    if compiled:
+        groups = [{**g, "lr": _rate_tensor(g["lr"], g["params"]), "initial_lr": float(g["lr"])} for g in groups]
+    lr = groups[0]["lr"] if groups else cfg.lr
     if cfg.optimizer == "adamw":
-        main = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+        main = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, foreach=True, capturable=compiled)
     else:
-        main = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+        main = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
     # A group with an optimizer of its own (TAPS's scores: SGD with a proximal L1 step) is built
     # by the factory it carries, from its parameters and rate.
     own = [g["optimizer"](g["params"], g["lr"]) for g in model.extra_groups if g.get("optimizer") and g["params"]]
     return [main, *own]
+
+
+def _rate_tensor(rate: float | Tensor, params: list[Tensor]) -> Tensor:
+    """A learning rate as a 0-dim fp32 tensor on the device of the group's parameters."""
+    return torch.as_tensor(float(rate), dtype=torch.float32, device=params[0].device)
 
 
 def _own_optimizer_params(model: TrainableTask) -> set[int]:
@@ -312,15 +328,33 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def _compiled(fn: Callable[[Any], Tensor], mode: str) -> Callable[[Any], Tensor]:
-    """``train.compile``: the step's loss (forward, and through AOTAutograd its backward) as one
-    compiled graph pair. The optimizer step stays eager: it is a few multi-tensor (foreach) ops,
-    and compiling it would recompile at every new learning rate of the schedule."""
+def _compiled(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
+    """``train.compile``: ``fn`` compiled. The step's loss (forward, and through AOTAutograd its
+    backward) becomes one graph pair, the optimizer's step one more graph (its rates are tensors,
+    see ``_optimizers``, so the schedule does not recompile it)."""
     if mode == "off":
         return fn
     if mode == "aot_eager":
         return torch.compile(fn, backend="aot_eager")
     return torch.compile(fn, mode=mode)
+
+
+def _matching_rates(optimizer: torch.optim.Optimizer, compiled: bool) -> None:
+    """After a resume: a checkpoint written without ``train.compile`` holds float rates (and
+    AdamW's step counters on the CPU), one written with it tensor rates (and counters beside the
+    parameters, ``capturable``); the optimizer keeps the kind its step was built for."""
+    for g in optimizer.param_groups:
+        if "capturable" in g and g["capturable"] != compiled:
+            g["capturable"] = compiled
+            for p in g["params"]:
+                if "step" in (state := optimizer.state.get(p, {})):
+                    state["step"] = state["step"].to(p.device if compiled else "cpu")
+        if compiled and not isinstance(g["lr"], Tensor):
+            g["lr"] = _rate_tensor(g["lr"], g["params"])
+        elif not compiled and isinstance(g["lr"], Tensor):
+            g["lr"] = float(g["lr"])
+        if isinstance(g.get("initial_lr"), Tensor):
+            g["initial_lr"] = float(g["initial_lr"])
 
 
 # ----------------------------------------------------------------------------- training
@@ -358,6 +392,9 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
     clipped = [p for p in model.parameters if id(p) not in own_ids]
     autocast, scaler = _autocast(train_cfg.amp, device)
     step_loss = _compiled(lambda batch: objective.loss(model, batch), train_cfg.compile)
+    # The main optimizer's step compiled with the loss (not under fp16's GradScaler, which steps
+    # the optimizer itself after its inf check); TAPS's score optimizer stays eager.
+    main_step = _compiled(optimizer.step, train_cfg.compile) if scaler is None else optimizer.step
 
     # --- resume
     step, epoch, skip, skipped = 0, 0, 0, 0
@@ -368,6 +405,7 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        _matching_rates(optimizer, train_cfg.compile != "off")
         for o, state in zip(own_optimizers, ckpt.get("own_optimizers", [])):
             o.load_state_dict(state)
         for sch, state in zip(schedulers[1:], ckpt.get("own_schedulers", [])):
@@ -468,10 +506,12 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
                         dist.all_reduce_gradients(model.parameters, local_n, global_n)
                     if train_cfg.grad_clip:  # not the groups with optimizers of their own (TAPS's scores)
                         torch.nn.utils.clip_grad_norm_(clipped, train_cfg.grad_clip)
-                    for o in optimizers:
-                        if scaler is not None:
+                    if scaler is not None:
+                        for o in optimizers:
                             scaler.step(o)
-                        else:
+                    else:
+                        main_step()
+                        for o in own_optimizers:
                             o.step()
                     if scaler is not None:
                         scaler.update()
@@ -483,7 +523,7 @@ def train_task(model: TrainableTask, data: TaskData, train_cfg: TrainConfig, dat
                 if step % train_cfg.log_every == 0 or step == total_steps:
                     check_finite()
                     value = loss.item()  # one read for the log and the bar
-                    writer.writerow([step, epoch, f"{value:.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
+                    writer.writerow([step, epoch, f"{value:.6f}", f"{float(scheduler.get_last_lr()[0]):.3e}",
                                      f"{train_seconds + time.perf_counter() - started:.2f}"])
                     log_file.flush()  # a crash must not lose the log
                     bar.set_postfix(loss=f"{value:.3f}")

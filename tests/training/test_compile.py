@@ -36,7 +36,7 @@ def test_the_optimizer_step_compiles_once_over_a_changing_schedule(tmp_path):
     counters.clear()
     cfg = TrainConfig(epochs=1, max_steps=6, warmup_steps=2, checkpoint_every=0, lr=1e-2, recalibrate_bn=False,
                       compile="aot_eager")
-    _, task, _ = run(tmp_path, train=cfg)
+    run(tmp_path, train=cfg)
     assert counters["stats"]["unique_graphs"] == 2  # the loss (forward + backward) and the optimizer step
     assert not counters["recompiles"]
 

@@ -182,7 +182,7 @@ def _optimizers(model: TrainableTask, cfg: TrainConfig) -> list[torch.optim.Opti
     # PyTorch takes it by default only on accelerators; on the CPU it gives bit-identical updates
     # (tests/training/test_engine.py) and halves the optimizer step of a task with hundreds of
     # small factor tensors (MobileNetV2 FTN: 262 tensors, 6.5 → 3.6 ms per step, 1 thread).
-    # train.compile also compiles the main optimizer's step (_compiled_step). PyTorch's recipe for
+    # train.compile also compiles the main optimizer's step (train_task's main_step). PyTorch's recipe for
     # that: the rates as tensors on the parameters' device, so the schedule writes a new value into
     # the same tensor (LRScheduler fills it) instead of a new constant that would recompile the step
     # every time; AdamW takes tensor rates only with capturable=True, which also keeps its step
@@ -192,7 +192,7 @@ def _optimizers(model: TrainableTask, cfg: TrainConfig) -> list[torch.optim.Opti
     # from the tensor): it then fills each tensor from a float, never reading one back from the device.
     if compiled:
         groups = [{**g, "lr": _rate_tensor(g["lr"], g["params"]), "initial_lr": float(g["lr"])} for g in groups]
-    lr = groups[0]["lr"] if groups else cfg.lr
+    lr = groups[0]["lr"] if groups else cfg.lr  # the default rate of the groups' kind (a tensor only when compiled)
     if cfg.optimizer == "adamw":
         main = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, foreach=True, capturable=compiled)
     else:
